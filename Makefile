@@ -1,0 +1,32 @@
+# The two set-up commands of the README:
+#   make demo   creates .venv, installs PyTorch's CPU build and sameguard, runs the Fashion-MNIST demo
+#   make test   the same set-up, then the test suite
+# Fashion-MNIST comes from Debian's package (sudo apt-get install dataset-fashion-mnist), from a
+# folder named by SAMEGUARD_DATA_DIR, or from a verified download allowed by SAMEGUARD_DOWNLOAD=1.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sameguard-installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sameguard demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

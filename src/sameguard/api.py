@@ -1,0 +1,144 @@
+"""The small contracts shared by the whole package: named errors and the detector base class.
+
+Every detector follows one life cycle (in the spirit of scikit-learn and pytorch-ood)::
+
+    detector.fit(...)                     # -> self, learns from the defender's own data
+    detector.score(x)                     # -> Tensor[N], larger = more suspicious
+    detector.calibrate(benign_x, fpr)     # -> self, sets ``threshold_``
+    detector.predict(x)                   # -> Tensor[N] of bool, ``score > threshold_``
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from typing import Self
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SameguardError",
+    "NotFittedError",
+    "NotCalibratedError",
+    "DatasetNotFoundError",
+    "ArtifactError",
+    "IntegrityError",
+    "Detector",
+    "threshold_at_fpr",
+]
+
+
+class SameguardError(Exception):
+    """Base class of every error raised on purpose by sameguard."""
+
+
+class NotFittedError(SameguardError, RuntimeError):
+    """A method that needs fitted state was called before ``fit``."""
+
+
+class NotCalibratedError(SameguardError, RuntimeError):
+    """``predict`` was called before ``calibrate`` set a threshold."""
+
+
+class DatasetNotFoundError(SameguardError, FileNotFoundError):
+    """A dataset's files could not be found in any of the places sameguard looks."""
+
+
+class ArtifactError(SameguardError, ValueError):
+    """A saved artifact (victim, detector) is missing, malformed or of the wrong kind."""
+
+
+class IntegrityError(ArtifactError):
+    """A saved file does not match the SHA-256 recorded in its manifest (tampered or corrupt)."""
+
+
+def threshold_at_fpr(benign_scores: torch.Tensor, target_fpr: float) -> float:
+    """Smallest threshold ``t`` such that the fraction of benign scores ``> t`` is ``<= target_fpr``.
+
+    Args:
+        benign_scores: ``(N,)`` scores of benign queries, ``N >= 1``, finite.
+        target_fpr: wanted false-positive rate in ``[0, 1)``.
+
+    Returns:
+        The threshold; a query is flagged when ``score > threshold``. With ``N`` benign scores
+        the achievable FPRs are multiples of ``1/N``; the returned threshold achieves the largest
+        one that does not exceed ``target_fpr`` on these scores.
+    """
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr!r}.")
+    scores = torch.as_tensor(benign_scores, dtype=torch.float64).flatten()
+    if scores.numel() == 0:
+        raise ValueError("Calibration needs at least one benign score, got an empty tensor.")
+    if not torch.isfinite(scores).all():
+        raise ValueError("Calibration scores must be finite; found NaN or infinity.")
+    sorted_scores, _ = torch.sort(scores)
+    n = sorted_scores.numel()
+    allowed = int(torch.floor(torch.tensor(target_fpr * n + 1e-9)).item())  # flagged at most
+    # Flag the ``allowed`` largest scores: threshold = the (n - allowed)-th smallest score.
+    return float(sorted_scores[n - allowed - 1].item()) if allowed < n else float("-inf")
+
+
+class Detector(abc.ABC):
+    """Base class of all detectors: one score per query, larger = more suspicious.
+
+    Subclasses implement :meth:`fit`, :meth:`score` and :meth:`is_fitted`; calibration and
+    prediction are shared.
+    """
+
+    threshold_: float | None = None
+    calibration_fpr_: float | None = None
+
+    @abc.abstractmethod
+    def fit(self, *args, **kwargs) -> Self:
+        """Learn the detector's state; returns ``self``."""
+
+    @abc.abstractmethod
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of a batch ``x`` of shape ``(N, C, H, W)`` in ``[-1, 1]``: ``(N,)``, float32."""
+
+    @abc.abstractmethod
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has completed (or fitted state was loaded)."""
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted():
+            raise NotFittedError(
+                f"This {type(self).__name__} is not fitted yet: call fit(...) or load a saved "
+                "detector before scoring, calibrating or predicting."
+            )
+
+    def calibrate(self, benign_x: torch.Tensor, target_fpr: float = 0.01) -> Self:
+        """Set ``threshold_`` so that about ``target_fpr`` of ``benign_x`` would be flagged.
+
+        Args:
+            benign_x: ``(N, C, H, W)`` benign queries in ``[-1, 1]`` that the detector was **not**
+                trained on (e.g. a held-out part of the provider's data).
+            target_fpr: wanted false-positive rate on benign traffic, in ``[0, 1)``.
+        """
+        self._check_fitted()
+        scores = self.score(benign_x)
+        self.threshold_ = threshold_at_fpr(scores, target_fpr)
+        self.calibration_fpr_ = float(target_fpr)
+        logger.info(
+            "%s calibrated on %d benign queries: threshold %.6g for target FPR %.4f",
+            type(self).__name__, scores.numel(), self.threshold_, target_fpr,
+        )
+        return self
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` bool: True where the query is flagged as extraction (``score > threshold_``)."""
+        self._check_fitted()
+        if self.threshold_ is None:
+            raise NotCalibratedError(
+                f"This {type(self).__name__} has no threshold: call calibrate(benign_x, "
+                "target_fpr) first (or load a calibrated detector)."
+            )
+        return self.score(x) > self.threshold_
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x)

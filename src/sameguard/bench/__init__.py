@@ -1,0 +1,1 @@
+"""Experiments: metrics now; the attack benchmark runner and reports build on them."""

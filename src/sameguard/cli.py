@@ -1,0 +1,241 @@
+"""The ``sameguard`` command line: train a victim, fit / calibrate / apply SAME, run the demo.
+
+Every command takes ``--seed``; long steps show progress bars on a terminal (``--no-progress``
+turns them off) and ``-v`` shows the library's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .api import SameguardError
+
+logger = logging.getLogger("sameguard.cli")
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = False, seed: bool = True) -> None:
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed (default: 0); the same seed gives the same numbers")
+    if data:
+        p.add_argument("--data-dir", default=None,
+                       help="folder holding dataset files (else $SAMEGUARD_DATA_DIR, then Debian's location)")
+        p.add_argument("--download", action="store_true",
+                       help="allow downloading Fashion-MNIST's official files (verified by SHA-256) when not found")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, or auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sameguard",
+        description="Detect model-extraction queries against an image classifier with SAME (AAAI 2024).",
+    )
+    parser.add_argument("--version", action="version", version=f"sameguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-victim", help="train a victim classifier and save it (safetensors + manifest)",
+                       description="Train a victim classifier on a dataset's train split with the SAME authors' "
+                                   "recipe (SGD 0.1, momentum 0.9, weight decay 5e-4, cosine, augmentation) and "
+                                   "print its test accuracy.")
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
+    p.add_argument("--arch", default="conv3", help="conv3 (default), lenet5 or resnet18")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20, the authors' driver)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--max-train-samples", type=int, default=None,
+                   help="train on a random subset of at most this many images (default: the whole split)")
+    p.add_argument("--out", required=True, help="output folder for the victim")
+    _common(p, data=True)
+
+    p = sub.add_parser("fit", help="fit a SAME detector for a saved victim and calibrate it",
+                       description="Train SAME's masked auto-encoder and auxiliary classifier on the victim's "
+                                   "training data (minus a held-out part), calibrate the threshold on the held-out "
+                                   "part at --target-fpr, and save the detector.")
+    p.add_argument("--victim", required=True, help="folder of a saved victim")
+    p.add_argument("--dataset", default=None, help="training data (default: the victim's dataset)")
+    p.add_argument("--preset", default="cpu", help="training budget: tiny, cpu (default) or paper")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the reconstruction term (default 0.99)")
+    p.add_argument("--mae-epochs", type=int, default=None, help="override the preset's MAE epochs")
+    p.add_argument("--aux-epochs", type=int, default=None, help="override the preset's auxiliary epochs")
+    p.add_argument("--max-train-samples", type=int, default=None, help="override the preset's training subset size")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of the train split kept out of training for calibration (default 0.1)")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="benign false-positive rate to calibrate for (default 0.01)")
+    p.add_argument("--out", required=True, help="output folder for the detector")
+    _common(p, data=True)
+
+    p = sub.add_parser("calibrate", help="set a saved detector's threshold from benign images",
+                       description="Score benign images the detector was not trained on and set the threshold "
+                                   "that flags --target-fpr of them; the detector's manifest is rewritten.")
+    p.add_argument("--detector", required=True, help="folder of a saved SAME detector")
+    p.add_argument("--victim", required=True, help="folder of the victim it was fitted for")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="benign images: a .npy file or a folder of PNGs")
+    src.add_argument("--dataset", help="benign images from a dataset's split (see --split)")
+    p.add_argument("--split", default="test", help="split of --dataset (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images (random, seeded)")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="benign false-positive rate (default 0.01)")
+    _common(p, data=True)
+
+    p = sub.add_parser("score", help="score images with a saved detector and write a CSV",
+                       description="Score query images with SAME; writes one CSV row per image with the score, "
+                                   "its two terms s1 (reconstruction MSE) and s2 (KL/K), and whether it is flagged.")
+    p.add_argument("--detector", required=True, help="folder of a saved SAME detector")
+    p.add_argument("--victim", required=True, help="folder of the victim it was fitted for")
+    p.add_argument("--images", required=True, help="a .npy file ((N,C,H,W) floats in [-1,1] or uint8 pixels) or a folder of PNGs")
+    p.add_argument("--out", default="-", help="CSV file to write (default: standard output)")
+    _common(p)
+
+    p = sub.add_parser("demo", help="train (or reuse) a victim and SAME on Fashion-MNIST and print detection metrics",
+                       description="Train or reuse a cached Fashion-MNIST victim and SAME detector (small CPU "
+                                   "configuration), then score Fashion-MNIST test images (benign) against "
+                                   "scikit-learn's digits and uniform noise, printing AUROC, AUPR, FPR at 95%% TPR "
+                                   "and TPR at 1%% FPR.")
+    p.add_argument("--workdir", default="runs/demo", help="cache folder for trained artifacts (default: runs/demo)")
+    p.add_argument("--preset", default="cpu", help="SAME training budget: tiny, cpu (default) or paper")
+    p.add_argument("--victim-epochs", type=int, default=5, help="victim training epochs (default 5)")
+    p.add_argument("--queries", type=int, default=2000, help="benign and noise queries scored (default 2000)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="train the victim and SAME on at most this many training images (default: all 60000)")
+    p.add_argument("--fresh", action="store_true", help="retrain even if cached artifacts exist")
+    _common(p, data=True)
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose == 0:
+        logging.getLogger("sameguard.cli").setLevel(logging.INFO)
+
+
+def _out(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def cmd_train_victim(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .victim import train_victim
+
+    train = load_dataset(args.dataset, "train", data_dir=args.data_dir, download=args.download)
+    test = load_dataset(args.dataset, "test", data_dir=args.data_dir, download=args.download)
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        train = train.take(args.max_train_samples, seed=args.seed)
+    start = time.perf_counter()
+    victim = train_victim(train, test, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, device=args.device, progress=args.progress)
+    victim.save(args.out)
+    _out(f"victim {args.arch} on {args.dataset}: test accuracy {victim.test_accuracy:.4f} "
+         f"({time.perf_counter() - start:.0f} s); saved to {args.out}")
+    return 0
+
+
+def _detector_from_args(args: argparse.Namespace):
+    from .detectors import SAMEDetector
+
+    overrides = {k: v for k, v in dict(alpha=args.alpha, mae_epochs=args.mae_epochs, aux_epochs=args.aux_epochs,
+                                       max_train_samples=args.max_train_samples).items() if v is not None}
+    return SAMEDetector.from_preset(args.preset, seed=args.seed, device=args.device, progress=args.progress, **overrides)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .victim import Victim
+
+    if not 0.0 < args.holdout < 1.0:
+        raise ValueError(f"--holdout must be a fraction in (0, 1), got {args.holdout}.")
+    victim = Victim.load(args.victim, device=args.device)
+    train = load_dataset(args.dataset or victim.dataset, "train", data_dir=args.data_dir, download=args.download)
+    fit_part, calibration = train.split_off(args.holdout, seed=args.seed)
+    detector = _detector_from_args(args).fit(victim, fit_part)
+    detector.calibrate(calibration.images, args.target_fpr)
+    detector.save(args.out)
+    _out(f"SAME fitted on {len(fit_part)} images in {detector.fit_seconds_:.0f} s; threshold {detector.threshold_:.6g} "
+         f"at {args.target_fpr:.2%} FPR on {len(calibration)} held-out images; saved to {args.out}")
+    return 0
+
+
+def _load_pair(args: argparse.Namespace):
+    from .detectors import SAMEDetector
+    from .victim import Victim
+
+    victim = Victim.load(args.victim, device=args.device)
+    return victim, SAMEDetector.load(args.detector, victim, device=args.device)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .imagefiles import read_images
+
+    victim, detector = _load_pair(args)
+    if args.images:
+        x, _ = read_images(args.images, victim.image_shape)
+    else:
+        x = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download).images
+    if args.limit is not None and args.limit < len(x):
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.limit]]
+    detector.calibrate(x, args.target_fpr)
+    detector.save(args.detector)
+    _out(f"threshold {detector.threshold_:.6g} flags {float((detector.score(x) > detector.threshold_).float().mean()):.2%} "
+         f"of {len(x)} benign images (target {args.target_fpr:.2%}); saved to {args.detector}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .imagefiles import read_images
+
+    victim, detector = _load_pair(args)
+    x, names = read_images(args.images, victim.image_shape)
+    parts = detector.score_components(x)
+    flagged = parts.score > detector.threshold_ if detector.threshold_ is not None else None
+    fh = sys.stdout if args.out == "-" else open(args.out, "w", newline="")
+    try:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "score", "s1", "s2", "flagged"])
+        for i, name in enumerate(names):
+            writer.writerow([name, f"{parts.score[i]:.8g}", f"{parts.s1[i]:.8g}", f"{parts.s2[i]:.8g}",
+                             "" if flagged is None else int(flagged[i])])
+    finally:
+        if fh is not sys.stdout:
+            fh.close()
+    if args.out != "-":
+        n_flag = "no threshold" if flagged is None else f"{int(flagged.sum())} flagged"
+        _out(f"scored {len(x)} images ({n_flag}); wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(workdir=Path(args.workdir), preset=args.preset, victim_epochs=args.victim_epochs, queries=args.queries,
+             train_samples=args.train_samples, seed=args.seed, data_dir=args.data_dir, download=args.download,
+             device=args.device, progress=args.progress, fresh=args.fresh, echo=_out)
+    return 0
+
+
+COMMANDS = {"train-victim": cmd_train_victim, "fit": cmd_fit, "calibrate": cmd_calibrate, "score": cmd_score,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except (SameguardError, ValueError, FileNotFoundError) as exc:
+        print(f"sameguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Maximum softmax probability (MSP) baseline (Hendrycks & Gimpel, ICLR 2017).
+
+A query is suspicious when the victim is not confident about it::
+
+    score(x) = -max_k p_k(x)        with p = f_V(x) the victim's output probabilities
+
+so scores lie in ``[-1, -1/K]`` and larger = more suspicious. The victim is used as a black
+box (its probabilities only); no extra data, no query history, no training. This is also the
+out-of-distribution signal of Adaptive Misinformation (Kariyappa & Qureshi, CVPR 2020), there
+computed on an outlier-exposure-trained model (see :mod:`sameguard.detectors.outlier_exposure`).
+
+Paper: https://arxiv.org/abs/1610.02136 (ICLR 2017).
+Reference implementation: https://github.com/hendrycks/error-detection.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..api import Detector
+from ..training import predict_in_batches
+from ..validation import check_images
+from ._common import ParamsMixin, ProbabilityFn, check_int, victim_image_shape, victim_probabilities
+
+if TYPE_CHECKING:
+    from typing import Self
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MSPDetector", "msp_score"]
+
+
+def msp_score(probabilities: torch.Tensor) -> torch.Tensor:
+    """``-max_k p_k`` per row (pure function).
+
+    Args:
+        probabilities: ``(N, K)`` rows on the probability simplex.
+
+    Returns:
+        ``(N,)`` float32 in ``[-1, -1/K]``; larger = less confident = more suspicious.
+    """
+    p = torch.as_tensor(probabilities)
+    if p.dim() != 2 or p.shape[1] < 1:
+        raise ValueError(f"probabilities must have shape (N, K), got {tuple(p.shape)}.")
+    return -p.to(torch.float32).max(dim=1).values
+
+
+class MSPDetector(ParamsMixin, Detector):
+    """Score = negative maximum softmax probability of the victim. Black box, stateless.
+
+    Needs: nothing beyond the victim's output probabilities (``NEEDS`` is empty).
+
+    Args:
+        batch_size: queries per call to the victim while scoring.
+
+    Fitted state: ``victim_`` (the probability function) and ``image_shape_`` (from the
+    victim when it has one; otherwise any ``(N, C, H, W)`` is accepted).
+    """
+
+    NEEDS: frozenset[str] = frozenset()
+
+    def __init__(self, *, batch_size: int = 512) -> None:
+        self.batch_size = batch_size
+        check_int("batch_size", batch_size)
+        self.victim_: ProbabilityFn | None = None
+        self.image_shape_: tuple[int, int, int] | None = None
+        self.threshold_ = None
+        self.calibration_fpr_ = None
+
+    def is_fitted(self) -> bool:
+        return self.victim_ is not None
+
+    def fit(self, victim: ProbabilityFn) -> Self:
+        """Attach the black-box ``victim``: ``images (N, C, H, W) in [-1, 1] -> probabilities (N, K)``."""
+        if not callable(victim):
+            raise ValueError(f"victim must be callable (images -> probabilities), got {type(victim).__name__}.")
+        self.victim_ = victim
+        self.image_shape_ = victim_image_shape(victim)
+        self.threshold_ = None
+        self.calibration_fpr_ = None
+        return self
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` float32 scores ``-max_k p_k`` of ``x`` ``(N, C, H, W)`` in ``[-1, 1]``; larger = more suspicious."""
+        self._check_fitted()
+        x = check_images(x, self.image_shape_)
+        return predict_in_batches(lambda b: msp_score(victim_probabilities(self.victim_, b)), x, self.batch_size)
