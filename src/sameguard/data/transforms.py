@@ -30,7 +30,6 @@ __all__ = [
     "BACKGROUND",
     "to_model_range",
     "to_uint8",
-    "check_images",
     "resize",
     "pad_to",
     "grayscale_to_rgb",
@@ -46,7 +45,7 @@ BACKGROUND = -1.0
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def check_images(x: torch.Tensor, name: str = "images") -> None:
+def _check_batch(x: torch.Tensor, name: str = "images") -> None:
     """Raise ``ValueError`` unless ``x`` is a float ``(N, C, H, W)`` tensor without NaN.
 
     The value range is not checked here (resizing or noise may be slightly outside
@@ -113,7 +112,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     Values are rounded to the nearest pixel level and clipped to ``0..255``, so the round trip
     ``to_uint8(to_model_range(p))`` returns ``p`` exactly (with a channel axis added).
     """
-    check_images(x, "x")
+    _check_batch(x, "x")
     p = ((x.detach().to("cpu", torch.float32) + 1.0) * 127.5).round_().clamp_(0, 255)
     return p.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -124,7 +123,7 @@ def resize(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     Bilinear interpolation with antialiasing (so shrinking does not alias), values clipped to
     ``[-1, 1]``. Returns ``x`` unchanged (same object) when it already has the size.
     """
-    check_images(x, "x")
+    _check_batch(x, "x")
     h, w = _pair(size, "size")
     if tuple(x.shape[-2:]) == (h, w):
         return x
@@ -138,7 +137,7 @@ def pad_to(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     When the margin is odd, the extra pixel goes to the bottom / right. ``size`` must be at
     least the current height and width.
     """
-    check_images(x, "x")
+    _check_batch(x, "x")
     h, w = _pair(size, "size")
     dh, dw = h - x.shape[-2], w - x.shape[-1]
     if dh < 0 or dw < 0:
@@ -151,7 +150,7 @@ def pad_to(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
 
 def grayscale_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """``(N, 1, H, W)`` -> ``(N, 3, H, W)`` by repeating the grey channel."""
-    check_images(x, "x")
+    _check_batch(x, "x")
     if x.shape[1] != 1:
         raise ValueError(f"grayscale_to_rgb expects 1 channel, got {x.shape[1]}.")
     return x.repeat(1, 3, 1, 1)
@@ -162,7 +161,7 @@ def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
 
     The weights sum to 1, so applying them in the model range equals applying them to pixels.
     """
-    check_images(x, "x")
+    _check_batch(x, "x")
     if x.shape[1] != 3:
         raise ValueError(f"rgb_to_grayscale expects 3 channels, got {x.shape[1]}.")
     w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -183,7 +182,7 @@ def adapt_to(images: torch.Tensor, image_shape: Sequence[int]) -> torch.Tensor:
     Returns:
         ``(N, *image_shape)`` float tensor in ``[-1, 1]``.
     """
-    check_images(images, "images")
+    _check_batch(images, "images")
     if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
         raise ValueError(f"image_shape must be a positive (C, H, W) triple, got {tuple(image_shape)!r}.")
     c, h, w = (int(s) for s in image_shape)
@@ -222,7 +221,7 @@ def augment(
     Returns:
         A new ``(N, C, H, W)`` tensor, same dtype and device as ``x``.
     """
-    check_images(x, "x")
+    _check_batch(x, "x")
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
     if isinstance(crop_padding, bool) or not isinstance(crop_padding, (int, np.integer)) or crop_padding < 0:

@@ -16,16 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import ArtifactError
-from ..training import predict_in_batches, show_progress
+from ..training import show_progress
 from ..validation import check_images
 
 logger = logging.getLogger(__name__)
 
 #: ``images (N, C, H, W) in [-1, 1] -> probabilities (N, K)``: the black-box victim.
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
-
-#: The vocabulary of :attr:`NEEDS` (what a detector requires beyond the victim's outputs).
-NEEDS_VOCABULARY = frozenset({"outlier-data", "query-history", "white-box", "training-change", "defender-data"})
 
 
 # ---------------------------------------------------------------------- parameters
@@ -150,6 +147,12 @@ def windows(n: int, size: int) -> Iterator[slice]:
     """Consecutive non-overlapping slices of ``size`` covering ``range(n)`` (the last may be shorter)."""
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+def per_query(window_scores: torch.Tensor, n: int, size: int) -> torch.Tensor:
+    """``(n,)`` float32: each query gets the score of its window (see :func:`windows`)."""
+    lengths = torch.tensor([s.stop - s.start for s in windows(n, size)])
+    return torch.as_tensor(window_scores, dtype=torch.float32).repeat_interleave(lengths)
 
 
 # ---------------------------------------------------------------------- training

@@ -197,7 +197,7 @@ class MahalanobisDetector(ParamsMixin, Detector):
         """The paper's ``x - eps * sign(grad_x d_{c*}(x))`` (``c*`` the closest class)."""
         device = module_device(self.network_)
         means, precision = self.means_.to(device), self.precision_.to(device)
-        x = x.to(device).requires_grad_(True)
+        x = x.detach().to(device).clone().requires_grad_(True)
         with torch.enable_grad():
             d = mahalanobis_distances(self.network_.forward_features(x), means, precision)
             closest = d.min(dim=1).values

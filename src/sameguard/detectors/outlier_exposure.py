@@ -14,10 +14,11 @@ score is the negative maximum softmax probability of the fine-tuned model (see
 Defaults are those of the reference fine-tuning script (``CIFAR/oe_tune.py``): ``lambda = 0.5``,
 10 epochs, SGD lr 0.001 with Nesterov momentum 0.9, weight decay 5e-4, cosine schedule (per
 step, down to 1e-6), 128 in-distribution and 256 outlier images per step, in and out images
-in one forward pass, random-crop augmentation of both. Adaptive Misinformation's own code uses
-``oe_lamb = 1`` and trains from scratch; it additionally trains a misinformation network,
-which is an *action* (not implemented here). The outlier set is the caller's choice (the
-paper's: 80M Tiny Images; AM's: KMNIST for MNIST, Indoor67 by default); say which.
+in one forward pass, random-crop augmentation of both. Adaptive Misinformation's code trains
+the served model with OE from the start (README: ``oe_lamb = 1``, 20 epochs, SGD 0.1) and
+additionally trains a misinformation network, which is an *action* (not implemented here).
+The outlier set is the caller's choice (the paper's: 80M Tiny Images; AM's: KMNIST for MNIST,
+Indoor67 by default); say which.
 
 Needs: outlier data (``"outlier-data"``), a change to the served model's training
 (``"training-change"``: the OE-tuned copy should be the model the provider serves), white-box

@@ -13,7 +13,8 @@ with predicted class ``c = argmax f_V(x)``:
    ``min_class_distances`` (10) of them are pooled, values more than ``outlier_sigma`` (3)
    standard deviations from the mean are dropped and, if more than ``min_distances`` (100)
    remain, the Shapiro-Wilk statistic ``W`` is computed. The client is flagged while
-   ``W < delta``.
+   ``W < delta``. (The authors' agent checks after queries 1, 11, 21, ...; here after
+   queries 10, 20, 30, ..., so that "every 10 queries" counts whole blocks.)
 
 Benign clients' distances are close to normal (``W`` near 1); synthetic queries crafted around
 a few seeds (JBDA and the like) give skewed, multi-modal distances and a low ``W``.
@@ -53,7 +54,8 @@ from scipy import stats
 
 from ..api import Detector
 from ..validation import check_images
-from ._common import ParamsMixin, ProbabilityFn, check_int, victim_image_shape, victim_probabilities, windows
+from ._common import (ParamsMixin, ProbabilityFn, check_int, per_query, victim_image_shape, victim_probabilities,
+                      windows)
 
 if TYPE_CHECKING:
     from typing import Self
@@ -264,11 +266,8 @@ class PRADADetector(ParamsMixin, Detector):
         Returns:
             ``(N,)`` float32 in ``[0, 1)``; larger = more suspicious.
         """
-        x, labels = self._inputs(x, labels)
-        out = torch.empty(len(x), dtype=torch.float32)
-        for s in windows(len(x), self.window_size):
-            out[s] = self._window_score(x[s], labels[s])
-        return out
+        scores = self.window_scores(x, labels)
+        return per_query(scores, len(x), self.window_size)
 
     def window_scores(self, x: torch.Tensor, labels: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """``(ceil(N / window_size),)`` float32: one score ``1 - W`` per window (see :meth:`score`)."""

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMEDetector", "SAMEScores", "same_score", "SAME_PRESETS"]
+__all__ = ["SAMEDetector", "SAMEScores", "same_score", "reconstruction_scores", "SAME_PRESETS"]
 
 KIND = "same-detector"
 
@@ -86,6 +86,31 @@ def same_score(x: torch.Tensor, x_hat: torch.Tensor, p_victim: torch.Tensor, p_a
     s1, s2 = s1.to(torch.float32), s2.to(torch.float32)
     return SAMEScores(score=alpha * s1 + (1.0 - alpha) * s2, s1=s1, s2=s2)
 
+
+
+def reconstruction_scores(x: torch.Tensor, *, victim: ProbabilityFn, reconstruct: Callable[[torch.Tensor], torch.Tensor],
+                          aux: torch.nn.Module, alpha: float, num_classes: int, batch_size: int,
+                          device: torch.device) -> SAMEScores:
+    """SAME's scoring loop for any reconstruction model (shared by the MAE and the conv-AE ablation).
+
+    Args:
+        x: validated queries ``(N, C, H, W)`` in ``[-1, 1]`` on the CPU.
+        victim: black box, ``images -> probabilities (N, K)``.
+        reconstruct: ``images -> reconstructions`` of the same shape, on ``device``.
+        aux: the auxiliary classifier (logits), on ``device``.
+    """
+    parts: list[SAMEScores] = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            batch = x[i:i + batch_size]
+            p_victim = torch.as_tensor(victim(batch)).detach().cpu().float()
+            if p_victim.shape != (len(batch), num_classes):
+                raise ValueError(f"The victim returned shape {tuple(p_victim.shape)}; expected probabilities "
+                                 f"of shape ({len(batch)}, {num_classes}).")
+            x_hat = reconstruct(batch.to(device))
+            p_aux = torch.softmax(aux(x_hat), dim=1).cpu()
+            parts.append(same_score(batch, x_hat.cpu(), p_victim, p_aux, alpha))
+    return SAMEScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("score", "s1", "s2")))
 
 #: Named training budgets. ``paper`` is the authors' (MAE: 500 epochs, patch 2, dim 192,
 #: depth 12/4; auxiliary: 80 epochs); ``cpu`` fits Fashion-MNIST in minutes on two cores;
@@ -342,18 +367,9 @@ class SAMEDetector(Detector):
         """``score``, ``s1`` and ``s2`` of each query in ``x`` (``(N, C, H, W)`` in ``[-1, 1]``)."""
         self._check_fitted()
         x = check_images(x, self.image_shape_)
-        device = self._model_device()
-        parts: list[SAMEScores] = []
-        for i in range(0, len(x), self.batch_size):
-            batch = x[i:i + self.batch_size]
-            p_victim = torch.as_tensor(self.victim_(batch)).detach().cpu().float()
-            if p_victim.shape != (len(batch), self.num_classes_):
-                raise ValueError(f"The victim returned shape {tuple(p_victim.shape)}; expected probabilities "
-                                 f"of shape ({len(batch)}, {self.num_classes_}).")
-            x_hat = self.mae_.reconstruct(batch.to(device))
-            p_aux = torch.softmax(self.aux_(x_hat), dim=1).cpu()
-            parts.append(same_score(batch, x_hat.cpu(), p_victim, p_aux, self.alpha))
-        return SAMEScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("score", "s1", "s2")))
+        return reconstruction_scores(x, victim=self.victim_, reconstruct=self.mae_.reconstruct, aux=self.aux_,
+                                     alpha=self.alpha, num_classes=self.num_classes_, batch_size=self.batch_size,
+                                     device=self._model_device())
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 SAME scores, larger = more suspicious."""

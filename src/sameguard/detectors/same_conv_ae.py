@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +43,8 @@ from ..models.autoencoder import ConvAEConfig, ConvAutoencoder
 from ..training import predict_in_batches, resolve_device, train_classifier
 from ..validation import check_images
 from ._common import (ParamsMixin, ProbabilityFn, check_int, check_positive, check_victim_sha, labelled_images,
-                      subsample, train_reconstructor, victim_probabilities)
-from .same import SAMEScores, same_score
+                      subsample, train_reconstructor)
+from .same import SAMEScores, reconstruction_scores
 
 if TYPE_CHECKING:
     from typing import Self
@@ -54,7 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConvAESAMEDetector", "CONV_AE_SAME_PRESETS", "reconstruction_pipeline_scores"]
+__all__ = ["ConvAESAMEDetector", "CONV_AE_SAME_PRESETS"]
 
 KIND = "same-conv-ae-detector"
 
@@ -64,31 +63,9 @@ KIND = "same-conv-ae-detector"
 CONV_AE_SAME_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(ae_epochs=500, aux_epochs=80),
     "cpu": dict(ae_epochs=6, aux_epochs=3, max_train_samples=20000),
-    "tiny": dict(ae_epochs=2, aux_epochs=2, width=16, latent_dim=32, max_train_samples=2000),
+    "tiny": dict(ae_epochs=5, ae_batch_size=32, aux_epochs=2, aux_batch_size=32, width=16, latent_dim=32,
+                 max_train_samples=2000),
 }
-
-
-def reconstruction_pipeline_scores(x: torch.Tensor, *, victim: ProbabilityFn,
-                                   reconstruct: Callable[[torch.Tensor], torch.Tensor], aux: nn.Module,
-                                   alpha: float, num_classes: int, batch_size: int,
-                                   device: torch.device) -> SAMEScores:
-    """SAME's scoring loop for any reconstruction model: ``same_score`` batch by batch.
-
-    Args:
-        x: validated queries ``(N, C, H, W)`` in ``[-1, 1]`` (CPU).
-        victim: black box, ``images -> (N, K) probabilities``.
-        reconstruct: ``(B, C, H, W) -> (B, C, H, W)`` on ``device``, without gradient.
-        aux: the auxiliary classifier (logits) on ``device``, eval mode.
-    """
-    parts: list[SAMEScores] = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            batch = x[i:i + batch_size]
-            p_victim = victim_probabilities(victim, batch, num_classes)
-            x_hat = reconstruct(batch.to(device))
-            p_aux = torch.softmax(aux(x_hat), dim=1).cpu()
-            parts.append(same_score(batch, x_hat.cpu(), p_victim, p_aux, alpha))
-    return SAMEScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("score", "s1", "s2")))
 
 
 class ConvAESAMEDetector(ParamsMixin, Detector):
@@ -228,7 +205,7 @@ class ConvAESAMEDetector(ParamsMixin, Detector):
         """``score``, ``s1`` and ``s2`` of each query in ``x`` (``(N, C, H, W)`` in ``[-1, 1]``)."""
         self._check_fitted()
         x = check_images(x, self.image_shape_)
-        return reconstruction_pipeline_scores(x, victim=self.victim_, reconstruct=self.ae_.reconstruct, aux=self.aux_,
+        return reconstruction_scores(x, victim=self.victim_, reconstruct=self.ae_.reconstruct, aux=self.aux_,
                                               alpha=self.alpha, num_classes=self.num_classes_,
                                               batch_size=self.batch_size, device=self._device())
 

@@ -49,7 +49,7 @@ from ..models.vae import ConvVAE, vae_loss
 from ..training import predict_in_batches, resolve_device
 from ..validation import check_images
 from ._common import (ParamsMixin, check_int, check_non_negative, check_positive, check_victim_sha, images_of,
-                      subsample, train_reconstructor, victim_image_shape, windows)
+                      per_query, subsample, train_reconstructor, victim_image_shape, windows)
 
 if TYPE_CHECKING:
     from typing import Self
@@ -224,11 +224,8 @@ class VarDetectDetector(ParamsMixin, Detector):
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32: each query of the stream ``x`` gets the MMD^2 of its window; larger = more suspicious."""
-        codes = self.encode(x)
-        out = torch.empty(len(codes), dtype=torch.float32)
-        for s in windows(len(codes), self.window_size):
-            out[s] = rbf_mmd2(codes[s], self.reference_codes_, self.bandwidth_)
-        return out
+        scores = self.window_scores(x)
+        return per_query(scores, len(x), self.window_size)
 
     def observe(self, x: torch.Tensor, client: Hashable) -> torch.Tensor:
         """Append ``x`` to ``client``'s sliding window; ``(N,)`` float32 MMD^2 of the window after each query."""

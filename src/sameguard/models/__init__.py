@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from .autoencoder import ConvAEConfig, ConvAutoencoder
 from .classifiers import Conv3, LeNet5, ResNet18
 from .mae import MAE_PRESETS, MAEConfig, MaskedAutoencoder
+from .vae import ConvVAE, vae_loss
 
 __all__ = [
     "CLASSIFIERS",
+    "ConvAEConfig",
+    "ConvAutoencoder",
+    "ConvVAE",
+    "vae_loss",
     "Conv3",
     "LeNet5",
     "ResNet18",

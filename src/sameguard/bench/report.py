@@ -1,0 +1,165 @@
+"""Benchmark outputs: ``results.json``, ``results.csv``, a Markdown report, ROC curves and histograms.
+
+The runner produces one :class:`DetectionRecord`-like dict per (victim dataset, attack, detector,
+seed); this module aggregates them over seeds (mean ± std) and writes the files. Plots use
+matplotlib's non-interactive ``Agg`` back-end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_results", "markdown_report", "aggregate", "plot_roc", "plot_histograms", "mean_std"]
+
+#: Columns of ``results.csv``, in order.
+CSV_FIELDS = (
+    "dataset", "victim_accuracy", "attack", "budget", "seed", "queries_used", "substitute_accuracy", "fidelity",
+    "scored_queries", "detector", "needs", "auroc", "aupr", "fpr95", "tpr_at_1fpr", "fit_seconds", "score_ms_per_query",
+)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (0 for one value); NaN for none."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std())
+
+
+def _fmt(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    if len(values) > 1:
+        return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f}"
+
+
+def aggregate(records: Iterable[Mapping[str, Any]], keys: Sequence[str]) -> dict[tuple, list[Mapping[str, Any]]]:
+    """Group records by the values of ``keys`` (insertion order kept)."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for rec in records:
+        groups[tuple(rec[k] for k in keys)].append(rec)
+    return dict(groups)
+
+
+def markdown_report(records: Sequence[Mapping[str, Any]], title: str = "sameguard benchmark",
+                    notes: Sequence[str] = ()) -> str:
+    """One section per victim dataset: an attack table (substitute quality) and a detection table.
+
+    Detection table rows: detector (with what it needs); columns: AUROC / AUPR / FPR95 per attack,
+    in percent, mean ± std over seeds.
+    """
+    lines = [f"# {title}", ""]
+    lines += [f"{n}" for n in notes]
+    if notes:
+        lines.append("")
+    for (dataset,), recs in aggregate(records, ["dataset"]).items():
+        attacks = list(dict.fromkeys(r["attack"] for r in recs))
+        detectors = list(dict.fromkeys(r["detector"] for r in recs))
+        victim_acc = [r["victim_accuracy"] for r in aggregate(recs, ["seed"]).values() for r in r[:1]]
+        lines += [f"## Victim: {dataset} (test accuracy {_fmt(victim_acc)} %)", ""]
+        lines += ["### The attacks", "",
+                  "| attack | budget | queries used | scored | substitute accuracy % | fidelity % |",
+                  "|---|---|---|---|---|---|"]
+        for attack in attacks:
+            per_seed = [g[0] for g in aggregate([r for r in recs if r["attack"] == attack], ["seed"]).values()]
+            first = per_seed[0]
+            lines.append(
+                f"| {attack} | {first['budget']} | {first['queries_used']} | {first['scored_queries']} | "
+                f"{_fmt([r['substitute_accuracy'] for r in per_seed])} | {_fmt([r['fidelity'] for r in per_seed])} |"
+            )
+        lines += ["", "### Detection (AUROC / AUPR / FPR95, %; attack queries = positives)", ""]
+        lines.append("| detector | needs | " + " | ".join(attacks) + " |")
+        lines.append("|---|---|" + "---|" * len(attacks))
+        for det in detectors:
+            cells = []
+            needs = ""
+            for attack in attacks:
+                rs = [r for r in recs if r["detector"] == det and r["attack"] == attack]
+                if not rs:
+                    cells.append("–")
+                    continue
+                needs = rs[0].get("needs", "")
+                cells.append(" / ".join(_fmt([r[m] for r in rs]) for m in ("auroc", "aupr", "fpr95")))
+            lines.append(f"| {det} | {needs or '–'} | " + " | ".join(cells) + " |")
+        lines += ["", "### Cost", "", "| detector | fit time (s) | scoring (ms / query) |", "|---|---|---|"]
+        for det in detectors:
+            rs = [r for r in recs if r["detector"] == det]
+            fit = mean_std([r.get("fit_seconds") or math.nan for r in rs])[0]
+            ms = mean_std([r.get("score_ms_per_query") or math.nan for r in rs])[0]
+            lines.append(f"| {det} | {'–' if math.isnan(fit) else f'{fit:.1f}'} | {'–' if math.isnan(ms) else f'{ms:.3f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str) -> Path:
+    """ROC curves, one per detector: ``{name: (benign_scores, attack_scores)}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (benign, attack) in curves.items():
+        labels = np.r_[np.zeros(len(benign)), np.ones(len(attack))]
+        scores = np.r_[benign, attack]
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(labels, scores):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false-positive rate (benign flagged)", ylabel="true-positive rate (attack flagged)", title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_histograms(benign: np.ndarray, attack: np.ndarray, path: str | os.PathLike, title: str) -> Path:
+    """Overlaid score histograms of benign and attack queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    both = np.r_[benign, attack]
+    bins = np.linspace(np.min(both), np.max(both), 50) if np.ptp(both) > 0 else 10
+    ax.hist(benign, bins=bins, alpha=0.6, label="benign", density=True)
+    ax.hist(attack, bins=bins, alpha=0.6, label="attack", density=True)
+    ax.set(xlabel="score (larger = more suspicious)", ylabel="density", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_results(records: Sequence[Mapping[str, Any]], outdir: str | os.PathLike, *, title: str,
+                  config: Mapping[str, Any], notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write ``results.json`` (config + records), ``results.csv`` and ``report.md`` to ``outdir``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "report": out / "report.md"}
+    paths["json"].write_text(json.dumps({"config": config, "records": list(records)}, indent=2, default=str) + "\n")
+    with open(paths["csv"], "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for rec in records:
+            writer.writerow(rec)
+    paths["report"].write_text(markdown_report(records, title=title, notes=notes) + "\n")
+    logger.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths

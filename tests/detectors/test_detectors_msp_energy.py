@@ -1,0 +1,77 @@
+"""MSP and energy baselines: the formulas on hand-computed values, the black-box/white-box split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sameguard.detectors.energy import EnergyDetector, energy_score
+from sameguard.detectors.msp import MSPDetector, msp_score
+
+
+def test_msp_score_by_hand():
+    p = torch.tensor([[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0]])
+    assert torch.allclose(msp_score(p), torch.tensor([-0.7, -1 / 3, -1.0]))
+    assert msp_score(p).dtype == torch.float32
+
+
+def test_msp_score_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        msp_score(torch.ones(3))
+
+
+def test_energy_score_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, -10.0]])
+    expected = torch.tensor([-math.log(2), -(2 + math.log(2)), -(10 + math.log1p(math.exp(-20)))])
+    assert torch.allclose(energy_score(logits), expected)
+    # T = 2: -2 * logsumexp([1, 1]) = -2 * (1 + log 2)
+    assert torch.allclose(energy_score(logits[1:2], temperature=2.0), torch.tensor([-2 * (1 + math.log(2))]))
+
+
+def test_energy_sign_confident_logits_are_lower():
+    """Large, peaked logits (in-distribution) give lower energy than flat, small ones."""
+    confident, unsure = torch.tensor([[12.0, 0.0, 0.0]]), torch.tensor([[0.1, 0.0, 0.1]])
+    assert energy_score(confident) < energy_score(unsure)
+
+
+def test_energy_of_log_probabilities_is_constant():
+    """Why the energy needs logits: with log-probabilities every query has energy 0."""
+    p = torch.softmax(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), 1)
+    assert torch.allclose(energy_score(torch.log(p)), torch.zeros(5), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf")])
+def test_energy_rejects_bad_temperature(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        energy_score(torch.zeros(1, 2), temperature=bad)
+
+
+def test_energy_needs_logits():
+    probabilities_only = lambda x: torch.full((len(x), 10), 0.1)  # noqa: E731
+    with pytest.raises(ValueError, match="logits"):
+        EnergyDetector().fit(probabilities_only)
+
+
+def test_msp_uses_only_probabilities(baseline_victim, fmnist_tiny):
+    """A plain probability function gives the same scores as the Victim object."""
+    _, test = fmnist_tiny
+    x = test.images[:40]
+    from_victim = MSPDetector().fit(baseline_victim).score(x)
+    from_function = MSPDetector().fit(lambda b: baseline_victim.predict_proba(b)).score(x)
+    assert torch.equal(from_victim, from_function)
+    assert torch.allclose(from_victim, -baseline_victim.predict_proba(x).max(1).values)
+
+
+def test_energy_matches_victim_logits(baseline_victim, fmnist_tiny):
+    _, test = fmnist_tiny
+    x = test.images[:40]
+    scores = EnergyDetector(temperature=2.0).fit(baseline_victim).score(x)
+    assert torch.allclose(scores, -2.0 * torch.logsumexp(baseline_victim.logits(x) / 2.0, 1), atol=1e-5)
+
+
+def test_msp_checks_victim_output():
+    wrong = lambda x: torch.ones(len(x) + 1, 3)  # noqa: E731
+    with pytest.raises(ValueError, match="victim returned shape"):
+        MSPDetector().fit(wrong).score(torch.zeros(2, 1, 28, 28))
