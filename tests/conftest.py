@@ -12,6 +12,9 @@ from sameguard.data import load_dataset
 from sameguard.detectors import SAMEDetector
 from sameguard.victim import train_victim
 
+# Tiny models train fastest on one thread, and a shared 2-core machine makes two threads crawl.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def fmnist_small():

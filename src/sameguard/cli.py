@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the victim and SAME on at most this many training images (default: all 60000)")
     p.add_argument("--fresh", action="store_true", help="retrain even if cached artifacts exist")
     _common(p, data=True)
+    p = sub.add_parser("bench", help="run the detection benchmark (attacks x detectors x seeds) and write a report",
+                       description="Run a benchmark profile (quick, standard, paper) or a TOML config: trains or "
+                                   "reuses victims, detectors and attack query sets, scores B attack queries against "
+                                   "B normal-user queries per cell, and writes results.json, results.csv, report.md "
+                                   "and ROC / histogram PNGs.")
+    p.add_argument("--config", default="quick", help="profile name (quick, standard, paper) or a TOML file (default quick)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/bench/<config name>)")
+    _common(p, data=True, seed=False)
     return parser
 
 
@@ -222,8 +230,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.config import load_config
+    from .bench.runner import run_benchmark
+
+    config = load_config(args.config)
+    out = Path(args.out or f"runs/bench/{config.name}")
+    run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress, echo=_out)
+    _out("")
+    _out((out / "report.md").read_text())
+    _out(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.md'} and {out / 'plots'}/")
+    return 0
+
+
 COMMANDS = {"train-victim": cmd_train_victim, "fit": cmd_fit, "calibrate": cmd_calibrate, "score": cmd_score,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,9 @@ class SAMEDetector(Detector):
         progress: progress bars (``None``: when stderr is a terminal).
     """
 
+    #: What SAME needs beyond black-box probabilities: the provider's own training data.
+    NEEDS: frozenset[str] = frozenset({"defender-data"})
+
     def __init__(
         self,
         *,

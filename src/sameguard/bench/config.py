@@ -1,0 +1,182 @@
+"""Benchmark configuration: a TOML file validated into typed objects that construct the classes.
+
+A config names the victim datasets, the victim architecture and training, the attacks (with their
+budgets and the data they hold), the detectors (with their hyper-parameters), the seeds and the
+number ``scored_queries`` (``B``) of attack and benign queries scored per cell. Named profiles
+(``quick``, ``standard``, ``paper``) ship in ``sameguard/bench/profiles/``. Algorithms never see
+the config tree: the runner turns each entry into constructor keyword arguments.
+
+Example::
+
+    name = "mine"
+    datasets = ["fashion-mnist"]
+    seeds = [0, 1]
+    scored_queries = 1000
+    [victim]
+    arch = "conv3"
+    epochs = 3
+    [[attacks]]
+    name = "knockoff"        # a key of sameguard.attacks.ATTACKS
+    budget = 1000
+    proxy = "digits"         # a dataset name, or "attacker-half" (held-out half of the train split)
+    [[detectors]]
+    name = "same"            # a key of sameguard.detectors.DETECTORS
+    preset = "cpu"
+    params = { alpha = 0.99 }
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "BenchConfig", "load_config", "PROFILES"]
+
+#: Profiles shipped with the package.
+PROFILES = ("quick", "standard", "paper")
+#: The pseudo-dataset name for the held-out half of the victim dataset's train split.
+ATTACKER_HALF = "attacker-half"
+
+
+def _require(table: dict, key: str, kind: type, where: str) -> Any:
+    if key not in table:
+        raise ValueError(f"{where}: the key {key!r} is required.")
+    value = table[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{where}: {key!r} must be of type {kind.__name__}, got {value!r}.")
+    return value
+
+
+def _unknown(table: dict, allowed: set[str], where: str) -> None:
+    extra = set(table) - allowed
+    if extra:
+        raise ValueError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}.")
+
+
+@dataclass(frozen=True)
+class VictimSpec:
+    arch: str = "conv3"
+    epochs: int = 5
+    lr: float = 0.1
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack row: ``name`` from :data:`sameguard.attacks.ATTACKS`, its budget and data."""
+
+    name: str
+    budget: int
+    label: str
+    proxy: str | None = None          # Knockoff's query pool
+    seed_data: str | None = None      # JBDA's seed pool (default: attacker-half)
+    output: str = "probabilities"     # what the API answers
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """One detector row: ``name`` from :data:`sameguard.detectors.DETECTORS` and its parameters."""
+
+    name: str
+    label: str
+    preset: str | None = None
+    outlier_data: str | None = None   # for detectors that need outlier data
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    scored_queries: int
+    victim: VictimSpec
+    attacks: tuple[AttackSpec, ...]
+    detectors: tuple[DetectorSpec, ...]
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
+    """Validate a config table (as read from TOML) into a :class:`BenchConfig`."""
+    from ..attacks import ATTACKS
+    from ..data import available_datasets
+    from ..detectors import DETECTORS
+
+    where = source
+    _unknown(raw, {"name", "datasets", "seeds", "scored_queries", "victim", "attacks", "detectors"}, where)
+    name = _require(raw, "name", str, where)
+    datasets = tuple(_require(raw, "datasets", list, where))
+    known = set(available_datasets())
+    for d in datasets:
+        if d not in known:
+            raise ValueError(f"{where}: unknown dataset {d!r}; choose from {sorted(known)}.")
+    seeds = tuple(raw.get("seeds", [0]))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}.")
+    scored = _require(raw, "scored_queries", int, where)
+    if scored < 10:
+        raise ValueError(f"{where}: 'scored_queries' must be at least 10, got {scored}.")
+    vt = raw.get("victim", {})
+    _unknown(vt, {"arch", "epochs", "lr"}, f"{where} [victim]")
+    victim = VictimSpec(**vt)
+
+    attacks = []
+    for i, at in enumerate(_require(raw, "attacks", list, where)):
+        w = f"{where} [[attacks]] #{i + 1}"
+        _unknown(at, {"name", "budget", "label", "proxy", "seed_data", "output", "params"}, w)
+        aname = _require(at, "name", str, w)
+        if aname not in ATTACKS:
+            raise ValueError(f"{w}: unknown attack {aname!r}; choose from {sorted(ATTACKS)}.")
+        budget = _require(at, "budget", int, w)
+        if budget < scored:
+            raise ValueError(f"{w}: budget {budget} is below scored_queries {scored}; every attack must send "
+                             "at least the B queries that are scored.")
+        for key in ("proxy", "seed_data"):
+            if at.get(key) is not None and at[key] != ATTACKER_HALF and at[key] not in known:
+                raise ValueError(f"{w}: {key} {at[key]!r} is neither a dataset nor {ATTACKER_HALF!r}.")
+        attacks.append(AttackSpec(name=aname, budget=budget, label=at.get("label", aname), proxy=at.get("proxy"),
+                                  seed_data=at.get("seed_data"), output=at.get("output", "probabilities"),
+                                  params=dict(at.get("params", {}))))
+    detectors = []
+    for i, dt in enumerate(_require(raw, "detectors", list, where)):
+        w = f"{where} [[detectors]] #{i + 1}"
+        _unknown(dt, {"name", "label", "preset", "outlier_data", "params"}, w)
+        dname = _require(dt, "name", str, w)
+        if dname not in DETECTORS:
+            raise ValueError(f"{w}: unknown detector {dname!r}; choose from {sorted(DETECTORS)}.")
+        if dt.get("outlier_data") is not None and dt["outlier_data"] not in known:
+            raise ValueError(f"{w}: outlier_data {dt['outlier_data']!r} is not a dataset.")
+        detectors.append(DetectorSpec(name=dname, label=dt.get("label", dname), preset=dt.get("preset"),
+                                      outlier_data=dt.get("outlier_data"), params=dict(dt.get("params", {}))))
+    labels = [d.label for d in detectors]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{where}: detector labels must be unique, got {labels}.")
+    return BenchConfig(name=name, datasets=datasets, seeds=seeds, scored_queries=scored, victim=victim,
+                       attacks=tuple(attacks), detectors=tuple(detectors), source=source)
+
+
+def load_config(name_or_path: str | os.PathLike) -> BenchConfig:
+    """A profile name (``quick``, ``standard``, ``paper``) or the path of a TOML file."""
+    text: str
+    if str(name_or_path) in PROFILES:
+        text = resources.files("sameguard.bench.profiles").joinpath(f"{name_or_path}.toml").read_text()
+        source = f"profile {name_or_path}"
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No benchmark config at {path} (and it is not one of the profiles {PROFILES}).")
+        text, source = path.read_text(), str(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{source} is not valid TOML: {exc}") from None
+    return parse_config(raw, source)

@@ -1,0 +1,150 @@
+"""The service's database: API keys, the append-only audit log and proof-of-work events.
+
+One SQLAlchemy URL decides where they live: SQLite (``sqlite:///sameguard.db``, the default,
+opened in WAL mode with a busy timeout so readers never block the writer) on one host, or
+PostgreSQL (``postgresql+psycopg://user@host/db``, with the driver installed) when several
+processes or hosts write. Only SQLAlchemy Core and portable column types are used.
+
+Tables (all prefixed ``sg_``):
+
+* ``sg_api_keys``: ``key_id`` (public, 16 hex), ``name`` (the client), ``key_sha256`` (the
+  SHA-256 of the whole token; the token itself is never stored), ``created_at``, ``revoked_at``.
+* ``sg_audit_log``: one row per query: time, request id, position in the batch, client, input
+  SHA-256, score, threshold, flagged, action, proof-of-work bits, and the model versions
+  (victim and detector weights SHA-256, detector class, policy, sameguard version).
+  Append-only: on SQLite, triggers abort any ``UPDATE`` or ``DELETE``; on PostgreSQL grant the
+  service's role ``INSERT`` and ``SELECT`` only.
+* ``sg_pow_events``: one row per proof-of-work challenge issued or redeemed (and per refused
+  redemption), with its outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["metadata", "api_keys", "audit_log", "pow_events", "make_engine", "init_db", "redact_url"]
+
+metadata = MetaData()
+
+api_keys = Table(
+    "sg_api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(32), nullable=False, unique=True),
+    Column("name", String(64), nullable=False, index=True),
+    Column("key_sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+audit_log = Table(
+    "sg_audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("client", String(64), nullable=False),
+    Column("input_sha256", String(64), nullable=False),
+    Column("score", Float, nullable=True),
+    Column("threshold", Float, nullable=True),
+    Column("flagged", Boolean, nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("work_bits", Integer, nullable=False),
+    Column("victim_sha256", String(64), nullable=True),
+    Column("detector", String(64), nullable=True),
+    Column("detector_sha256", String(64), nullable=True),
+    Column("policy", String(64), nullable=False),
+    Column("sameguard_version", String(32), nullable=False),
+    Index("ix_sg_audit_log_client_ts", "client", "ts"),
+    Index("ix_sg_audit_log_request_id", "request_id"),
+)
+
+pow_events = Table(
+    "sg_pow_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("client", String(64), nullable=False),
+    Column("challenge_id", String(32), nullable=True),
+    Column("request_id", String(64), nullable=True),
+    Column("bits", Integer, nullable=True),
+    Column("outcome", String(32), nullable=False),
+)
+
+_SQLITE_TRIGGERS = [
+    "CREATE TRIGGER IF NOT EXISTS sg_audit_log_no_update BEFORE UPDATE ON sg_audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'sg_audit_log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS sg_audit_log_no_delete BEFORE DELETE ON sg_audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'sg_audit_log is append-only'); END",
+]
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password hidden, for logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a malformed URL is reported by make_engine
+        return "<unparseable database URL>"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a 30 s busy timeout and cross-thread connections.
+
+    Raises:
+        ValueError: the URL cannot be parsed or names an unknown driver.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"The database URL {url!r} is not a valid SQLAlchemy URL: {exc}") from None
+    if parsed.get_backend_name() == "sqlite":
+        memory = parsed.database in (None, "", ":memory:")
+        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        if memory:
+            kwargs["poolclass"] = StaticPool
+        engine = create_engine(url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercised via connections
+            cur = dbapi_conn.cursor()
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. the driver is not installed
+        raise ValueError(f"Cannot open the database {redact_url(url)}: {exc}") from None
+
+
+def init_db(engine: Engine) -> None:
+    """Create the tables (and SQLite's append-only triggers) if they do not exist."""
+    metadata.create_all(engine)
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as conn:
+            for statement in _SQLITE_TRIGGERS:
+                conn.execute(text(statement))
+    logger.info("Database ready at %s", engine.url.render_as_string(hide_password=True))

@@ -1,0 +1,119 @@
+"""Building the service's :class:`~sameguard.guard.Guard` from saved artifacts and settings."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..actions import Misinformation, Monitor, Policy, ProofOfWork, Reject
+from ..api import ArtifactError
+from ..artifacts import MANIFEST
+from ..guard import Guard
+from .settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_detector", "load_guard", "build_policy", "load_calibration_images", "DETECTOR_KINDS"]
+
+#: Manifest ``kind`` -> ``module:Class`` of the detectors the service can load.
+DETECTOR_KINDS: dict[str, str] = {
+    "same-detector": "sameguard.detectors.same:SAMEDetector",
+    "same-conv-ae-detector": "sameguard.detectors.same_conv_ae:ConvAESAMEDetector",
+    "mahalanobis-detector": "sameguard.detectors.mahalanobis:MahalanobisDetector",
+    "outlier-exposure-detector": "sameguard.detectors.outlier_exposure:OutlierExposureDetector",
+    "vardetect-detector": "sameguard.detectors.vardetect:VarDetectDetector",
+}
+
+
+def load_detector(directory: str | Path, victim: Any, device: str = "cpu") -> Any:
+    """Load a saved detector of any kind in :data:`DETECTOR_KINDS` (hashes verified, no pickles)."""
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{directory} is not a saved detector: {MANIFEST} is missing.")
+    try:
+        kind = json.loads(manifest_path.read_text()).get("kind")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not a valid manifest: {exc}") from None
+    if kind not in DETECTOR_KINDS:
+        raise ArtifactError(f"{directory} holds a {kind!r} artifact; the service loads detectors of kinds "
+                            f"{sorted(DETECTOR_KINDS)}.")
+    module_name, cls_name = DETECTOR_KINDS[kind].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    kwargs = {"device": device} if "device" in inspect.signature(cls.load).parameters else {}
+    return cls.load(directory, victim, **kwargs)
+
+
+def load_calibration_images(spec: str | None, victim: Any, limit: int, seed: int = 0) -> torch.Tensor:
+    """Benign images ``(n, C, H, W)`` in ``[-1, 1]`` for calibration, ``n <= limit``.
+
+    ``spec``: a ``.npy`` file or PNG folder, or ``dataset:NAME[:SPLIT]``; ``None`` means the
+    victim's dataset, test split.
+    """
+    from ..data import adapt_to, load_dataset
+    from ..imagefiles import read_images
+
+    if spec is None:
+        spec = f"dataset:{getattr(victim, 'dataset', '')}:test"
+    if spec.startswith("dataset:"):
+        parts = spec.split(":")
+        name = parts[1]
+        split = parts[2] if len(parts) > 2 and parts[2] else "test"
+        if not name:
+            raise ValueError("The calibration spec 'dataset:NAME[:SPLIT]' needs a dataset name.")
+        data = load_dataset(name, split)
+        if len(data) > limit:
+            data = data.take(limit, seed=seed)
+        return adapt_to(data.images, victim.image_shape)
+    x, _ = read_images(spec, victim.image_shape)
+    if len(x) > limit:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]]
+    return x
+
+
+def build_policy(settings: ServiceSettings) -> Policy:
+    """The :class:`~sameguard.actions.Policy` named by ``settings.policy``."""
+    if settings.policy in ("off", "monitor"):
+        action = Monitor()
+    elif settings.policy == "reject":
+        action = Reject()
+    elif settings.policy == "misinformation":
+        action = Misinformation(nu=settings.misinformation_nu)
+    else:
+        action = ProofOfWork(benign_bits=settings.pow_benign_bits, bits_per_spread=settings.pow_bits_per_spread,
+                             max_bits=settings.pow_max_bits, quantile=settings.pow_quantile)
+    return Policy(action, threshold=settings.threshold)
+
+
+def load_guard(settings: ServiceSettings) -> Guard:
+    """Load the victim and detector named in ``settings`` and build the guard (calibrating proof-of-work).
+
+    Raises:
+        ValueError / ArtifactError: missing or inconsistent artifacts, a detector without threshold.
+    """
+    from ..victim import Victim
+
+    if settings.victim is None:
+        raise ValueError("The service needs a victim: pass --victim DIR (or set SAMEGUARD_VICTIM).")
+    victim = Victim.load(settings.victim, device=settings.device)
+    policy = build_policy(settings)
+    if settings.policy == "off":
+        logger.warning("Serving the victim with policy 'off': queries are logged but not scored.")
+        return Guard(victim, None, policy, output=settings.output, keep_decisions=0)
+    if settings.detector is None:
+        raise ValueError(f"The {settings.policy!r} policy needs a detector: pass --detector DIR.")
+    detector = load_detector(settings.detector, victim, device=settings.device)
+    if settings.threshold is None and getattr(detector, "threshold_", None) is None:
+        raise ValueError(f"The detector in {settings.detector} is not calibrated: run 'sameguard calibrate' or pass "
+                         "--threshold.")
+    guard = Guard(victim, detector, policy, output=settings.output, keep_decisions=0)
+    if isinstance(policy.action, ProofOfWork):
+        benign = load_calibration_images(settings.calibration, victim, settings.calibration_limit)
+        guard.calibrate(benign)
+        logger.info("Proof-of-work calibration: %s", policy.action.calibration_)
+    return guard

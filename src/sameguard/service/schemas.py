@@ -1,0 +1,115 @@
+"""Request and response bodies of the HTTP API (pydantic v2 models, also the OpenAPI schemas)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["PredictJSON", "PredictResponse", "ChallengeOut", "ChallengeResponse", "RedeemRequest", "ModelInfo",
+           "ErrorResponse", "PowInfo", "Health"]
+
+
+class PredictJSON(BaseModel):
+    """A batch of images as JSON: either ``instances`` or ``b64`` + ``shape``.
+
+    Images are ``(N, C, H, W)`` float32 in ``[-1, 1]`` (``x = 2 * pixel / 255 - 1``).
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"instances": [[[[0.0, -1.0], [1.0, 0.5]]]]},
+                     {"b64": "AACAvwAAgD8AAAAAAAAAPw==", "shape": [1, 1, 2, 2], "dtype": "float32"}]})
+
+    instances: list[Any] | None = Field(None, description="nested array of shape (N, C, H, W), numbers in [-1, 1]")
+    b64: str | None = Field(None, description="base64 of the little-endian float32 values in C order")
+    shape: list[int] | None = Field(None, description="(N, C, H, W) of the b64 data")
+    dtype: Literal["float32"] = "float32"
+    output: Literal["probabilities", "labels"] | None = Field(
+        None, description="ask for labels only (a probabilities service can answer labels, not the reverse)")
+
+    @model_validator(mode="after")
+    def _one_encoding(self) -> PredictJSON:
+        if (self.instances is None) == (self.b64 is None):
+            raise ValueError("send exactly one of 'instances' (a nested array) or 'b64' (base64 float32 with 'shape')")
+        if self.b64 is not None and (self.shape is None or len(self.shape) != 4 or any(s < 1 for s in self.shape)):
+            raise ValueError("'b64' needs 'shape': four positive integers (N, C, H, W)")
+        return self
+
+
+class PredictResponse(BaseModel):
+    """Answers of a batch: one entry per image, ``null`` where the query was refused."""
+
+    request_id: str
+    output: Literal["probabilities", "labels"]
+    predictions: list[list[float] | int | None]
+    refused: list[int] = Field(description="positions of the refused images")
+
+
+class ChallengeOut(BaseModel):
+    """A proof-of-work challenge: find ``nonce`` with ``SHA256(challenge + ':' + nonce)`` starting with ``bits`` zero bits."""
+
+    id: str
+    bits: int
+    issued_at: float
+    expires_at: int
+    resource: str
+    challenge: str
+    signature: str
+    scheme: str
+    hash: str
+    rule: str
+
+
+class ChallengeResponse(BaseModel):
+    """HTTP 202: the answers are held until the challenge is solved and redeemed at ``/v1/pow/redeem``."""
+
+    request_id: str
+    challenge: ChallengeOut
+    redeem: str = "/v1/pow/redeem"
+
+
+class RedeemRequest(BaseModel):
+    """A solved challenge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    challenge: str = Field(max_length=256)
+    signature: str = Field(max_length=128)
+    nonce: str = Field(max_length=64)
+
+
+class ModelInfo(BaseModel):
+    """What the service serves."""
+
+    image_shape: list[int]
+    num_classes: int
+    classes: list[str] | None
+    output: Literal["probabilities", "labels"]
+    policy: str
+    max_batch: int
+    max_request_bytes: int
+    normalisation: str = "float32 (N, C, H, W) in [-1, 1]: x = 2 * pixel / 255 - 1"
+    versions: dict[str, Any]
+
+
+class PowInfo(BaseModel):
+    """How proof-of-work is priced."""
+
+    enabled: bool
+    scheme: str
+    hash: str
+    ttl_s: float
+    calibration: dict[str, Any] | None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    policy: str
+    versions: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    """An error: ``detail`` says what was wrong."""
+
+    detail: str
+    request_id: str | None = None

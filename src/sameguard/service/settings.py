@@ -1,0 +1,110 @@
+"""The service's settings: one validated, typed object (pydantic v2), from arguments or the environment.
+
+Every field can be set as an environment variable ``SAMEGUARD_<FIELD>`` (upper case), e.g.
+``SAMEGUARD_DB_URL=postgresql+psycopg://...`` or ``SAMEGUARD_POW_SECRET=<hex>``; explicit
+arguments win. Secrets (the proof-of-work HMAC key) come from the environment only and never
+appear in ``repr`` or logs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+__all__ = ["ServiceSettings", "ENV_PREFIX", "SERVICE_POLICIES"]
+
+ENV_PREFIX = "SAMEGUARD_"
+#: ``off`` serves the bare victim (no detector, no scoring); the others are action policies.
+SERVICE_POLICIES = ("off", "monitor", "reject", "misinformation", "pow")
+
+
+class ServiceSettings(BaseModel):
+    """Settings of :func:`~sameguard.service.create_app`.
+
+    Attributes:
+        victim: folder of a saved :class:`~sameguard.victim.Victim`.
+        detector: folder of a saved detector (e.g. SAME); required unless ``policy="off"``.
+        policy: ``off``, ``monitor`` (default), ``reject``, ``misinformation`` or ``pow``.
+        db_url: SQLAlchemy URL of the keys and audit database (default SQLite ``sameguard.db``).
+        output: ``probabilities`` (default) or ``labels`` served to clients.
+        threshold: overrides the detector's calibrated threshold.
+        device: torch device for the models.
+        max_request_bytes: largest request body accepted (413 beyond; default 8 MiB).
+        max_batch: most images per request (413 beyond; default 256).
+        rate_per_second, rate_burst: per-key token bucket in images (default 200/s, burst 2000).
+        pow_benign_bits, pow_bits_per_spread, pow_max_bits, pow_quantile: the proof-of-work map
+            (see :class:`~sameguard.actions.ProofOfWork`).
+        pow_ttl_s: seconds a challenge stays valid (default 120).
+        pow_secret: HMAC key for challenges (environment only; random per process when unset).
+        misinformation_nu: steepness of the misinformation switch (default 1e4, the authors').
+        calibration: benign images for the proof-of-work calibration: a ``.npy`` file, a folder
+            of PNGs, or ``dataset:NAME[:SPLIT]`` (default: the victim's dataset, test split).
+        calibration_limit: at most this many calibration images (default 1000).
+        key_cache_s: seconds a verified key is cached (revocation delay; default 5).
+        host, port: where ``sameguard serve`` listens (default 127.0.0.1:8000).
+        torch_threads: torch intra-op threads (``None``: torch's default).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    victim: Path | None = None
+    detector: Path | None = None
+    policy: Literal["off", "monitor", "reject", "misinformation", "pow"] = "monitor"
+    db_url: str = "sqlite:///sameguard.db"
+    output: Literal["probabilities", "labels"] = "probabilities"
+    threshold: float | None = None
+    device: str = "cpu"
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_batch: int = Field(256, gt=0)
+    rate_per_second: float = Field(200.0, gt=0)
+    rate_burst: int = Field(2000, gt=0)
+    pow_benign_bits: int = Field(12, ge=0, le=64)
+    pow_bits_per_spread: float = Field(4.0, gt=0)
+    pow_max_bits: int = Field(26, ge=0, le=64)
+    pow_quantile: float = Field(0.99, gt=0.5, lt=1.0)
+    pow_ttl_s: float = Field(120.0, gt=0)
+    pow_secret: SecretStr | None = None
+    misinformation_nu: float = Field(1e4, gt=0)
+    calibration: str | None = None
+    calibration_limit: int = Field(1000, gt=1)
+    key_cache_s: float = Field(5.0, ge=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    torch_threads: int | None = Field(None, gt=0)
+
+    @field_validator("pow_secret")
+    @classmethod
+    def _secret_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().encode()) < 16:
+            raise ValueError("pow_secret must be at least 16 bytes long (e.g. 64 hex characters).")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSettings:
+        if self.pow_benign_bits > self.pow_max_bits:
+            raise ValueError(f"pow_benign_bits ({self.pow_benign_bits}) must not exceed pow_max_bits "
+                             f"({self.pow_max_bits}).")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServiceSettings:
+        """Settings from ``SAMEGUARD_*`` variables, with ``overrides`` (``None`` values ignored) on top.
+
+        Raises:
+            ValueError: a value does not validate; the message names the field.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            key = ENV_PREFIX + name.upper()
+            if key in env:
+                values[name] = env[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"Invalid service settings: {problems}.") from None
