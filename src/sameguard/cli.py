@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="quick", help="profile name (quick, standard, paper) or a TOML file (default quick)")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench/<config name>)")
     _common(p, data=True, seed=False)
+
+    from .service.commands import add_service_commands
+
+    COMMANDS.update(add_service_commands(sub))  # serve, keys, audit, bench-service
     return parser
 
 
@@ -235,6 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import run_benchmark
 
     config = load_config(args.config)
+    if args.download:  # the loaders' documented switch, for every dataset the config names
+        os.environ["SAMEGUARD_DOWNLOAD"] = "1"
     out = Path(args.out or f"runs/bench/{config.name}")
     run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress, echo=_out)
     _out("")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import math
 import threading
 import time
 import uuid
@@ -455,7 +456,7 @@ class Guard:
         decisions = []
         for i in range(len(x)):
             score = None if scores is None else float(scores[i])
-            flagged = False if scores is None else bool(score != score or score > tau)  # NaN counts as flagged
+            flagged = False if score is None else bool(math.isnan(score) or score > tau)  # NaN counts as flagged
             decisions.append(Decision(time=now, client=client, input_sha256=digests[i], score=score, threshold=tau,
                                       flagged=flagged, action=outcome.actions[i], work_bits=int(outcome.work_bits[i]),
                                       request_id=request_id, index=i))

@@ -415,7 +415,8 @@ class BoundClient:
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Send ``x`` as this client; see :meth:`PredictionAPI.query`."""
-        n = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
+        shape = getattr(x, "shape", ())
+        n = int(shape[0]) if len(shape) > 0 else 0  # tensors and numpy arrays alike
         if self.budget is not None and self.used + n > self.budget:
             raise BudgetExceededError(self.client, self.budget, self.used, n)
         answer = self.api.query(x, self.client)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sameguard.attacks import DFME, JBDA, JBDATR, KnockoffNets, NormalUser, dfme_query_cost, recover_logits
+from sameguard.attacks.dfme import zeroth_order_gradient
 from sameguard.attacks.knockoff import _RewardState
 from sameguard.bench.substitutes import format_table, run_substitute_benchmark
 from sameguard.data import ImageDataset
@@ -80,6 +81,30 @@ def test_attacks_recover_logits_from_probabilities():
     assert torch.isfinite(recover_logits(torch.tensor([[1.0, 0.0]]))).all()  # zeros floored, not -inf
     with pytest.raises(ValueError, match="logit_correction"):
         recover_logits(z, "max")
+
+
+def test_attacks_dfme_zeroth_order_gradient_follows_the_true_gradient():
+    """The forward-difference estimate must point along the true gradient of the objective at
+    tanh(x_pre) (a sign or scaling slip would show here)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 64, generator=g)
+
+    def objective(images):  # a smooth nonlinear stand-in for -|S(x) - v(x)|
+        return -torch.nn.functional.softplus(images.flatten(1) @ a.T).sum(1)
+
+    x_pre = torch.randn(4, 1, 8, 8, generator=g)
+    leaf = x_pre.clone().requires_grad_(True)
+    objective(torch.tanh(leaf)).sum().backward()
+    true = leaf.grad.flatten(1)
+    calls = []
+    est, values = zeroth_order_gradient(lambda p: calls.append(len(p)) or objective(p), x_pre, m=400,
+                                        epsilon=1e-3, generator=g)
+    assert calls == [4 * 401]  # one call with every point: n * (m + 1) queries
+    torch.testing.assert_close(values, objective(torch.tanh(x_pre)))
+    cosine = torch.nn.functional.cosine_similarity(est.flatten(1), true, dim=1)
+    assert (cosine > 0.7).all(), cosine
+    ratio = est.flatten(1).norm(dim=1) / true.norm(dim=1)  # unbiased: d * E[u u^T] = I
+    assert ((ratio > 0.6) & (ratio < 1.6)).all(), ratio
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])

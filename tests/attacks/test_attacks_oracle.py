@@ -168,6 +168,8 @@ def test_attacks_record_inputs_and_bound_client():
     assert torch.equal(api.inputs("mallory"), x) and bound.used == 3 and bound.remaining == 2
     with pytest.raises(BudgetExceededError):
         bound.query(images(3))  # refused locally, before the API sees it
+    with pytest.raises(BudgetExceededError):
+        bound.query(images(3).numpy())  # numpy batches are counted too
     assert api.queries_used("mallory") == 3
     assert fresh_client_id(api, "mallory") == "mallory-2"
     assert fresh_client_id(api, "knockoff") == "knockoff"

@@ -17,7 +17,13 @@ A :class:`Policy` maps scores to one of these (``Policy("reject")``, ``Policy(Mi
 from __future__ import annotations
 
 from .base import ACTION_LABELS, Action, ActionOutcome
-from .misinformation import Misinformation, least_likely, mislead, misinformation_weight, reverse_probabilities
+from .misinformation import (
+    Misinformation,
+    least_likely,
+    misinformation_weight,
+    mislead,
+    reverse_probabilities,
+)
 from .monitor import Monitor
 from .policy import POLICIES, Policy, build_action
 from .pow import (

@@ -211,7 +211,7 @@ class ProofOfWork(Action):
             raise ValueError(f"Calibration needs at least 2 benign scores, got {s.numel()}.")
         if not torch.isfinite(s).all():
             raise ValueError("Benign calibration scores must be finite; found NaN or infinity.")
-        anchor = float(torch.quantile(s, self.quantile))
+        anchor = float(torch.quantile(s, self.quantile, interpolation="higher"))
         spread = anchor - float(torch.quantile(s, 0.5))
         if not spread > 0:
             spread = max(float(s.std()), 1e-12 * max(1.0, abs(anchor)), 1e-300)

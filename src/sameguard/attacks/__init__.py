@@ -1,14 +1,10 @@
 """Model-extraction attacks, each querying only through a :class:`~sameguard.oracle.PredictionAPI`.
 
-=====================  ===========================================  ==========================
-name                   class                                        holds
-=====================  ===========================================  ==========================
-``knockoff``           :class:`KnockoffNets` (random policy)          a proxy image pool
-``knockoff-adaptive``  :class:`KnockoffNets` (``strategy="adaptive"``)  a labelled proxy pool
-``jbda``               :class:`JBDA`                                  a few in-distribution seeds
-``jbda-tr``            :class:`JBDATR`                                a few in-distribution seeds
-``dfme``               :class:`DFME`                                  nothing (data-free)
-=====================  ===========================================  ==========================
+* ``knockoff``: :class:`KnockoffNets`, random policy (holds a proxy image pool);
+* ``knockoff-adaptive``: :class:`KnockoffNets` with ``strategy="adaptive"`` (a labelled proxy pool);
+* ``jbda``: :class:`JBDA` (a few in-distribution seed images);
+* ``jbda-tr``: :class:`JBDATR` (a few in-distribution seed images);
+* ``dfme``: :class:`DFME` (no data).
 
 ``build_attack(name, **kwargs)`` constructs one by name; ``attack.run(api, budget, victim=...,
 test_data=...)`` returns an :class:`AttackResult`. :class:`NormalUser` sends benign traffic (the

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -57,7 +57,7 @@ from .base import ExtractionAttack, check_positive_float, check_positive_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DFME", "recover_logits", "dfme_query_cost"]
+__all__ = ["DFME", "recover_logits", "dfme_query_cost", "zeroth_order_gradient"]
 
 LOGIT_CORRECTIONS = ("mean", "min", "none")
 
@@ -81,6 +81,48 @@ def recover_logits(probs: torch.Tensor, correction: str = "mean") -> torch.Tenso
 def dfme_query_cost(batch_size: int, grad_m: int, g_iter: int, d_iter: int) -> int:
     """Queries of one full DFME iteration: ``N * (g_iter * (m + 1) + d_iter)``."""
     return batch_size * (g_iter * (grad_m + 1) + d_iter)
+
+
+@torch.no_grad()
+def zeroth_order_gradient(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x_pre: torch.Tensor,
+    m: int,
+    epsilon: float,
+    generator: torch.Generator,
+    activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward-difference estimate of the gradient of ``objective(activation(x_pre))`` per image.
+
+    For each image ``x`` of ``x_pre`` ``(n, C, H, W)``, ``m`` directions ``u_i`` are drawn uniformly
+    on the unit sphere of dimension ``d = C*H*W`` and
+    ``grad ≈ (1/m) sum_i d * [L(x + eps u_i) - L(x)] / eps * u_i`` with
+    ``L(y) = objective(activation(y))`` (DFME's ``estimate_gradient_objective`` with
+    ``forward_differences=1``). ``objective`` is called **once** on all ``n * (m + 1)`` points
+    (each image's ``m`` perturbed points, then the image itself), e.g. one batch of API queries.
+
+    Args:
+        objective: ``images (n*(m+1), C, H, W) -> (n*(m+1),)`` values to ascend.
+        x_pre: ``(n, C, H, W)`` pre-activation points.
+        m: number of random directions.
+        epsilon: finite-difference step.
+        generator: source of the directions.
+        activation: applied to the points before ``objective`` (``tanh``: images in ``(-1, 1)``).
+
+    Returns:
+        ``(grad, values)``: the estimate ``(n, C, H, W)`` and ``objective`` at the unperturbed
+        points ``(n,)``.
+    """
+    n, shape = x_pre.shape[0], x_pre.shape[1:]
+    dim = int(math.prod(shape))
+    u = torch.randn(n, m, dim, generator=generator)
+    u = (u / u.norm(dim=2, keepdim=True)).to(x_pre.device)
+    u = torch.cat([u, torch.zeros(n, 1, dim, device=x_pre.device)], dim=1).view(n, m + 1, *shape)
+    points = activation(x_pre[:, None] + epsilon * u).reshape(-1, *shape)
+    values = objective(points).reshape(n, m + 1)
+    diffs = (values[:, :m] - values[:, m:]).view(n, m, *([1] * len(shape)))
+    grad = ((dim / epsilon) * diffs * u[:, :m]).mean(dim=1)
+    return grad, values[:, m]
 
 
 class DFME(ExtractionAttack):
@@ -174,28 +216,20 @@ class DFME(ExtractionAttack):
     def _generator_step(self, oracle: BoundClient, generator: nn.Module, student: nn.Module,
                         opt_g: torch.optim.Optimizer, n: int, g: torch.Generator, k: int) -> float:
         """One zeroth-order generator step on ``n`` images: ``n * (m + 1)`` queries."""
-        m, eps = self.grad_m, self.grad_epsilon
         generator.train()
         student.eval()
         opt_g.zero_grad(set_to_none=True)
         x_pre = generator(self._noise(n, g), pre_activation=True)  # (n, C, H, W)
-        shape = x_pre.shape[1:]
-        dim = int(math.prod(shape))
-        with torch.no_grad():
-            u = torch.randn(n, m, dim, generator=g)
-            u = u / u.norm(dim=2, keepdim=True)
-            u = torch.cat([u, torch.zeros(n, 1, dim)], dim=1).view(n, m + 1, *shape).to(self.device)
-            points = torch.tanh(x_pre.detach()[:, None] + eps * u).view(-1, *shape)  # n*(m+1) images
+
+        def disagreement(points: torch.Tensor) -> torch.Tensor:  # -|S(x) - v(x)| per image, queried
             victim_logits = self._ask(oracle, points).to(self.device)
-            student_logits = student(points)
-            losses = -F.l1_loss(student_logits, victim_logits, reduction="none").mean(dim=1).view(n, m + 1)
-            diffs = (losses[:, :m] - losses[:, m:]).view(n, m, *([1] * len(shape)))
-            grad = (dim / eps) * diffs * u[:, :m]
-            grad = grad.mean(dim=1) / (k * n)
-        x_pre.backward(grad)
+            return -F.l1_loss(student(points), victim_logits, reduction="none").mean(dim=1)
+
+        grad, loss = zeroth_order_gradient(disagreement, x_pre.detach(), self.grad_m, self.grad_epsilon, g)
+        x_pre.backward(grad / (k * n))  # the reference's scaling; Adam is insensitive to it
         opt_g.step()
         student.train()
-        return float(losses[:, m].mean())
+        return float(loss.mean())
 
     def _student_step(self, oracle: BoundClient, generator: nn.Module, student: nn.Module,
                       opt_s: torch.optim.Optimizer, n: int, g: torch.Generator) -> float:

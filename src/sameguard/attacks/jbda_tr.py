@@ -58,12 +58,13 @@ class JBDATR(JBDA):
     def _augment(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, rho: int,
                  generator: torch.Generator) -> torch.Tensor:
         """``clip(x - lambda_rho * sign(grad_x CE(F(x), c)), -1, 1)`` with ``c != O(x)`` random."""
-        k = model(x[:1].to(self.device)).shape[1]
+        model.eval()
+        xg = x.to(self.device).requires_grad_(True)
+        logits = model(xg)
+        k = logits.shape[1]
         # A uniformly random class other than the label: label + 1 + U{0, ..., K-2} (mod K).
         shift = torch.randint(1, k, (len(x),), generator=generator)
         targets = (labels.cpu() + shift) % k
-        model.eval()
-        xg = x.to(self.device).requires_grad_(True)
-        loss = F.cross_entropy(model(xg), targets.to(self.device), reduction="sum")
+        loss = F.cross_entropy(logits, targets.to(self.device), reduction="sum")
         (grad,) = torch.autograd.grad(loss, xg)
         return (x - self._step(rho) * grad.sign().cpu()).clamp(-1.0, 1.0)

@@ -42,7 +42,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -107,32 +113,56 @@ class ServiceState:
     classes: list[str] | None
 
 
-# -- the body size limit --------------------------------------------------------------------------
-class BodySizeLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, by ``Content-Length`` or while streaming."""
+# -- request context and body size limit ----------------------------------------------------------
+class _BodyTooLarge(Exception):
+    """Raised by the limited ``receive`` when the body grows past the limit."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+
+def _only_body_too_large(exc: BaseException) -> bool:
+    if isinstance(exc, _BodyTooLarge):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_body_too_large(e) for e in exc.exceptions)
+    return False
+
+
+class ServiceMiddleware:
+    """Pure ASGI middleware: request id, body size limit, metrics and one log line per request.
+
+    * ``X-Request-ID``: taken from the request when it is 1-64 characters of ``[A-Za-z0-9_-]``,
+      else a fresh UUID; stored in ``request.state.request_id`` and echoed in the response.
+    * Bodies over ``max_bytes`` are refused with 413, from ``Content-Length`` before anything is
+      read, or while streaming (chunked bodies).
+    * Metrics: requests by method, route template and status; latency by route.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                declared = -1
-            if declared < 0:
-                await JSONResponse({"detail": "The Content-Length header is not a non-negative integer."},
-                                   status_code=400)(scope, receive, send)
-                return
-            if declared > self.max_bytes:
-                await JSONResponse({"detail": f"The request body is {declared} bytes; this service accepts at most "
-                                              f"{self.max_bytes} bytes."}, status_code=413)(scope, receive, send)
-                return
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        start = time.perf_counter()
+        status = {"code": 500, "started": False}
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = int(message["status"]), True
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        async def reply(code: int, detail: str) -> None:
+            await JSONResponse({"detail": detail, "request_id": rid}, status_code=code)(scope, receive, send_with_id)
+
+        length = headers.get(b"content-length")
         seen = 0
         limit = self.max_bytes
 
@@ -142,10 +172,33 @@ class BodySizeLimitMiddleware:
             if message.get("type") == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise HTTPException(413, f"The request body exceeds {limit} bytes, the most this service accepts.")
+                    raise _BodyTooLarge()
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            declared = None if length is None else int(length)
+        except ValueError:
+            declared = -1
+        try:
+            if declared is not None and declared < 0:
+                await reply(400, "The Content-Length header is not a non-negative integer.")
+            elif declared is not None and declared > limit:
+                await reply(413, f"The request body is {declared} bytes; this service accepts at most {limit} bytes.")
+            else:
+                try:
+                    await self.app(scope, limited_receive, send_with_id)
+                except BaseException as exc:
+                    if not _only_body_too_large(exc) or status["started"]:
+                        raise
+                    await reply(413, f"The request body exceeds {limit} bytes, the most this service accepts.")
+        finally:
+            elapsed = time.perf_counter() - start
+            path = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "?")
+            self.metrics.requests.labels(method, path, str(status["code"])).inc()
+            self.metrics.latency.labels(path).observe(elapsed)
+            logger.info("%s %s -> %d in %.1f ms (client %s, request %s)", method, path, status["code"],
+                        1000 * elapsed, scope["state"].get("client_name", "-"), rid)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -256,24 +309,7 @@ def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None =
     api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="an API key from "
                                   "'sameguard keys create'")
 
-    # -- middleware ------------------------------------------------------------------------------
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        incoming = request.headers.get("x-request-id", "")
-        request.state.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
-        start = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - start
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        state.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        state.metrics.latency.labels(path).observe(elapsed)
-        response.headers["X-Request-ID"] = request.state.request_id
-        logger.info("%s %s -> %d in %.1f ms (client %s, request %s)", request.method, path, response.status_code,
-                    1000 * elapsed, getattr(request.state, "client_name", "-"), request.state.request_id)
-        return response
-
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ServiceMiddleware, max_bytes=settings.max_request_bytes, metrics=state.metrics)
 
     # -- error handlers --------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -310,6 +346,8 @@ def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None =
     def _decode_json(raw: bytes) -> tuple[torch.Tensor, str | None]:
         try:
             obj = json.loads(raw)
+        except RecursionError:
+            raise HTTPException(400, "Malformed JSON in the request body: it is nested too deeply.") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
             msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "the body is not UTF-8"
@@ -355,7 +393,7 @@ def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None =
             form = await request.form(max_files=settings.max_batch + 1, max_fields=16)
         except HTTPException:
             raise
-        except Exception as exc:  # noqa: BLE001 - python-multipart raises several types
+        except Exception as exc:
             raise HTTPException(400, f"Malformed multipart body: {exc}") from None
         files = form.getlist("images")
         output = form.get("output")
@@ -381,7 +419,7 @@ def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None =
                         raise HTTPException(422, f"'images' item {i} ({f.filename!r}) is {img.size[0]}x{img.size[1]} "
                                                  f"pixels; the model expects {w}x{h}.")
                     arrays.append(np.asarray(img.convert(mode), dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
                 raise HTTPException(422, f"'images' item {i} ({f.filename!r}) is not a readable PNG image.") from None
         pixels = np.stack(arrays)
         if output is not None and output not in ("probabilities", "labels"):

@@ -103,7 +103,7 @@ def redact_url(url: str) -> str:
     """The URL with any password hidden, for logs."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a malformed URL is reported by make_engine
+    except Exception:
         return "<unparseable database URL>"
 
 
@@ -115,7 +115,7 @@ def make_engine(url: str) -> Engine:
     """
     try:
         parsed = make_url(url)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ValueError(f"The database URL {url!r} is not a valid SQLAlchemy URL: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         memory = parsed.database in (None, "", ":memory:")
@@ -136,7 +136,7 @@ def make_engine(url: str) -> Engine:
         return engine
     try:
         return create_engine(url, pool_pre_ping=True)
-    except Exception as exc:  # noqa: BLE001 - e.g. the driver is not installed
+    except Exception as exc:
         raise ValueError(f"Cannot open the database {redact_url(url)}: {exc}") from None
 
 

@@ -1,0 +1,367 @@
+"""Benchmark of the protected service: throughput and latency over HTTP, and the actions against attacks.
+
+Part 1 (**service**): the FastAPI app served by uvicorn on ``127.0.0.1`` (one worker, in a
+thread of this process) is sent a bounded number of ``POST /v1/predict`` requests (base64
+float32 bodies, benign test images) by ``concurrency`` client threads, for each service setting
+(``off``: the bare victim, no scoring; ``monitor``/``reject``/``misinformation``: the guard
+scores every query with the detector) and batch size. Reported: requests per second, images per
+second, and the p50 / p99 latency of a request as the client sees it (including the audit-log
+write). Rate limits are set out of the way.
+
+Part 2 (**attacks**): the extraction attacks of :mod:`sameguard.attacks` (Knockoff Nets,
+Orekondy et al. 2019; JBDA, Papernot et al. 2017) are run in process through the
+:class:`~sameguard.guard.Guard` (a :class:`~sameguard.oracle.PredictionAPI`) with no defense
+(``monitor``: answers unchanged), ``reject`` and ``misinformation`` (Kariyappa & Qureshi 2020,
+training-free misleading vector), the detector's threshold calibrated at ``target_fpr`` (1 %)
+on benign test images. Reported: the substitute's accuracy and fidelity on held-out test images,
+the fraction of the attack's queries flagged, and the accuracy benign users still get on other
+test images (a refused answer counts as wrong).
+
+Benchmarks are not tests: the numbers are measured here and now, on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "measure_attacks", "run_service_bench",
+           "SERVICE_SETTINGS"]
+
+#: Service settings the latency part knows.
+SERVICE_SETTINGS = ("off", "monitor", "reject", "misinformation")
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """One (setting, batch size) of the service part. Latencies in milliseconds."""
+
+    setting: str
+    batch: int
+    requests: int
+    concurrency: int
+    seconds: float
+    requests_per_s: float
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    """One (defense, attack) of the attack part; accuracies and rates in ``[0, 1]``."""
+
+    defense: str
+    attack: str
+    budget: int
+    substitute_accuracy: float | None
+    fidelity: float | None
+    attack_flagged: float
+    benign_accuracy: float
+    benign_flagged: float
+    seconds: float
+
+
+@dataclass
+class ServiceBenchResult:
+    """Both parts' rows, the configuration, and the Markdown report."""
+
+    latency: list[LatencyRow] = field(default_factory=list)
+    attacks: list[AttackRow] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "latency": [asdict(r) for r in self.latency],
+                "attacks": [asdict(r) for r in self.attacks], "notes": self.notes}
+
+    def markdown(self) -> str:
+        c = self.config
+        lines = []
+        if self.latency:
+            lines += [f"### Service throughput and latency (uvicorn, 127.0.0.1, {c.get('concurrency')} client threads, "
+                      f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')})", "",
+                      "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in self.latency:
+                lines.append(f"| {r.setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
+                             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} |")
+            lines.append("")
+        if self.attacks:
+            fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"
+            lines += [f"### Attacks through the guard (threshold at {100 * c.get('target_fpr', 0):.0f} % benign FPR, "
+                      f"budget {c.get('budget')} queries)", "",
+                      f"Victim test accuracy: {fmt(c.get('victim_accuracy'))} %. Accuracies and rates in %.", "",
+                      "| defense | attack | substitute acc | fidelity | attack queries flagged | benign acc | "
+                      "benign flagged |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            for r in self.attacks:
+                lines.append(f"| {r.defense} | {r.attack} | {fmt(r.substitute_accuracy)} | {fmt(r.fidelity)} | "
+                             f"{fmt(r.attack_flagged)} | {fmt(r.benign_accuracy)} | {fmt(r.benign_flagged)} |")
+            lines.append("")
+        lines += [f"- {n}" for n in self.notes]
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` in ``[0, 100]`` of ``values`` (non-empty)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _guard_for(setting: str, victim: Any, detector: Any) -> Any:
+    from ..actions import Misinformation, Policy
+    from ..guard import Guard
+
+    if setting == "off":
+        return Guard(victim, None, "monitor", keep_decisions=0)
+    if setting not in SERVICE_SETTINGS:
+        raise ValueError(f"Unknown service setting {setting!r}; choose from {SERVICE_SETTINGS}.")
+    policy = Policy(Misinformation()) if setting == "misinformation" else Policy(setting)
+    return Guard(victim, detector, policy, keep_decisions=0)
+
+
+def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, settings: Sequence[str] = ("off", "monitor"),
+                    batch_sizes: Sequence[int] = (1, 64), requests: int = 200, requests_large: int = 30,
+                    concurrency: int = 4, workdir: Path | None = None,
+                    echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
+    """Time the HTTP service (see the module docstring); returns one row per (setting, batch size).
+
+    Args:
+        victim, detector: the models (``detector`` may be ``None`` when only ``"off"`` is timed).
+        images: ``(M, C, H, W)`` benign images in ``[-1, 1]`` to send (cycled).
+        settings: service settings among :data:`SERVICE_SETTINGS`.
+        batch_sizes: images per request.
+        requests: requests per setting at batch sizes ``<= 8``; ``requests_large`` above.
+        concurrency: client threads.
+        workdir: where the throw-away audit databases go (default: a temporary folder).
+    """
+    import base64
+
+    import httpx
+
+    from ..service import ServerThread, ServiceSettings, create_app
+
+    if requests < 1 or requests_large < 1 or concurrency < 1:
+        raise ValueError("requests, requests_large and concurrency must be positive integers.")
+    rows: list[LatencyRow] = []
+    base = Path(tempfile.mkdtemp(prefix="service-bench-", dir=workdir))
+    payloads = {}
+    for b in batch_sizes:
+        chunks = []
+        for i in range(4):  # a few different bodies, cycled
+            idx = torch.arange(i * b, (i + 1) * b) % len(images)
+            data = images[idx].contiguous().numpy().astype("<f4").tobytes()
+            chunks.append(json.dumps({"b64": base64.b64encode(data).decode(), "shape": [b, *images.shape[1:]]}))
+        payloads[b] = chunks
+    for setting in settings:
+        guard = _guard_for(setting, victim, detector)
+        svc = ServiceSettings(db_url=f"sqlite:///{base / f'audit-{setting}.db'}", rate_per_second=1e9,
+                              rate_burst=10 ** 9, max_batch=max(batch_sizes), key_cache_s=60,
+                              max_request_bytes=max(8 * 1024 * 1024, 4 * max(batch_sizes) * images[0].numel() * 2))
+        app = create_app(svc, guard=guard)
+        _, token = app.state.sameguard.keys.create("bench")
+        with ServerThread(app) as server:
+            for b in batch_sizes:
+                n_requests = requests if b <= 8 else requests_large
+                headers = {"X-API-Key": token, "content-type": "application/json"}
+                with httpx.Client(base_url=server.url, headers=headers, timeout=120) as warm:
+                    for body in payloads[b][:2]:
+                        warm.post("/v1/predict", content=body).raise_for_status()
+                latencies: list[float] = []
+                errors = [0]
+                counter = iter(range(n_requests))
+                lock = threading.Lock()
+
+                def worker(headers=headers, lock=lock, counter=counter, bodies=payloads[b], latencies=latencies,
+                           errors=errors) -> None:
+                    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as client:
+                        while True:
+                            with lock:
+                                i = next(counter, None)
+                            if i is None:
+                                return
+                            t0 = time.perf_counter()
+                            r = client.post("/v1/predict", content=bodies[i % len(bodies)])
+                            dt = time.perf_counter() - t0
+                            with lock:
+                                latencies.append(dt)
+                                errors[0] += r.status_code != 200
+
+                threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+                start = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - start
+                row = LatencyRow(setting=setting, batch=b, requests=n_requests, concurrency=concurrency,
+                                 seconds=wall, requests_per_s=n_requests / wall, images_per_s=n_requests * b / wall,
+                                 p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
+                                 errors=errors[0])
+                rows.append(row)
+                echo(f"service {setting:<15} batch {b:>3}: {row.requests_per_s:7.1f} req/s, {row.images_per_s:8.1f} img/s, "
+                     f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}")
+        app.state.sameguard.audit.engine.dispose()
+    return rows
+
+
+def _benign_accuracy(guard: Any, images: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> tuple[float, float]:
+    """(accuracy benign users get, fraction flagged); a refused answer counts as wrong."""
+    correct = flagged = 0
+    for s in range(0, len(images), batch):
+        verdict = guard.protect(images[s:s + batch], "benign-user")
+        ok = (verdict.probabilities.argmax(1) == labels[s:s + batch]) & ~verdict.refused
+        correct += int(ok.sum())
+        flagged += sum(d.flagged for d in verdict.decisions)
+    return correct / len(images), flagged / len(images)
+
+
+def measure_attacks(victim: Any, detector: Any, *, calibration: torch.Tensor, benign: Any, test: Any, seeds: Any,
+                    proxies: dict[str, Any], attacks: Sequence[str] = ("knockoff", "jbda"),
+                    defenses: Sequence[str] = ("none", "reject", "misinformation"), budget: int = 1000,
+                    epochs: int = 10, lr: float = 0.05, momentum: float = 0.9, target_fpr: float = 0.01,
+                    seed: int = 0, progress: bool | None = None,
+                    echo: Callable[[str], None] = logger.info) -> list[AttackRow]:
+    """Run the attacks in process through the guard with each defense (see the module docstring).
+
+    Args:
+        calibration: benign images for the threshold at ``target_fpr``.
+        benign: an :class:`~sameguard.data.ImageDataset` of benign users' queries (for their accuracy).
+        test: an :class:`~sameguard.data.ImageDataset` to evaluate the substitutes on.
+        seeds: in-distribution images JBDA starts from.
+        proxies: Knockoff's image pools by name; Knockoff runs once per pool.
+        epochs, lr, momentum: substitute training of both attacks (SGD, cosine schedule). The
+            defaults are a short schedule for a benchmark on CPU, not the papers' (Knockoff: 100
+            epochs at lr 0.01, momentum 0.5).
+    """
+    from ..actions import Misinformation, Policy
+    from ..attacks import JBDA, KnockoffNets
+    from ..guard import Guard
+
+    detector.calibrate(calibration, target_fpr)
+    logger.info("Threshold %.6g at %.2f %% benign FPR on %d images", detector.threshold_, 100 * target_fpr,
+                len(calibration))
+    policies = {"none": lambda: Policy("monitor"), "reject": lambda: Policy("reject"),
+                "misinformation": lambda: Policy(Misinformation())}
+    rows = []
+    for defense in defenses:
+        if defense not in policies:
+            raise ValueError(f"Unknown defense {defense!r}; choose from {sorted(policies)}.")
+        guard = Guard(victim, detector, policies[defense](), keep_decisions=0)
+        benign_acc, benign_flag = _benign_accuracy(guard, benign.images, benign.labels)
+        runs = []
+        for name in attacks:
+            if name == "knockoff":
+                runs += [(f"knockoff ({pname})", KnockoffNets(pool, epochs=epochs, lr=lr, momentum=momentum,
+                                                              query_batch_size=64, seed=seed, progress=progress))
+                         for pname, pool in proxies.items()]
+            elif name == "jbda":
+                runs.append(("jbda", JBDA(seeds, num_seeds=min(150, len(seeds)), epochs=epochs, lr=lr,
+                                          momentum=momentum, seed=seed, progress=progress)))
+            else:
+                raise ValueError(f"The service benchmark runs the attacks 'knockoff' and 'jbda', not {name!r}.")
+        for name, attack in runs:
+            start = time.perf_counter()
+            result = attack.run(guard, budget, victim=victim, test_data=test)
+            stats = guard.stats(result.client)
+            row = AttackRow(defense=defense, attack=name, budget=budget, substitute_accuracy=result.test_accuracy,
+                            fidelity=result.fidelity, attack_flagged=stats.flagged / max(stats.queries, 1),
+                            benign_accuracy=benign_acc, benign_flagged=benign_flag, seconds=time.perf_counter() - start)
+            rows.append(row)
+            echo(f"{defense:<15} {name:<22} substitute acc {row.substitute_accuracy:.4f} fidelity {row.fidelity:.4f} "
+                 f"flagged {row.attack_flagged:.2%}; benign acc {benign_acc:.4f} (flagged {benign_flag:.2%})")
+    return rows
+
+
+def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_dir: str | os.PathLike | None = None,
+                      workdir: Path = Path("runs/service-bench"), requests: int = 200, requests_large: int = 30,
+                      batch_sizes: Sequence[int] = (1, 64), concurrency: int = 4,
+                      settings: Sequence[str] = ("off", "monitor"), attacks: Sequence[str] = ("knockoff", "jbda"),
+                      budget: int = 1000, attack_epochs: int = 10, benign: int = 1000, target_fpr: float = 0.01,
+                      knockoff_proxies: Sequence[str] = ("digits", "fashion-mnist"), seed: int = 0, progress: bool | None = None,
+                      echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
+    """Both parts on a Fashion-MNIST victim; returns the rows and a Markdown report.
+
+    ``victim_dir`` / ``detector_dir``: saved artifacts (e.g. from ``sameguard demo``'s cache); by
+    default a small conv3 victim (10000 images, 3 epochs) and a SAME detector (``cpu`` preset on
+    9000 images) are trained once and cached in ``workdir``. Knockoff runs once per pool in
+    ``knockoff_proxies`` (dataset names, train split; scikit-learn's digits: natural
+    images of another distribution; ``fashion-mnist`` is the in-distribution attacker); JBDA starts
+    from 150 Fashion-MNIST training images.
+    """
+    from ..data import load_dataset
+    from ..demo import cached_detector, cached_victim
+    from ..detectors import SAMEDetector
+    from ..victim import Victim
+
+    if not 1 <= benign <= 3000:
+        raise ValueError(f"benign must be between 1 and 3000 test images, got {benign!r}.")
+    torch.manual_seed(seed)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if victim_dir is not None:
+        victim = Victim.load(victim_dir)
+    else:
+        train = load_dataset("fashion-mnist", "train").take(10_000, seed=seed)
+        victim = cached_victim(workdir, train, load_dataset("fashion-mnist", "test"), arch="conv3", epochs=3,
+                               seed=seed, device="cpu", progress=progress)
+    if detector_dir is not None:
+        detector = SAMEDetector.load(detector_dir, victim)
+    else:
+        train = load_dataset(victim.dataset, "train").take(10_000, seed=seed)
+        fit, held = train.split_off(0.1, seed=seed)
+        detector = cached_detector(workdir, victim, fit, held, preset="cpu", seed=seed, device="cpu", progress=progress,
+                                   max_train_samples=9000)
+    test = load_dataset(victim.dataset, "test")
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    cal_idx, benign_idx, eval_idx = perm[:2000], perm[2000:2000 + benign], perm[5000:7000]
+    result = ServiceBenchResult(config={
+        "sameguard": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "concurrency": concurrency,
+        "victim": getattr(victim, "arch", None), "victim_dataset": victim.dataset, "detector": type(detector).__name__,
+        "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
+        "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
+    })
+    with torch.no_grad():
+        eval_set = test.subset(eval_idx)
+        result.config["victim_accuracy"] = float((victim.predict(eval_set.images) == eval_set.labels).float().mean())
+    if settings:
+        result.latency = measure_service(victim, detector, test.images[benign_idx[:256]], settings=settings,
+                                         batch_sizes=batch_sizes, requests=requests, requests_large=requests_large,
+                                         concurrency=concurrency, workdir=workdir, echo=echo)
+    if attacks:
+        train = load_dataset(victim.dataset, "train")
+        seeds_set = train.take(150, seed=seed + 1)
+        proxies = {name: (train if name == victim.dataset else load_dataset(name, "train"))
+                   for name in knockoff_proxies}
+        result.attacks = measure_attacks(victim, detector, calibration=test.images[cal_idx],
+                                         benign=test.subset(benign_idx), test=eval_set, seeds=seeds_set, proxies=proxies,
+                                         attacks=attacks, budget=budget, epochs=attack_epochs, target_fpr=target_fpr,
+                                         seed=seed, progress=progress, echo=echo)
+        result.notes.append("Benign accuracy: a refused answer counts as wrong. 'none' answers every query unchanged "
+                            "(the guard only monitors).")
+        result.notes.append(f"Knockoff (random policy) queries training images of the named dataset; JBDA starts from "
+                            f"150 {victim.dataset} training images; substitutes have the victim's architecture, "
+                            f"trained {attack_epochs} epochs (SGD lr 0.05, momentum 0.9, cosine), and are evaluated "
+                            f"on {len(eval_idx)} held-out test images.")
+    return result

@@ -1,0 +1,286 @@
+"""Command-line entry points of the service: ``serve``, ``keys``, ``audit`` and ``bench-service``.
+
+:func:`add_service_commands` adds the four sub-commands to the ``sameguard`` parser and returns
+their functions by name; each function takes the parsed ``argparse.Namespace`` and returns an
+exit code. Heavy imports (FastAPI, SQLAlchemy, torch models) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..api import SameguardError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_service_commands", "serve_main", "keys_main", "audit_main", "bench_service_main", "SERVICE_COMMANDS",
+           "MissingDependencyError"]
+
+
+class MissingDependencyError(SameguardError, ImportError):
+    """An optional dependency of the service is not installed."""
+
+
+def _require(*modules: str, extra: str = "serve") -> None:
+    """Raise :class:`MissingDependencyError` naming the extra to install when a module is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"This command needs {', '.join(missing)}: pip install 'sameguard[{extra}]'.")
+
+
+_SERVE_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "httpx", "prometheus_client", "multipart", "pydantic")
+
+
+def _out(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
+
+
+def _db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None,
+                   help="SQLAlchemy database URL of keys and audit log (default: $SAMEGUARD_DB_URL, else "
+                        "sqlite:///sameguard.db); e.g. postgresql+psycopg://user@host/db")
+
+
+def _db_url(args: argparse.Namespace) -> str:
+    import os
+
+    return args.db or os.environ.get("SAMEGUARD_DB_URL") or "sqlite:///sameguard.db"
+
+
+def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add ``serve``, ``keys``, ``audit`` and ``bench-service`` to the sub-parsers ``sub``.
+
+    Returns:
+        ``{command name: function(args) -> exit code}`` to merge into the CLI's command table.
+    """
+    p = sub.add_parser("serve", help="serve a victim behind SAME and an action policy over HTTP",
+                       description="Serve the victim as an HTTP prediction API (FastAPI + uvicorn) behind a detector "
+                                   "and a policy; every query is audited. Create API keys with 'sameguard keys "
+                                   "create'. Settings may also come from SAMEGUARD_* environment variables "
+                                   "(SAMEGUARD_POW_SECRET for the proof-of-work HMAC key).")
+    p.add_argument("--victim", default=None, help="folder of a saved victim")
+    p.add_argument("--detector", default=None, help="folder of a saved, calibrated detector (not needed with --policy off)")
+    p.add_argument("--policy", default=None, choices=["off", "monitor", "reject", "misinformation", "pow"],
+                   help="what to do above the threshold (default: monitor; off = bare victim, no scoring)")
+    _db(p)
+    p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    p.add_argument("--output", default=None, choices=["probabilities", "labels"], help="what clients get (default probabilities)")
+    p.add_argument("--threshold", type=float, default=None, help="override the detector's calibrated threshold")
+    p.add_argument("--max-batch", type=int, default=None, help="most images per request (default 256)")
+    p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
+    p.add_argument("--rate", type=float, default=None, dest="rate_per_second", help="per-key images per second (default 200)")
+    p.add_argument("--burst", type=int, default=None, dest="rate_burst", help="per-key burst in images (default 2000)")
+    p.add_argument("--pow-benign-bits", type=int, default=None, help="bits paid at the benign p99 score (default 12)")
+    p.add_argument("--pow-max-bits", type=int, default=None, help="cap on proof-of-work bits (default 26)")
+    p.add_argument("--pow-ttl-s", type=float, default=None, help="seconds a proof-of-work challenge stays valid (default 120)")
+    p.add_argument("--calibration", default=None,
+                   help="benign images for the proof-of-work calibration: .npy, PNG folder or dataset:NAME[:SPLIT] "
+                        "(default: the victim's dataset, test split)")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    _verbose(p)
+
+    p = sub.add_parser("keys", help="create, list or revoke API keys of the service",
+                       description="API keys are shown once at creation and stored as SHA-256 hashes.")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = ksub.add_parser("create", help="create a key for a client and print it once")
+    k.add_argument("--name", required=True, help="the client's name (used in the audit log)")
+    _db(k)
+    _verbose(k)
+    k = ksub.add_parser("list", help="list keys (no secrets)")
+    _db(k)
+    _verbose(k)
+    k = ksub.add_parser("revoke", help="revoke a key (--key-id) or every key of a client (--name)")
+    group = k.add_mutually_exclusive_group(required=True)
+    group.add_argument("--name", help="revoke every key of this client")
+    group.add_argument("--key-id", help="revoke this key (16 hex characters from 'keys list')")
+    _db(k)
+    _verbose(k)
+    _verbose(p)
+
+    p = sub.add_parser("audit", help="summarise the service's audit log per client",
+                       description="Per client: queries, requests, flagged queries, mean and max score, actions "
+                                   "taken and proof-of-work asked, as a Markdown table (or JSON).")
+    _db(p)
+    p.add_argument("--since-hours", type=float, default=None, help="only the last H hours")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _verbose(p)
+
+    p = sub.add_parser("bench-service", help="measure the service's throughput and the actions against attacks",
+                       description="Part 1: requests/s and p50/p99 latency of the HTTP service on 127.0.0.1 "
+                                   "(uvicorn, bounded requests) with and without the guard, at batch sizes 1 and 64. "
+                                   "Part 2: Knockoff and JBDA substitute accuracy through the in-process guard with "
+                                   "the reject and misinformation actions at a calibrated benign FPR, next to the "
+                                   "accuracy benign users still get. Prints Markdown tables.")
+    p.add_argument("--victim", default=None, help="folder of a saved victim (default: train a small one in --workdir)")
+    p.add_argument("--detector", default=None, help="folder of a saved SAME detector for it (default: fit one)")
+    p.add_argument("--workdir", default="runs/service-bench", help="cache for trained artifacts and the audit DB")
+    p.add_argument("--requests", type=int, default=200, help="requests per setting at batch sizes up to 8 (default 200)")
+    p.add_argument("--requests-large", type=int, default=30, help="requests per setting at larger batch sizes (default 30)")
+    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    p.add_argument("--settings", default="off,monitor", help="service policies to time (default off,monitor)")
+    p.add_argument("--attacks", default="knockoff,jbda", help="attacks to run in-process ('' to skip)")
+    p.add_argument("--budget", type=int, default=1000, help="queries per attack (default 1000)")
+    p.add_argument("--knockoff-proxy", default="digits,fashion-mnist",
+                   help="comma-separated datasets Knockoff draws its queries from, one run each (default "
+                        "digits,fashion-mnist; digits: another distribution; fashion-mnist: in-distribution)")
+    p.add_argument("--attack-epochs", type=int, default=10, help="substitute training epochs (default 10)")
+    p.add_argument("--benign", type=int, default=1000, help="benign test queries for the benign accuracy (default 1000)")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="benign FPR of the threshold (default 0.01)")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+    _verbose(p)
+    return dict(SERVICE_COMMANDS)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """``sameguard serve``: load the models, open the database, listen (until interrupted)."""
+    _require(*_SERVE_MODULES)
+    from sqlalchemy import func, select
+
+    from .app import create_app
+    from .db import api_keys, redact_url
+    from .server import run_server
+    from .settings import ServiceSettings
+
+    settings = ServiceSettings.from_env(
+        victim=args.victim, detector=args.detector, policy=args.policy, db_url=args.db, host=args.host, port=args.port,
+        output=args.output, threshold=args.threshold, max_batch=args.max_batch,
+        max_request_bytes=args.max_request_bytes, rate_per_second=args.rate_per_second, rate_burst=args.rate_burst,
+        pow_benign_bits=args.pow_benign_bits, pow_max_bits=args.pow_max_bits, pow_ttl_s=args.pow_ttl_s,
+        calibration=args.calibration, device=args.device, torch_threads=args.torch_threads)
+    app = create_app(settings)
+    state = app.state.sameguard
+    with state.keys.engine.connect() as conn:
+        n_keys = conn.execute(select(func.count()).select_from(api_keys).where(api_keys.c.revoked_at.is_(None))).scalar_one()
+    if n_keys == 0:
+        logger.warning("No active API key in the database: create one with 'sameguard keys create --name NAME "
+                       "--db %s'", redact_url(settings.db_url))
+    _out(f"sameguard serving {settings.victim} with policy {settings.policy} (threshold {state.guard.threshold}) on "
+         f"http://{settings.host}:{settings.port}  (OpenAPI: /docs, /openapi.json; metrics: /metrics)")
+    run_server(app, settings.host, settings.port, log_level=args.log_level)
+    return 0
+
+
+def keys_main(args: argparse.Namespace) -> int:
+    """``sameguard keys create|list|revoke``."""
+    _require("sqlalchemy")
+    from .db import init_db, make_engine
+    from .keys import KeyStore
+
+    engine = make_engine(_db_url(args))
+    init_db(engine)
+    store = KeyStore(engine, cache_s=0)
+    try:
+        if args.keys_command == "create":
+            record, token = store.create(args.name)
+            _out(f"API key for client {record.name!r} (key id {record.key_id}); it is shown only this once, store it "
+                 "safely:")
+            _out(token)
+        elif args.keys_command == "list":
+            _out("| key id | client | created (UTC) | status |")
+            _out("|---|---|---|---|")
+            import time
+
+            for k in store.list():
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k.created_at))
+                _out(f"| {k.key_id} | {k.name} | {created} | {'active' if k.active else 'revoked'} |")
+        else:
+            n = store.revoke(name=args.name, key_id=args.key_id)
+            if n == 0:
+                raise ValueError("No active key matched: check --name or --key-id with 'sameguard keys list'.")
+            _out(f"revoked {n} key(s)")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def audit_main(args: argparse.Namespace) -> int:
+    """``sameguard audit``: the per-client summary of the audit log."""
+    _require("sqlalchemy")
+    import time
+
+    from .audit import format_summary, summarize
+    from .db import init_db, make_engine
+
+    engine = make_engine(_db_url(args))
+    try:
+        init_db(engine)
+        since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
+        summaries = summarize(engine, since=since)
+    finally:
+        engine.dispose()
+    if args.json:
+        _out(json.dumps([s.__dict__ | {"flagged_rate": s.flagged_rate} for s in summaries], indent=2))
+    else:
+        _out(format_summary(summaries))
+    return 0
+
+
+def bench_service_main(args: argparse.Namespace) -> int:
+    """``sameguard bench-service``: see :func:`sameguard.bench.service_bench.run_service_bench`."""
+    _require(*_SERVE_MODULES)
+    from pathlib import Path
+
+    from ..bench.service_bench import run_service_bench
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+    result = run_service_bench(
+        victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,
+        requests_large=args.requests_large, batch_sizes=ints(args.batch_sizes), concurrency=args.concurrency,
+        settings=names(args.settings), attacks=names(args.attacks), budget=args.budget,
+        attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=names(args.knockoff_proxy),
+        target_fpr=args.target_fpr, seed=args.seed,
+        progress=args.progress)
+    _out(result.markdown())
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        _out(f"\nwrote {args.out}")
+    return 0
+
+
+SERVICE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": serve_main,
+    "keys": keys_main,
+    "audit": audit_main,
+    "bench-service": bench_service_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - a stand-alone runner until cli.py has them
+    """Run the service commands without the main CLI: ``python -m sameguard.service.commands serve ...``."""
+    parser = argparse.ArgumentParser(prog="sameguard")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = add_service_commands(sub)
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return commands[args.command](args)
+    except (SameguardError, ValueError, FileNotFoundError) as exc:
+        print(f"sameguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Running the app with uvicorn: in the foreground (``sameguard serve``) or in a thread (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServerThread", "run_server"]
+
+
+class ServerThread:
+    """Serve an ASGI app with uvicorn in a background thread on ``host`` (default ``127.0.0.1``).
+
+    The socket is bound before the thread starts (``port=0`` picks a free port), so :attr:`url` is
+    known at once; :meth:`start` waits until uvicorn accepts connections. Use as a context
+    manager::
+
+        with ServerThread(app) as server:
+            httpx.get(server.url + "/healthz")
+
+    Args:
+        app: the ASGI app.
+        host: interface to bind; loopback by default.
+        port: TCP port, ``0`` for a free one.
+        log_level: uvicorn's log level (default ``"warning"``).
+        startup_timeout: seconds to wait for the server to start.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
+                 startup_timeout: float = 30.0) -> None:
+        self.app = app
+        self.host = host
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.port = int(self._sock.getsockname()[1])
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.startup_timeout = float(startup_timeout)
+        self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self._sock])
+        except BaseException as exc:
+            self._error = exc
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"The server thread stopped during startup: {self._error!r}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"The server did not start within {self.startup_timeout:.0f} s.")
+            time.sleep(0.02)
+        logger.info("Serving on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+        try:
+            self._sock.close()
+        except OSError:  # pragma: no cover
+            pass
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` in the foreground until interrupted (one worker process: the guard's state,
+    rate limits and proof-of-work challenges live in it)."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
