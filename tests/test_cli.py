@@ -114,3 +114,26 @@ def test_demo_runs_end_to_end_on_tiny_settings(tmp_path, fmnist_small):
                       "--train-samples", "1500", "--queries", "200", "--no-progress")
     strip = lambda text: [line for line in text.splitlines() if "fitted in" not in line and "ms per query" not in line]
     assert strip(again) == strip(out)
+
+
+def test_attack_behind_detector_saves_scores(trained, tmp_path):
+    code, out = run("attack", "jbda", "--victim", str(trained / "victim"), "--detector", str(trained / "det"),
+                    "--budget", "60", "--epochs", "1", "--scores-out", str(tmp_path / "q.csv"), "--no-progress")
+    assert code == 0
+    assert "60/60 queries" in out and "fidelity" in out and "above the threshold" in out
+    rows = list(csv.DictReader(open(tmp_path / "q.csv")))
+    assert len(rows) == 60 and all(float(r["score"]) >= 0 for r in rows)
+
+
+def test_attack_needing_probabilities_refuses_labels(trained, capsys):
+    code, _ = run("attack", "dfme", "--victim", str(trained / "victim"), "--budget", "50", "--output", "labels",
+                  "--no-progress")
+    assert code == 2
+    assert "probabilit" in capsys.readouterr().err
+
+
+def test_bench_attacks_prints_table(trained):
+    code, out = run("bench-attacks", "--victim", str(trained / "victim"), "--attacks", "knockoff,jbda",
+                    "--budgets", "40", "--no-progress")
+    assert code == 0
+    assert "| knockoff |" in out and "| jbda |" in out

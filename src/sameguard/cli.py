@@ -35,6 +35,108 @@ def _common(p: argparse.ArgumentParser, *, data: bool = False, seed: bool = True
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 
 
+def add_attack_commands(sub) -> None:
+    p = sub.add_parser("attack", help="run one extraction attack against a saved victim and measure its substitute",
+                       description="Run a model-extraction attack (knockoff, knockoff-adaptive, jbda, jbda-tr, dfme) "
+                                   "against a saved victim served as a bare prediction API, with exactly --budget "
+                                   "queries, and print the substitute's test accuracy and fidelity.")
+    p.add_argument("name", help="knockoff, knockoff-adaptive, jbda, jbda-tr or dfme")
+    p.add_argument("--victim", required=True, help="folder of a saved victim")
+    p.add_argument("--budget", type=int, default=4000, help="queries to spend (default: 4000)")
+    p.add_argument("--output", choices=["probabilities", "labels"], default="probabilities",
+                   help="what the API answers (default: probabilities)")
+    p.add_argument("--proxy", default="digits", help="Knockoff's image pool, a dataset name (default: digits)")
+    p.add_argument("--seed-fraction", type=float, default=0.1,
+                   help="JBDA's seeds come from this held-out fraction of the victim's train split (default: 0.1)")
+    p.add_argument("--epochs", type=int, default=None, help="substitute epochs (default: the paper's)")
+    p.add_argument("--save", default=None, help="save the substitute as a victim-format folder")
+    p.add_argument("--detector", default=None,
+                   help="folder of a SAME detector fitted for this victim: serve the victim behind it and score "
+                        "every attack query")
+    p.add_argument("--scores-out", default=None, help="with --detector: write each query's score to this CSV")
+    _common(p, data=True)
+
+    p = sub.add_parser("bench-attacks", help="substitute quality of each attack at each budget (Markdown table)",
+                       description="Run each attack at each budget against a saved victim and print a table of "
+                                   "queries used, substitute accuracy, fidelity and victim accuracy.")
+    p.add_argument("--victim", required=True, help="folder of a saved victim")
+    p.add_argument("--attacks", default="knockoff,jbda,jbda-tr,dfme", help="comma-separated attack names")
+    p.add_argument("--budgets", default="1000,4000", help="comma-separated query budgets (default: 1000,4000)")
+    p.add_argument("--output", choices=["probabilities", "labels"], default="probabilities")
+    p.add_argument("--proxy", default="digits", help="Knockoff's image pool (default: digits)")
+    p.add_argument("--seed-fraction", type=float, default=0.1, help="held-out fraction for JBDA's seeds")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    _common(p, data=True)
+
+
+def _attack_data(args: argparse.Namespace):
+    from .data import load_dataset
+    from .victim import Victim
+
+    victim = Victim.load(args.victim, device=args.device)
+    test = load_dataset(victim.dataset, "test", data_dir=args.data_dir, download=args.download)
+    train = load_dataset(victim.dataset, "train", data_dir=args.data_dir, download=args.download)
+    _, seeds = train.split_off(args.seed_fraction, seed=args.seed)
+    proxy = load_dataset(args.proxy, "train", data_dir=args.data_dir, download=args.download)
+    return victim, test, proxy, seeds
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .attacks import attack_data_role, build_attack
+    from .oracle import GuardedAPI, VictimAPI
+
+    if args.scores_out and not args.detector:
+        raise ValueError("--scores-out needs --detector: scores come from the detector the victim is served behind.")
+    victim, test, proxy, seeds = _attack_data(args)
+    role = attack_data_role(args.name)
+    data = (proxy,) if role == "proxy" else (seeds,) if role == "seeds" else ()
+    extra = {} if args.epochs is None else {"epochs": args.epochs}
+    attack = build_attack(args.name, *data, seed=args.seed, device=args.device, progress=args.progress, **extra)
+    if args.detector:
+        from .detectors import SAMEDetector
+
+        detector = SAMEDetector.load(args.detector, victim, device=args.device)
+        api = GuardedAPI(victim, detector, output=args.output)
+    else:
+        api = VictimAPI(victim, output=args.output)
+    result = attack.run(api, args.budget, victim=victim, test_data=test)
+    if args.save:
+        from .victim import Victim
+
+        Victim(result.substitute, arch=victim.arch if attack.substitute_arch is None else attack.substitute_arch,
+           dataset=victim.dataset, image_shape=victim.image_shape, classes=victim.classes,
+           test_accuracy=result.test_accuracy, device=args.device).save(args.save)
+    _out(result.summary())
+    if args.detector:
+        scores = api.scores(result.client)
+        flagged = "" if detector.threshold_ is None else \
+            f", {float((scores > detector.threshold_).float().mean()):.2%} above the threshold"
+        _out(f"detector scores of the {len(scores)} attack queries: mean {float(scores.mean()):.5g}{flagged}")
+        if args.scores_out:
+            with open(args.scores_out, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["query", "score"])
+                writer.writerows((i, f"{float(v):.8g}") for i, v in enumerate(scores))
+            _out(f"wrote {args.scores_out}")
+    return 0
+
+
+def cmd_bench_attacks(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench.substitutes import format_table, run_substitute_benchmark
+    victim, test, proxy, seeds = _attack_data(args)
+    start = time.perf_counter()
+    rows = run_substitute_benchmark(victim, test, [a for a in args.attacks.split(",") if a],
+                                    [int(b) for b in args.budgets.split(",") if b], seed=args.seed, proxy=proxy,
+                                    seeds_data=seeds, output=args.output, device=args.device, progress=args.progress)
+    _out(format_table(rows))
+    _out(f"({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sameguard",
@@ -109,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the victim and SAME on at most this many training images (default: all 60000)")
     p.add_argument("--fresh", action="store_true", help="retrain even if cached artifacts exist")
     _common(p, data=True)
+    add_attack_commands(sub)
+
     p = sub.add_parser("bench", help="run the detection benchmark (attacks x detectors x seeds) and write a report",
                        description="Run a benchmark profile (quick, standard, paper) or a TOML config: trains or "
                                    "reuses victims, detectors and attack query sets, scores B attack queries against "
@@ -251,7 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train-victim": cmd_train_victim, "fit": cmd_fit, "calibrate": cmd_calibrate, "score": cmd_score,
-            "demo": cmd_demo, "bench": cmd_bench}
+            "demo": cmd_demo, "bench": cmd_bench, "attack": cmd_attack, "bench-attacks": cmd_bench_attacks}
 
 
 def main(argv: list[str] | None = None) -> int:

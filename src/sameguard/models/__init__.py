@@ -6,6 +6,7 @@ from torch import nn
 
 from .autoencoder import ConvAEConfig, ConvAutoencoder
 from .classifiers import Conv3, LeNet5, ResNet18
+from .generator import GeneratorA
 from .mae import MAE_PRESETS, MAEConfig, MaskedAutoencoder
 from .vae import ConvVAE, vae_loss
 
@@ -16,6 +17,7 @@ __all__ = [
     "ConvVAE",
     "vae_loss",
     "Conv3",
+    "GeneratorA",
     "LeNet5",
     "ResNet18",
     "MAEConfig",
