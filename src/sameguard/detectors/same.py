@@ -37,6 +37,7 @@ from ..artifacts import load_artifact, save_artifact
 from ..models import MAEConfig, MaskedAutoencoder, build_classifier, mae_config
 from ..training import predict_in_batches, resolve_device, show_progress, train_classifier
 from ..validation import check_images
+from ._common import check_victim_sha
 
 if TYPE_CHECKING:
     from typing import Self
@@ -415,13 +416,7 @@ class SAMEDetector(Detector):
         mae_cfg = MAEConfig(**cfg["mae_config"])
         params["mae"] = params["mae"] if isinstance(params["mae"], str) else mae_cfg
         detector = cls(**params, device=device)
-        victim_sha = getattr(victim, "weights_sha256", None)
-        if check_victim and cfg.get("victim_weights_sha256") and victim_sha and victim_sha != cfg["victim_weights_sha256"]:
-            raise ArtifactError(
-                f"The detector in {directory} was fitted for a victim with weights SHA-256 "
-                f"{cfg['victim_weights_sha256']}, but the given victim's is {victim_sha}; refit the "
-                "detector for this victim (or pass check_victim=False if you know what you are doing)."
-            )
+        check_victim_sha(directory, victim, cfg.get("victim_weights_sha256"), check_victim)
         device = resolve_device(device)
         mae = MaskedAutoencoder(mae_cfg)
         c, h, _ = cfg["image_shape"]
