@@ -1,5 +1,6 @@
 # The two set-up commands of the README:
-#   make demo   creates .venv, installs PyTorch's CPU build and sameguard, runs the Fashion-MNIST demo
+#   make demo   creates .venv, installs PyTorch's CPU build and sameguard, runs the quick benchmark
+#               (Fashion-MNIST victim, every attack against SAME and every baseline)
 #   make test   the same set-up, then the test suite
 # Fashion-MNIST comes from Debian's package (sudo apt-get install dataset-fashion-mnist), from a
 # folder named by SAMEGUARD_DATA_DIR, or from a verified download allowed by SAMEGUARD_DOWNLOAD=1.
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sameguard demo $(ARGS)
+	$(BIN)/sameguard bench --config quick $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

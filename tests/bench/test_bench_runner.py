@@ -36,6 +36,7 @@ def test_every_output_file_is_written(tiny_run):
     assert sum(p.startswith("hist-") for p in pngs) == len(config.attacks)
     report = (out / "report.md").read_text()
     assert "## Victim: digits" in report and "| SAME |" in report and "nothing (black box)" in report
+    assert "### prada: queries until the per-client alarm" in report
 
 
 def test_protocol_and_metrics(tiny_run):
@@ -51,6 +52,8 @@ def test_protocol_and_metrics(tiny_run):
     assert same["dfme"]["auroc"] > 0.9
     # The victim is a real classifier, and the alpha=1 row shares the SAME fit.
     assert records[0]["victim_accuracy"] > 0.5
+    prada = [r for r in records if r["detector"] == "prada"]
+    assert all("alarm_after_attack" in r and "alarm_after_benign" in r for r in prada)
     s1 = {r["attack"]: r for r in records if r["detector"] == "SAME s1"}
     assert s1["dfme"]["fit_seconds"] == same["dfme"]["fit_seconds"]
 

@@ -27,6 +27,7 @@ __all__ = ["write_results", "markdown_report", "aggregate", "plot_roc", "plot_hi
 CSV_FIELDS = (
     "dataset", "victim_accuracy", "attack", "budget", "seed", "queries_used", "substitute_accuracy", "fidelity",
     "scored_queries", "detector", "needs", "auroc", "aupr", "fpr95", "tpr_at_1fpr", "fit_seconds", "score_ms_per_query",
+    "alarm_after_attack", "alarm_after_benign",
 )
 
 
@@ -95,6 +96,14 @@ def markdown_report(records: Sequence[Mapping[str, Any]], title: str = "sameguar
                 needs = rs[0].get("needs", "")
                 cells.append(" / ".join(_fmt([r[m] for r in rs]) for m in ("auroc", "aupr", "fpr95")))
             lines.append(f"| {det} | {needs or '–'} | " + " | ".join(cells) + " |")
+        alarm_dets = [d for d in detectors if any("alarm_after_attack" in r for r in recs if r["detector"] == d)]
+        for det in alarm_dets:
+            lines += ["", f"### {det}: queries until the per-client alarm (– = no alarm within the B scored queries)", "",
+                      "| attack | attack stream, per seed | benign stream, per seed |", "|---|---|---|"]
+            for attack in attacks:
+                rs = [r for r in recs if r["detector"] == det and r["attack"] == attack]
+                show = lambda key: ", ".join("–" if r.get(key) is None else str(r[key]) for r in rs)  # noqa: E731
+                lines.append(f"| {attack} | {show('alarm_after_attack')} | {show('alarm_after_benign')} |")
         lines += ["", "### Cost", "", "| detector | fit time (s) | scoring (ms / query) |", "|---|---|---|"]
         for det in detectors:
             rs = [r for r in recs if r["detector"] == det]

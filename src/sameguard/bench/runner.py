@@ -191,6 +191,10 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
                     attack_scores, ms = _timed_scores(detector, attack["queries_tensor"])
                     m = detection_metrics(benign_scores, attack_scores)
                     curves[label] = (benign_scores, attack_scores)
+                    alarm = {}
+                    if hasattr(detector, "queries_until_alarm"):  # per-client alarms (PRADA)
+                        alarm = {"alarm_after_attack": detector.queries_until_alarm(attack["queries_tensor"]),
+                                 "alarm_after_benign": detector.queries_until_alarm(benign_x)}
                     records.append({
                         "dataset": dataset, "victim_accuracy": victim.test_accuracy, "attack": aspec.label,
                         "budget": aspec.budget, "seed": seed, "queries_used": attack["queries_used"],
@@ -198,7 +202,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
                         "scored_queries": B, "detector": label,
                         "needs": ", ".join(sorted(getattr(detector, "NEEDS", ()))) or "nothing (black box)",
                         "auroc": m.auroc, "aupr": m.aupr, "fpr95": m.fpr95, "tpr_at_1fpr": m.tpr_at_1fpr,
-                        "fit_seconds": fit_seconds, "score_ms_per_query": ms,
+                        "fit_seconds": fit_seconds, "score_ms_per_query": ms, **alarm,
                     })
                 if seed == config.seeds[0]:
                     stem = f"{dataset}-{aspec.label}".replace(" ", "_").replace("/", "_")
