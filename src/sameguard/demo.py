@@ -28,7 +28,7 @@ from .victim import Victim, train_victim
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_key", "cached_victim", "cached_detector", "run_demo"]
+__all__ = ["cache_key", "cached_victim", "cached_detector", "preset_architecture", "run_demo"]
 
 DEMO_DATASET = "fashion-mnist"
 HOLDOUT_FRACTION = 0.1
@@ -40,10 +40,17 @@ def cache_key(**params: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def preset_architecture(params: dict[str, Any]) -> Any:
+    """The architecture a preset name in ``params["mae"]`` stands for (so a changed preset is a new key)."""
+    mae = params.get("mae")
+    return MAE_PRESETS.get(mae) if isinstance(mae, str) else mae
+
+
 def cached_victim(workdir: Path, train: ImageDataset, test: ImageDataset, *, arch: str, epochs: int, seed: int,
-                  device: str, progress: bool | None, fresh: bool = False) -> Victim:
+                  device: str, progress: bool | None, fresh: bool = False, lr: float = 0.1) -> Victim:
     """Load the victim cached for these settings, or train and cache it."""
-    key = cache_key(kind="victim", dataset=train.name, n=len(train), arch=arch, epochs=epochs, seed=seed)
+    key = cache_key(kind="victim", dataset=train.name, n=len(train), arch=arch, epochs=epochs, seed=seed,
+                    **({} if lr == 0.1 else {"lr": lr}))
     path = workdir / f"victim-{train.name}-{arch}-{key}"
     if path.is_dir() and not fresh:
         try:
@@ -52,7 +59,7 @@ def cached_victim(workdir: Path, train: ImageDataset, test: ImageDataset, *, arc
             return victim
         except ArtifactError as exc:
             logger.warning("Ignoring the cached victim in %s: %s", path, exc)
-    victim = train_victim(train, test, arch=arch, epochs=epochs, seed=seed, device=device, progress=progress)
+    victim = train_victim(train, test, arch=arch, epochs=epochs, lr=lr, seed=seed, device=device, progress=progress)
     victim.save(path)
     return victim
 
@@ -63,9 +70,8 @@ def cached_detector(workdir: Path, victim: Victim, fit_data: ImageDataset, calib
     """Load the SAME detector cached for this victim and these settings, or fit, calibrate and cache it."""
     detector = SAMEDetector.from_preset(preset, seed=seed, device=device, progress=progress, **overrides)
     params = detector.get_params()
-    mae_arch = MAE_PRESETS.get(params["mae"]) if isinstance(params["mae"], str) else params["mae"]
-    key = cache_key(kind="same", victim=victim.weights_sha256, n=len(fit_data), params=params, mae_arch=mae_arch,
-                    target_fpr=target_fpr)
+    key = cache_key(kind="same", victim=victim.weights_sha256, n=len(fit_data), params=params,
+                    mae_arch=preset_architecture(params), target_fpr=target_fpr)
     path = workdir / f"same-{preset}-{key}"
     if path.is_dir() and not fresh:
         try:

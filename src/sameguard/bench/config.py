@@ -107,7 +107,7 @@ class BenchConfig:
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
     """Validate a config table (as read from TOML) into a :class:`BenchConfig`."""
-    from ..attacks import ATTACKS
+    from ..attacks import ATTACKS, attack_data_role
     from ..data import available_datasets
     from ..detectors import DETECTORS
 
@@ -143,8 +143,13 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
         for key in ("proxy", "seed_data"):
             if at.get(key) is not None and at[key] != ATTACKER_HALF and at[key] not in known:
                 raise ValueError(f"{w}: {key} {at[key]!r} is neither a dataset nor {ATTACKER_HALF!r}.")
+        output = at.get("output", "probabilities")
+        if output not in ("probabilities", "labels"):
+            raise ValueError(f"{w}: output must be 'probabilities' or 'labels', got {output!r}.")
+        if attack_data_role(aname) == "proxy" and at.get("proxy") is None:
+            raise ValueError(f"{w}: the {aname} attack needs a proxy image pool: set proxy = \"<dataset>\".")
         attacks.append(AttackSpec(name=aname, budget=budget, label=at.get("label", aname), proxy=at.get("proxy"),
-                                  seed_data=at.get("seed_data"), output=at.get("output", "probabilities"),
+                                  seed_data=at.get("seed_data"), output=output,
                                   params=dict(at.get("params", {}))))
     detectors = []
     for i, dt in enumerate(_require(raw, "detectors", list, where)):
@@ -157,9 +162,13 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
             raise ValueError(f"{w}: outlier_data {dt['outlier_data']!r} is not a dataset.")
         detectors.append(DetectorSpec(name=dname, label=dt.get("label", dname), preset=dt.get("preset"),
                                       outlier_data=dt.get("outlier_data"), params=dict(dt.get("params", {}))))
-    labels = [d.label for d in detectors]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"{where}: detector labels must be unique, got {labels}.")
+    for what, items in (("attack", attacks), ("detector", detectors)):
+        labels = [item.label for item in items]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"{where}: {what} labels must be unique (set label = ...), got {labels}.")
+    victim_cfg = vt
+    if not isinstance(victim.arch, str) or not isinstance(victim.epochs, int) or victim.epochs < 1:
+        raise ValueError(f"{where} [victim]: arch must be a name and epochs a positive integer, got {victim_cfg!r}.")
     return BenchConfig(name=name, datasets=datasets, seeds=seeds, scored_queries=scored, victim=victim,
                        attacks=tuple(attacks), detectors=tuple(detectors), source=source)
 

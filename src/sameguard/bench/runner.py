@@ -8,8 +8,11 @@ For each victim dataset and seed:
 2. Each attack runs against the bare victim through a :class:`~sameguard.oracle.VictimAPI` that
    records its queries; its substitute accuracy and fidelity are measured on the test split.
 3. The scored set is the attack's **last** ``B = scored_queries`` queries, a contiguous stream
-   (for attacks that send exactly ``B`` queries, all of them; for DFME, the queries of its most
-   trained generator). ``B`` normal-user queries are drawn from the test split.
+   (for attacks that send exactly ``B`` queries, all of them). For DFME that is the end of its
+   run: images of its most trained generator together with their zeroth-order perturbed copies,
+   exactly as they reached the API. ``B`` normal-user queries are drawn from the test split.
+   Outlier data for detectors that need it comes from the named dataset's *test* split, attack
+   pools from *train* splits, so no detector trains on the images an attack sends.
 4. Every detector scores both sets (stateful detectors see each as one client's stream);
    AUROC, AUPR, FPR at 95 % TPR and TPR at 1 % FPR follow, attack = positive.
 
@@ -32,9 +35,9 @@ import safetensors.torch
 import torch
 
 from ..api import ArtifactError
-from ..attacks import ATTACKS, NormalUser
+from ..attacks import NormalUser, attack_data_role, build_attack
 from ..data import ImageDataset, load_dataset
-from ..demo import cache_key, cached_victim
+from ..demo import cache_key, cached_victim, preset_architecture
 from ..detectors import DETECTORS
 from ..oracle import VictimAPI
 from ..victim import Victim
@@ -46,8 +49,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["run_benchmark"]
 
-#: Hyper-parameters used only at scoring time: detectors differing only in these share a fit.
-SCORING_ONLY_PARAMS = ("alpha", "batch_size")
+#: Outlier data comes from the *test* split of the named dataset, attack pools from *train* splits,
+#: so a detector never trains on the very images an attack sends.
+OUTLIER_SPLIT = "test"
+
+#: Where a detector class declares ``SCORING_ONLY_PARAMS`` (hyper-parameters used only at scoring
+#: time, e.g. SAME's alpha), detectors differing only in those share one fit.
 
 
 def _dataset(name: str, split: str, halves: dict[str, ImageDataset], data_dir: str | None) -> ImageDataset:
@@ -74,9 +81,10 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
     detector = _build_detector(spec, seed, device, progress)
     params = dict(detector.get_params() if hasattr(detector, "get_params") else spec.params)
     # Parameters that only change scoring (SAME's alpha) share one fitted detector.
-    scoring_only = {k: params.pop(k) for k in SCORING_ONLY_PARAMS if k in params}
+    scoring_only = {k: params.pop(k) for k in getattr(detector, "SCORING_ONLY_PARAMS", ()) if k in params}
     key = cache_key(kind=spec.name, victim=victim.weights_sha256, n=len(fit_data), params=params,
-                    preset=spec.preset, outlier=spec.outlier_data, seed=seed)
+                    architecture=preset_architecture(params), preset=spec.preset,
+                    outlier=(spec.outlier_data, OUTLIER_SPLIT), seed=seed)
     path = cache / f"detector-{spec.name}-{key}"
     can_cache = hasattr(detector, "save") and hasattr(type(detector), "load")
     if can_cache and path.is_dir():
@@ -96,7 +104,7 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
     if "outlier_data" in fit_params:
         if spec.outlier_data is None:
             raise ValueError(f"The detector {spec.label!r} needs outlier data: set outlier_data in its config entry.")
-        args["outlier_data"] = load_dataset(spec.outlier_data, "train", data_dir=data_dir)
+        args["outlier_data"] = load_dataset(spec.outlier_data, OUTLIER_SPLIT, data_dir=data_dir)
     start = time.perf_counter()
     detector.fit(victim, **args)
     fit_seconds = time.perf_counter() - start
@@ -107,7 +115,8 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
 
 
 def _attack_queries(spec: AttackSpec, victim: Victim, test: ImageDataset, halves: dict[str, ImageDataset], *,
-                    scored: int, seed: int, cache: Path, data_dir: str | None) -> dict[str, Any]:
+                    scored: int, seed: int, cache: Path, data_dir: str | None, device: str,
+                    progress: bool | None) -> dict[str, Any]:
     """Run one attack (or load its cached result): the last ``scored`` queries and its quality."""
     key = cache_key(kind="attack", victim=victim.weights_sha256, name=spec.name, budget=spec.budget,
                     proxy=spec.proxy, seed_data=spec.seed_data, output=spec.output, params=spec.params,
@@ -120,13 +129,16 @@ def _attack_queries(spec: AttackSpec, victim: Victim, test: ImageDataset, halves
         return result
     kwargs = dict(spec.params)
     kwargs.setdefault("seed", seed)
-    factory = ATTACKS[spec.name]
-    if spec.name.startswith("knockoff"):
-        attack = factory(_dataset(spec.proxy or "digits", "train", halves, data_dir), **kwargs)
-    elif spec.name.startswith("jbda"):
-        attack = factory(_dataset(spec.seed_data or ATTACKER_HALF, "train", halves, data_dir), **kwargs)
+    kwargs.setdefault("device", device)
+    kwargs.setdefault("progress", progress)
+    role = attack_data_role(spec.name)
+    if role == "proxy":
+        data = (_dataset(spec.proxy, "train", halves, data_dir),)
+    elif role == "seeds":
+        data = (_dataset(spec.seed_data or ATTACKER_HALF, "train", halves, data_dir),)
     else:
-        attack = factory(**kwargs)
+        data = ()
+    attack = build_attack(spec.name, *data, **kwargs)
     api = VictimAPI(victim, output=spec.output, record_inputs=True)
     logger.info("Running %s with a budget of %d queries", spec.label, spec.budget)
     res = attack.run(api, spec.budget, victim=victim, test_data=test)
@@ -166,7 +178,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
             halves = {"attacker": attacker}
             fit_data, _held_out = defender.split_off(0.1, seed=seed)
             victim = cached_victim(cache, defender, test, arch=config.victim.arch, epochs=config.victim.epochs,
-                                   seed=seed, device=device, progress=progress)
+                                   lr=config.victim.lr, seed=seed, device=device, progress=progress)
             echo(f"[{dataset} seed {seed}] victim {config.victim.arch}: test accuracy {victim.test_accuracy:.4f}")
             benign = NormalUser(test, seed=seed + 10_000, progress=False)
             benign_api = VictimAPI(victim, record_inputs=True)
@@ -183,7 +195,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
 
             for aspec in config.attacks:
                 attack = _attack_queries(aspec, victim, test, halves, scored=B, seed=seed, cache=cache,
-                                         data_dir=data_dir)
+                                         data_dir=data_dir, device=device, progress=progress)
                 echo(f"[{dataset} seed {seed}] {aspec.label}: {attack['queries_used']} queries, substitute accuracy "
                      f"{attack['substitute_accuracy']:.4f}, fidelity {attack['fidelity']:.4f}")
                 curves = {}

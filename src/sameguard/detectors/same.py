@@ -156,6 +156,8 @@ class SAMEDetector(Detector):
 
     #: What SAME needs beyond black-box probabilities: the provider's own training data.
     NEEDS: frozenset[str] = frozenset({"defender-data"})
+    #: Hyper-parameters used only when scoring: changing them needs no refit.
+    SCORING_ONLY_PARAMS: tuple[str, ...] = ("alpha", "batch_size")
 
     def __init__(
         self,

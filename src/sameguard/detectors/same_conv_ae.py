@@ -92,6 +92,8 @@ class ConvAESAMEDetector(ParamsMixin, Detector):
     """
 
     NEEDS: frozenset[str] = frozenset({"defender-data"})
+    #: Hyper-parameters used only when scoring: changing them needs no refit.
+    SCORING_ONLY_PARAMS: tuple[str, ...] = ("alpha", "batch_size")
 
     def __init__(self, *, alpha: float = 0.99, latent_dim: int = 64, width: int = 32, ae_epochs: int = 500,
                  ae_lr: float = 1e-3, ae_batch_size: int = 128, aux_arch: str | None = None, aux_epochs: int = 80,
