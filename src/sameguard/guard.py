@@ -31,7 +31,6 @@ enforced by the HTTP service, which withholds the answer until the puzzle is sol
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import math
 import threading
@@ -48,7 +47,7 @@ from . import __version__
 from .actions import Action, Monitor, Policy, ProofOfWork, batch_bits
 from .api import SameguardError
 from .artifacts import state_dict_sha256
-from .oracle import BudgetExceededError
+from .oracle import BudgetExceededError, score_for_client
 from .validation import check_images
 
 logger = logging.getLogger(__name__)
@@ -264,10 +263,6 @@ class Guard:
         self.image_shape: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
         self.num_classes = int(k)
         self.arch = getattr(victim, "arch", None)
-        try:
-            self._pass_client = detector is not None and "client" in inspect.signature(detector.score).parameters
-        except (TypeError, ValueError):
-            self._pass_client = False
         self._lock = threading.Lock()
         self._used: dict[str, int] = {}
         self._stats: dict[str, ClientStats] = {}
@@ -383,11 +378,7 @@ class Guard:
 
     # -- deciding ----------------------------------------------------------------------------
     def _score(self, x: torch.Tensor, client: str) -> torch.Tensor:
-        raw = self.detector.score(x, client=client) if self._pass_client else self.detector.score(x)  # type: ignore[union-attr]
-        scores = torch.as_tensor(raw).detach().to("cpu", torch.float32).flatten()
-        if scores.numel() != x.shape[0]:
-            raise ValueError(f"The detector returned {scores.numel()} scores for {x.shape[0]} queries.")
-        return scores
+        return score_for_client(self.detector, x, client)
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.victim(x)

@@ -53,6 +53,7 @@ __all__ = [
     "GuardedAPI",
     "BoundClient",
     "fresh_client_id",
+    "score_for_client",
 ]
 
 #: What a prediction API answers: full probability vectors or top-1 labels only.
@@ -95,6 +96,30 @@ class PredictionAPI(Protocol):
     def remaining(self, client: str) -> int | None:
         """Images ``client`` may still send, or ``None`` when there is no budget."""
         ...
+
+
+def score_for_client(detector: object, x: torch.Tensor, client: str) -> torch.Tensor:
+    """``(N,)`` float32 scores of ``client``'s next queries ``x``, for stateless and stateful detectors.
+
+    A per-client detector (PRADA, VarDetect) exposes ``observe(x, client)``, which appends ``x``
+    to that client's history and scores it in context; a detector whose ``score`` takes a
+    ``client`` keyword receives it; any other detector scores the batch on its own.
+    """
+    with torch.no_grad():
+        observe = getattr(detector, "observe", None)
+        if callable(observe):
+            raw = observe(x, client)
+        else:
+            score = detector.score  # type: ignore[attr-defined]
+            try:
+                takes_client = "client" in inspect.signature(score).parameters
+            except (TypeError, ValueError):  # builtins without a signature
+                takes_client = False
+            raw = score(x, client=client) if takes_client else score(x)
+    scores = torch.as_tensor(raw).detach().to("cpu", torch.float32).flatten()
+    if scores.numel() != x.shape[0]:
+        raise ValueError(f"The detector returned {scores.numel()} scores for {x.shape[0]} queries.")
+    return scores
 
 
 class BudgetExceededError(SameguardError, RuntimeError):
@@ -290,12 +315,12 @@ class VictimAPI:
 class GuardedAPI(VictimAPI):
     """The victim behind a detector that scores every query and records the scores per client.
 
-    Each accepted batch is scored with ``detector.score(x)`` (``(N,)``, larger = more suspicious)
+    Each accepted batch is scored with :func:`score_for_client` (``(N,)``, larger = more suspicious)
     before it is answered; the scores are kept per client in query order, and so are the flags
     ``score > detector.threshold_`` when the detector has a threshold. Answers are not changed.
-    Batches refused for budget are neither scored nor recorded. A detector whose ``score`` takes a
-    ``client`` keyword (a stateful, per-client detector such as PRADA) receives the client id, and
-    one with a ``reset(client)`` method is told when :meth:`reset` forgets a client.
+    Batches refused for budget are neither scored nor recorded. A per-client detector (with
+    ``observe(x, client)``, such as PRADA) sees each client's queries as one stream, and one with
+    a ``reset(client)`` method is told when :meth:`reset` forgets a client.
 
     Args:
         victim: as for :class:`VictimAPI`.
@@ -321,10 +346,6 @@ class GuardedAPI(VictimAPI):
         if not callable(score):
             raise ValueError(f"detector must have a score(x) method, got {type(detector).__name__}.")
         self.detector = detector
-        try:
-            self._pass_client = "client" in inspect.signature(score).parameters
-        except (TypeError, ValueError):  # builtins without a signature
-            self._pass_client = False
         self._scores: dict[str, list[torch.Tensor]] = {}
         self._flags: dict[str, list[torch.Tensor | None]] = {}
 
@@ -332,11 +353,7 @@ class GuardedAPI(VictimAPI):
         return f"{super().__repr__()[:-1]}, detector={type(self.detector).__name__})"
 
     def _observe(self, x: torch.Tensor, probs: torch.Tensor, client: str) -> object:
-        with torch.no_grad():
-            raw = self.detector.score(x, client=client) if self._pass_client else self.detector.score(x)
-        scores = torch.as_tensor(raw).detach().to("cpu", torch.float32).flatten()
-        if scores.numel() != x.shape[0]:
-            raise ValueError(f"The detector returned {scores.numel()} scores for {x.shape[0]} queries.")
+        scores = score_for_client(self.detector, x, client)
         threshold = getattr(self.detector, "threshold_", None)
         flags = None if threshold is None else scores > float(threshold)
         return scores, flags

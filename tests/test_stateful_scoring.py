@@ -1,0 +1,53 @@
+"""Per-client detectors see each client's queries as one stream behind the APIs (GuardedAPI, Guard)."""
+
+import torch
+
+from sameguard.guard import Guard
+from sameguard.oracle import GuardedAPI, score_for_client
+
+
+class CountingDetector:
+    """Scores each query with its position in its client's stream: 1, 2, 3, ..."""
+
+    threshold_ = 100.0
+
+    def __init__(self):
+        self.seen = {}
+
+    def observe(self, x, client):
+        start = self.seen.get(client, 0)
+        self.seen[client] = start + len(x)
+        return torch.arange(start + 1, start + len(x) + 1, dtype=torch.float32)
+
+    def score(self, x):  # the stateless path, which must not be used when observe exists
+        return torch.zeros(len(x))
+
+
+def victim(x):
+    return torch.full((len(x), 3), 1 / 3)
+
+
+def test_score_for_client_prefers_observe_and_keeps_streams_apart():
+    det = CountingDetector()
+    x = torch.zeros(2, 1, 4, 4)
+    assert score_for_client(det, x, "a").tolist() == [1.0, 2.0]
+    assert score_for_client(det, x, "b").tolist() == [1.0, 2.0]
+    assert score_for_client(det, x, "a").tolist() == [3.0, 4.0]
+
+
+def test_guarded_api_streams_per_client():
+    api = GuardedAPI(victim, CountingDetector(), image_shape=(1, 4, 4), num_classes=3)
+    x = torch.zeros(2, 1, 4, 4)
+    for client in ("a", "b", "a"):
+        api.query(x, client)
+    assert api.scores("a").tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert api.scores("b").tolist() == [1.0, 2.0]
+
+
+def test_guard_streams_per_client():
+    guard = Guard(victim, CountingDetector(), "monitor", image_shape=(1, 4, 4), num_classes=3)
+    x = torch.zeros(3, 1, 4, 4)
+    guard.query(x, "a")
+    guard.query(x, "b")
+    verdict = guard.protect(x, "a")
+    assert [d.score for d in verdict.decisions] == [4.0, 5.0, 6.0]
