@@ -119,7 +119,7 @@ def test_service_live_art_attacks_run_against_the_service(make_app, victim, kit)
 
 
 def test_service_live_serve_command_in_a_subprocess(tmp_path, kit):
-    """``serve_main`` for real: keys created by the command, the server in its own process, then stopped."""
+    """``sameguard serve`` for real: keys created by the command, the server in its own process, then stopped."""
     import argparse
     import contextlib
     import io
@@ -140,7 +140,7 @@ def test_service_live_serve_command_in_a_subprocess(tmp_path, kit):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "sameguard.service.commands", "serve", "--victim", str(tmp_path / "victim"),
+    cmd = [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(tmp_path / "victim"),
            "--policy", "off", "--db", db, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
     try:

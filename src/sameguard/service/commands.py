@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -265,22 +264,3 @@ SERVICE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "audit": audit_main,
     "bench-service": bench_service_main,
 }
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - a stand-alone runner until cli.py has them
-    """Run the service commands without the main CLI: ``python -m sameguard.service.commands serve ...``."""
-    parser = argparse.ArgumentParser(prog="sameguard")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = add_service_commands(sub)
-    args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return commands[args.command](args)
-    except (SameguardError, ValueError, FileNotFoundError) as exc:
-        print(f"sameguard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
