@@ -19,15 +19,6 @@ from sameguard.oracle import VictimAPI
 from sameguard.victim import Victim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CallLog(VictimAPI):
     """A VictimAPI that remembers the size of every batch it answered."""
 

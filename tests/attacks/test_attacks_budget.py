@@ -21,15 +21,6 @@ from sameguard.oracle import BudgetExceededError, GuardedAPI, VictimAPI
 from sameguard.victim import Victim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Small settings so that each run takes well under a second.
 FAST = {
     "knockoff": {"epochs": 1, "batch_size": 32},

@@ -11,16 +11,7 @@ from sameguard.victim import train_victim
 
 
 @pytest.fixture(scope="module")
-def _single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setting(_single_thread, fmnist_small):
+def setting(fmnist_small):
     """A LeNet-5 victim trained on 1500 Fashion-MNIST images (about 60 % accuracy, a few seconds),
     600 other training images for the attacker, and 1000 test images."""
     train, test = fmnist_small

@@ -1,14 +1,12 @@
 """Fixtures for the baseline detectors: a tiny real victim, real and noise queries, fitted detectors.
 
 Everything is trained once per session, on 1000 Fashion-MNIST images (from the session's
-``fmnist_small`` fixture of ``tests/conftest.py``), single-threaded: the tiny networks are
+``fmnist_small`` fixture of ``tests/conftest.py``, which also makes torch single-threaded: the tiny networks are
 fastest that way, and two torch threads crawl when the two CPU cores are shared.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -26,22 +24,6 @@ from sameguard.detectors.vardetect import VarDetectDetector
 from sameguard.victim import Victim, train_victim
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _single_threaded() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
 def fmnist_tiny(fmnist_small):
     """(train, test): 1000 training and 300 test Fashion-MNIST images."""
@@ -53,8 +35,7 @@ def fmnist_tiny(fmnist_small):
 def baseline_victim(fmnist_tiny):
     """LeNet-5, 5 epochs on 1000 images (about 70 % test accuracy; a couple of seconds)."""
     train, test = fmnist_tiny
-    with one_thread():
-        return train_victim(train, test, arch="lenet5", epochs=5, lr=0.05, batch_size=16, seed=0, progress=False)
+    return train_victim(train, test, arch="lenet5", epochs=5, lr=0.05, batch_size=16, seed=0, progress=False)
 
 
 class PrototypeNet(nn.Module):
@@ -106,23 +87,22 @@ def outlier_set() -> torch.Tensor:
 
 
 def _fit(name: str, victim, train, outliers):
-    with one_thread():
-        if name == "msp":
-            return MSPDetector().fit(victim)
-        if name == "energy":
-            return EnergyDetector().fit(victim)
-        if name == "mahalanobis":
-            return MahalanobisDetector().fit(victim, train)
-        if name == "prada":
-            return PRADADetector(window_size=150, min_distances=50).fit(victim)
-        if name == "vardetect":
-            return VarDetectDetector(epochs=2, window_size=20, reference_size=200, seed=0,
-                                     progress=False).fit(victim, train)
-        if name == "outlier_exposure":
-            return OutlierExposureDetector(epochs=1, batch_size=64, outlier_batch_size=64, seed=0,
-                                           progress=False).fit(victim, train, outliers)
-        if name == "same_conv_ae":
-            return ConvAESAMEDetector.from_preset("tiny", seed=0, progress=False).fit(victim, train)
+    if name == "msp":
+        return MSPDetector().fit(victim)
+    if name == "energy":
+        return EnergyDetector().fit(victim)
+    if name == "mahalanobis":
+        return MahalanobisDetector().fit(victim, train)
+    if name == "prada":
+        return PRADADetector(window_size=150, min_distances=50).fit(victim)
+    if name == "vardetect":
+        return VarDetectDetector(epochs=2, window_size=20, reference_size=200, seed=0,
+                                 progress=False).fit(victim, train)
+    if name == "outlier_exposure":
+        return OutlierExposureDetector(epochs=1, batch_size=64, outlier_batch_size=64, seed=0,
+                                       progress=False).fit(victim, train, outliers)
+    if name == "same_conv_ae":
+        return ConvAESAMEDetector.from_preset("tiny", seed=0, progress=False).fit(victim, train)
     raise KeyError(name)
 
 

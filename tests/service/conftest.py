@@ -18,16 +18,6 @@ from sameguard.models import build_classifier
 from sameguard.victim import Victim
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class FakeDetector:
     """``score(x) = mean pixel value`` per image (in ``[-1, 1]``), threshold 0: bright = suspicious."""
 
