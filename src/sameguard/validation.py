@@ -1,19 +1,116 @@
-"""Input validation at the public boundary: one place that says what an image batch must be."""
+"""Validation at the public boundary, in one vocabulary: image batches and hyper-parameters.
+
+Every check takes ``(value, name, ...)``, returns the validated value (converted to its plain
+Python or tensor type) and raises :class:`ValueError` with a full sentence that names the argument,
+says what was expected and what was given. Use these everywhere instead of local helpers::
+
+    self.epochs = check_int(epochs, "epochs", minimum=1)
+    self.lr = check_positive(lr, "lr")
+    self.alpha = check_fraction(alpha, "alpha")                  # in [0, 1]
+    self.mode = check_choice(mode, "mode", ("mean", "max"))
+    x = check_images(x, (1, 28, 28), name="queries")
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+from typing import Any, TypeVar
+
 import numpy as np
 import torch
 
-__all__ = ["check_images", "RANGE_TOLERANCE"]
+__all__ = [
+    "RANGE_TOLERANCE",
+    "check_images",
+    "check_int",
+    "check_optional_int",
+    "check_positive",
+    "check_non_negative",
+    "check_fraction",
+    "check_choice",
+    "check_name",
+]
+
+T = TypeVar("T")
 
 #: Values may exceed [-1, 1] by this much (rounding in float conversions) and are then clamped.
 RANGE_TOLERANCE = 1e-4
 
 
-def check_images(x: object, image_shape: Sequence[int] | None = None, *, name: str = "x") -> torch.Tensor:
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(value: object, name: str, *, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` in ``[minimum, maximum]`` (``None``: unbounded on that side)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        lo = "" if minimum is None else f" of at least {minimum}"
+        hi = "" if maximum is None else (" and" if lo else "") + f" at most {maximum}"
+        raise ValueError(f"{name} must be an integer{lo}{hi}, got {value!r}.")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_optional_int(value: object, name: str, *, minimum: int | None = 0) -> int | None:
+    """``None`` (meaning no limit) or an ``int`` of at least ``minimum``."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or (minimum is not None and value < minimum):
+        lo = "" if minimum is None else f" of at least {minimum}"
+        raise ValueError(f"{name} must be an integer{lo} or None (no limit), got {value!r}.")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_positive(value: object, name: str) -> float:
+    """``value`` as a finite ``float > 0``."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_non_negative(value: object, name: str) -> float:
+    """``value`` as a finite ``float >= 0``."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_fraction(value: object, name: str, *, include_low: bool = True, include_high: bool = True) -> float:
+    """``value`` as a ``float`` in ``[0, 1]``; ``include_low``/``include_high`` close or open each end."""
+    ok = _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (v >= 0 if include_low else v > 0) and (v <= 1 if include_high else v < 1)
+    if not ok:
+        interval = ("[" if include_low else "(") + "0, 1" + ("]" if include_high else ")")
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_choice(value: T, name: str, choices: Sequence[Any]) -> T:
+    """``value`` unchanged if it is one of ``choices``."""
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value
+
+
+def check_name(value: object, name: str) -> str:
+    """A non-empty string (a client id, a detector kind, ...)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
+    return value
+
+
+def check_images(
+    x: object,
+    image_shape: Sequence[int] | None = None,
+    *,
+    name: str = "x",
+    check_range: bool = True,
+) -> torch.Tensor:
     """Validate an image batch and return it as a contiguous ``float32`` CPU/GPU tensor.
 
     Args:
@@ -21,6 +118,8 @@ def check_images(x: object, image_shape: Sequence[int] | None = None, *, name: s
             finite, with values in ``[-1, 1]`` (see :mod:`sameguard.data.transforms`).
         image_shape: the expected ``(C, H, W)``; ``None`` accepts any.
         name: the argument's name, used in error messages.
+        check_range: check (and clamp to) ``[-1, 1]``; ``False`` for intermediate tensors such as
+            resized or noised images, which may leave the range slightly.
 
     Raises:
         ValueError: with a sentence that says what was expected and what was given.
@@ -47,6 +146,8 @@ def check_images(x: object, image_shape: Sequence[int] | None = None, *, name: s
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise ValueError(f"{name} contains NaN or infinite values in {bad} image(s); images must be finite.")
+    if not check_range:
+        return x.contiguous()
     lo, hi = float(x.min()), float(x.max())
     if lo < -1.0 - RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
         raise ValueError(
