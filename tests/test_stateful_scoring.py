@@ -3,7 +3,7 @@
 import torch
 
 from sameguard.guard import Guard
-from sameguard.oracle import GuardedAPI, score_for_client
+from sameguard.prediction_api import GuardedAPI, score_for_client
 
 
 class CountingDetector:

@@ -6,13 +6,19 @@ Every detector follows one life cycle (in the spirit of scikit-learn and pytorch
     detector.score(x)                     # -> Tensor[N], larger = more suspicious
     detector.calibrate(benign_x, fpr)     # -> self, sets ``threshold_``
     detector.predict(x)                   # -> Tensor[N] of bool, ``score > threshold_``
+
+Optional abilities are declared, not guessed: a detector that keeps per-client state satisfies
+:class:`StatefulDetector`, one that can be written to disk and read back satisfies
+:class:`SaveableDetector`; callers test them with ``isinstance(detector, StatefulDetector)``.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +35,8 @@ __all__ = [
     "ArtifactError",
     "IntegrityError",
     "Detector",
+    "StatefulDetector",
+    "SaveableDetector",
     "threshold_at_fpr",
 ]
 
@@ -90,6 +98,10 @@ class Detector(abc.ABC):
     prediction are shared.
     """
 
+    #: Hyper-parameters used only at scoring time (e.g. SAME's ``alpha``): changing them needs no
+    #: refit, so the benchmark lets detectors that differ only in these share one fitted state.
+    SCORING_ONLY_PARAMS: ClassVar[tuple[str, ...]] = ()
+
     threshold_: float | None = None
     calibration_fpr_: float | None = None
 
@@ -142,3 +154,41 @@ class Detector(abc.ABC):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)
+
+
+@runtime_checkable
+class StatefulDetector(Protocol):
+    """A detector that keeps per-client state (PRADA, VarDetect): each client's queries form a stream.
+
+    ``isinstance(detector, StatefulDetector)`` is how the guard and the benchmark tell it apart.
+    """
+
+    def observe(self, x: torch.Tensor, client: str) -> torch.Tensor:
+        """Score the batch ``x`` (``(N, C, H, W)`` in ``[-1, 1]``) as the next queries of ``client``'s
+        stream and record it; returns ``(N,)`` float32 scores, larger = more suspicious."""
+        ...
+
+    def reset(self, client: str) -> None:
+        """Forget everything recorded for ``client``."""
+        ...
+
+
+@runtime_checkable
+class SaveableDetector(Protocol):
+    """A detector that writes its fitted state to a directory (safetensors + manifest) and reads it back.
+
+    ``KIND`` is the manifest's ``kind``; :func:`sameguard.detectors.registry.load_detector` uses it
+    to find the class of a saved detector.
+    """
+
+    KIND: ClassVar[str]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the fitted detector (threshold included) to ``directory``; returns its path."""
+        ...
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, victim: Any, *, check_victim: bool = True,
+             device: str | torch.device | None = "cpu") -> Self:
+        """Read a detector written by :meth:`save` (hashes verified, no pickles) and attach it to ``victim``."""
+        ...

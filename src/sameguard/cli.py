@@ -83,7 +83,7 @@ def _attack_data(args: argparse.Namespace):
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import attack_data_role, build_attack
-    from .oracle import GuardedAPI, VictimAPI
+    from .prediction_api import GuardedAPI, VictimAPI
 
     if args.scores_out and not args.detector:
         raise ValueError("--scores-out needs --detector: scores come from the detector the victim is served behind.")

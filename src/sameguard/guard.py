@@ -13,7 +13,7 @@ batch ``x`` ``(N, C, H, W)`` in ``[-1, 1]`` sent by a client it
    action, time) and hands the batch's decisions to ``sink`` (the service's audit log) *before*
    anything is answered: if the sink fails, nothing is answered and nothing is counted.
 
-It implements the :class:`~sameguard.oracle.PredictionAPI` protocol (``image_shape``,
+It implements the :class:`~sameguard.prediction_api.PredictionAPI` protocol (``image_shape``,
 ``num_classes``, ``output``, ``query``, ``queries_used``, ``remaining``), so every attack in
 :mod:`sameguard.attacks` runs against it unchanged::
 
@@ -47,7 +47,7 @@ from . import __version__
 from .actions import Action, Monitor, Policy, ProofOfWork, batch_bits
 from .api import SameguardError
 from .artifacts import state_dict_sha256
-from .oracle import BudgetExceededError, score_for_client
+from .prediction_api import BudgetExceededError, score_for_client
 from .validation import check_images
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _module_fingerprint(obj: object) -> str | None:
 
 
 class Guard:
-    """Victim + detector + policy: the protected model (a :class:`~sameguard.oracle.PredictionAPI`).
+    """Victim + detector + policy: the protected model (a :class:`~sameguard.prediction_api.PredictionAPI`).
 
     Args:
         victim: ``images (N, C, H, W) in [-1, 1] -> probabilities (N, K)``, e.g. a
@@ -456,7 +456,7 @@ class Guard:
 
     # -- the PredictionAPI -------------------------------------------------------------------
     def query(self, x: torch.Tensor, client: str = ANONYMOUS) -> torch.Tensor:
-        """Answer ``x`` for ``client`` (:class:`~sameguard.oracle.PredictionAPI`).
+        """Answer ``x`` for ``client`` (:class:`~sameguard.prediction_api.PredictionAPI`).
 
         Returns:
             ``(N, K)`` float32 probabilities, or ``(N,)`` int64 labels with ``output="labels"``.

@@ -15,7 +15,7 @@ from sameguard.bench.substitutes import format_table, run_substitute_benchmark
 from sameguard.data import ImageDataset
 from sameguard.models import build_classifier
 from sameguard.models.generator import GeneratorA
-from sameguard.oracle import VictimAPI
+from sameguard.prediction_api import VictimAPI
 from sameguard.victim import Victim
 
 

@@ -17,7 +17,7 @@ from sameguard.attacks import (
     build_attack,
 )
 from sameguard.models import build_classifier
-from sameguard.oracle import BudgetExceededError, GuardedAPI, VictimAPI
+from sameguard.prediction_api import BudgetExceededError, GuardedAPI, VictimAPI
 from sameguard.victim import Victim
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sameguard.attacks import JBDA, KnockoffNets
-from sameguard.oracle import VictimAPI
+from sameguard.prediction_api import VictimAPI
 from sameguard.victim import train_victim
 
 

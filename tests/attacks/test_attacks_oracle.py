@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sameguard.api import NotCalibratedError, SameguardError
-from sameguard.oracle import (
+from sameguard.prediction_api import (
     BoundClient,
     BudgetExceededError,
     GuardedAPI,

@@ -10,7 +10,7 @@ import torch
 from sameguard.actions import Misinformation, Policy, ProofOfWork
 from sameguard.data import ImageDataset
 from sameguard.guard import Decision, Guard, QueryRefusedError, input_digests
-from sameguard.oracle import BudgetExceededError, PredictionAPI
+from sameguard.prediction_api import BudgetExceededError, PredictionAPI
 
 
 def test_service_guard_records_one_decision_per_query(victim, detector, kit):

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from sameguard.actions import ProofOfWork
 from sameguard.guard import Guard
-from sameguard.oracle import PredictionAPI
+from sameguard.prediction_api import PredictionAPI
 from sameguard.service import SameguardClient
 from sameguard.service.db import audit_log, pow_events
 

@@ -1,4 +1,4 @@
-"""Model-extraction attacks, each querying only through a :class:`~sameguard.oracle.PredictionAPI`.
+"""Model-extraction attacks, each querying only through a :class:`~sameguard.prediction_api.PredictionAPI`.
 
 * ``knockoff``: :class:`KnockoffNets`, random policy (holds a proxy image pool);
 * ``knockoff-adaptive``: :class:`KnockoffNets` with ``strategy="adaptive"`` (a labelled proxy pool);

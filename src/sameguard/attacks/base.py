@@ -2,15 +2,15 @@
 
 An attack is built with all its hyper-parameters (and the data it is assumed to hold: a proxy
 pool, a seed set) and then :meth:`ExtractionAttack.run` against any
-:class:`~sameguard.oracle.PredictionAPI` with a query budget::
+:class:`~sameguard.prediction_api.PredictionAPI` with a query budget::
 
     attack = KnockoffNets(proxy, seed=0)
     result = attack.run(api, budget=4000, victim=victim, test_data=test)
     result.queries, result.test_accuracy, result.fidelity
 
 The attack queries **only** through the API, as one dedicated client (see
-:func:`~sameguard.oracle.fresh_client_id`), and never sends more than ``budget`` images: the
-budget is enforced by a :class:`~sameguard.oracle.BoundClient` before anything reaches the API.
+:func:`~sameguard.prediction_api.fresh_client_id`), and never sends more than ``budget`` images: the
+budget is enforced by a :class:`~sameguard.prediction_api.BoundClient` before anything reaches the API.
 Every attack here spends the budget exactly. Evaluation (substitute accuracy on the victim's test
 set and fidelity, the top-1 agreement with the victim there) uses the victim **offline**: it is
 not sent through the API and does not count as queries.
@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from ..api import SameguardError
 from ..models import build_classifier
-from ..oracle import BoundClient, BudgetExceededError, PredictionAPI, fresh_client_id
+from ..prediction_api import BoundClient, BudgetExceededError, PredictionAPI, fresh_client_id
 from ..training import predict_in_batches, resolve_device, train_classifier
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..models.generator import GeneratorA
-from ..oracle import BoundClient
+from ..prediction_api import BoundClient
 from ..training import show_progress
 from .base import ExtractionAttack, check_positive_float, check_positive_int
 

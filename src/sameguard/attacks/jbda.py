@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import ImageDataset, adapt_to
-from ..oracle import BoundClient
+from ..prediction_api import BoundClient
 from ..training import show_progress
 from .base import ExtractionAttack, check_positive_float, check_positive_int
 

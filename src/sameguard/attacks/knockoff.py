@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..data import ImageDataset, adapt_to
-from ..oracle import BoundClient
+from ..prediction_api import BoundClient
 from ..training import show_progress
 from .base import ExtractionAttack
 

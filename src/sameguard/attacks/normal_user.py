@@ -3,7 +3,7 @@
 This is the negative class of the SAME paper's per-query evaluation (Xie et al., AAAI 2024,
 reference implementation xythink/SAME): ``B`` attack queries are scored against ``B`` queries of a
 normal user drawn from the victim's test split. Sending them through a
-:class:`~sameguard.oracle.GuardedAPI` as their own client gives the benign scores::
+:class:`~sameguard.prediction_api.GuardedAPI` as their own client gives the benign scores::
 
     user = NormalUser(test_data, seed=0)
     traffic = user.run(api, budget=4000)
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import ImageDataset, adapt_to
-from ..oracle import BoundClient, BudgetExceededError, PredictionAPI, fresh_client_id
+from ..prediction_api import BoundClient, BudgetExceededError, PredictionAPI, fresh_client_id
 from ..training import show_progress
 from .base import check_positive_int
 

@@ -5,7 +5,7 @@ For each victim dataset and seed:
 1. The train split is halved at random (seeded): the **defender half** trains the victim and
    every detector (10 % of it held out); the **attacker half** is what an attacker with
    in-distribution data holds (the sanity row, JBDA's seed images).
-2. Each attack runs against the bare victim through a :class:`~sameguard.oracle.VictimAPI` that
+2. Each attack runs against the bare victim through a :class:`~sameguard.prediction_api.VictimAPI` that
    records its queries; its substitute accuracy and fidelity are measured on the test split.
 3. The scored set is the attack's **last** ``B = scored_queries`` queries, a contiguous stream
    (for attacks that send exactly ``B`` queries, all of them). For DFME that is the end of its
@@ -34,12 +34,12 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from ..api import ArtifactError
+from ..api import ArtifactError, SaveableDetector
 from ..attacks import NormalUser, attack_data_role, build_attack
 from ..data import ImageDataset, load_dataset
 from ..demo import cache_key, cached_victim, preset_architecture
 from ..detectors import DETECTORS
-from ..oracle import VictimAPI
+from ..prediction_api import VictimAPI
 from ..victim import Victim
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
 from .metrics import detection_metrics
@@ -53,8 +53,6 @@ __all__ = ["run_benchmark"]
 #: so a detector never trains on the very images an attack sends.
 OUTLIER_SPLIT = "test"
 
-#: Where a detector class declares ``SCORING_ONLY_PARAMS`` (hyper-parameters used only at scoring
-#: time, e.g. SAME's alpha), detectors differing only in those share one fit.
 
 
 def _dataset(name: str, split: str, halves: dict[str, ImageDataset], data_dir: str | None) -> ImageDataset:
@@ -81,12 +79,12 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
     detector = _build_detector(spec, seed, device, progress)
     params = dict(detector.get_params() if hasattr(detector, "get_params") else spec.params)
     # Parameters that only change scoring (SAME's alpha) share one fitted detector.
-    scoring_only = {k: params.pop(k) for k in getattr(detector, "SCORING_ONLY_PARAMS", ()) if k in params}
+    scoring_only = {k: params.pop(k) for k in detector.SCORING_ONLY_PARAMS if k in params}
     key = cache_key(kind=spec.name, victim=victim.weights_sha256, n=len(fit_data), params=params,
                     architecture=preset_architecture(params), preset=spec.preset,
                     outlier=(spec.outlier_data, OUTLIER_SPLIT), seed=seed)
     path = cache / f"detector-{spec.name}-{key}"
-    can_cache = hasattr(detector, "save") and hasattr(type(detector), "load")
+    can_cache = isinstance(detector, SaveableDetector)
     if can_cache and path.is_dir():
         try:
             loaded = type(detector).load(path, victim)

@@ -10,7 +10,7 @@ write). Rate limits are set out of the way.
 
 Part 2 (**attacks**): the extraction attacks of :mod:`sameguard.attacks` (Knockoff Nets,
 Orekondy et al. 2019; JBDA, Papernot et al. 2017) are run in process through the
-:class:`~sameguard.guard.Guard` (a :class:`~sameguard.oracle.PredictionAPI`) with no defense
+:class:`~sameguard.guard.Guard` (a :class:`~sameguard.prediction_api.PredictionAPI`) with no defense
 (``monitor``: answers unchanged), ``reject`` and ``misinformation`` (Kariyappa & Qureshi 2020,
 training-free misleading vector), the detector's threshold calibrated at ``target_fpr`` (1 %)
 on benign test images. Reported: the substitute's accuracy and fidelity on held-out test images,

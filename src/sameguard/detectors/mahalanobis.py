@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -127,6 +127,8 @@ class MahalanobisDetector(ParamsMixin, Detector):
     victim's network), ``image_shape_``, ``num_classes_``.
     """
 
+    #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
+    KIND: ClassVar[str] = KIND
     NEEDS: frozenset[str] = frozenset({"white-box", "defender-data"})
 
     def __init__(self, *, noise_magnitude: float = 0.0, max_train_samples: int | None = None,
@@ -238,8 +240,13 @@ class MahalanobisDetector(ParamsMixin, Detector):
         return save_artifact(directory, KIND, {"gaussians": {"means": self.means_, "precision": self.precision_}}, config)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, victim: Any, *, check_victim: bool = True) -> MahalanobisDetector:
-        """Load a detector saved by :meth:`save` and attach it to ``victim`` (hashes verified)."""
+    def load(cls, directory: str | os.PathLike, victim: Any, *, check_victim: bool = True,
+             device: str | torch.device | None = None) -> MahalanobisDetector:
+        """Load a detector saved by :meth:`save` and attach it to ``victim`` (hashes verified).
+
+        ``device`` is accepted for a uniform :class:`~sameguard.api.SaveableDetector` interface and
+        ignored: the detector runs where the victim's network is.
+        """
         parts, manifest = load_artifact(directory, KIND)
         cfg = manifest["config"]
         check_victim_sha(directory, victim, cfg.get("victim_weights_sha256"), check_victim)

@@ -38,7 +38,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -105,6 +105,8 @@ class OutlierExposureDetector(ParamsMixin, Detector):
     ``image_shape_``, ``num_classes_``.
     """
 
+    #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
+    KIND: ClassVar[str] = KIND
     NEEDS: frozenset[str] = frozenset({"outlier-data", "training-change", "white-box", "defender-data"})
 
     def __init__(self, *, oe_weight: float = 0.5, epochs: int = 10, lr: float = 0.001, momentum: float = 0.9,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -155,6 +155,8 @@ class SAMEDetector(Detector):
     """
 
     #: What SAME needs beyond black-box probabilities: the provider's own training data.
+    #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
+    KIND: ClassVar[str] = KIND
     NEEDS: frozenset[str] = frozenset({"defender-data"})
     #: Hyper-parameters used only when scoring: changing them needs no refit.
     SCORING_ONLY_PARAMS: tuple[str, ...] = ("alpha", "batch_size")

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -91,6 +91,8 @@ class ConvAESAMEDetector(ParamsMixin, Detector):
     Fitted state: ``ae_``, ``aux_``, ``victim_``, ``image_shape_``, ``num_classes_``, ``aux_arch_``.
     """
 
+    #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
+    KIND: ClassVar[str] = KIND
     NEEDS: frozenset[str] = frozenset({"defender-data"})
     #: Hyper-parameters used only when scoring: changing them needs no refit.
     SCORING_ONLY_PARAMS: tuple[str, ...] = ("alpha", "batch_size")

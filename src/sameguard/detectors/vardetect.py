@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -121,6 +121,8 @@ class VarDetectDetector(ParamsMixin, Detector):
     ``image_shape_``; per-client sliding windows in ``clients_``.
     """
 
+    #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
+    KIND: ClassVar[str] = KIND
     NEEDS: frozenset[str] = frozenset({"query-history", "defender-data"})
 
     def __init__(self, *, latent_dim: int = 16, width: int = 32, epochs: int = 20, lr: float = 1e-3,

@@ -55,7 +55,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import __version__
 from ..actions import ChallengeIssuer, PowError, ProofOfWork
 from ..guard import Guard
-from ..oracle import BudgetExceededError
+from ..prediction_api import BudgetExceededError
 from ..validation import check_images
 from .audit import AuditLog
 from .db import init_db, make_engine

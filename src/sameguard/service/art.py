@@ -1,4 +1,4 @@
-"""IBM ART adapter: any :class:`~sameguard.oracle.PredictionAPI` (e.g. the live service) as an ART classifier.
+"""IBM ART adapter: any :class:`~sameguard.prediction_api.PredictionAPI` (e.g. the live service) as an ART classifier.
 
 ART's extraction attacks (``art.attacks.extraction.CopycatCNN``, ``KnockoffNets``) query a victim
 *estimator* through ``predict(x, batch_size)`` on NumPy arrays. :func:`to_art_classifier` wraps

@@ -1,4 +1,4 @@
-"""A Python client of the service that is itself a :class:`~sameguard.oracle.PredictionAPI`.
+"""A Python client of the service that is itself a :class:`~sameguard.prediction_api.PredictionAPI`.
 
 :class:`SameguardClient` sends batches to ``POST /v1/predict`` (base64 float32 by default, or
 JSON arrays), solves proof-of-work challenges on its own (:func:`~sameguard.actions.solve`) and
@@ -57,7 +57,7 @@ class RefusedError(SameguardError, RuntimeError):
 
 
 class SameguardClient:
-    """The service as a :class:`~sameguard.oracle.PredictionAPI`.
+    """The service as a :class:`~sameguard.prediction_api.PredictionAPI`.
 
     Args:
         base_url: e.g. ``"http://127.0.0.1:8000"``.
