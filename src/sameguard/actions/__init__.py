@@ -11,7 +11,9 @@ policy name        class                        above the calibrated threshold `
 =================  ===========================  ====================================================
 
 A :class:`Policy` maps scores to one of these (``Policy("reject")``, ``Policy(Misinformation(nu=1e4))``);
-:class:`~sameguard.guard.Guard` puts victim, detector and policy together.
+:class:`~sameguard.guard.Guard` puts victim, detector and policy together. The proof-of-work puzzle
+(:mod:`.puzzle`) is shared with the service, which issues and redeems the challenges
+(:mod:`sameguard.service.challenges`).
 """
 
 from __future__ import annotations
@@ -26,17 +28,8 @@ from .misinformation import (
 )
 from .monitor import Monitor
 from .policy import POLICIES, Policy, build_action
-from .pow import (
-    Challenge,
-    ChallengeIssuer,
-    PowError,
-    ProofOfWork,
-    batch_bits,
-    expected_hashes,
-    leading_zero_bits,
-    solve,
-    verify_solution,
-)
+from .proof_of_work import ProofOfWork
+from .puzzle import batch_bits, expected_hashes, leading_zero_bits, solve, verify_solution
 from .reject import Reject
 
 __all__ = [
@@ -50,9 +43,6 @@ __all__ = [
     "Policy",
     "POLICIES",
     "build_action",
-    "Challenge",
-    "ChallengeIssuer",
-    "PowError",
     "batch_bits",
     "expected_hashes",
     "leading_zero_bits",

@@ -19,7 +19,7 @@ import torch
 from .base import Action, ActionOutcome, check_batch
 from .misinformation import Misinformation
 from .monitor import Monitor
-from .pow import ProofOfWork
+from .proof_of_work import ProofOfWork
 from .reject import Reject
 
 __all__ = ["Policy", "POLICIES", "build_action"]
