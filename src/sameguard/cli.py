@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .api import SameguardError
+from .steps import STEP_LOGGER
 
 logger = logging.getLogger("sameguard.cli")
 
@@ -228,11 +229,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CliFormatter(logging.Formatter):
+    """Step lines (``[  12.3 s] victim conv3: ...``) as they are; every other record with time, level and logger."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if record.name == STEP_LOGGER else super().format(record)
+
+
 def _setup_logging(verbose: int) -> None:
+    """Log to standard error: step lines and the CLI's own messages always, the library's log with ``-v``.
+
+    The handler sits on the ``sameguard`` logger and is replaced on every call (``main`` may run
+    several times in one process, e.g. in tests), so it always writes to the current ``sys.stderr``.
+    """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if verbose == 0:
-        logging.getLogger("sameguard.cli").setLevel(logging.INFO)
+    package = logging.getLogger("sameguard")
+    for old in [h for h in package.handlers if getattr(h, "sameguard_cli", False)]:
+        package.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.sameguard_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(_CliFormatter())
+    package.addHandler(handler)
+    package.setLevel(level)
+    # Step lines and the CLI's messages at INFO even without -v; with -v they follow the package level.
+    for name in ("sameguard.cli", STEP_LOGGER):
+        logging.getLogger(name).setLevel(logging.INFO if verbose == 0 else logging.NOTSET)
 
 
 def _out(msg: str = "") -> None:
@@ -347,7 +371,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.download:  # the loaders' documented switch, for every dataset the config names
         os.environ["SAMEGUARD_DOWNLOAD"] = "1"
     out = Path(args.out or f"runs/bench/{config.name}")
-    run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress, echo=_out)
+    run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress)  # steps: stderr
     _out("")
     _out((out / "report.md").read_text())
     _out(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.md'} and {out / 'plots'}/")

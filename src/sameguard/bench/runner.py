@@ -36,10 +36,11 @@ import torch
 
 from ..api import ArtifactError, SaveableDetector
 from ..attacks import NormalUser, attack_data_role, build_attack
+from ..cache import cache_key, cached_victim, preset_architecture
 from ..data import ImageDataset, load_dataset
-from ..demo import cache_key, cached_victim, preset_architecture
 from ..detectors import DETECTORS
 from ..prediction_api import VictimAPI
+from ..steps import StepLog
 from ..victim import Victim
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
 from .metrics import detection_metrics
@@ -158,8 +159,13 @@ def _timed_scores(detector: Any, x: torch.Tensor) -> tuple[np.ndarray, float]:
 
 
 def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | None = None, device: str = "cpu",
-                  progress: bool | None = None, echo: Callable[[str], None] = logger.info) -> list[dict[str, Any]]:
-    """Run every cell of ``config``; write results, report and plots to ``outdir``; return the records."""
+                  progress: bool | None = None, echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every cell of ``config``; write results, report and plots to ``outdir``; return the records.
+
+    ``echo`` receives one line per finished step (data, victim, each detector, each attack, the
+    report); by default a :class:`~sameguard.steps.StepLog` logs it with the elapsed time.
+    """
+    echo = echo if echo is not None else StepLog()
     out = Path(outdir)
     cache = out / "cache"
     plots = out / "plots"
@@ -171,6 +177,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
     for dataset in config.datasets:
         full_train = load_dataset(dataset, "train", data_dir=data_dir)
         test = load_dataset(dataset, "test", data_dir=data_dir)
+        echo(f"[{dataset}] data: {len(full_train)} training and {len(test)} test images")
         for seed in config.seeds:
             defender, attacker = full_train.split_off(0.5, seed=seed)
             halves = {"attacker": attacker}
@@ -189,12 +196,13 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
                                                       progress=progress, data_dir=data_dir)
                 benign_scores, _ = _timed_scores(detector, benign_x)
                 detectors[spec.label] = (spec, detector, fit_seconds, benign_scores)
-                echo(f"[{dataset} seed {seed}] {spec.label}: fitted ({fit_seconds:.0f} s)")
+                echo(f"[{dataset} seed {seed}] detector {spec.label}: fitted ({fit_seconds:.0f} s)")
 
             for aspec in config.attacks:
                 attack = _attack_queries(aspec, victim, test, halves, scored=B, seed=seed, cache=cache,
                                          data_dir=data_dir, device=device, progress=progress)
-                echo(f"[{dataset} seed {seed}] {aspec.label}: {attack['queries_used']} queries, substitute accuracy "
+                echo(f"[{dataset} seed {seed}] attack {aspec.label}: {attack['queries_used']} queries, "
+                     f"substitute accuracy "
                      f"{attack['substitute_accuracy']:.4f}, fidelity {attack['fidelity']:.4f}")
                 curves = {}
                 for label, (spec, detector, fit_seconds, benign_scores) in detectors.items():
@@ -228,4 +236,5 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
         "in-distribution data (JBDA seeds, the in-distribution Knockoff row).",
     ]
     write_results(records, out, title=f"sameguard benchmark: {config.name}", config=config.to_dict(), notes=notes)
+    echo(f"report: {len(records)} rows written to {out}")
     return records

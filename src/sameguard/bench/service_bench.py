@@ -309,8 +309,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     images of another distribution; ``fashion-mnist`` is the in-distribution attacker); JBDA starts
     from 150 Fashion-MNIST training images.
     """
+    from ..cache import cached_detector, cached_victim
     from ..data import load_dataset
-    from ..demo import cached_detector, cached_victim
     from ..detectors import SAMEDetector
     from ..victim import Victim
 
