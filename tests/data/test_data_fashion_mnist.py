@@ -1,5 +1,8 @@
+"""The Fashion-MNIST loader: where it looks, checksums, downloads, subsets, and the real files."""
+
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,10 +12,10 @@ import pytest
 import torch
 
 from sameguard.api import DatasetNotFoundError, IntegrityError
-from sameguard.data import files, load_dataset, load_fashion_mnist, write_idx
 from sameguard.data import fashion_mnist as fm
+from sameguard.data import files, load_dataset, load_fashion_mnist, write_idx
 
-REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_SMALL = Path(__file__).parents[1] / "fixtures" / "fashion-mnist-small"
 
 
 def expected_images(arr: np.ndarray) -> torch.Tensor:
@@ -145,10 +148,60 @@ def test_bad_split():
         load_fashion_mnist("validation")
 
 
-@pytest.mark.skipif(not REAL_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
-def test_real_fashion_mnist_test_split():
-    ds = load_fashion_mnist("test", data_dir=REAL_DIR)
+def test_real_fashion_mnist_test_split(fmnist_full_dir):
+    """The full official files, verified against the official SHA-256 (no subset manifest there)."""
+    assert not (fmnist_full_dir / fm.SUBSET_MANIFEST).exists()
+    ds = load_fashion_mnist("test", data_dir=fmnist_full_dir)
     assert ds.images.shape == (10000, 1, 28, 28) and ds.images.dtype == torch.float32
     assert ds.images.min() == -1.0 and ds.images.max() == 1.0
     assert ds.labels.min() == 0 and ds.labels.max() == 9
     assert torch.equal(torch.bincount(ds.labels), torch.full((10,), 1000))
+
+
+@pytest.mark.parametrize("split, n", [("train", 3000), ("test", 1000)])
+def test_shipped_subset_loads_through_the_loader(split, n):
+    ds = load_fashion_mnist(split, data_dir=FMNIST_SMALL)
+    assert (len(ds), ds.image_shape, ds.name, ds.split) == (n, (1, 28, 28), "fashion-mnist", split)
+    assert ds.images.min() == -1.0 and ds.images.max() == 1.0
+    assert torch.bincount(ds.labels, minlength=10).min() >= n // 20  # every class is there
+
+
+@pytest.mark.parametrize("split, n", [("train", 3000), ("test", 1000)])
+def test_shipped_subset_is_take_of_the_full_split(split, n, fmnist_full_dir):
+    """The subset holds exactly the images ``take(n, seed=0)`` draws from the full split."""
+    small = load_fashion_mnist(split, data_dir=FMNIST_SMALL)
+    full = load_fashion_mnist(split, data_dir=fmnist_full_dir).take(n, seed=0)
+    assert torch.equal(small.images, full.images)
+    assert torch.equal(small.labels, full.labels)
+
+
+def _copy_subset(tmp_path: Path) -> Path:
+    target = tmp_path / "subset"
+    shutil.copytree(FMNIST_SMALL, target)
+    return target
+
+
+def test_a_changed_subset_file_fails_its_manifest(tmp_path):
+    target = _copy_subset(tmp_path)
+    write_idx(target / "t10k-labels-idx1-ubyte.gz", np.zeros(1000, dtype=np.uint8))
+    with pytest.raises(IntegrityError, match="t10k-labels-idx1-ubyte"):
+        load_fashion_mnist("test", data_dir=target)
+
+
+def test_without_its_manifest_a_subset_fails_the_official_hashes(tmp_path):
+    target = _copy_subset(tmp_path)
+    (target / fm.SUBSET_MANIFEST).unlink()
+    with pytest.raises(IntegrityError, match=fm.SHA256["t10k-images-idx3-ubyte"]):
+        load_fashion_mnist("test", data_dir=target)
+
+
+@pytest.mark.parametrize("manifest", [
+    "not json",
+    json.dumps({"dataset": "mnist", "sha256": {}}),
+    json.dumps({"dataset": "fashion-mnist", "sha256": {"train-images-idx3-ubyte": "ab"}}),
+])
+def test_a_broken_manifest_is_refused(tmp_path, manifest):
+    target = _copy_subset(tmp_path)
+    (target / fm.SUBSET_MANIFEST).write_text(manifest)
+    with pytest.raises(IntegrityError, match="not a valid Fashion-MNIST subset manifest"):
+        load_fashion_mnist("test", data_dir=target)

@@ -15,10 +15,17 @@ When the files are nowhere and downloads are allowed (``download=True`` / ``--do
 Every file read is checked against :data:`SHA256`, the SHA-256 of the *decompressed* IDX bytes
 (Debian re-compresses the files, so hashes of the ``.gz`` files differ between sources while the
 payloads are identical). A mismatch raises :class:`~sameguard.api.IntegrityError`.
+
+A directory may also hold a *subset* of Fashion-MNIST: the same four file names and format with
+fewer images, and a manifest :data:`SUBSET_MANIFEST` (``subset.json``) giving the SHA-256 of each
+decompressed file. The files are then checked against the manifest instead of :data:`SHA256`.
+The tests ship such a subset (``tests/fixtures/fashion-mnist-small/``, 3000 training and 1000 test
+images), so they run where the full dataset is not installed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,11 +35,12 @@ from pathlib import Path
 
 import torch
 
-from sameguard.api import DatasetNotFoundError
+from sameguard.api import DatasetNotFoundError, IntegrityError
 from sameguard.data import files
 from sameguard.data.base import ImageDataset
 from sameguard.data.idx import MNIST_FILE_NAMES, read_idx_bytes
 from sameguard.data.transforms import to_model_range
+from sameguard.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ __all__ = [
     "SHA256",
     "DEBIAN_DIR",
     "DOWNLOAD_URL",
+    "SUBSET_MANIFEST",
     "load_fashion_mnist",
 ]
 
@@ -79,7 +88,26 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 #: Base URL of the official files (``<DOWNLOAD_URL><name>.gz``).
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
+#: Name of the manifest that marks a directory as holding a subset of Fashion-MNIST.
+SUBSET_MANIFEST = "subset.json"
+
 _DOWNLOAD_TIMEOUT_S = 60
+
+
+def _expected_sha256(directory: Path) -> dict[str, str]:
+    """The payload hashes the files in ``directory`` must have: :data:`SHA256`, or a subset's manifest."""
+    manifest = directory / SUBSET_MANIFEST
+    if not manifest.is_file():
+        return SHA256
+    try:
+        data = json.loads(manifest.read_text())
+        hashes = {stem: data["sha256"][stem] for stems in FILES.values() for stem in stems}
+        if data.get("dataset") != NAME or not all(isinstance(h, str) and len(h) == 64 for h in hashes.values()):
+            raise ValueError(f"expected dataset {NAME!r} and a 64-digit SHA-256 for each of the four files")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{manifest}: not a valid Fashion-MNIST subset manifest ({exc}).") from None
+    logger.info("%s holds a subset of Fashion-MNIST (%s); checking its files against it", directory, manifest.name)
+    return hashes
 
 
 def _search_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
@@ -140,8 +168,9 @@ def load_fashion_mnist(
 ) -> ImageDataset:
     """Load a Fashion-MNIST split as images ``(N, 1, 28, 28)`` in ``[-1, 1]`` and labels in ``0..9``.
 
-    ``N`` is 60 000 for ``"train"`` and 10 000 for ``"test"``. See the module docstring for where
-    files are looked for, the download and the integrity check.
+    ``N`` is 60 000 for ``"train"`` and 10 000 for ``"test"`` (fewer from a subset directory). See
+    the module docstring for where files are looked for, the download, the integrity check and
+    subsets.
 
     Args:
         split: ``"train"`` or ``"test"``.
@@ -154,8 +183,7 @@ def load_fashion_mnist(
         DatasetNotFoundError: the files are nowhere and downloading is not allowed.
         IntegrityError: a file's content does not have the expected SHA-256.
     """
-    if split not in FILES:
-        raise ValueError(f"split must be one of {sorted(FILES)}, got {split!r}.")
+    check_choice(split, "split", tuple(FILES))
     stems = FILES[split]
     searched = _search_dirs(data_dir)
     found = files.find_files_together(searched, stems)
@@ -167,7 +195,8 @@ def load_fashion_mnist(
         found = files.find_files_together([target], stems)
         if found is None:  # only if something removed the files meanwhile
             raise _not_found(split, [*searched, target], target)
-    images, labels = files.load_idx_pair(found[0], found[1], (SHA256[stems[0]], SHA256[stems[1]]))
+    expected = _expected_sha256(found[0].parent)
+    images, labels = files.load_idx_pair(found[0], found[1], (expected[stems[0]], expected[stems[1]]))
     logger.info("loaded Fashion-MNIST %s split (%d images) from %s", split, len(labels), found[0].parent)
     return ImageDataset(
         name=NAME,
