@@ -1,4 +1,4 @@
-"""The prediction interface: answers, per-client counting, whole-batch budget refusal, GuardedAPI records."""
+"""The prediction path: answers, per-client counting, whole-batch budget refusal, the guard's records."""
 
 from __future__ import annotations
 
@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from sameguard.api import NotCalibratedError, SameguardError
-from sameguard.prediction_api import (
-    BoundClient,
-    BudgetExceededError,
-    GuardedAPI,
-    PredictionAPI,
-    VictimAPI,
-    fresh_client_id,
-)
+from sameguard.guard import Guard
+from sameguard.prediction_api import BoundClient, BudgetExceededError, PredictionAPI, fresh_client_id
 
 
 SHAPE = (1, 8, 8)
@@ -44,8 +38,8 @@ class MeanDetector:
         return x.mean(dim=(1, 2, 3))
 
 
-def make_api(**kw) -> VictimAPI:
-    return VictimAPI(toy_victim, image_shape=SHAPE, num_classes=K, **kw)
+def make_api(**kw) -> Guard:
+    return Guard(toy_victim, image_shape=SHAPE, num_classes=K, **kw)
 
 
 def test_attacks_victim_api_answers_probabilities_or_labels():
@@ -100,7 +94,7 @@ def test_attacks_invalid_inputs_are_refused_and_not_counted():
         api.query(images(1), "")
     assert api.queries_used("a") == 0
     with pytest.raises(ValueError, match="image_shape"):
-        VictimAPI(toy_victim, num_classes=K)
+        Guard(toy_victim, num_classes=K)
     with pytest.raises(ValueError, match="output"):
         make_api(output="logits")
     with pytest.raises(ValueError, match="budget"):
@@ -109,7 +103,7 @@ def test_attacks_invalid_inputs_are_refused_and_not_counted():
 
 def test_attacks_guarded_api_records_each_clients_scores_in_order():
     detector = MeanDetector()
-    api = GuardedAPI(toy_victim, detector, image_shape=SHAPE, num_classes=K, budget=8)
+    api = Guard(toy_victim, detector, image_shape=SHAPE, num_classes=K, budget=8)
     xa1, xb1, xa2, xb2 = images(3, 1), images(2, 2), images(4, 3), images(1, 4)
     api.query(xa1, "a")
     api.query(xb1, "b")
@@ -137,14 +131,17 @@ def test_attacks_guarded_api_passes_client_to_stateful_detectors():
     class Stateful:
         threshold_ = None
 
-        def score(self, x, client):
+        def score(self, x):
+            raise AssertionError("a stateful detector is scored through observe(x, client)")
+
+        def observe(self, x, client):
             seen.append((client, len(x)))
             return torch.zeros(len(x))
 
         def reset(self, client):
             seen.append(("reset", client))
 
-    api = GuardedAPI(toy_victim, Stateful(), image_shape=SHAPE, num_classes=K)
+    api = Guard(toy_victim, Stateful(), image_shape=SHAPE, num_classes=K)
     api.query(images(2), "u1")
     api.query(images(3), "u2")
     api.reset("u1")

@@ -1,9 +1,8 @@
-"""Per-client detectors see each client's queries as one stream behind the APIs (GuardedAPI, Guard)."""
+"""Per-client detectors see each client's queries as one stream behind the APIs (the guard)."""
 
 import torch
 
-from sameguard.guard import Guard
-from sameguard.prediction_api import GuardedAPI, score_for_client
+from sameguard.guard import Guard, detector_scores
 
 
 class CountingDetector:
@@ -19,6 +18,9 @@ class CountingDetector:
         self.seen[client] = start + len(x)
         return torch.arange(start + 1, start + len(x) + 1, dtype=torch.float32)
 
+    def reset(self, client):
+        self.seen.pop(client, None)
+
     def score(self, x):  # the stateless path, which must not be used when observe exists
         return torch.zeros(len(x))
 
@@ -27,16 +29,16 @@ def victim(x):
     return torch.full((len(x), 3), 1 / 3)
 
 
-def test_score_for_client_prefers_observe_and_keeps_streams_apart():
+def test_detector_scores_prefers_observe_and_keeps_streams_apart():
     det = CountingDetector()
     x = torch.zeros(2, 1, 4, 4)
-    assert score_for_client(det, x, "a").tolist() == [1.0, 2.0]
-    assert score_for_client(det, x, "b").tolist() == [1.0, 2.0]
-    assert score_for_client(det, x, "a").tolist() == [3.0, 4.0]
+    assert detector_scores(det, x, "a").tolist() == [1.0, 2.0]
+    assert detector_scores(det, x, "b").tolist() == [1.0, 2.0]
+    assert detector_scores(det, x, "a").tolist() == [3.0, 4.0]
 
 
 def test_guarded_api_streams_per_client():
-    api = GuardedAPI(victim, CountingDetector(), image_shape=(1, 4, 4), num_classes=3)
+    api = Guard(victim, CountingDetector(), image_shape=(1, 4, 4), num_classes=3)
     x = torch.zeros(2, 1, 4, 4)
     for client in ("a", "b", "a"):
         api.query(x, client)

@@ -84,7 +84,7 @@ def _attack_data(args: argparse.Namespace):
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import attack_data_role, build_attack
-    from .prediction_api import GuardedAPI, VictimAPI
+    from .guard import Guard
 
     if args.scores_out and not args.detector:
         raise ValueError("--scores-out needs --detector: scores come from the detector the victim is served behind.")
@@ -97,9 +97,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from .detectors import SAMEDetector
 
         detector = SAMEDetector.load(args.detector, victim, device=args.device)
-        api = GuardedAPI(victim, detector, output=args.output)
+        api = Guard(victim, detector, "monitor", output=args.output)
     else:
-        api = VictimAPI(victim, output=args.output)
+        api = Guard(victim, output=args.output)
     result = attack.run(api, args.budget, victim=victim, test_data=test)
     if args.save:
         from .victim import Victim

@@ -1,59 +1,49 @@
-"""The prediction interface every attack and every simulated user queries: :class:`PredictionAPI`.
+"""The prediction interface every attack, every simulated user and the service speak: :class:`PredictionAPI`.
 
 A prediction API takes a batch of images ``(N, C, H, W)`` in ``[-1, 1]`` (the package's
 normalisation convention, see :mod:`sameguard.data.transforms`) from a named client and answers
 with class probabilities ``(N, K)`` ``float32`` -- or, when it is configured with
 ``output="labels"``, with top-1 labels ``(N,)`` ``int64`` only (the hard-label setting of the
 model-extraction literature). Nothing else crosses the interface: attacks never see the victim's
-weights, logits or gradients, so an HTTP client can implement the same protocol and every attack
+weights, logits or gradients, so an HTTP client implements the same protocol and every attack
 runs unchanged against a remote service.
 
-Implementations here:
+This module holds the protocol and what every implementation shares:
 
-* :class:`VictimAPI` -- the bare victim (ML-as-a-service without a defense). It counts queries per
-  client and can refuse, batch by batch, to go over a per-client budget with
-  :class:`BudgetExceededError`. A batch that would exceed the budget is refused **whole**: nothing
-  is answered and nothing is counted.
-* :class:`GuardedAPI` -- the victim behind a detector (e.g. :class:`~sameguard.detectors.SAMEDetector`)
-  that scores every query it answers and records, per client and in query order, the scores (and
-  the flags ``score > threshold_`` when the detector is calibrated), so that an experiment can read
-  back exactly the scores of the queries one attacker sent. The answers themselves are not changed
-  (monitoring mode); what to do with a score is the business of the actions and of the guard.
+* :class:`QueryLedger` -- per-client query counts with an optional budget. A batch that would go
+  over the budget is refused **whole** (:class:`BudgetExceededError`): nothing is answered and
+  nothing is counted; a batch whose answering fails is given back.
 * :class:`BoundClient` and :func:`fresh_client_id` -- an API seen by one client, with an optional
   budget of its own: what an attack holds while it runs.
 
-Example::
-
-    api = GuardedAPI(victim, detector, budget=10_000)
-    result = KnockoffNets(proxy).run(api, budget=4000)
-    attack_scores = api.scores(result.client)          # (4000,), in query order
+The in-process implementation is :class:`sameguard.guard.Guard` (the victim, optionally behind a
+detector and an action policy); the remote one is :class:`sameguard.service.SameguardClient`.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from .api import NotCalibratedError, SameguardError
-from .validation import check_images
-
-logger = logging.getLogger(__name__)
+from .api import SameguardError
+from .validation import check_choice, check_name, check_optional_int
 
 __all__ = [
+    "ANONYMOUS",
     "OUTPUTS",
     "Output",
     "PredictionAPI",
     "BudgetExceededError",
-    "VictimAPI",
-    "GuardedAPI",
+    "QueryLedger",
     "BoundClient",
     "fresh_client_id",
-    "score_for_client",
+    "check_output",
+    "victim_geometry",
+    "victim_probabilities",
 ]
 
 #: What a prediction API answers: full probability vectors or top-1 labels only.
@@ -98,30 +88,6 @@ class PredictionAPI(Protocol):
         ...
 
 
-def score_for_client(detector: object, x: torch.Tensor, client: str) -> torch.Tensor:
-    """``(N,)`` float32 scores of ``client``'s next queries ``x``, for stateless and stateful detectors.
-
-    A per-client detector (PRADA, VarDetect) exposes ``observe(x, client)``, which appends ``x``
-    to that client's history and scores it in context; a detector whose ``score`` takes a
-    ``client`` keyword receives it; any other detector scores the batch on its own.
-    """
-    with torch.no_grad():
-        observe = getattr(detector, "observe", None)
-        if callable(observe):
-            raw = observe(x, client)
-        else:
-            score = detector.score  # type: ignore[attr-defined]
-            try:
-                takes_client = "client" in inspect.signature(score).parameters
-            except (TypeError, ValueError):  # builtins without a signature
-                takes_client = False
-            raw = score(x, client=client) if takes_client else score(x)
-    scores = torch.as_tensor(raw).detach().to("cpu", torch.float32).flatten()
-    if scores.numel() != x.shape[0]:
-        raise ValueError(f"The detector returned {scores.numel()} scores for {x.shape[0]} queries.")
-    return scores
-
-
 class BudgetExceededError(SameguardError, RuntimeError):
     """A query batch would take a client over its query budget; the whole batch was refused.
 
@@ -141,256 +107,106 @@ class BudgetExceededError(SameguardError, RuntimeError):
         )
 
 
-def _check_client(client: object) -> str:
-    if not isinstance(client, str) or not client:
-        raise ValueError(f"client must be a non-empty string naming the caller, got {client!r}.")
-    return client
+def check_output(output: object) -> Output:
+    """``output`` if it is ``"probabilities"`` or ``"labels"``."""
+    return check_choice(output, "output", OUTPUTS)  # type: ignore[return-value]
 
 
-def _check_budget(budget: object, what: str = "budget") -> int | None:
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"{what} must be a non-negative int or None (no budget), got {budget!r}.")
-    return int(budget)
+def victim_geometry(victim: object, image_shape: object = None, num_classes: object = None
+                    ) -> tuple[tuple[int, int, int], int]:
+    """``((C, H, W), K)`` of a victim: the given values, else its ``image_shape``/``num_classes``.
+
+    Raises:
+        ValueError: the victim is not callable, or the shape or class count is unknown or invalid.
+    """
+    if not callable(victim):
+        raise ValueError(f"victim must be callable (images -> probabilities), got {type(victim).__name__}.")
+    shape = image_shape if image_shape is not None else getattr(victim, "image_shape", None)
+    if shape is None or len(tuple(shape)) != 3 or any(int(s) < 1 for s in shape):  # type: ignore[arg-type]
+        raise ValueError("The victim's input shape (C, H, W) is needed: pass image_shape=... or a victim with an "
+                         f"image_shape attribute; got {shape!r}.")
+    k = num_classes if num_classes is not None else getattr(victim, "num_classes", None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError("The number of classes (at least 2) is needed: pass num_classes=... or a victim with a "
+                         f"num_classes attribute; got {k!r}.")
+    return tuple(int(s) for s in shape), int(k)  # type: ignore[return-value, union-attr]
 
 
-class VictimAPI:
-    """The bare victim as a prediction API, with per-client query counting and budgets.
+def victim_probabilities(victim: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """``(N, K)`` float32 CPU probabilities of ``victim`` on ``x``, with the shape checked."""
+    with torch.no_grad():
+        probs = victim(x)
+    if not isinstance(probs, torch.Tensor) or probs.shape != (x.shape[0], num_classes):
+        raise ValueError(f"The victim must return probabilities of shape ({x.shape[0]}, {num_classes}), got "
+                         f"{tuple(getattr(probs, 'shape', ()))}.")
+    return probs.detach().to("cpu", torch.float32)
+
+
+class QueryLedger:
+    """Per-client image counts with an optional per-client budget; thread-safe.
 
     Args:
-        victim: ``images (N, C, H, W) in [-1, 1] -> probabilities (N, K)``, e.g. a
-            :class:`~sameguard.victim.Victim` (its ``image_shape`` and ``num_classes`` are read
-            from it) or any callable (then pass ``image_shape`` and ``num_classes``).
-        output: ``"probabilities"`` (default) or ``"labels"`` (top-1 labels only).
-        budget: per-client budget in images; ``None`` (default) means unlimited. Every client
-            gets the same budget.
-        image_shape: ``(C, H, W)``; defaults to ``victim.image_shape``.
-        num_classes: ``K``; defaults to ``victim.num_classes``.
-        record_inputs: keep every answered image per client (CPU, float32), readable with
-            :meth:`inputs` -- e.g. to score one attack's queries with several detectors without
-            running it again. Off by default (memory grows with the queries).
+        budget: images each client may have answered; ``None`` (default): unlimited.
 
-    The API is safe to call from several threads: the budget check and the count are atomic.
+    Use :meth:`charge` around the work of answering a batch: the images are reserved atomically
+    before the work and given back if the work raises, so a failed batch is never counted::
+
+        with ledger.charge(client, len(x)):
+            answer = work(x)
     """
 
-    def __init__(
-        self,
-        victim: Callable[[torch.Tensor], torch.Tensor],
-        *,
-        output: Output = "probabilities",
-        budget: int | None = None,
-        image_shape: tuple[int, int, int] | None = None,
-        num_classes: int | None = None,
-        record_inputs: bool = False,
-    ) -> None:
-        if not callable(victim):
-            raise ValueError(f"victim must be callable (images -> probabilities), got {type(victim).__name__}.")
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
-        shape = image_shape if image_shape is not None else getattr(victim, "image_shape", None)
-        if shape is None or len(tuple(shape)) != 3 or any(int(s) < 1 for s in shape):
-            raise ValueError(
-                "The API needs the victim's input shape (C, H, W): pass image_shape=... or a victim "
-                f"with an image_shape attribute; got {shape!r}."
-            )
-        k = num_classes if num_classes is not None else getattr(victim, "num_classes", None)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise ValueError(
-                "The API needs the number of classes (at least 2): pass num_classes=... or a victim "
-                f"with a num_classes attribute; got {k!r}."
-            )
-        self.victim = victim
-        self.output: Output = output
-        self.budget = _check_budget(budget)
-        self.image_shape: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
-        self.num_classes = int(k)
-        self.record_inputs = bool(record_inputs)
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = check_optional_int(budget, "budget")
         self._used: dict[str, int] = {}
-        self._inputs: dict[str, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(image_shape={self.image_shape}, num_classes={self.num_classes}, "
-                f"output={self.output!r}, budget={self.budget})")
-
-    # -- accounting ---------------------------------------------------------------------------
-    def queries_used(self, client: str) -> int:
-        """Images answered so far for ``client`` (0 for a client never seen)."""
+    def used(self, client: str) -> int:
+        """Images counted for ``client`` (0 for a client never seen)."""
         with self._lock:
-            return self._used.get(_check_client(client), 0)
+            return self._used.get(check_name(client, "client"), 0)
 
     def remaining(self, client: str) -> int | None:
-        """Images ``client`` may still send; ``None`` when the API has no budget."""
-        if self.budget is None:
-            return None
-        return max(self.budget - self.queries_used(client), 0)
+        """Images ``client`` may still send; ``None`` without a budget."""
+        return None if self.budget is None else max(self.budget - self.used(client), 0)
 
     @property
-    def total_queries(self) -> int:
-        """Images answered for all clients together."""
+    def total(self) -> int:
+        """Images counted for all clients together."""
         with self._lock:
             return sum(self._used.values())
 
     def clients(self) -> list[str]:
-        """Clients that have had at least one batch answered, in order of first query."""
+        """Clients with at least one image counted, in order of first query."""
         with self._lock:
-            return list(self._used)
+            return [c for c, n in self._used.items() if n > 0]
 
-    def inputs(self, client: str) -> torch.Tensor:
-        """``(n, C, H, W)`` every image answered for ``client``, in query order (``record_inputs``)."""
-        if not self.record_inputs:
-            raise RuntimeError("This API does not keep its inputs: construct it with record_inputs=True.")
+    def forget(self, client: str) -> None:
+        """Drop ``client``'s count: its budget starts afresh."""
         with self._lock:
-            parts = list(self._inputs.get(_check_client(client), []))
-        return torch.cat(parts) if parts else torch.empty(0, *self.image_shape)
+            self._used.pop(check_name(client, "client"), None)
 
-    def reset(self, client: str) -> None:
-        """Forget ``client``: its count (so its budget starts afresh) and everything recorded for it."""
-        client = _check_client(client)
-        with self._lock:
-            self._used.pop(client, None)
-            self._inputs.pop(client, None)
-            self._forget(client)
-
-    def _forget(self, client: str) -> None:
-        """Hook for subclasses: drop their per-client records (called with the lock held)."""
-
-    # -- answering ----------------------------------------------------------------------------
-    def query(self, x: torch.Tensor, client: str = ANONYMOUS) -> torch.Tensor:
-        """Answer ``x`` ``(N, C, H, W)`` in ``[-1, 1]`` for ``client``.
-
-        Returns:
-            ``(N, K)`` float32 probabilities, or ``(N,)`` int64 labels when ``output="labels"``;
-            on the CPU.
+    @contextmanager
+    def charge(self, client: str, n: int) -> Iterator[None]:
+        """Reserve ``n`` images for ``client`` for the ``with`` block; give them back if it raises.
 
         Raises:
-            ValueError: ``x`` is not a valid batch of ``image_shape`` images (see
-                :func:`~sameguard.validation.check_images`).
-            BudgetExceededError: ``used + N > budget``; nothing is answered or counted.
+            BudgetExceededError: ``used + n > budget``; nothing is reserved.
         """
-        client = _check_client(client)
-        x = check_images(x, self.image_shape)
-        n = int(x.shape[0])
-        with self._lock:  # reserve the queries atomically
+        client = check_name(client, "client")
+        with self._lock:
             used = self._used.get(client, 0)
             if self.budget is not None and used + n > self.budget:
                 raise BudgetExceededError(client, self.budget, used, n)
             self._used[client] = used + n
         try:
-            probs = self._probabilities(x)
-            extra = self._observe(x, probs, client)
+            yield
         except BaseException:
-            with self._lock:  # give the reservation back: nothing was answered
+            with self._lock:
                 self._used[client] -= n
-                if self._used[client] == 0 and not self._inputs.get(client):
+                if self._used[client] <= 0:
                     del self._used[client]
             raise
-        with self._lock:
-            if self.record_inputs:
-                self._inputs.setdefault(client, []).append(x.detach().to("cpu", copy=True))
-            self._record(client, extra)
-        if self.output == "labels":
-            return probs.argmax(dim=1)
-        return probs
-
-    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            probs = self.victim(x)
-        if not isinstance(probs, torch.Tensor) or probs.shape != (x.shape[0], self.num_classes):
-            raise ValueError(
-                f"The victim must return probabilities of shape ({x.shape[0]}, {self.num_classes}), got "
-                f"{tuple(getattr(probs, 'shape', ()))}."
-            )
-        return probs.detach().to("cpu", torch.float32)
-
-    def _observe(self, x: torch.Tensor, probs: torch.Tensor, client: str) -> object:
-        """Hook for subclasses: look at an accepted batch before it is answered (no lock held)."""
-        return None
-
-    def _record(self, client: str, extra: object) -> None:
-        """Hook for subclasses: store what :meth:`_observe` returned (called with the lock held)."""
-
-
-class GuardedAPI(VictimAPI):
-    """The victim behind a detector that scores every query and records the scores per client.
-
-    Each accepted batch is scored with :func:`score_for_client` (``(N,)``, larger = more suspicious)
-    before it is answered; the scores are kept per client in query order, and so are the flags
-    ``score > detector.threshold_`` when the detector has a threshold. Answers are not changed.
-    Batches refused for budget are neither scored nor recorded. A per-client detector (with
-    ``observe(x, client)``, such as PRADA) sees each client's queries as one stream, and one with
-    a ``reset(client)`` method is told when :meth:`reset` forgets a client.
-
-    Args:
-        victim: as for :class:`VictimAPI`.
-        detector: an object with ``score(x) -> Tensor[N]`` (e.g. a fitted
-            :class:`~sameguard.detectors.SAMEDetector`) and optionally ``threshold_``.
-        output, budget, image_shape, num_classes, record_inputs: as for :class:`VictimAPI`.
-    """
-
-    def __init__(
-        self,
-        victim: Callable[[torch.Tensor], torch.Tensor],
-        detector: object,
-        *,
-        output: Output = "probabilities",
-        budget: int | None = None,
-        image_shape: tuple[int, int, int] | None = None,
-        num_classes: int | None = None,
-        record_inputs: bool = False,
-    ) -> None:
-        super().__init__(victim, output=output, budget=budget, image_shape=image_shape,
-                         num_classes=num_classes, record_inputs=record_inputs)
-        score = getattr(detector, "score", None)
-        if not callable(score):
-            raise ValueError(f"detector must have a score(x) method, got {type(detector).__name__}.")
-        self.detector = detector
-        self._scores: dict[str, list[torch.Tensor]] = {}
-        self._flags: dict[str, list[torch.Tensor | None]] = {}
-
-    def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, detector={type(self.detector).__name__})"
-
-    def _observe(self, x: torch.Tensor, probs: torch.Tensor, client: str) -> object:
-        scores = score_for_client(self.detector, x, client)
-        threshold = getattr(self.detector, "threshold_", None)
-        flags = None if threshold is None else scores > float(threshold)
-        return scores, flags
-
-    def _record(self, client: str, extra: object) -> None:
-        scores, flags = extra  # type: ignore[misc]
-        self._scores.setdefault(client, []).append(scores)
-        self._flags.setdefault(client, []).append(flags)
-
-    def _forget(self, client: str) -> None:
-        self._scores.pop(client, None)
-        self._flags.pop(client, None)
-        reset = getattr(self.detector, "reset", None)
-        if callable(reset):
-            reset(client)
-
-    def scores(self, client: str) -> torch.Tensor:
-        """``(n,)`` float32 detector scores of every image answered for ``client``, in query order."""
-        with self._lock:
-            parts = list(self._scores.get(_check_client(client), []))
-        return torch.cat(parts) if parts else torch.empty(0)
-
-    def flags(self, client: str) -> torch.Tensor:
-        """``(n,)`` bool: which of ``client``'s queries were flagged (``score > threshold_``).
-
-        Raises:
-            NotCalibratedError: some of the client's queries were scored while the detector had
-                no threshold.
-        """
-        with self._lock:
-            parts = list(self._flags.get(_check_client(client), []))
-        if any(p is None for p in parts):
-            raise NotCalibratedError(
-                f"Some queries of client {client!r} were scored while the detector had no threshold, so "
-                "they have no flags: calibrate the detector before the queries are sent."
-            )
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.bool)  # type: ignore[arg-type]
 
 
 class BoundClient:
@@ -409,8 +225,8 @@ class BoundClient:
 
     def __init__(self, api: PredictionAPI, client: str, budget: int | None = None) -> None:
         self.api = api
-        self.client = _check_client(client)
-        self.budget = _check_budget(budget)
+        self.client = check_name(client, "client")
+        self.budget = check_optional_int(budget, "budget")
         self.used = 0
 
     @property
@@ -450,9 +266,11 @@ def fresh_client_id(api: PredictionAPI, prefix: str) -> str:
     The first candidate that has no query counted at ``api`` is returned, so the ids are
     deterministic for a given history and an attack's queries never mix with earlier ones.
     """
-    prefix = _check_client(prefix)
+    prefix = check_name(prefix, "prefix")
     candidate, k = prefix, 1
     while api.queries_used(candidate) > 0:
         k += 1
         candidate = f"{prefix}-{k}"
     return candidate
+
+

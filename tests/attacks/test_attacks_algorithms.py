@@ -15,12 +15,12 @@ from sameguard.bench.substitutes import format_table, run_substitute_benchmark
 from sameguard.data import ImageDataset
 from sameguard.models import build_classifier
 from sameguard.models.generator import GeneratorA
-from sameguard.prediction_api import VictimAPI
+from sameguard.guard import Guard
 from sameguard.victim import Victim
 
 
-class CallLog(VictimAPI):
-    """A VictimAPI that remembers the size of every batch it answered."""
+class CallLog(Guard):
+    """A Guard that remembers the size of every batch it answered."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -155,7 +155,7 @@ def test_attacks_jbda_tr_moves_towards_a_random_other_class():
 
 def test_attacks_jbda_reservoir_caps_growth():
     data = noise_data(64, (1, 16, 16), k=2)
-    api = VictimAPI(random_victim((1, 16, 16), k=2))
+    api = Guard(random_victim((1, 16, 16), k=2))
     attack = JBDA(data, num_seeds=8, sigma=2, kappa=5, epochs=1, progress=False)
     result = attack.run(api, 8 + 8 + 16 + 5 + 5 + 3)
     assert result.details["added_per_round"] == [8, 8, 16, 5, 5, 3]  # doubling, then kappa, then the rest
@@ -190,7 +190,7 @@ def test_attacks_knockoff_adaptive_bandit_prefers_the_rewarding_class():
     imgs = torch.cat([torch.full((n, 1, 16, 16), 0.5), torch.full((n, 1, 16, 16), -0.5)])
     proxy = ImageDataset("toy", "train", imgs, torch.cat([torch.zeros(n), torch.ones(n)]).long(),
                          ("bright", "dark"), False)
-    api = VictimAPI(victim, image_shape=(1, 16, 16), num_classes=3)
+    api = Guard(victim, image_shape=(1, 16, 16), num_classes=3)
     attack = KnockoffNets(proxy, strategy="adaptive", reward="cert", query_batch_size=1, epochs=1,
                           substitute_arch="lenet5", seed=0, progress=False)
     result = attack.run(api, 150)
@@ -202,7 +202,7 @@ def test_attacks_knockoff_adaptive_bandit_prefers_the_rewarding_class():
 # -- the normal user ----------------------------------------------------------------------------
 def test_attacks_normal_user_sends_test_images_exactly():
     data = noise_data(20, (1, 16, 16))
-    api = VictimAPI(random_victim((1, 16, 16), k=2), budget=50, record_inputs=True)
+    api = Guard(random_victim((1, 16, 16), k=2), budget=50, record_inputs=True)
     traffic = NormalUser(data, query_batch_size=7, seed=1).run(api, 50)
     assert traffic.queries == 50 == api.queries_used(traffic.client) and traffic.client == "normal"
     assert torch.equal(api.inputs("normal"), data.images[traffic.indices])

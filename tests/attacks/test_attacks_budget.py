@@ -17,7 +17,8 @@ from sameguard.attacks import (
     build_attack,
 )
 from sameguard.models import build_classifier
-from sameguard.prediction_api import BudgetExceededError, GuardedAPI, VictimAPI
+from sameguard.guard import Guard
+from sameguard.prediction_api import BudgetExceededError
 from sameguard.victim import Victim
 
 
@@ -64,7 +65,7 @@ def test_attacks_registry_names(attacker_data):
 @pytest.mark.parametrize("budget", [37, 130])
 def test_attacks_spend_exactly_their_budget(name, budget, random_victim, attacker_data):
     # The API itself refuses anything beyond the budget, so overshooting would raise.
-    api = VictimAPI(random_victim, budget=budget)
+    api = Guard(random_victim, budget=budget)
     result = make(name, attacker_data).run(api, budget)
     assert isinstance(result, AttackResult)
     assert result.queries == budget == api.queries_used(result.client) == api.total_queries
@@ -78,7 +79,7 @@ def test_attacks_same_seed_same_substitute(name, random_victim, attacker_data, f
     x = test.images[:64]
     outs = []
     for seed in (3, 3, 4):
-        sub = make(name, attacker_data, seed=seed).run(VictimAPI(random_victim), 60).substitute
+        sub = make(name, attacker_data, seed=seed).run(Guard(random_victim), 60).substitute
         outs.append((sub.state_dict(), sub(x).detach()))
     (w1, y1), (w2, y2), (_, y3) = outs
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -87,7 +88,7 @@ def test_attacks_same_seed_same_substitute(name, random_victim, attacker_data, f
 
 
 def test_attacks_refuse_a_budget_larger_than_the_api_allows(random_victim, attacker_data):
-    api = VictimAPI(random_victim, budget=50)
+    api = Guard(random_victim, budget=50)
     with pytest.raises(BudgetExceededError, match="50"):
         make("knockoff", attacker_data).run(api, 51, client="thief")
     assert api.queries_used("thief") == 0  # checked before anything was sent
@@ -98,14 +99,14 @@ def test_attacks_refuse_a_budget_larger_than_the_api_allows(random_victim, attac
 
 @pytest.mark.parametrize("name", ["knockoff", "jbda", "jbda-tr"])
 def test_attacks_label_only_api_works_for_label_capable_attacks(name, random_victim, attacker_data):
-    api = VictimAPI(random_victim, output="labels")
+    api = Guard(random_victim, output="labels")
     result = make(name, attacker_data).run(api, 50)
     assert result.queries == 50 and result.output == "labels"
 
 
 @pytest.mark.parametrize("name", ["dfme", "knockoff-adaptive"])
 def test_attacks_label_only_api_refused_by_probability_attacks(name, random_victim, attacker_data):
-    api = VictimAPI(random_victim, output="labels")
+    api = Guard(random_victim, output="labels")
     with pytest.raises(UnsupportedOutputError, match="probabilit"):
         make(name, attacker_data).run(api, 50)
     assert api.total_queries == 0
@@ -114,19 +115,19 @@ def test_attacks_label_only_api_refused_by_probability_attacks(name, random_vict
 def test_attacks_adaptive_knockoff_with_label_rewards_runs_on_labels(random_victim, attacker_data):
     attack = make("knockoff-adaptive", attacker_data, reward="loss")
     assert not attack.requires_probabilities()
-    assert attack.run(VictimAPI(random_victim, output="labels"), 40).queries == 40
+    assert attack.run(Guard(random_victim, output="labels"), 40).queries == 40
 
 
 def test_attacks_evaluate_offline_without_counting(random_victim, attacker_data, fmnist_small):
     _, test = fmnist_small
-    api = VictimAPI(random_victim)
+    api = Guard(random_victim)
     result = make("knockoff", attacker_data).run(api, 40, test_data=test.take(100, seed=0))
     assert api.total_queries == 40  # evaluation used the victim offline
     assert 0.0 <= result.test_accuracy <= 1.0 and 0.0 <= result.fidelity <= 1.0
 
 
 def test_attacks_guarded_api_scores_one_attackers_queries(random_victim, attacker_data, fmnist_small):
-    """An attack and a normal user through a GuardedAPI: each client's scores are its own queries'."""
+    """An attack and a normal user through a Guard: each client's scores are its own queries'."""
     _, test = fmnist_small
 
     class MeanDetector:
@@ -135,7 +136,7 @@ def test_attacks_guarded_api_scores_one_attackers_queries(random_victim, attacke
         def score(self, x):
             return x.mean(dim=(1, 2, 3))
 
-    api = GuardedAPI(random_victim, MeanDetector(), record_inputs=True)
+    api = Guard(random_victim, MeanDetector(), record_inputs=True)
     attack = make("jbda", attacker_data).run(api, 45)
     user = NormalUser(test, seed=0, query_batch_size=16).run(api, 30)
     for client, n in ((attack.client, 45), (user.client, 30)):
@@ -158,4 +159,4 @@ def test_attacks_constructor_validation(attacker_data):
     with pytest.raises(ValueError, match="grad_m"):
         DFME(grad_m=0)
     with pytest.raises(ValueError, match="budget"):
-        make("knockoff", attacker_data).run(VictimAPI(lambda x: x, image_shape=(1, 28, 28), num_classes=10), 0)
+        make("knockoff", attacker_data).run(Guard(lambda x: x, image_shape=(1, 28, 28), num_classes=10), 0)

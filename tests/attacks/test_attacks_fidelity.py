@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sameguard.attacks import JBDA, KnockoffNets
-from sameguard.prediction_api import VictimAPI
+from sameguard.guard import Guard
 from sameguard.victim import train_victim
 
 
@@ -28,7 +28,7 @@ def setting(fmnist_small):
 def test_attacks_knockoff_in_distribution_copies_the_victim(setting, output):
     victim, attacker, test, chance = setting
     attack = KnockoffNets(attacker, epochs=20, lr=0.05, momentum=0.9, batch_size=32, seed=0, progress=False)
-    result = attack.run(VictimAPI(victim, output=output), 300, test_data=test)
+    result = attack.run(Guard(victim, output=output), 300, test_data=test)
     assert result.queries == 300
     assert result.fidelity > chance + 0.45, (result.fidelity, chance)
     assert result.test_accuracy > 0.45
@@ -38,6 +38,6 @@ def test_attacks_knockoff_in_distribution_copies_the_victim(setting, output):
 def test_attacks_jbda_copies_the_victim(setting, output):
     victim, attacker, test, chance = setting
     attack = JBDA(attacker, num_seeds=50, epochs=20, lr=0.05, batch_size=32, seed=0, progress=False)
-    result = attack.run(VictimAPI(victim, output=output), 200, test_data=test)
+    result = attack.run(Guard(victim, output=output), 200, test_data=test)
     assert result.queries == 200 and result.details["added_per_round"] == [50, 50, 100]
     assert result.fidelity > chance + 0.35, (result.fidelity, chance)

@@ -59,6 +59,16 @@ class ActionOutcome:
         return cls(probabilities=probs, refused=torch.zeros(n, dtype=torch.bool), actions=labels,
                    work_bits=torch.zeros(n, dtype=torch.int64), alpha=torch.zeros(n, dtype=torch.float32))
 
+    def replace_rows(self, rows: torch.Tensor, sub: ActionOutcome) -> ActionOutcome:
+        """This outcome with the rows ``rows`` (``(M,)`` int64 indices) taken from ``sub`` (``M`` rows)."""
+        answers, refused = self.probabilities.clone(), self.refused.clone()
+        bits, alpha, labels = self.work_bits.clone(), self.alpha.clone(), list(self.actions)
+        answers[rows], refused[rows], bits[rows], alpha[rows] = sub.probabilities, sub.refused, sub.work_bits, sub.alpha
+        for j, i in enumerate(rows.tolist()):
+            labels[i] = sub.actions[j]
+        return ActionOutcome(probabilities=answers, refused=refused, actions=tuple(labels), work_bits=bits,
+                             alpha=alpha)
+
 
 def check_batch(probs: object, scores: object, threshold: object) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Validate an action's inputs; returns ``(probs (N, K) float32, scores (N,) float64, threshold)``.
@@ -104,6 +114,17 @@ class Action(abc.ABC):
             scores: ``(N,)`` detector scores, larger = more suspicious.
             threshold: the calibrated threshold ``tau``.
         """
+
+    def apply_alarmed(self, x: torch.Tensor | None, probs: torch.Tensor, scores: torch.Tensor,
+                      evidence: torch.Tensor) -> ActionOutcome:
+        """Decide for queries of a client that is alarmed (per-client evidence reached ``1/delta``).
+
+        Every such query gets the action, whatever its own score: by default :meth:`apply` with
+        the threshold at ``-inf`` (refuse everything, mislead at full weight). ``evidence`` is
+        ``(N,)`` log10 of the client's test martingale after each query (``>= log10(1/delta)``);
+        proof-of-work uses it to grow the difficulty.
+        """
+        return self.apply(x, probs, scores, float("-inf"))
 
     def describe(self) -> dict[str, object]:
         """JSON-serialisable parameters, for health checks and logs."""

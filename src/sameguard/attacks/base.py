@@ -37,6 +37,7 @@ from ..api import SameguardError
 from ..models import build_classifier
 from ..prediction_api import BoundClient, BudgetExceededError, PredictionAPI, fresh_client_id
 from ..training import predict_in_batches, resolve_device, train_classifier
+from ..validation import check_int, check_non_negative, check_positive
 
 if TYPE_CHECKING:
     from ..data import ImageDataset
@@ -48,9 +49,6 @@ __all__ = [
     "ExtractionAttack",
     "UnsupportedOutputError",
     "evaluate_substitute",
-    "check_positive_int",
-    "check_positive_float",
-    "check_non_negative_float",
 ]
 
 #: ``images (N, C, H, W) in [-1, 1] -> probabilities (N, K)``: the victim used offline for evaluation.
@@ -61,25 +59,6 @@ class UnsupportedOutputError(SameguardError, ValueError):
     """The attack needs probability outputs but the API returns labels only."""
 
 
-# -- validation helpers (full-sentence errors) ----------------------------------------------------
-def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
-    return int(value)
-
-
-def check_positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}.")
-    return float(value)
-
-
-def check_non_negative_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class AttackResult:
     """What an extraction attack returns.
@@ -87,7 +66,7 @@ class AttackResult:
     Attributes:
         attack: the attack's name, e.g. ``"knockoff"``.
         client: the client id it queried the API as (read its detector scores with
-            ``GuardedAPI.scores(client)``).
+            ``Guard.scores(client)``).
         substitute: the extracted model (logits ``(N, K)``), in eval mode.
         queries: images sent to the API (``== budget`` for every attack here).
         budget: the budget it was given.
@@ -200,16 +179,16 @@ class ExtractionAttack(abc.ABC):
             raise ValueError(f"substitute must be a torch.nn.Module or None, got {type(substitute).__name__}.")
         self.substitute_arch = substitute_arch
         self.substitute = substitute
-        self.epochs = check_positive_int(epochs, "epochs")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        self.lr = check_positive_float(lr, "lr")
+        self.epochs = check_int(epochs, "epochs")
+        self.batch_size = check_int(batch_size, "batch_size")
+        self.lr = check_positive(lr, "lr")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.")
         self.momentum = float(momentum)
-        self.weight_decay = check_non_negative_float(weight_decay, "weight_decay")
+        self.weight_decay = check_non_negative(weight_decay, "weight_decay")
         self.augment = bool(augment)
         self.use_probabilities = bool(use_probabilities)
-        self.query_batch_size = check_positive_int(query_batch_size, "query_batch_size")
+        self.query_batch_size = check_int(query_batch_size, "query_batch_size")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}.")
         self.seed = int(seed)
@@ -254,7 +233,7 @@ class ExtractionAttack(abc.ABC):
             BudgetExceededError: the API's budget for ``client`` is smaller than ``budget``
                 (checked before anything is sent).
         """
-        budget = check_positive_int(budget, "budget")
+        budget = check_int(budget, "budget")
         if api.output not in ("probabilities", "labels"):
             raise ValueError(f"The API's output must be 'probabilities' or 'labels', got {api.output!r}.")
         if api.output == "labels" and self.requires_probabilities():

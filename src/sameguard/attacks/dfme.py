@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 from ..models.generator import GeneratorA
 from ..prediction_api import BoundClient
 from ..training import show_progress
-from .base import ExtractionAttack, check_positive_float, check_positive_int
+from ..validation import check_int, check_positive
+from .base import ExtractionAttack
 
 logger = logging.getLogger(__name__)
 
@@ -173,18 +174,18 @@ class DFME(ExtractionAttack):
             raise ValueError("DFME trains its student online; epochs, use_probabilities and augment do not apply.")
         super().__init__(batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          query_batch_size=query_batch_size, **kwargs)
-        self.nz = check_positive_int(nz, "nz")
-        self.ngf = check_positive_int(ngf, "ngf")
-        self.grad_m = check_positive_int(grad_m, "grad_m")
-        self.grad_epsilon = check_positive_float(grad_epsilon, "grad_epsilon")
-        self.g_iter = check_positive_int(g_iter, "g_iter", minimum=0)
-        self.d_iter = check_positive_int(d_iter, "d_iter")
-        self.lr_generator = check_positive_float(lr_generator, "lr_generator")
+        self.nz = check_int(nz, "nz")
+        self.ngf = check_int(ngf, "ngf")
+        self.grad_m = check_int(grad_m, "grad_m")
+        self.grad_epsilon = check_positive(grad_epsilon, "grad_epsilon")
+        self.g_iter = check_int(g_iter, "g_iter", minimum=0)
+        self.d_iter = check_int(d_iter, "d_iter")
+        self.lr_generator = check_positive(lr_generator, "lr_generator")
         steps = tuple(float(s) for s in lr_steps)
         if any(not 0.0 <= s <= 1.0 for s in steps):
             raise ValueError(f"lr_steps must be fractions in [0, 1], got {tuple(lr_steps)!r}.")
         self.lr_steps = steps
-        self.lr_scale = check_positive_float(lr_scale, "lr_scale")
+        self.lr_scale = check_positive(lr_scale, "lr_scale")
         if logit_correction not in LOGIT_CORRECTIONS:
             raise ValueError(f"logit_correction must be one of {LOGIT_CORRECTIONS}, got {logit_correction!r}.")
         self.logit_correction = logit_correction

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from ..data import ImageDataset, adapt_to
 from ..prediction_api import BoundClient
 from ..training import show_progress
-from .base import ExtractionAttack, check_positive_float, check_positive_int
+from ..validation import check_int, check_positive
+from .base import ExtractionAttack
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,15 @@ class JBDA(ExtractionAttack):
         if not isinstance(seed_data, ImageDataset) or len(seed_data) == 0:
             raise ValueError(f"seed_data must be a non-empty ImageDataset of in-distribution images, got {seed_data!r}.")
         self.seed_data = seed_data
-        self.num_seeds = check_positive_int(num_seeds, "num_seeds")
+        self.num_seeds = check_int(num_seeds, "num_seeds")
         if self.num_seeds > len(seed_data):
             raise ValueError(f"num_seeds ({num_seeds}) is larger than seed_data ({len(seed_data)} images).")
-        self.step_size = check_positive_float(step_size, "step_size")
-        self.tau = None if tau is None else check_positive_int(tau, "tau")
-        self.sigma = check_positive_int(sigma, "sigma", minimum=0)
-        self.kappa = None if kappa is None else check_positive_int(kappa, "kappa")
-        self.max_rounds = None if max_rounds is None else check_positive_int(max_rounds, "max_rounds", minimum=0)
-        self.final_epochs = self.epochs if final_epochs is None else check_positive_int(final_epochs, "final_epochs")
+        self.step_size = check_positive(step_size, "step_size")
+        self.tau = None if tau is None else check_int(tau, "tau")
+        self.sigma = check_int(sigma, "sigma", minimum=0)
+        self.kappa = None if kappa is None else check_int(kappa, "kappa")
+        self.max_rounds = None if max_rounds is None else check_int(max_rounds, "max_rounds", minimum=0)
+        self.final_epochs = self.epochs if final_epochs is None else check_int(final_epochs, "final_epochs")
 
     # -- the perturbation (JBDA-TR overrides it) -------------------------------------------------
     def _step(self, rho: int) -> float:

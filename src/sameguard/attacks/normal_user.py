@@ -3,7 +3,7 @@
 This is the negative class of the SAME paper's per-query evaluation (Xie et al., AAAI 2024,
 reference implementation xythink/SAME): ``B`` attack queries are scored against ``B`` queries of a
 normal user drawn from the victim's test split. Sending them through a
-:class:`~sameguard.prediction_api.GuardedAPI` as their own client gives the benign scores::
+:class:`~sameguard.guard.Guard` as their own client gives the benign scores::
 
     user = NormalUser(test_data, seed=0)
     traffic = user.run(api, budget=4000)
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..data import ImageDataset, adapt_to
 from ..prediction_api import BoundClient, BudgetExceededError, PredictionAPI, fresh_client_id
 from ..training import show_progress
-from .base import check_positive_int
+from ..validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class NormalUser:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}.")
         self.data = data
-        self.query_batch_size = check_positive_int(query_batch_size, "query_batch_size")
+        self.query_batch_size = check_int(query_batch_size, "query_batch_size")
         self.replace = bool(replace)
         self.seed = seed
         self.progress = progress
@@ -83,7 +83,7 @@ class NormalUser:
 
     def run(self, api: PredictionAPI, budget: int, *, client: str | None = None) -> TrafficResult:
         """Send exactly ``budget`` test images to ``api`` as ``client`` (default: a fresh ``normal-*`` id)."""
-        budget = check_positive_int(budget, "budget")
+        budget = check_int(budget, "budget")
         client = fresh_client_id(api, self.name) if client is None else client
         left = api.remaining(client)
         if left is not None and left < budget:

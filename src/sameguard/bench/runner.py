@@ -5,7 +5,7 @@ For each victim dataset and seed:
 1. The train split is halved at random (seeded): the **defender half** trains the victim and
    every detector (10 % of it held out); the **attacker half** is what an attacker with
    in-distribution data holds (the sanity row, JBDA's seed images).
-2. Each attack runs against the bare victim through a :class:`~sameguard.prediction_api.VictimAPI` that
+2. Each attack runs against the bare victim through a :class:`~sameguard.guard.Guard` without a detector that
    records its queries; its substitute accuracy and fidelity are measured on the test split.
 3. The scored set is the attack's **last** ``B = scored_queries`` queries, a contiguous stream
    (for attacks that send exactly ``B`` queries, all of them). For DFME that is the end of its
@@ -39,7 +39,7 @@ from ..attacks import NormalUser, attack_data_role, build_attack
 from ..cache import cache_key, cached_victim, preset_architecture
 from ..data import ImageDataset, load_dataset
 from ..detectors import DETECTORS
-from ..prediction_api import VictimAPI
+from ..guard import Guard
 from ..steps import StepLog
 from ..victim import Victim
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
@@ -138,7 +138,7 @@ def _attack_queries(spec: AttackSpec, victim: Victim, test: ImageDataset, halves
     else:
         data = ()
     attack = build_attack(spec.name, *data, **kwargs)
-    api = VictimAPI(victim, output=spec.output, record_inputs=True)
+    api = Guard(victim, output=spec.output, record_inputs=True, keep_decisions=0)
     logger.info("Running %s with a budget of %d queries", spec.label, spec.budget)
     res = attack.run(api, spec.budget, victim=victim, test_data=test)
     queries = api.inputs(res.client)[-scored:].contiguous()
@@ -186,7 +186,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
                                    lr=config.victim.lr, seed=seed, device=device, progress=progress)
             echo(f"[{dataset} seed {seed}] victim {config.victim.arch}: test accuracy {victim.test_accuracy:.4f}")
             benign = NormalUser(test, seed=seed + 10_000, progress=False)
-            benign_api = VictimAPI(victim, record_inputs=True)
+            benign_api = Guard(victim, record_inputs=True, keep_decisions=0)
             benign_client = benign.run(benign_api, B).client
             benign_x = benign_api.inputs(benign_client)
 

@@ -1,7 +1,7 @@
 """Substitute-quality benchmark: how good a clone does each attack get for a query budget?
 
 For every attack and budget, the attack is run against a fresh, undefended
-:class:`~sameguard.prediction_api.VictimAPI` and its substitute is evaluated **offline** on the victim's
+:class:`~sameguard.guard.Guard` (no detector) and its substitute is evaluated **offline** on the victim's
 test set: substitute accuracy, fidelity (top-1 agreement with the victim) and accuracy relative
 to the victim's (the "x" of DFME and MAZE). These are the attack-success metrics of the
 model-extraction literature (see ``reference/methods.md``, "Evaluation metrics and query
@@ -30,7 +30,7 @@ import torch
 
 from ..attacks import ATTACKS, attack_data_role, build_attack
 from ..data import ImageDataset
-from ..prediction_api import VictimAPI
+from ..guard import Guard
 from ..training import accuracy
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def run_substitute_benchmark(
     Args:
         victim: the victim classifier (``images -> probabilities``, with ``image_shape`` and
             ``num_classes``; a :class:`~sameguard.victim.Victim`). It is served through a fresh
-            :class:`~sameguard.prediction_api.VictimAPI` per run and used offline for evaluation.
+            :class:`~sameguard.guard.Guard` per run and used offline for evaluation.
         test_data: the victim's test set (accuracy and fidelity are measured on it).
         attacks: registry names (see :data:`sameguard.attacks.ATTACKS`).
         budgets: query budgets; every attack spends each exactly.
@@ -116,7 +116,7 @@ def run_substitute_benchmark(
             if output == "labels" and attack.requires_probabilities():
                 logger.info("Skipping %s: it needs probabilities and the API returns labels only.", name)
                 continue
-            api = VictimAPI(victim, output=output)  # type: ignore[arg-type]
+            api = Guard(victim, output=output, keep_decisions=0)  # type: ignore[arg-type]
             start = time.perf_counter()
             result = attack.run(api, budget, victim=victim, test_data=test_data)
             seconds = time.perf_counter() - start
