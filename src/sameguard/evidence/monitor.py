@@ -1,0 +1,252 @@
+"""Per-client alarms with a guaranteed false-alarm rate: p-values -> martingales -> latched alarms.
+
+For each client, each detector's score of each query becomes a conformal p-value against benign
+calibration of the query's predicted class (:class:`ConformalCalibrator`), the p-values drive that
+detector's mixture test martingale (:class:`MixtureMartingale`), an optional stream test
+(:class:`StreamExchangeabilityTest`) drives one more, and the client's evidence is the **average**
+of these martingales, a test martingale whatever the dependence between detectors (an average of
+test martingales is one; a product would need independence). The client is alarmed at the first
+query where the evidence reaches ``1/δ``; by Ville's inequality a benign client whose p-values are
+independent and (super-)uniform is ever alarmed with probability at most ``δ`` (mode ``"ville"``;
+with ``"cusum"`` / ``"shiryaev-roberts"`` the guarantee is instead an average of at least ``1/δ``
+queries before a false alarm). See ``reference/sequential.md`` for the assumptions and caveats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+
+from ..validation import check_fraction, check_int, check_name
+from .conformal import ConformalCalibrator
+from .martingale import MixtureMartingale
+from .state import ClientState
+from .store import InMemoryStore, StateStore
+from .stream import StreamExchangeabilityTest
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvidenceMonitor", "ClientEvidence", "STREAM_NAME"]
+
+#: The name under which the stream test's martingale appears in ``ClientEvidence.per_detector``.
+STREAM_NAME = "stream"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientEvidence:
+    """A client's evidence after a batch of its queries (or now, from :meth:`EvidenceMonitor.evidence`).
+
+    Attributes:
+        client: the client id.
+        queries: number of the client's queries seen so far.
+        log_evidence: natural log of the combined martingale (average over detectors) now.
+        per_detector: detector name (and ``"stream"``) -> natural log of its own mixture martingale.
+        alarmed: the evidence reached ``1/δ`` at some query since the last cleared alarm (latched).
+        alarm_query: 1-based index in the client's stream of that first query, or ``None``.
+        alarm_time: unix time in seconds when the alarm was raised, or ``None``.
+        log_evidence_path: ``(N,)`` float64 log evidence after each query of the batch (empty when
+            returned by :meth:`EvidenceMonitor.evidence`).
+    """
+
+    client: str
+    queries: int
+    log_evidence: float
+    per_detector: dict[str, float]
+    alarmed: bool
+    alarm_query: int | None
+    alarm_time: float | None
+    log_evidence_path: torch.Tensor
+
+
+class EvidenceMonitor:
+    """Per-client martingale evidence over several calibrated detectors (and a stream test).
+
+    Args:
+        calibrators: detector name -> fitted :class:`ConformalCalibrator` of that detector's scores;
+            may be empty only when ``stream`` is given.
+        delta: bound on a benign client's probability of ever being alarmed, in (0, 1); the
+            threshold is ``log(1/δ)`` on the log evidence (:attr:`threshold_log`).
+        martingale: the betting scheme shared by all detectors (default ``MixtureMartingale()``,
+            mode ``"ville"``).
+        store: where per-client states live (default a new :class:`InMemoryStore`); every change
+            goes through its atomic ``update``.
+        stream: the per-client exchangeability test (needs the images in :meth:`update`), or ``None``.
+        seed: with the client id and its query count, seeds the smoothing randomness, so the same
+            queries give the same evidence.
+    """
+
+    def __init__(self, calibrators: Mapping[str, ConformalCalibrator], *, delta: float = 1e-3,
+                 martingale: MixtureMartingale | None = None, store: StateStore | None = None,
+                 stream: StreamExchangeabilityTest | None = None, seed: int = 0) -> None:
+        if not isinstance(calibrators, Mapping):
+            raise ValueError(f"calibrators must be a mapping name -> ConformalCalibrator, got "
+                             f"{type(calibrators).__name__}.")
+        for name, calibrator in calibrators.items():
+            check_name(name, "each detector name")
+            if not isinstance(calibrator, ConformalCalibrator):
+                raise ValueError(f"calibrators[{name!r}] must be a ConformalCalibrator, got "
+                                 f"{type(calibrator).__name__}.")
+            calibrator.fallback_classes()  # raises NotFittedError when not fitted
+        if not calibrators and stream is None:
+            raise ValueError("EvidenceMonitor needs at least one calibrated detector or a stream test.")
+        if stream is not None and STREAM_NAME in calibrators:
+            raise ValueError(f"The detector name {STREAM_NAME!r} is reserved for the stream test.")
+        if stream is not None and not isinstance(stream, StreamExchangeabilityTest):
+            raise ValueError(f"stream must be a StreamExchangeabilityTest or None, got {type(stream).__name__}.")
+        if martingale is not None and not isinstance(martingale, MixtureMartingale):
+            raise ValueError(f"martingale must be a MixtureMartingale or None, got {type(martingale).__name__}.")
+        self.calibrators = dict(sorted(calibrators.items()))
+        self.delta = check_fraction(delta, "delta", include_low=False, include_high=False)
+        self.threshold_log = math.log(1.0 / self.delta)
+        self.martingale = martingale if martingale is not None else MixtureMartingale()
+        self.store: StateStore = store if store is not None else InMemoryStore()
+        self.stream = stream
+        self.seed = check_int(seed, "seed", minimum=0)
+
+    # ------------------------------------------------------------------------------ public API
+    def update(self, client: str, scores: Mapping[str, torch.Tensor], labels: torch.Tensor,
+               x: torch.Tensor | None = None) -> ClientEvidence:
+        """Add a batch of one client's queries, in order, and return the client's evidence.
+
+        Args:
+            client: the client id (API key), a non-empty string.
+            scores: detector name -> ``(N,)`` scores of the batch, larger = more suspicious, one entry
+                per calibrator exactly (NaN scores count as maximally suspicious).
+            labels: ``(N,)`` integer predicted labels of the victim, for class-conditional p-values.
+            x: ``(N, C, H, W)`` the query images, required when the monitor has a stream test.
+
+        Returns:
+            The client's :class:`ClientEvidence` after the batch, with the path over the batch.
+        """
+        client = check_name(client, "client")
+        n = self._check_batch(scores, labels, x)
+        result: list[ClientEvidence] = []
+
+        def advance(old: ClientState | None) -> ClientState:
+            new, evidence = self._advance(client, old if old is not None else self._new_state(), scores, labels, x)
+            result[:] = [evidence]  # with a retrying store the last run is the committed one
+            return new
+
+        self.store.update(client, advance)
+        evidence = result[0]
+        if evidence.alarmed and evidence.alarm_query is not None and evidence.alarm_query > evidence.queries - n:
+            logger.warning("Client %r alarmed at its query %d (log evidence %.2f >= %.2f, delta=%g).",
+                           client, evidence.alarm_query, evidence.log_evidence, self.threshold_log, self.delta)
+        return evidence
+
+    def evidence(self, client: str) -> ClientEvidence | None:
+        """The client's current evidence, or ``None`` for an unknown client."""
+        state = self.store.get(check_name(client, "client"))
+        if state is None:
+            return None
+        per = self._per_detector_now(state)
+        return self._evidence(client, state, per, torch.empty(0, dtype=torch.float64))
+
+    def forget(self, client: str) -> bool:
+        """Drop everything about a client (its next query starts afresh); ``True`` if it was known."""
+        return self.store.delete(check_name(client, "client"))
+
+    def clear_alarm(self, client: str) -> bool:
+        """Operator action: unlatch the client's alarm and restart its martingales at 1.
+
+        The query count and the stream test's bag are kept (the stream p-values stay valid, and the
+        new martingale starts a new test with the same ``δ`` guarantee). ``True`` if the client was known.
+        """
+        client = check_name(client, "client")
+
+        def reset(old: ClientState | None) -> ClientState:
+            if old is None:
+                raise _UnknownClient
+            fresh = self._new_state()
+            return dataclasses.replace(fresh, queries=old.queries, stream=old.stream)
+
+        try:
+            self.store.update(client, reset)
+        except _UnknownClient:
+            return False
+        logger.info("Alarm of client %r cleared; its martingales restart at 1.", client)
+        return True
+
+    def clients(self) -> list[str]:
+        """Ids of the clients with a state."""
+        return self.store.keys()
+
+    # -------------------------------------------------------------------------------- internals
+    def _new_state(self) -> ClientState:
+        start = self.martingale.initial_state()
+        return ClientState(
+            queries=0, martingales={name: start.clone() for name in self.calibrators},
+            stream_martingale=None if self.stream is None else start.clone(),
+            stream=None if self.stream is None else self.stream.initial_state())
+
+    def _generator(self, client: str, queries: int) -> torch.Generator:
+        """A generator seeded by (seed, client, query count): reproducible, distinct per batch."""
+        digest = hashlib.sha256(f"{self.seed}\x00{client}\x00{queries}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    def _advance(self, client: str, state: ClientState, scores: Mapping[str, torch.Tensor],
+                 labels: torch.Tensor, x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
+        generator = self._generator(client, state.queries)
+        martingales, paths = {}, {}
+        for name, calibrator in self.calibrators.items():
+            p = calibrator.p_values(scores[name], labels, generator)
+            martingales[name], paths[name] = self.martingale.update(state.martingales[name], p)
+        stream_state, stream_martingale = state.stream, state.stream_martingale
+        if self.stream is not None:
+            stream_state, p = self.stream.update(state.stream, x, generator)
+            stream_martingale, paths[STREAM_NAME] = self.martingale.update(state.stream_martingale, p)
+        path = torch.logsumexp(torch.stack(list(paths.values())), dim=0) - math.log(len(paths))
+        alarm_query, alarm_time = state.alarm_query, state.alarm_time
+        if alarm_query is None:
+            crossed = torch.nonzero(path >= self.threshold_log).flatten()
+            if crossed.numel():
+                alarm_query, alarm_time = state.queries + int(crossed[0]) + 1, time.time()
+        new = ClientState(queries=state.queries + path.numel(), martingales=martingales,
+                          stream_martingale=stream_martingale, stream=stream_state,
+                          alarm_query=alarm_query, alarm_time=alarm_time)
+        per = {name: float(values[-1]) for name, values in paths.items()}
+        return new, self._evidence(client, new, per, path)
+
+    def _per_detector_now(self, state: ClientState) -> dict[str, float]:
+        per = {name: float(self.martingale.log_value(value)) for name, value in state.martingales.items()}
+        if state.stream_martingale is not None:
+            per[STREAM_NAME] = float(self.martingale.log_value(state.stream_martingale))
+        return per
+
+    def _evidence(self, client: str, state: ClientState, per: dict[str, float],
+                  path: torch.Tensor) -> ClientEvidence:
+        log_evidence = float(torch.logsumexp(torch.tensor(list(per.values()), dtype=torch.float64), 0)
+                             - math.log(len(per)))
+        return ClientEvidence(client=client, queries=state.queries, log_evidence=log_evidence,
+                              per_detector=per, alarmed=state.alarm_query is not None,
+                              alarm_query=state.alarm_query, alarm_time=state.alarm_time,
+                              log_evidence_path=path)
+
+    def _check_batch(self, scores: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                     x: torch.Tensor | None) -> int:
+        """The batch size ``N >= 1``, after checking that every input has it."""
+        if not isinstance(scores, Mapping) or set(scores) != set(self.calibrators):
+            given = sorted(scores) if isinstance(scores, Mapping) else type(scores).__name__
+            raise ValueError(f"scores must map exactly the monitor's detectors {sorted(self.calibrators)} to "
+                             f"score tensors, got {given}.")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.numel() == 0:
+            raise ValueError("labels must be a non-empty 1-D tensor of predicted labels, one per query.")
+        n = labels.numel()
+        for name, value in scores.items():
+            if not isinstance(value, torch.Tensor) or value.shape != (n,):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"scores[{name!r}] must have shape ({n},), one score per label, got {shape}.")
+        if self.stream is not None:
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != n:
+                raise ValueError(f"This monitor has a stream test: x must be the ({n}, C, H, W) query images.")
+        return n
+
+
+class _UnknownClient(Exception):
+    """Raised inside a store update to abort it without writing."""

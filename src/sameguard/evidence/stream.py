@@ -1,0 +1,183 @@
+"""An online conformal test of exchangeability of one client's own query stream.
+
+For attacks whose single queries look benign: JBDA (Papernot et al., *Practical black-box attacks
+against machine learning*, AsiaCCS 2017) and its relatives derive each query from earlier ones by
+small Jacobian-sign steps, so a new query is usually much closer to some earlier query of the same
+client than natural images are to each other. PRADA (Juuti et al., EuroS&P 2019) uses this signal,
+the minimum distance to earlier queries, with a Shapiro–Wilk test and a hand-set threshold. Here the
+same signal feeds the online conformal test of exchangeability of Vovk, Nouretdinov and Gammerman
+(*Testing exchangeability on-line*, ICML 2003), whose p-values are independent and uniform when the
+stream is exchangeable, so a test martingale and Ville's inequality apply with no calibration data.
+
+Definition (exact). Within the current bag ``z_1..z_n`` (the client's queries so far, as flattened
+feature vectors), each point's nonconformity is ``α_i = -d_i`` with ``d_i = min_{j <= n, j != i}
+dist(z_i, z_j)`` (``+inf`` for a lone point), recomputed for **all** ``i <= n`` when ``z_n`` arrives;
+the smoothed p-value of the new query is ``p_n = (#{i <= n : α_i > α_n} + θ_n #{i <= n : α_i = α_n})
+/ n`` with ``θ_n`` uniform in (0, 1]. A query close to an earlier one has a small ``d_n``, few points
+are closer to their neighbours, so ``p_n`` is small: small = suspicious. Each past ``d_i`` is kept and
+lowered when a closer point arrives, so a query costs ``O(n·D)``.
+
+Window. The bag holds at most ``window`` queries; then it is emptied and a new bag starts (blocks of
+``window`` queries). This keeps validity exact: an exchangeable stream stays exchangeable given its
+earlier blocks, so each block's p-values are i.i.d. uniform given the past and the whole sequence of
+p-values is i.i.d. uniform. (Keeping a full bag as a fixed reference instead would make later
+p-values dependent through that bag; a sliding window has no such guarantee.) The price: closeness
+between queries of different blocks is not used, and the evidence must build up within a block,
+which JBDA's seed-then-augment order does early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..validation import check_choice, check_images, check_int, check_optional_int
+from .store import StateFormatError, pack, unpack
+
+__all__ = ["StreamExchangeabilityTest", "StreamState", "stream_p_value"]
+
+_FORMAT = "sameguard-stream-state"
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamState:
+    """One client's bag for :class:`StreamExchangeabilityTest` (treat as immutable).
+
+    Attributes:
+        points: ``(n, D)`` float32 feature vectors of the current block's queries, oldest first,
+            ``n <= window`` (``D = 0`` before the first query).
+        nn_dist: ``(n,)`` float32 distance of each point to its nearest other point in the bag
+            (``+inf`` for a lone point).
+        seen: number of queries the client has sent in total (all blocks).
+    """
+
+    points: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, 0))
+    nn_dist: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0))
+    seen: int = 0
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes with a JSON header; no pickle."""
+        return pack({"points": self.points, "nn_dist": self.nn_dist}, {"format": _FORMAT, "seen": self.seen})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StreamState:
+        """Inverse of :meth:`to_bytes` (raises :class:`StateFormatError` on malformed data)."""
+        tensors, header = unpack(data, _FORMAT)
+        try:
+            points, nn_dist, seen = tensors["points"], tensors["nn_dist"], header["seen"]
+        except KeyError as exc:
+            raise StateFormatError(f"A serialised stream state lacks {exc}.") from None
+        if (points.dim() != 2 or nn_dist.shape != (points.shape[0],) or not isinstance(seen, int)
+                or seen < points.shape[0]):
+            raise StateFormatError("A serialised stream state is inconsistent (shapes or query count).")
+        return cls(points.to(torch.float32), nn_dist.to(torch.float32), seen)
+
+
+def stream_p_value(nn_dist: torch.Tensor, theta: float) -> float:
+    """Smoothed conformal p-value of the newest point of a bag, from all NN distances of the bag.
+
+    Args:
+        nn_dist: ``(n,)`` current nearest-neighbour distances of the bag, the newest point last.
+        theta: tie-breaking uniform in (0, 1].
+
+    Returns:
+        ``(#{i: d_i < d_n} + θ #{i: d_i = d_n}) / n`` in (0, 1] (``α = -d``).
+    """
+    d_new = nn_dist[-1]
+    closer = int((nn_dist < d_new).sum())
+    ties = int((nn_dist == d_new).sum())
+    return (closer + theta * ties) / nn_dist.numel()
+
+
+class StreamExchangeabilityTest:
+    """Per-client conformal p-values that are uniform while the client's stream is exchangeable.
+
+    What it assumes of benign clients: their successive images are exchangeable (e.g. independent
+    draws of natural images). Clients whose benign stream is not, such as near-duplicate queries
+    (video frames, bursts of crops or edits of one photo, retries of the same image), get small
+    p-values and will be alarmed: this is a test of "the order and closeness of this client's
+    queries look random", not of "these queries are attacks".
+
+    Args:
+        window: most queries in one bag (see the module docstring: the bag restarts empty after
+            ``window`` queries, which keeps p-values exactly valid); the state holds at most
+            ``window x D`` floats, ``4·window·D`` bytes.
+        metric: distance between flattened features, ``"l2"`` or ``"l1"``.
+        pool_size: if set, images larger than ``pool_size x pool_size`` are first average-pooled to
+            that size (``torch.nn.functional.adaptive_avg_pool2d``) to cut memory and time; ``None``
+            keeps every pixel. Any fixed feature map leaves the p-values valid.
+    """
+
+    def __init__(self, window: int = 2000, metric: str = "l2", pool_size: int | None = None) -> None:
+        self.window = check_int(window, "window", minimum=2)
+        self.metric = check_choice(metric, "metric", ("l2", "l1"))
+        self.pool_size = check_optional_int(pool_size, "pool_size", minimum=1)
+
+    def initial_state(self) -> StreamState:
+        """An empty bag."""
+        return StreamState()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` finite images (any range) -> ``(N, D)`` float32 CPU feature vectors."""
+        x = check_images(x, name="x", check_range=False).detach().to("cpu")
+        if self.pool_size is not None and (x.shape[-1] > self.pool_size or x.shape[-2] > self.pool_size):
+            x = F.adaptive_avg_pool2d(x, (min(self.pool_size, x.shape[-2]), min(self.pool_size, x.shape[-1])))
+        return x.flatten(1).contiguous()
+
+    def update(self, state: StreamState, x: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[StreamState, torch.Tensor]:
+        """Add ``N`` queries to a client's bag, in order, and return their p-values.
+
+        Args:
+            state: the client's state (not modified).
+            x: ``(N, C, H, W)`` finite images of one client, oldest first; every call of one client
+                must give the same feature size.
+            generator: source of the ``N`` smoothing uniforms (the global generator when ``None``).
+
+        Returns:
+            ``(new_state, p_values)``, the latter ``(N,)`` float64 in (0, 1], small = suspicious.
+        """
+        if not isinstance(state, StreamState):
+            raise ValueError(f"state must be a StreamState, got {type(state).__name__}.")
+        feats = self.features(x)
+        if state.points.shape[0] and state.points.shape[1] != feats.shape[1]:
+            raise ValueError(f"x has {feats.shape[1]} features per query, but this client's earlier queries had "
+                             f"{state.points.shape[1]}; one client's queries must all have one image shape.")
+        theta = 1.0 - torch.rand(feats.shape[0], generator=generator, dtype=torch.float64)
+        points, dists = state.points, state.nn_dist
+        if points.shape[0] == 0:
+            points, dists = torch.empty(0, feats.shape[1]), torch.empty(0)
+        p = torch.empty(feats.shape[0], dtype=torch.float64)
+        start = 0
+        while start < feats.shape[0]:
+            if points.shape[0] >= self.window:  # the block is full: start a new bag
+                points, dists = torch.empty(0, feats.shape[1]), torch.empty(0)
+            stop = min(feats.shape[0], start + self.window - points.shape[0])
+            points, dists, p[start:stop] = self._extend(points, dists, feats[start:stop], theta[start:stop])
+            start = stop
+        return StreamState(points, dists, state.seen + feats.shape[0]), p
+
+    def _extend(self, points: torch.Tensor, dists: torch.Tensor, new: torch.Tensor,
+                theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append ``new`` (k, D) to a bag of ``n0`` points that has room for them; k p-values."""
+        n0, k = points.shape[0], new.shape[0]
+        buf = torch.empty(n0 + k, new.shape[1], dtype=torch.float32)
+        buf[:n0] = points
+        d = torch.empty(n0 + k, dtype=torch.float32)
+        d[:n0] = dists
+        p = torch.empty(k, dtype=torch.float64)
+        order = 2.0 if self.metric == "l2" else 1.0
+        for j in range(k):  # sequential by definition: each p-value uses the bag up to its query
+            n = n0 + j
+            if n:
+                dist = torch.linalg.vector_norm(buf[:n] - new[j], ord=order, dim=1)
+                d[n] = dist.min()
+                torch.minimum(d[:n], dist, out=d[:n])
+            else:
+                d[n] = math.inf
+            buf[n] = new[j]
+            p[j] = stream_p_value(d[: n + 1], float(theta[j]))
+        return buf, d, p
