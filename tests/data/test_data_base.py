@@ -60,7 +60,7 @@ def test_take_is_deterministic_and_distinct():
     flat = a.images.flatten(1)
     assert len({tuple(row.tolist()) for row in flat}) == 20
     assert len(ds.take(0, seed=0)) == 0 and len(ds.take(50, seed=0)) == 50
-    with pytest.raises(ValueError, match=r"\[0, 50\]"):
+    with pytest.raises(ValueError, match="at most 50"):
         ds.take(51, seed=0)
 
 

@@ -45,5 +45,5 @@ def test_uniform_noise():
     assert uniform_noise(2).shape == (2, 1, 28, 28)
     with pytest.raises(ValueError, match="shape"):
         uniform_noise(2, (28, 28))
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="at least 0"):
         uniform_noise(-1)

@@ -16,9 +16,9 @@ def test_names():
 
 
 def test_unknown_name_and_split():
-    with pytest.raises(ValueError, match="valid names are: fashion-mnist, digits"):
+    with pytest.raises(ValueError, match="dataset must be one of 'fashion-mnist', 'digits'"):
         load_dataset("imagenet")
-    with pytest.raises(ValueError, match="valid splits are: train, test"):
+    with pytest.raises(ValueError, match="split must be one of 'train', 'test'"):
         load_dataset("digits", "val")
 
 

@@ -9,9 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sameguard.validation import check_fraction, check_int, check_name
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageDataset"]
+__all__ = ["SPLITS", "ImageDataset"]
+
+#: The splits every loader offers.
+SPLITS: tuple[str, ...] = ("train", "test")
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,10 +44,8 @@ class ImageDataset:
     hflip: bool
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
-        if not isinstance(self.split, str) or not self.split:
-            raise ValueError(f"split must be a non-empty string such as 'train', got {self.split!r}.")
+        check_name(self.name, "name")
+        check_name(self.split, "split")
         if not isinstance(self.classes, tuple) or not self.classes or not all(
             isinstance(c, str) for c in self.classes
         ):
@@ -119,9 +122,7 @@ class ImageDataset:
         )
 
     def _permutation(self, seed: int) -> torch.Tensor:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an int, got {seed!r}.")
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(check_int(seed, "seed", minimum=None))
         return torch.randperm(len(self), generator=g)
 
     def take(self, n: int, seed: int) -> ImageDataset:
@@ -130,9 +131,8 @@ class ImageDataset:
         The same ``seed`` gives the same examples; ``take(n, seed)`` is a subset of
         ``take(m, seed)`` for ``n <= m``.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= len(self):
-            raise ValueError(f"n must be an int in [0, {len(self)}], got {n!r}.")
-        return self.subset(self._permutation(seed)[: int(n)].sort().values)
+        n = check_int(n, "n", minimum=0, maximum=len(self))
+        return self.subset(self._permutation(seed)[:n].sort().values)
 
     def split_off(self, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
         """Split at random into ``(rest, part)`` where ``part`` holds ``round(fraction * N)`` examples.
@@ -144,8 +144,7 @@ class ImageDataset:
             fraction: share of examples to split off, in ``(0, 1)``; both parts must be non-empty.
             seed: seed of the random permutation.
         """
-        if not isinstance(fraction, (float, int)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
-            raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}.")
+        check_fraction(fraction, "fraction", include_low=False, include_high=False)
         n = len(self)
         k = int(round(fraction * n))
         if k == 0 or k == n:

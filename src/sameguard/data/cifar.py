@@ -40,8 +40,9 @@ import torch
 
 from sameguard.api import ArtifactError, DatasetNotFoundError
 from sameguard.data import files
-from sameguard.data.base import ImageDataset
+from sameguard.data.base import SPLITS, ImageDataset
 from sameguard.data.transforms import to_model_range
+from sameguard.validation import check_choice
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -265,8 +266,7 @@ def _load(
     data_dir: str | os.PathLike | None,
     default_classes: tuple[str, ...],
 ) -> ImageDataset:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be one of ['train', 'test'], got {split!r}.")
+    check_choice(split, "split", SPLITS)
     searched: list[Path] = []
     for base in files.candidate_dirs(data_dir, [name]):
         # the release folders inside ``base`` first, then ``base`` as such a folder itself

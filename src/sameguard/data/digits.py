@@ -18,8 +18,9 @@ import logging
 import numpy as np
 import torch
 
-from sameguard.data.base import ImageDataset
+from sameguard.data.base import SPLITS, ImageDataset
 from sameguard.data.transforms import pad_to, resize
+from sameguard.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,7 @@ _SPLIT_SEED = 0
 
 def split_indices(split: str) -> np.ndarray:
     """Sorted indices into scikit-learn's digits of the fixed ``"train"`` or ``"test"`` split."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be one of ['train', 'test'], got {split!r}.")
+    check_choice(split, "split", SPLITS)
     perm = np.random.RandomState(_SPLIT_SEED).permutation(NUM_EXAMPLES)
     chosen = perm[:TEST_SIZE] if split == "test" else perm[TEST_SIZE:]
     return np.sort(chosen)

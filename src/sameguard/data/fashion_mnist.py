@@ -37,7 +37,7 @@ import torch
 
 from sameguard.api import DatasetNotFoundError, IntegrityError
 from sameguard.data import files
-from sameguard.data.base import ImageDataset
+from sameguard.data.base import SPLITS, ImageDataset
 from sameguard.data.idx import MNIST_FILE_NAMES, read_idx_bytes
 from sameguard.data.transforms import to_model_range
 from sameguard.validation import check_choice
@@ -183,7 +183,7 @@ def load_fashion_mnist(
         DatasetNotFoundError: the files are nowhere and downloading is not allowed.
         IntegrityError: a file's content does not have the expected SHA-256.
     """
-    check_choice(split, "split", tuple(FILES))
+    check_choice(split, "split", SPLITS)
     stems = FILES[split]
     searched = _search_dirs(data_dir)
     found = files.find_files_together(searched, stems)

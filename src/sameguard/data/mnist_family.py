@@ -38,9 +38,10 @@ import torch
 
 from sameguard.api import DatasetNotFoundError
 from sameguard.data import files
-from sameguard.data.base import ImageDataset
+from sameguard.data.base import SPLITS, ImageDataset
 from sameguard.data.idx import MNIST_FILE_NAMES
 from sameguard.data.transforms import to_model_range
+from sameguard.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,6 @@ EMNIST_CLASSES: dict[str, tuple[str, ...]] = {
     "bymerge": tuple(string.digits + string.ascii_uppercase + "abdefghnqrt"),
     "byclass": tuple(string.digits + string.ascii_uppercase + string.ascii_lowercase),
 }
-
-_SPLITS = ("train", "test")
-
-
-def _check_split(split: str) -> None:
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {list(_SPLITS)}, got {split!r}.")
-
 
 def _not_found(
     title: str, split: str, stems: tuple[str, str], subdir: str, searched: list[Path], user: Path | None
@@ -127,7 +120,7 @@ def load_mnist(split: str = "train", *, data_dir: str | os.PathLike | None = Non
         DatasetNotFoundError: the files are not in any searched place (the message says where to
             put which file).
     """
-    _check_split(split)
+    check_choice(split, "split", SPLITS)
     images, labels = _load_idx_dataset(
         title="MNIST", split=split, stems=MNIST_FILE_NAMES[split],
         subdirs=["mnist"], data_dir=data_dir,
@@ -141,7 +134,7 @@ def load_kmnist(split: str = "train", *, data_dir: str | os.PathLike | None = No
     Same file names as MNIST, looked for in the data directory's ``kmnist/`` subfolder, then in
     the directory itself.
     """
-    _check_split(split)
+    check_choice(split, "split", SPLITS)
     images, labels = _load_idx_dataset(
         title="KMNIST", split=split, stems=MNIST_FILE_NAMES[split],
         subdirs=["kmnist"], data_dir=data_dir,
@@ -165,9 +158,8 @@ def load_emnist(
     Returns:
         An :class:`ImageDataset` named ``"emnist-<variant>"``.
     """
-    _check_split(split)
-    if variant not in EMNIST_CLASSES:
-        raise ValueError(f"variant must be one of {sorted(EMNIST_CLASSES)}, got {variant!r}.")
+    check_choice(split, "split", SPLITS)
+    check_choice(variant, "variant", sorted(EMNIST_CLASSES))
     stems = (
         f"emnist-{variant}-{split}-images-idx3-ubyte",
         f"emnist-{variant}-{split}-labels-idx1-ubyte",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
+
+from sameguard.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +25,9 @@ def uniform_noise(n: int, shape: Sequence[int] = (1, 28, 28), seed: int = 0) -> 
     Returns:
         ``float32`` tensor ``(n, C, H, W)`` in the model range (see :mod:`sameguard.data.transforms`).
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}.")
-    if len(shape) != 3 or any(
-        isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape
-    ):
+    n = check_int(n, "n", minimum=0)
+    if len(shape) != 3:
         raise ValueError(f"shape must be a (C, H, W) triple of positive ints, got {tuple(shape)!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}.")
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.rand((int(n), *(int(s) for s in shape)), generator=g).mul_(2.0).sub_(1.0)
+    dims = tuple(check_int(s, f"shape[{i}]", minimum=1) for i, s in enumerate(shape))
+    g = torch.Generator().manual_seed(check_int(seed, "seed", minimum=None))
+    return torch.rand((n, *dims), generator=g).mul_(2.0).sub_(1.0)

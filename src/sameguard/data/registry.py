@@ -8,17 +8,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sameguard.data.base import ImageDataset
+from sameguard.data.base import SPLITS, ImageDataset
 from sameguard.data.cifar import load_cifar10, load_cifar100
 from sameguard.data.digits import load_digits
 from sameguard.data.fashion_mnist import load_fashion_mnist
 from sameguard.data.mnist_family import load_emnist, load_kmnist, load_mnist
+from sameguard.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SPLITS", "DatasetSpec", "DATASETS", "available_datasets", "load_dataset"]
 
-SPLITS = ("train", "test")
 
 #: ``loader(split, data_dir, download) -> ImageDataset``.
 Loader = Callable[[str, "str | os.PathLike | None", bool], ImageDataset]
@@ -139,13 +139,8 @@ def load_dataset(
         DatasetNotFoundError: the dataset's files could not be found (the message says how to
             provide them).
     """
-    spec = DATASETS.get(name)
-    if spec is None:
-        raise ValueError(f"Unknown dataset {name!r}; valid names are: {', '.join(DATASETS)}.")
-    if split not in SPLITS:
-        raise ValueError(
-            f"Unknown split {split!r} for dataset {name!r}; valid splits are: {', '.join(SPLITS)}."
-        )
+    spec = DATASETS[check_choice(name, "dataset", tuple(DATASETS))]
+    check_choice(split, "split", SPLITS)
     if download and not spec.can_download:
         logger.info("download is not available for %r; looking for local files only", name)
     dataset = spec.loader(split, Path(data_dir) if data_dir is not None else None, download)

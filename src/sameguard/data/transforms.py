@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sameguard.validation import check_images, check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -45,34 +47,14 @@ BACKGROUND = -1.0
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def _check_batch(x: torch.Tensor, name: str = "images") -> None:
-    """Raise ``ValueError`` unless ``x`` is a float ``(N, C, H, W)`` tensor without NaN.
-
-    The value range is not checked here (resizing or noise may be slightly outside
-    ``[-1, 1]`` in user code); :class:`~sameguard.data.base.ImageDataset` checks it.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}.")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}.")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {x.dtype}.")
-    if torch.isnan(x).any():
-        raise ValueError(f"{name} contains NaN values.")
-
-
-def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        h = w = int(size)
-    elif isinstance(size, Sequence) and len(size) == 2 and all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
-    ):
-        h, w = int(size[0]), int(size[1])
-    else:
-        raise ValueError(f"{what} must be an int or a pair of ints (height, width), got {size!r}.")
-    if h < 1 or w < 1:
-        raise ValueError(f"{what} must be positive, got {size!r}.")
-    return h, w
+def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``size`` as ``(height, width)``: an int for a square, or a pair of positive ints."""
+    if isinstance(size, Sequence) and not isinstance(size, str):
+        if len(size) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {size!r}.")
+        return check_int(size[0], f"{name} (height)"), check_int(size[1], f"{name} (width)")
+    side = check_int(size, name)
+    return side, side
 
 
 def to_model_range(pixels: np.ndarray, *, channels_first: bool = False) -> torch.Tensor:
@@ -112,7 +94,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     Values are rounded to the nearest pixel level and clipped to ``0..255``, so the round trip
     ``to_uint8(to_model_range(p))`` returns ``p`` exactly (with a channel axis added).
     """
-    _check_batch(x, "x")
+    x = check_images(x, name="x", check_range=False)
     p = ((x.detach().to("cpu", torch.float32) + 1.0) * 127.5).round_().clamp_(0, 255)
     return p.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -123,7 +105,7 @@ def resize(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     Bilinear interpolation with antialiasing (so shrinking does not alias), values clipped to
     ``[-1, 1]``. Returns ``x`` unchanged (same object) when it already has the size.
     """
-    _check_batch(x, "x")
+    x = check_images(x, name="x", check_range=False)
     h, w = _pair(size, "size")
     if tuple(x.shape[-2:]) == (h, w):
         return x
@@ -137,7 +119,7 @@ def pad_to(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     When the margin is odd, the extra pixel goes to the bottom / right. ``size`` must be at
     least the current height and width.
     """
-    _check_batch(x, "x")
+    x = check_images(x, name="x", check_range=False)
     h, w = _pair(size, "size")
     dh, dw = h - x.shape[-2], w - x.shape[-1]
     if dh < 0 or dw < 0:
@@ -150,7 +132,7 @@ def pad_to(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
 
 def grayscale_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """``(N, 1, H, W)`` -> ``(N, 3, H, W)`` by repeating the grey channel."""
-    _check_batch(x, "x")
+    x = check_images(x, name="x", check_range=False)
     if x.shape[1] != 1:
         raise ValueError(f"grayscale_to_rgb expects 1 channel, got {x.shape[1]}.")
     return x.repeat(1, 3, 1, 1)
@@ -161,7 +143,7 @@ def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
 
     The weights sum to 1, so applying them in the model range equals applying them to pixels.
     """
-    _check_batch(x, "x")
+    x = check_images(x, name="x", check_range=False)
     if x.shape[1] != 3:
         raise ValueError(f"rgb_to_grayscale expects 3 channels, got {x.shape[1]}.")
     w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -182,7 +164,7 @@ def adapt_to(images: torch.Tensor, image_shape: Sequence[int]) -> torch.Tensor:
     Returns:
         ``(N, *image_shape)`` float tensor in ``[-1, 1]``.
     """
-    _check_batch(images, "images")
+    images = check_images(images, name="images", check_range=False)
     if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
         raise ValueError(f"image_shape must be a positive (C, H, W) triple, got {tuple(image_shape)!r}.")
     c, h, w = (int(s) for s in image_shape)
@@ -221,13 +203,11 @@ def augment(
     Returns:
         A new ``(N, C, H, W)`` tensor, same dtype and device as ``x``.
     """
-    _check_batch(x, "x")
+    x = check_images(x, name="x", check_range=False)
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
-    if isinstance(crop_padding, bool) or not isinstance(crop_padding, (int, np.integer)) or crop_padding < 0:
-        raise ValueError(f"crop_padding must be a non-negative int, got {crop_padding!r}.")
+    p = check_int(crop_padding, "crop_padding", minimum=0)
     n, _, h, w = x.shape
-    p = int(crop_padding)
     out = x.clone()
     if p > 0 and n > 0:
         offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(x.device)
