@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -98,12 +99,27 @@ class Detector(abc.ABC):
     prediction are shared.
     """
 
+    #: What the detector needs beyond black-box access to the victim's outputs: ``"defender-data"``
+    #: (the provider's training data, passed to ``fit`` as ``train_data``), ``"outlier-data"``
+    #: (``outlier_data``), ``"query-history"`` (per-client state), ``"white-box"``, ``"training-change"``.
+    NEEDS: ClassVar[frozenset[str]] = frozenset()
     #: Hyper-parameters used only at scoring time (e.g. SAME's ``alpha``): changing them needs no
     #: refit, so the benchmark lets detectors that differ only in these share one fitted state.
     SCORING_ONLY_PARAMS: ClassVar[tuple[str, ...]] = ()
+    #: Named sets of constructor arguments for :meth:`from_preset` (e.g. training budgets such as
+    #: ``"paper"``, ``"cpu"``, ``"tiny"``); empty when the detector has none.
+    PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     threshold_: float | None = None
     calibration_fpr_: float | None = None
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> Self:
+        """A detector built from the constructor arguments ``PRESETS[preset]``, ``overrides`` on top."""
+        if preset not in cls.PRESETS:
+            choices = f"choose one of {sorted(cls.PRESETS)}" if cls.PRESETS else "it has none"
+            raise ValueError(f"Unknown preset {preset!r} for {cls.__name__}; {choices}.")
+        return cls(**(dict(cls.PRESETS[preset]) | overrides))
 
     @abc.abstractmethod
     def fit(self, *args, **kwargs) -> Self:

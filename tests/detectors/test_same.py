@@ -88,7 +88,7 @@ def test_bad_hyper_parameters():
         SAMEDetector(mae_loss="l1")
     with pytest.raises(ValueError, match="aux_mask_ratio"):
         SAMEDetector(aux_mask_ratio=1.0)
-    with pytest.raises(ValueError, match="Unknown SAME preset"):
+    with pytest.raises(ValueError, match="Unknown preset .huge. for SAMEDetector"):
         SAMEDetector.from_preset("huge")
 
 

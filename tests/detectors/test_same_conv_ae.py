@@ -49,7 +49,7 @@ def test_reconstruction_term_separates_noise(fitted_baselines, fmnist_tiny, nois
 def test_presets():
     assert set(CONV_AE_SAME_PRESETS) == {"paper", "cpu", "tiny"}
     assert ConvAESAMEDetector.from_preset("paper").get_params() == ConvAESAMEDetector().get_params()
-    with pytest.raises(ValueError, match="Unknown preset"):
+    with pytest.raises(ValueError, match="Unknown preset .huge. for ConvAESAMEDetector"):
         ConvAESAMEDetector.from_preset("huge")
 
 

@@ -22,7 +22,6 @@ everything that determines them, so a re-run only scores.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -38,7 +37,7 @@ from ..api import ArtifactError, SaveableDetector
 from ..attacks import NormalUser, attack_data_role, build_attack
 from ..cache import cache_key, cached_victim, preset_architecture
 from ..data import ImageDataset, load_dataset
-from ..detectors import DETECTORS
+from ..detectors import build_detector, fit_detector
 from ..guard import Guard
 from ..steps import StepLog
 from ..victim import Victim
@@ -62,23 +61,11 @@ def _dataset(name: str, split: str, halves: dict[str, ImageDataset], data_dir: s
     return load_dataset(name, split, data_dir=data_dir)
 
 
-def _build_detector(spec: DetectorSpec, seed: int, device: str, progress: bool | None):
-    cls = DETECTORS[spec.name]
-    kwargs = dict(spec.params)
-    accepted = inspect.signature(cls.__init__).parameters
-    for key, value in (("seed", seed), ("device", device), ("progress", progress)):
-        if key in accepted and key not in kwargs:
-            kwargs[key] = value
-    if spec.preset is not None:
-        return cls.from_preset(spec.preset, **kwargs)
-    return cls(**kwargs)
-
-
 def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *, seed: int, cache: Path,
                   device: str, progress: bool | None, data_dir: str | None) -> tuple[Any, float]:
     """Fit (or load from the cache) one detector; returns it and its fit time in seconds."""
-    detector = _build_detector(spec, seed, device, progress)
-    params = dict(detector.get_params() if hasattr(detector, "get_params") else spec.params)
+    detector = build_detector(spec.name, spec.params, preset=spec.preset, seed=seed, device=device, progress=progress)
+    params = detector.get_params()
     # Parameters that only change scoring (SAME's alpha) share one fitted detector.
     scoring_only = {k: params.pop(k) for k in detector.SCORING_ONLY_PARAMS if k in params}
     key = cache_key(kind=spec.name, victim=victim.weights_sha256, n=len(fit_data), params=params,
@@ -88,7 +75,7 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
     can_cache = isinstance(detector, SaveableDetector)
     if can_cache and path.is_dir():
         try:
-            loaded = type(detector).load(path, victim)
+            loaded = type(detector).load(path, victim, device=device)
             for name, value in scoring_only.items():
                 setattr(loaded, name, value)
             meta = json.loads((path / "bench.json").read_text())
@@ -96,16 +83,13 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
             return loaded, float(meta["fit_seconds"])
         except (ArtifactError, FileNotFoundError, KeyError, ValueError) as exc:
             logger.warning("Ignoring the cached detector in %s: %s", path, exc)
-    fit_params = inspect.signature(detector.fit).parameters
-    args: dict[str, Any] = {}
-    if "train_data" in fit_params:
-        args["train_data"] = fit_data
-    if "outlier_data" in fit_params:
+    outlier = None
+    if "outlier-data" in detector.NEEDS:
         if spec.outlier_data is None:
             raise ValueError(f"The detector {spec.label!r} needs outlier data: set outlier_data in its config entry.")
-        args["outlier_data"] = load_dataset(spec.outlier_data, OUTLIER_SPLIT, data_dir=data_dir)
+        outlier = load_dataset(spec.outlier_data, OUTLIER_SPLIT, data_dir=data_dir)
     start = time.perf_counter()
-    detector.fit(victim, **args)
+    fit_detector(detector, victim, fit_data, outlier)
     fit_seconds = time.perf_counter() - start
     if can_cache:
         detector.save(path)
@@ -218,7 +202,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
                         "budget": aspec.budget, "seed": seed, "queries_used": attack["queries_used"],
                         "substitute_accuracy": attack["substitute_accuracy"], "fidelity": attack["fidelity"],
                         "scored_queries": B, "detector": label,
-                        "needs": ", ".join(sorted(getattr(detector, "NEEDS", ()))) or "nothing (black box)",
+                        "needs": ", ".join(sorted(detector.NEEDS)) or "nothing (black box)",
                         "auroc": m.auroc, "aupr": m.aupr, "fpr95": m.fpr95, "tpr_at_1fpr": m.tpr_at_1fpr,
                         "fit_seconds": fit_seconds, "score_ms_per_query": ms, **alarm,
                     })

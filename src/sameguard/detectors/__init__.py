@@ -7,6 +7,7 @@ state), ``white-box`` (logits, features or weights) or ``training-change`` (a mo
 
 # The paper's detector
 from .same import SAME_PRESETS, SAMEDetector, SAMEScores, same_score
+from .same_base import ReconstructionDetector
 
 # Stateless baselines on the victim's outputs
 from .energy import EnergyDetector, energy_score
@@ -21,12 +22,11 @@ from .same_conv_ae import CONV_AE_SAME_PRESETS, ConvAESAMEDetector
 from .prada import PRADADetector, PradaState
 from .vardetect import VarDetectDetector, rbf_mmd2
 
-#: Detector classes by name, for configs and the benchmark.
-DETECTORS = {"same": SAMEDetector, "msp": MSPDetector, "energy": EnergyDetector,
-             "mahalanobis": MahalanobisDetector, "prada": PRADADetector, "vardetect": VarDetectDetector,
-             "outlier-exposure": OutlierExposureDetector, "same-conv-ae": ConvAESAMEDetector}
+# The one registry: name -> class, manifest kind -> class, build / fit / load by name
+from .registry import DETECTOR_KINDS, DETECTORS, build_detector, detector_class, fit_detector, load_detector
 
 __all__ = ["SAMEDetector", "SAMEScores", "SAME_PRESETS", "same_score", "MSPDetector", "msp_score",
            "EnergyDetector", "energy_score", "MahalanobisDetector", "mahalanobis_score",
            "OutlierExposureDetector", "oe_loss", "ConvAESAMEDetector", "CONV_AE_SAME_PRESETS",
-           "PRADADetector", "PradaState", "VarDetectDetector", "rbf_mmd2", "DETECTORS"]
+           "PRADADetector", "PradaState", "VarDetectDetector", "rbf_mmd2", "ReconstructionDetector",
+           "DETECTORS", "DETECTOR_KINDS", "build_detector", "detector_class", "fit_detector", "load_detector"]

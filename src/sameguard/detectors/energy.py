@@ -27,8 +27,8 @@ import torch
 
 from ..api import Detector
 from ..training import predict_in_batches
-from ..validation import check_images
-from ._common import ParamsMixin, check_int, check_positive, victim_image_shape
+from ..validation import check_images, check_int, check_positive
+from ._common import ParamsMixin, victim_image_shape
 
 if TYPE_CHECKING:
     from typing import Self
@@ -48,7 +48,7 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     Returns:
         ``(N,)`` float32; larger = more suspicious (lower energy = in-distribution).
     """
-    check_positive("temperature", temperature)
+    check_positive(temperature, "temperature")
     z = torch.as_tensor(logits)
     if z.dim() != 2 or z.shape[1] < 1:
         raise ValueError(f"logits must have shape (N, K), got {tuple(z.shape)}.")
@@ -72,8 +72,8 @@ class EnergyDetector(ParamsMixin, Detector):
     def __init__(self, *, temperature: float = 1.0, batch_size: int = 512) -> None:
         self.temperature = temperature
         self.batch_size = batch_size
-        check_positive("temperature", temperature)
-        check_int("batch_size", batch_size)
+        check_positive(temperature, "temperature")
+        check_int(batch_size, "batch_size")
         self.logits_fn_: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.image_shape_: tuple[int, int, int] | None = None
         self.threshold_ = None

@@ -41,9 +41,9 @@ from torch import nn
 
 from ..api import ArtifactError, Detector
 from ..artifacts import load_artifact, save_artifact
-from ..validation import check_images
-from ._common import (ParamsMixin, check_int, check_non_negative, check_victim_sha, labelled_images, module_device,
-                      subsample, victim_image_shape, white_box_network)
+from ..validation import check_images, check_int, check_non_negative, check_optional_int
+from ._common import (ParamsMixin, check_victim_sha, labelled_images, module_device, subsample, victim_image_shape,
+                      white_box_network)
 
 if TYPE_CHECKING:
     from typing import Self
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["MahalanobisDetector", "fit_tied_gaussians", "mahalanobis_distances", "mahalanobis_score"]
-
-KIND = "mahalanobis-detector"
 
 
 def fit_tied_gaussians(features: torch.Tensor, labels: torch.Tensor, num_classes: int
@@ -128,7 +126,7 @@ class MahalanobisDetector(ParamsMixin, Detector):
     """
 
     #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
-    KIND: ClassVar[str] = KIND
+    KIND: ClassVar[str] = "mahalanobis-detector"
     NEEDS: frozenset[str] = frozenset({"white-box", "defender-data"})
 
     def __init__(self, *, noise_magnitude: float = 0.0, max_train_samples: int | None = None,
@@ -137,11 +135,10 @@ class MahalanobisDetector(ParamsMixin, Detector):
         self.max_train_samples = max_train_samples
         self.batch_size = batch_size
         self.seed = seed
-        check_non_negative("noise_magnitude", noise_magnitude)
-        check_int("batch_size", batch_size)
-        check_int("seed", seed, minimum=0)
-        if max_train_samples is not None:
-            check_int("max_train_samples", max_train_samples)
+        check_non_negative(noise_magnitude, "noise_magnitude")
+        check_int(batch_size, "batch_size")
+        check_int(seed, "seed", minimum=0)
+        check_optional_int(max_train_samples, "max_train_samples", minimum=1)
         self.means_: torch.Tensor | None = None
         self.precision_: torch.Tensor | None = None
         self.network_: nn.Module | None = None
@@ -237,7 +234,7 @@ class MahalanobisDetector(ParamsMixin, Detector):
             "victim_weights_sha256": self.victim_sha256_,
             "fit_seconds": self.fit_seconds_,
         }
-        return save_artifact(directory, KIND, {"gaussians": {"means": self.means_, "precision": self.precision_}}, config)
+        return save_artifact(directory, self.KIND, {"gaussians": {"means": self.means_, "precision": self.precision_}}, config)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, victim: Any, *, check_victim: bool = True,
@@ -247,7 +244,7 @@ class MahalanobisDetector(ParamsMixin, Detector):
         ``device`` is accepted for a uniform :class:`~sameguard.api.SaveableDetector` interface and
         ignored: the detector runs where the victim's network is.
         """
-        parts, manifest = load_artifact(directory, KIND)
+        parts, manifest = load_artifact(directory, cls.KIND)
         cfg = manifest["config"]
         check_victim_sha(directory, victim, cfg.get("victim_weights_sha256"), check_victim)
         detector = cls(**cfg["params"])

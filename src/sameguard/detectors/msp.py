@@ -22,8 +22,8 @@ import torch
 
 from ..api import Detector
 from ..training import predict_in_batches
-from ..validation import check_images
-from ._common import ParamsMixin, ProbabilityFn, check_int, victim_image_shape, victim_probabilities
+from ..validation import check_images, check_int
+from ._common import ParamsMixin, ProbabilityFn, victim_image_shape, victim_probabilities
 
 if TYPE_CHECKING:
     from typing import Self
@@ -64,7 +64,7 @@ class MSPDetector(ParamsMixin, Detector):
 
     def __init__(self, *, batch_size: int = 512) -> None:
         self.batch_size = batch_size
-        check_int("batch_size", batch_size)
+        check_int(batch_size, "batch_size")
         self.victim_: ProbabilityFn | None = None
         self.image_shape_: tuple[int, int, int] | None = None
         self.threshold_ = None

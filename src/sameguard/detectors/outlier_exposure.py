@@ -50,9 +50,9 @@ from ..artifacts import load_artifact, save_artifact
 from ..data.transforms import augment as augment_batch
 from ..models import build_classifier
 from ..training import predict_in_batches, resolve_device, show_progress
-from ..validation import check_images
-from ._common import (ParamsMixin, check_int, check_non_negative, check_positive, check_victim_sha, images_of,
-                      labelled_images, subsample, victim_image_shape, white_box_network)
+from ..validation import check_images, check_int, check_non_negative, check_optional_int, check_positive
+from ._common import (ParamsMixin, check_victim_sha, images_of, labelled_images, subsample, victim_image_shape,
+                      white_box_network)
 from .msp import msp_score
 
 if TYPE_CHECKING:
@@ -63,8 +63,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["OutlierExposureDetector", "oe_loss", "uniform_cross_entropy"]
-
-KIND = "outlier-exposure-detector"
 
 
 def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -106,7 +104,7 @@ class OutlierExposureDetector(ParamsMixin, Detector):
     """
 
     #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
-    KIND: ClassVar[str] = KIND
+    KIND: ClassVar[str] = "outlier-exposure-detector"
     NEEDS: frozenset[str] = frozenset({"outlier-data", "training-change", "white-box", "defender-data"})
 
     def __init__(self, *, oe_weight: float = 0.5, epochs: int = 10, lr: float = 0.001, momentum: float = 0.9,
@@ -126,17 +124,16 @@ class OutlierExposureDetector(ParamsMixin, Detector):
         self.seed = seed
         self.device = device
         self.progress = progress
-        check_non_negative("oe_weight", oe_weight)
-        check_positive("lr", lr)
-        check_non_negative("momentum", momentum)
-        check_non_negative("weight_decay", weight_decay)
+        check_non_negative(oe_weight, "oe_weight")
+        check_positive(lr, "lr")
+        check_non_negative(momentum, "momentum")
+        check_non_negative(weight_decay, "weight_decay")
         for name in ("epochs", "batch_size", "outlier_batch_size", "score_batch_size"):
-            check_int(name, getattr(self, name))
-        check_int("seed", seed, minimum=0)
+            check_int(getattr(self, name), name)
+        check_int(seed, "seed", minimum=0)
         if not isinstance(augment, bool):
             raise ValueError(f"augment must be True or False, got {augment!r}.")
-        if max_train_samples is not None:
-            check_int("max_train_samples", max_train_samples)
+        check_optional_int(max_train_samples, "max_train_samples", minimum=1)
         self.model_: nn.Module | None = None
         self.arch_: str | None = None
         self.image_shape_: tuple[int, int, int] | None = None
@@ -259,13 +256,13 @@ class OutlierExposureDetector(ParamsMixin, Detector):
             "victim_weights_sha256": self.victim_sha256_,
             "fit_seconds": self.fit_seconds_,
         }
-        return save_artifact(directory, KIND, {"model": self.model_.state_dict()}, config)
+        return save_artifact(directory, self.KIND, {"model": self.model_.state_dict()}, config)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, victim: Any = None, *, check_victim: bool = True,
              device: str | torch.device | None = "cpu") -> OutlierExposureDetector:
         """Load a detector saved by :meth:`save` (hashes verified); ``victim`` is only checked, not used."""
-        parts, manifest = load_artifact(directory, KIND)
+        parts, manifest = load_artifact(directory, cls.KIND)
         cfg = manifest["config"]
         check_victim_sha(directory, victim, cfg.get("victim_weights_sha256"), check_victim)
         detector = cls(**cfg["params"], device=device)

@@ -53,9 +53,8 @@ import torch
 from scipy import stats
 
 from ..api import Detector
-from ..validation import check_images
-from ._common import (ParamsMixin, ProbabilityFn, check_int, per_query, victim_image_shape, victim_probabilities,
-                      windows)
+from ..validation import check_images, check_int
+from ._common import ParamsMixin, ProbabilityFn, per_query, victim_image_shape, victim_probabilities, windows
 
 if TYPE_CHECKING:
     from typing import Self
@@ -198,11 +197,11 @@ class PRADADetector(ParamsMixin, Detector):
         self.batch_size = batch_size
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta <= 1.0:
             raise ValueError(f"delta must be in (0, 1] (a Shapiro-Wilk W threshold), got {delta!r}.")
-        check_int("check_every", check_every)
-        check_int("min_class_distances", min_class_distances)
-        check_int("min_distances", min_distances, minimum=2)
-        check_int("window_size", window_size, minimum=3)
-        check_int("batch_size", batch_size)
+        check_int(check_every, "check_every")
+        check_int(min_class_distances, "min_class_distances")
+        check_int(min_distances, "min_distances", minimum=2)
+        check_int(window_size, "window_size", minimum=3)
+        check_int(batch_size, "batch_size")
         if isinstance(outlier_sigma, bool) or not isinstance(outlier_sigma, (int, float)) or outlier_sigma <= 0:
             raise ValueError(f"outlier_sigma must be a positive number, got {outlier_sigma!r}.")
         self.victim_: ProbabilityFn | None = None

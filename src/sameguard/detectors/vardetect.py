@@ -47,9 +47,9 @@ from ..artifacts import load_artifact, save_artifact
 from ..models.autoencoder import ConvAEConfig
 from ..models.vae import ConvVAE, vae_loss
 from ..training import predict_in_batches, resolve_device
-from ..validation import check_images
-from ._common import (ParamsMixin, check_int, check_non_negative, check_positive, check_victim_sha, images_of,
-                      per_query, subsample, train_reconstructor, victim_image_shape, windows)
+from ..validation import check_images, check_int, check_non_negative, check_optional_int, check_positive
+from ._common import (ParamsMixin, check_victim_sha, images_of, per_query, subsample, train_reconstructor,
+                      victim_image_shape, windows)
 
 if TYPE_CHECKING:
     from typing import Self
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["VarDetectDetector", "rbf_mmd2", "median_bandwidth"]
-
-KIND = "vardetect-detector"
 
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -73,7 +71,7 @@ def rbf_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
     ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2))``; the result is ``>= 0`` and 0 when the two
     samples are identical (pure function, computed in float64).
     """
-    check_positive("bandwidth", bandwidth)
+    check_positive(bandwidth, "bandwidth")
     x, y = torch.as_tensor(x).to(torch.float64), torch.as_tensor(y).to(torch.float64)
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or len(x) == 0 or len(y) == 0:
         raise ValueError(f"x and y must be non-empty (n, d) and (m, d) samples, got {tuple(x.shape)} and {tuple(y.shape)}.")
@@ -122,7 +120,7 @@ class VarDetectDetector(ParamsMixin, Detector):
     """
 
     #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
-    KIND: ClassVar[str] = KIND
+    KIND: ClassVar[str] = "vardetect-detector"
     NEEDS: frozenset[str] = frozenset({"query-history", "defender-data"})
 
     def __init__(self, *, latent_dim: int = 16, width: int = 32, epochs: int = 20, lr: float = 1e-3,
@@ -143,15 +141,14 @@ class VarDetectDetector(ParamsMixin, Detector):
         self.device = device
         self.progress = progress
         for name in ("latent_dim", "width", "epochs", "window_size", "batch_size"):
-            check_int(name, getattr(self, name))
-        check_int("reference_size", reference_size, minimum=2)
-        check_int("seed", seed, minimum=0)
-        check_positive("lr", lr)
-        check_non_negative("beta", beta)
+            check_int(getattr(self, name), name)
+        check_int(reference_size, "reference_size", minimum=2)
+        check_int(seed, "seed", minimum=0)
+        check_positive(lr, "lr")
+        check_non_negative(beta, "beta")
         if bandwidth is not None:
-            check_positive("bandwidth", bandwidth)
-        if max_train_samples is not None:
-            check_int("max_train_samples", max_train_samples)
+            check_positive(bandwidth, "bandwidth")
+        check_optional_int(max_train_samples, "max_train_samples", minimum=1)
         self.vae_: ConvVAE | None = None
         self.reference_codes_: torch.Tensor | None = None
         self.bandwidth_: float | None = None
@@ -262,13 +259,13 @@ class VarDetectDetector(ParamsMixin, Detector):
             "fit_seconds": self.fit_seconds_,
         }
         parts = {"vae": self.vae_.state_dict(), "reference": {"codes": self.reference_codes_}}
-        return save_artifact(directory, KIND, parts, config)
+        return save_artifact(directory, self.KIND, parts, config)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, victim: Any = None, *, check_victim: bool = True,
              device: str | torch.device | None = "cpu") -> VarDetectDetector:
         """Load a detector saved by :meth:`save` (every file's SHA-256 verified)."""
-        parts, manifest = load_artifact(directory, KIND)
+        parts, manifest = load_artifact(directory, cls.KIND)
         cfg = manifest["config"]
         check_victim_sha(directory, victim, cfg.get("victim_weights_sha256"), check_victim)
         detector = cls(**cfg["params"], device=device)

@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..actions import Misinformation, Monitor, Policy, ProofOfWork, Reject
-from ..api import ArtifactError
-from ..artifacts import MANIFEST
+from ..detectors.registry import load_detector
 from ..guard import Guard
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_detector", "load_guard", "build_policy", "load_calibration_images", "DETECTOR_KINDS"]
-
-#: Manifest ``kind`` -> ``module:Class`` of the detectors the service can load.
-DETECTOR_KINDS: dict[str, str] = {
-    "same-detector": "sameguard.detectors.same:SAMEDetector",
-    "same-conv-ae-detector": "sameguard.detectors.same_conv_ae:ConvAESAMEDetector",
-    "mahalanobis-detector": "sameguard.detectors.mahalanobis:MahalanobisDetector",
-    "outlier-exposure-detector": "sameguard.detectors.outlier_exposure:OutlierExposureDetector",
-    "vardetect-detector": "sameguard.detectors.vardetect:VarDetectDetector",
-}
-
-
-def load_detector(directory: str | Path, victim: Any, device: str = "cpu") -> Any:
-    """Load a saved detector of any kind in :data:`DETECTOR_KINDS` (hashes verified, no pickles)."""
-    manifest_path = Path(directory) / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{directory} is not a saved detector: {MANIFEST} is missing.")
-    try:
-        kind = json.loads(manifest_path.read_text()).get("kind")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise ArtifactError(f"{manifest_path} is not a valid manifest: {exc}") from None
-    if kind not in DETECTOR_KINDS:
-        raise ArtifactError(f"{directory} holds a {kind!r} artifact; the service loads detectors of kinds "
-                            f"{sorted(DETECTOR_KINDS)}.")
-    module_name, cls_name = DETECTOR_KINDS[kind].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    kwargs = {"device": device} if "device" in inspect.signature(cls.load).parameters else {}
-    return cls.load(directory, victim, **kwargs)
+__all__ = ["load_guard", "build_policy", "load_calibration_images"]
 
 
 def load_calibration_images(spec: str | None, victim: Any, limit: int, seed: int = 0) -> torch.Tensor:
@@ -108,7 +76,7 @@ def load_guard(settings: ServiceSettings) -> Guard:
     if settings.detector is None:
         raise ValueError(f"The {settings.policy!r} policy needs a detector: pass --detector DIR.")
     detector = load_detector(settings.detector, victim, device=settings.device)
-    if settings.threshold is None and getattr(detector, "threshold_", None) is None:
+    if settings.threshold is None and detector.threshold_ is None:
         raise ValueError(f"The detector in {settings.detector} is not calibrated: run 'sameguard calibrate' or pass "
                          "--threshold.")
     guard = Guard(victim, detector, policy, output=settings.output, keep_decisions=0)

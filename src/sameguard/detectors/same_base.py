@@ -1,0 +1,340 @@
+"""SAME for any reconstruction model: the score formula and the fit / score / save / load shared by
+the MAE detector (:mod:`sameguard.detectors.same`) and its conv auto-encoder ablation
+(:mod:`sameguard.detectors.same_conv_ae`).
+
+SAME (Xie et al., AAAI 2024) trains a reconstruction model ``G`` on the defender's data, then an
+auxiliary classifier ``f_A`` (the victim's architecture) on ``G``'s reconstructions with the true
+labels, and scores a query ``x`` by::
+
+    x_hat = G(x);  s1 = mean (x_hat - x)^2;  s2 = (1/K) KL(f_V(x) || softmax f_A(x_hat))
+    score = alpha * s1 + (1 - alpha) * s2                        (alpha = 0.99)
+
+Larger = more suspicious. A subclass says only how to build, train and run its ``G``
+(:meth:`ReconstructionDetector._new_reconstructor` and the other hooks); everything else,
+validation, the auxiliary model, scoring, the fitted state, persistence, presets and ``get_params``,
+is here, once.
+
+Paper: https://doi.org/10.1609/aaai.v38i18.29974 (arXiv 2312.10578).
+Reference implementation: https://github.com/xythink/SAME (``ms_defense/SAME_defender.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..api import ArtifactError, Detector
+from ..artifacts import load_artifact, save_artifact
+from ..models import build_classifier
+from ..training import predict_in_batches, resolve_device, train_classifier
+from ..validation import check_fraction, check_images, check_int, check_optional_int, check_positive
+from ._common import ParamsMixin, ProbabilityFn, check_victim_sha, labelled_images
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..data import ImageDataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SAMEScores", "same_score", "reconstruction_scores", "ReconstructionDetector"]
+
+#: ``(images (N, C, H, W), generator) -> images``: what the auxiliary classifier is trained on.
+BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SAMEScores:
+    """Per-query scores, each ``(N,)`` float32: the total and its two terms."""
+
+    score: torch.Tensor
+    s1: torch.Tensor  # reconstruction MSE, >= 0
+    s2: torch.Tensor  # KL(victim || auxiliary) / K, >= 0
+
+
+def same_score(x: torch.Tensor, x_hat: torch.Tensor, p_victim: torch.Tensor, p_aux: torch.Tensor,
+               alpha: float) -> SAMEScores:
+    """The SAME formula on given tensors (pure function, no model).
+
+    Args:
+        x: ``(N, C, H, W)`` queries.
+        x_hat: ``(N, C, H, W)`` their reconstructions.
+        p_victim: ``(N, K)`` victim probabilities on ``x`` (rows sum to 1).
+        p_aux: ``(N, K)`` auxiliary probabilities on ``x_hat``.
+        alpha: weight of ``s1`` in ``[0, 1]``.
+
+    Returns:
+        ``score = alpha * s1 + (1 - alpha) * s2`` with ``s1 = mean((x_hat - x)^2)`` per query and
+        ``s2 = sum_k p_k log(p_k / q_k) / K`` (terms with ``p_k = 0`` count 0).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    s1 = ((x_hat - x) ** 2).flatten(1).mean(1)
+    p = p_victim.to(torch.float64)
+    log_q = torch.log(p_aux.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
+    s2 = (torch.xlogy(p, p) - p * log_q).mean(1).clamp_min(0.0)
+    s1, s2 = s1.to(torch.float32), s2.to(torch.float32)
+    return SAMEScores(score=alpha * s1 + (1.0 - alpha) * s2, s1=s1, s2=s2)
+
+
+def reconstruction_scores(x: torch.Tensor, *, victim: ProbabilityFn, reconstruct: Callable[[torch.Tensor], torch.Tensor],
+                          aux: nn.Module, alpha: float, num_classes: int, batch_size: int,
+                          device: torch.device) -> SAMEScores:
+    """SAME's scoring loop for any reconstruction model.
+
+    Args:
+        x: validated queries ``(N, C, H, W)`` in ``[-1, 1]`` on the CPU.
+        victim: black box, ``images -> probabilities (N, K)``.
+        reconstruct: ``images -> reconstructions`` of the same shape, on ``device``.
+        aux: the auxiliary classifier (logits), on ``device``.
+    """
+    parts: list[SAMEScores] = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            batch = x[i:i + batch_size]
+            p_victim = torch.as_tensor(victim(batch)).detach().cpu().float()
+            if p_victim.shape != (len(batch), num_classes):
+                raise ValueError(f"The victim returned shape {tuple(p_victim.shape)}; expected probabilities "
+                                 f"of shape ({len(batch)}, {num_classes}).")
+            x_hat = reconstruct(batch.to(device))
+            p_aux = torch.softmax(aux(x_hat), dim=1).cpu()
+            parts.append(same_score(batch, x_hat.cpu(), p_victim, p_aux, alpha))
+    return SAMEScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("score", "s1", "s2")))
+
+
+class ReconstructionDetector(ParamsMixin, Detector):
+    """SAME with any reconstruction model ``G``; larger score = more suspicious.
+
+    Subclasses set ``KIND``, ``PRESETS``, ``PART`` (the artifact part and manifest key of ``G``) and
+    ``LABEL`` (for logs), take their own hyper-parameters as keyword-only constructor arguments
+    (passing the shared ones below to ``super().__init__``) and implement the ``G`` hooks.
+
+    Args (shared):
+        alpha: weight of the reconstruction term, in ``[0, 1]`` (authors' driver: 0.99).
+        aux_arch: architecture of the auxiliary classifier; ``None`` takes the victim's ``arch``.
+        aux_epochs, aux_lr, aux_batch_size: SAME's auxiliary recipe (80 epochs, SGD 0.1, batch 128;
+            momentum 0.9, weight decay 5e-4, cosine schedule, augmentation on).
+        max_train_samples: train on a random subset of at most this many images (``None``: all).
+        batch_size: scoring batch size.
+        seed: fixes initialisation, data order, masks and augmentation.
+        device: ``"cpu"``, ``"cuda"``, or ``None``/``"auto"`` for CUDA when available.
+        progress: progress bars (``None``: when stderr is a terminal).
+
+    Fitted state: ``reconstructor_`` (``G``), ``aux_``, ``victim_``, ``victim_sha256_``,
+    ``image_shape_``, ``num_classes_``, ``aux_arch_``, ``fit_seconds_``.
+    """
+
+    #: What SAME needs beyond black-box probabilities: the provider's own training data.
+    NEEDS: ClassVar[frozenset[str]] = frozenset({"defender-data"})
+    SCORING_ONLY_PARAMS: ClassVar[tuple[str, ...]] = ("alpha", "batch_size")
+    KIND: ClassVar[str]
+    #: Name of ``G``'s artifact part (``<PART>.safetensors``, manifest key ``<PART>_config``).
+    PART: ClassVar[str]
+    #: How logs and progress bars name this detector.
+    LABEL: ClassVar[str]
+
+    def __init__(self, *, alpha: float, aux_arch: str | None, aux_epochs: int, aux_lr: float, aux_batch_size: int,
+                 max_train_samples: int | None, batch_size: int, seed: int, device: str | torch.device | None,
+                 progress: bool | None) -> None:
+        self.alpha = alpha
+        self.aux_arch = aux_arch
+        self.aux_epochs = aux_epochs
+        self.aux_lr = aux_lr
+        self.aux_batch_size = aux_batch_size
+        self.max_train_samples = max_train_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.progress = progress
+        self._check_shared_params()
+        self._check_params()
+        self.reconstructor_: nn.Module | None = None
+        self.aux_: nn.Module | None = None
+        self.victim_: ProbabilityFn | None = None
+        self.victim_sha256_: str | None = None
+        self.image_shape_: tuple[int, int, int] | None = None
+        self.num_classes_: int | None = None
+        self.aux_arch_: str | None = None
+        self.fit_seconds_: float | None = None
+        self.threshold_ = None
+        self.calibration_fpr_ = None
+
+    def _check_shared_params(self) -> None:
+        check_fraction(self.alpha, "alpha")
+        for name in ("aux_epochs", "aux_batch_size", "batch_size"):
+            check_int(getattr(self, name), name)
+        check_int(self.seed, "seed", minimum=0)
+        check_positive(self.aux_lr, "aux_lr")
+        check_optional_int(self.max_train_samples, "max_train_samples", minimum=1)
+        if self.aux_arch is not None and not isinstance(self.aux_arch, str):
+            raise ValueError(f"aux_arch must be an architecture name or None, got {self.aux_arch!r}.")
+
+    # ------------------------------------------------------------------ what a subclass says about G
+    def _check_params(self) -> None:
+        """Validate the subclass's own hyper-parameters (full-sentence ``ValueError``)."""
+
+    @abc.abstractmethod
+    def _reconstructor_config(self, channels: int, size: int) -> Any:
+        """``G``'s architecture (a config dataclass with ``to_dict``) for ``(channels, size, size)`` images."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _new_reconstructor(cls, config: dict[str, Any] | Any) -> nn.Module:
+        """A freshly initialised ``G`` from its config (or the config's ``to_dict()``, when loading)."""
+
+    @abc.abstractmethod
+    def _train_reconstructor(self, model: nn.Module, images: torch.Tensor, device: torch.device) -> None:
+        """Train ``G`` (already on ``device``) on ``images`` ``(N, C, H, W)`` in ``[-1, 1]``; leave it in eval mode."""
+
+    @abc.abstractmethod
+    def _aux_input(self, model: nn.Module) -> BatchTransform:
+        """What the auxiliary classifier sees of a training batch: ``G``'s reconstructions of it."""
+
+    @classmethod
+    def _params_from_manifest(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from a manifest's ``params`` (override to decode non-JSON values)."""
+        return params
+
+    def is_fitted(self) -> bool:
+        return self.reconstructor_ is not None and self.aux_ is not None and self.victim_ is not None
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, victim: ProbabilityFn, train_data: ImageDataset) -> Self:
+        """Train ``G`` on ``train_data``, then the auxiliary model on its reconstructions.
+
+        Args:
+            victim: the black-box victim: ``images (N, C, H, W) -> probabilities (N, K)`` (e.g. a
+                :class:`~sameguard.victim.Victim`). Only its outputs are used, at scoring time.
+            train_data: the defender's training data (an :class:`~sameguard.data.ImageDataset`,
+                images ``(N, C, H, W)`` in ``[-1, 1]`` and labels ``(N,)``), normally the victim's.
+        """
+        start = time.perf_counter()
+        if not callable(victim):
+            raise ValueError(f"victim must be callable (images -> probabilities), got {type(victim).__name__}.")
+        device = resolve_device(self.device)
+        images, labels, num_classes = self._training_data(train_data)
+        c, h, w = images.shape[1:]
+        if h != w:
+            raise ValueError(f"{self.LABEL}'s reconstruction model needs square images, got {h}x{w}.")
+        aux_arch = self.aux_arch or getattr(victim, "arch", None)
+        if aux_arch is None:
+            raise ValueError("aux_arch is None and the victim has no 'arch' attribute: name the auxiliary "
+                             "classifier's architecture (SAME uses the victim's).")
+        config = self._reconstructor_config(c, h)
+        torch.manual_seed(self.seed)
+        model = self._new_reconstructor(config).to(device)
+        self._train_reconstructor(model, images, device)
+        torch.manual_seed(self.seed + 1)
+        aux = build_classifier(aux_arch, c, h, num_classes)
+        logger.info("%s: training the auxiliary %s on reconstructions for %d epochs", self.LABEL, aux_arch,
+                    self.aux_epochs)
+        train_classifier(aux, images, labels, epochs=self.aux_epochs, batch_size=self.aux_batch_size, lr=self.aux_lr,
+                         augment=True, hflip=bool(getattr(train_data, "hflip", False)),
+                         input_transform=self._aux_input(model), seed=self.seed + 2, device=device,
+                         progress=self.progress, desc=f"{self.LABEL} auxiliary")
+        self._set_fitted(model.eval(), aux.eval(), victim, aux_arch, (c, h, w), num_classes)
+        self.fit_seconds_ = time.perf_counter() - start
+        logger.info("%s fitted in %.1f s", self.LABEL, self.fit_seconds_)
+        return self
+
+    def _training_data(self, train_data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(images, labels, num_classes)``, a seeded random subset of ``max_train_samples`` when set."""
+        images, labels, num_classes = labelled_images(train_data, "train_data")
+        if self.max_train_samples is not None and len(images) > self.max_train_samples:
+            generator = torch.Generator().manual_seed(self.seed)
+            keep = torch.randperm(len(images), generator=generator)[: self.max_train_samples]
+            images, labels = images[keep], labels[keep]
+        return images, labels, num_classes
+
+    def _set_fitted(self, model: nn.Module, aux: nn.Module, victim: ProbabilityFn, aux_arch: str,
+                    image_shape: tuple[int, int, int], num_classes: int) -> None:
+        self.reconstructor_, self.aux_, self.victim_ = model, aux, victim
+        self.victim_sha256_ = getattr(victim, "weights_sha256", None)
+        self.image_shape_ = tuple(image_shape)
+        self.num_classes_ = num_classes
+        self.aux_arch_ = aux_arch
+        self.threshold_ = None
+        self.calibration_fpr_ = None
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` reconstructions ``G(x)`` of the queries ``x`` (``(N, C, H, W)`` in ``[-1, 1]``)."""
+        self._check_fitted()
+        x = check_images(x, self.image_shape_)
+        return predict_in_batches(self.reconstructor_.reconstruct, x, self.batch_size, self._model_device())
+
+    @torch.no_grad()
+    def score_components(self, x: torch.Tensor) -> SAMEScores:
+        """``score``, ``s1`` and ``s2`` of each query in ``x`` (``(N, C, H, W)`` in ``[-1, 1]``)."""
+        self._check_fitted()
+        x = check_images(x, self.image_shape_)
+        return reconstruction_scores(x, victim=self.victim_, reconstruct=self.reconstructor_.reconstruct,
+                                     aux=self.aux_, alpha=self.alpha, num_classes=self.num_classes_,
+                                     batch_size=self.batch_size, device=self._model_device())
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` float32 SAME scores, larger = more suspicious."""
+        return self.score_components(x).score
+
+    def _model_device(self) -> torch.device:
+        return next(self.reconstructor_.parameters()).device
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``<PART>.safetensors``, ``aux.safetensors`` and ``manifest.json`` (threshold,
+        hyper-parameters, normalisation, the victim's weights SHA-256) to ``directory``."""
+        self._check_fitted()
+        config = {
+            "params": self.get_params(),
+            f"{self.PART}_config": self.reconstructor_.config.to_dict(),
+            "aux_arch": self.aux_arch_,
+            "image_shape": list(self.image_shape_),
+            "num_classes": self.num_classes_,
+            "normalisation": "x = 2 * pixel / 255 - 1, values in [-1, 1]",
+            "threshold": self.threshold_,
+            "calibration_fpr": self.calibration_fpr_,
+            "victim_weights_sha256": self.victim_sha256_,
+            "fit_seconds": self.fit_seconds_,
+        }
+        parts = {self.PART: self.reconstructor_.state_dict(), "aux": self.aux_.state_dict()}
+        return save_artifact(directory, self.KIND, parts, config)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, victim: ProbabilityFn, *, check_victim: bool = True,
+             device: str | torch.device | None = "cpu") -> Self:
+        """Load a detector saved by :meth:`save` and attach it to ``victim``.
+
+        Every file's SHA-256 is verified against the manifest. When ``check_victim`` is true and
+        both the manifest and ``victim`` carry a weights SHA-256, they must match (a detector is
+        fitted for one victim).
+        """
+        parts, manifest = load_artifact(directory, cls.KIND)
+        cfg = manifest["config"]
+        check_victim_sha(directory, victim, cfg.get("victim_weights_sha256"), check_victim)
+        detector = cls(**cls._params_from_manifest(dict(cfg["params"])), device=device)
+        model = cls._new_reconstructor(cfg[f"{cls.PART}_config"])
+        c, h, _ = cfg["image_shape"]
+        aux = build_classifier(cfg["aux_arch"], c, h, cfg["num_classes"])
+        try:
+            model.load_state_dict(parts[cls.PART])
+            aux.load_state_dict(parts["aux"])
+        except (KeyError, RuntimeError) as exc:
+            raise ArtifactError(f"{directory} has weights that do not fit its manifest: {exc}") from None
+        device = resolve_device(device)
+        detector._set_fitted(model.to(device).eval(), aux.to(device).eval(), victim, cfg["aux_arch"],
+                             cfg["image_shape"], cfg["num_classes"])
+        detector.victim_sha256_ = cfg.get("victim_weights_sha256")
+        detector.threshold_ = cfg.get("threshold")
+        detector.calibration_fpr_ = cfg.get("calibration_fpr")
+        detector.fit_seconds_ = cfg.get("fit_seconds")
+        return detector
