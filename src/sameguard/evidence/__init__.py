@@ -21,9 +21,20 @@ from .store import InMemoryStore, StateFormatError, StateStore
 from .stream import StreamExchangeabilityTest, StreamState, stream_p_value
 
 __all__ = [
-    "ConformalCalibrator", "conformal_p_values",
-    "MixtureMartingale", "log_power_bet", "default_epsilons", "MODES",
-    "StreamExchangeabilityTest", "StreamState", "stream_p_value",
-    "StateStore", "InMemoryStore", "StateFormatError", "ClientState",
-    "EvidenceMonitor", "ClientEvidence", "STREAM_NAME",
+    "MODES",
+    "STREAM_NAME",
+    "ClientEvidence",
+    "ClientState",
+    "ConformalCalibrator",
+    "EvidenceMonitor",
+    "InMemoryStore",
+    "MixtureMartingale",
+    "StateFormatError",
+    "StateStore",
+    "StreamExchangeabilityTest",
+    "StreamState",
+    "conformal_p_values",
+    "default_epsilons",
+    "log_power_bet",
+    "stream_p_value",
 ]

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConformalCalibrator", "conformal_p_values", "ARTIFACT_KIND"]
+__all__ = ["ARTIFACT_KIND", "ConformalCalibrator", "conformal_p_values"]
 
 #: The ``kind`` of a saved calibration in its manifest.
 ARTIFACT_KIND = "conformal-calibration"

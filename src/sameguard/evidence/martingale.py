@@ -29,7 +29,7 @@ import torch
 
 from ..validation import check_choice, check_fraction, check_int
 
-__all__ = ["MixtureMartingale", "log_power_bet", "default_epsilons", "MODES", "P_FLOOR"]
+__all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_power_bet"]
 
 #: Statistics offered by :class:`MixtureMartingale`.
 MODES = ("ville", "cusum", "shiryaev-roberts")
@@ -61,7 +61,9 @@ def log_power_bet(p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         eps: ``(G,)`` bets in (0, 1).
 
     Returns:
-        ``(..., N, G)`` float64 log bets; each ``g_ε`` integrates to 1 over p in [0, 1].
+        ``(..., N, G)`` float64 log bets. Unclipped, each ``g_ε`` integrates to 1 over p in [0, 1];
+        the clip lowers the integral to ``1 - (1 - ε) 1e-12^ε <= 1`` (a supermartingale, still
+        valid for Ville's inequality; it only matters for p below 1e-12).
     """
     log_p = p.to(torch.float64).clamp(P_FLOOR, 1.0).log().unsqueeze(-1)
     eps = eps.to(torch.float64)

@@ -32,7 +32,7 @@ from .stream import StreamExchangeabilityTest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvidenceMonitor", "ClientEvidence", "STREAM_NAME"]
+__all__ = ["STREAM_NAME", "ClientEvidence", "EvidenceMonitor"]
 
 #: The name under which the stream test's martingale appears in ``ClientEvidence.per_detector``.
 STREAM_NAME = "stream"
@@ -242,9 +242,8 @@ class EvidenceMonitor:
             if not isinstance(value, torch.Tensor) or value.shape != (n,):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"scores[{name!r}] must have shape ({n},), one score per label, got {shape}.")
-        if self.stream is not None:
-            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != n:
-                raise ValueError(f"This monitor has a stream test: x must be the ({n}, C, H, W) query images.")
+        if self.stream is not None and (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != n):
+            raise ValueError(f"This monitor has a stream test: x must be the ({n}, C, H, W) query images.")
         return n
 
 

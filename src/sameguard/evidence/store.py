@@ -20,7 +20,7 @@ import torch
 
 from ..api import SameguardError
 
-__all__ = ["StateStore", "InMemoryStore", "StateFormatError", "pack", "unpack"]
+__all__ = ["InMemoryStore", "StateFormatError", "StateStore", "pack", "unpack"]
 
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ def unpack(data: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, An
         length = int.from_bytes(data[:8], "little")
         header = json.loads(json.loads(data[8:8 + length])["__metadata__"][_HEADER_KEY])
         tensors = safetensors.torch.load(data)
-    except Exception as exc:  # malformed bytes raise many kinds of errors
+    except Exception as exc:  # noqa: BLE001 - malformed bytes raise many kinds of errors
         raise StateFormatError(f"These bytes are not a serialised sameguard state ({exc}).") from None
     if not isinstance(header, dict) or header.get("format") != fmt:
         found = header.get("format") if isinstance(header, dict) else None
