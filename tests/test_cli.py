@@ -12,6 +12,7 @@ import pytest
 
 from sameguard.cli import COMMANDS, build_parser, main
 from sameguard.data import to_uint8
+from sameguard.detectors import DETECTORS
 from sameguard.imagefiles import write_pngs
 
 
@@ -81,7 +82,63 @@ def test_calibrate_and_score_npy_and_png(trained, fmnist_small, tmp_path):
     np.save(tmp_path / "same.npy", to_uint8(test.images[:3])[..., 0])
     _, out2 = run("score", "--detector", str(trained / "det"), "--victim", str(trained / "victim"),
                   "--images", str(tmp_path / "same.npy"))
-    assert [r["score"] for r in csv.DictReader(io.StringIO(out2))] == [r["score"] for r in rows]
+    from_png = [float(r["score"]) for r in rows]
+    from_npy = [float(r["score"]) for r in csv.DictReader(io.StringIO(out2))]
+    assert from_npy == pytest.approx(from_png, rel=1e-5, abs=1e-7)
+
+
+# Every saveable detector kind through fit -> calibrate -> score, on tiny budgets.
+OTHER_KINDS = [
+    ("mahalanobis", ["--max-train-samples", "600"]),
+    ("same-conv-ae", ["--preset", "tiny", "--param", "ae_epochs=1", "--aux-epochs", "1", "--max-train-samples", "600"]),
+    ("vardetect", ["--param", "epochs=1", "--param", "window_size=20", "--max-train-samples", "600"]),
+]
+
+
+@pytest.mark.parametrize("kind, extra", OTHER_KINDS, ids=[k for k, _ in OTHER_KINDS])
+def test_fit_calibrate_score_any_saveable_kind(trained, tmp_path, kind, extra):
+    det = tmp_path / kind
+    code, out = run("fit", "--victim", str(trained / "victim"), "--detector-kind", kind, *extra, "--holdout", "0.05",
+                    "--target-fpr", "0.05", "--out", str(det), "--no-progress")
+    assert code == 0
+    assert "threshold" in out
+    manifest = json.loads((det / "manifest.json").read_text())
+    assert manifest["kind"] == DETECTORS[kind].KIND
+    assert manifest["config"]["calibration_fpr"] == 0.05
+
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "noise.npy", rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8))
+    code, out = run("calibrate", "--detector", str(det), "--victim", str(trained / "victim"),
+                    "--images", str(tmp_path / "noise.npy"), "--target-fpr", "0.1", "--no-progress")
+    assert code == 0
+    assert json.loads((det / "manifest.json").read_text())["config"]["calibration_fpr"] == 0.1
+    code, out = run("score", "--detector", str(det), "--victim", str(trained / "victim"),
+                    "--images", str(tmp_path / "noise.npy"))
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 40
+    expected = ["image", "score", "s1", "s2", "flagged"] if kind == "same-conv-ae" else ["image", "score", "flagged"]
+    assert list(rows[0]) == expected
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--detector-kind", "msp"], "cannot be saved"),
+        (["--detector-kind", "nope"], "Unknown detector 'nope'"),
+        (["--detector-kind", "mahalanobis", "--mae-epochs", "2"], "has no parameter mae_epochs"),
+        (["--detector-kind", "mahalanobis", "--preset", "tiny"], "Unknown preset 'tiny'"),
+        (["--param", "alpha"], "NAME=VALUE"),
+        (["--detector-kind", "outlier-exposure"], "needs outlier data"),
+        (["--holdout", "1.5"], "--holdout"),
+    ],
+)
+def test_fit_errors_exit_2_with_one_sentence(trained, tmp_path, capsys, argv, message):
+    code, _ = run("fit", "--victim", str(trained / "victim"), *argv, "--out", str(tmp_path / "d"), "--no-progress")
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert err.count("\n") == 0
 
 
 def test_score_errors_exit_2_with_message(trained, tmp_path, capsys):

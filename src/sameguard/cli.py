@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import sys
@@ -52,8 +53,8 @@ def add_attack_commands(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="substitute epochs (default: the paper's)")
     p.add_argument("--save", default=None, help="save the substitute as a victim-format folder")
     p.add_argument("--detector", default=None,
-                   help="folder of a SAME detector fitted for this victim: serve the victim behind it and score "
-                        "every attack query")
+                   help="folder of a saved detector (any kind) fitted for this victim: serve the victim behind it "
+                        "and score every attack query")
     p.add_argument("--scores-out", default=None, help="with --detector: write each query's score to this CSV")
     _common(p, data=True)
 
@@ -94,9 +95,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     extra = {} if args.epochs is None else {"epochs": args.epochs}
     attack = build_attack(args.name, *data, seed=args.seed, device=args.device, progress=args.progress, **extra)
     if args.detector:
-        from .detectors import SAMEDetector
+        from .detectors.registry import load_detector
 
-        detector = SAMEDetector.load(args.detector, victim, device=args.device)
+        detector = load_detector(args.detector, victim, device=args.device)
         api = Guard(victim, detector, "monitor", output=args.output)
     else:
         api = Guard(victim, output=args.output)
@@ -138,6 +139,60 @@ def cmd_bench_attacks(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_detector_commands(sub) -> None:
+    """``fit``, ``calibrate`` and ``score``: for every saveable detector in the registry."""
+    from .detectors.registry import detector_names
+
+    kinds = ", ".join(detector_names(saveable=True))
+    p = sub.add_parser("fit", help="fit a detector (SAME by default) for a saved victim, calibrate and save it",
+                       description="Fit a detector on the victim's training data (minus a held-out part), calibrate "
+                                   "the threshold on the held-out part at --target-fpr, and save the detector. "
+                                   f"Detector kinds: {kinds}.")
+    p.add_argument("--victim", required=True, help="folder of a saved victim")
+    p.add_argument("--detector-kind", default="same", help=f"which detector: {kinds} (default: same)")
+    p.add_argument("--dataset", default=None, help="training data (default: the victim's dataset)")
+    p.add_argument("--preset", default=None,
+                   help="training budget: tiny, cpu or paper (default: cpu for the detectors that have presets)")
+    p.add_argument("--alpha", type=float, default=None, help="weight of SAME's reconstruction term (default 0.99)")
+    p.add_argument("--mae-epochs", type=int, default=None, help="override the preset's MAE epochs")
+    p.add_argument("--aux-epochs", type=int, default=None, help="override the preset's auxiliary epochs")
+    p.add_argument("--max-train-samples", type=int, default=None, help="override the preset's training subset size")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="any constructor argument of the detector (VALUE as JSON, else a string); repeatable")
+    p.add_argument("--outlier-data", default=None,
+                   help="dataset whose train split is the outlier data (needed by outlier-exposure)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of the train split kept out of training for calibration (default 0.1)")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="benign false-positive rate to calibrate for (default 0.01)")
+    p.add_argument("--out", required=True, help="output folder for the detector")
+    _common(p, data=True)
+
+    p = sub.add_parser("calibrate", help="set a saved detector's threshold from benign images",
+                       description="Score benign images the detector was not trained on and set the threshold "
+                                   "that flags --target-fpr of them; the detector's manifest is rewritten.")
+    p.add_argument("--detector", required=True, help="folder of a saved detector (any kind)")
+    p.add_argument("--victim", required=True, help="folder of the victim it was fitted for")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="benign images: a .npy file or a folder of PNGs")
+    src.add_argument("--dataset", help="benign images from a dataset's split (see --split)")
+    p.add_argument("--split", default="test", help="split of --dataset (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images (random, seeded)")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="benign false-positive rate (default 0.01)")
+    _common(p, data=True)
+
+    p = sub.add_parser("score", help="score images with a saved detector and write a CSV",
+                       description="Score query images with a saved detector; writes one CSV row per image with the "
+                                   "score (for SAME also its two terms s1, the reconstruction MSE, and s2, KL/K) "
+                                   "and whether it is flagged.")
+    p.add_argument("--detector", required=True, help="folder of a saved detector (any kind)")
+    p.add_argument("--victim", required=True, help="folder of the victim it was fitted for")
+    p.add_argument("--images", required=True,
+                   help="a .npy file ((N,C,H,W) floats in [-1,1] or uint8 pixels) or a folder of PNGs")
+    p.add_argument("--out", default="-", help="CSV file to write (default: standard output)")
+    _common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sameguard",
@@ -160,44 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the victim")
     _common(p, data=True)
 
-    p = sub.add_parser("fit", help="fit a SAME detector for a saved victim and calibrate it",
-                       description="Train SAME's masked auto-encoder and auxiliary classifier on the victim's "
-                                   "training data (minus a held-out part), calibrate the threshold on the held-out "
-                                   "part at --target-fpr, and save the detector.")
-    p.add_argument("--victim", required=True, help="folder of a saved victim")
-    p.add_argument("--dataset", default=None, help="training data (default: the victim's dataset)")
-    p.add_argument("--preset", default="cpu", help="training budget: tiny, cpu (default) or paper")
-    p.add_argument("--alpha", type=float, default=None, help="weight of the reconstruction term (default 0.99)")
-    p.add_argument("--mae-epochs", type=int, default=None, help="override the preset's MAE epochs")
-    p.add_argument("--aux-epochs", type=int, default=None, help="override the preset's auxiliary epochs")
-    p.add_argument("--max-train-samples", type=int, default=None, help="override the preset's training subset size")
-    p.add_argument("--holdout", type=float, default=0.1,
-                   help="fraction of the train split kept out of training for calibration (default 0.1)")
-    p.add_argument("--target-fpr", type=float, default=0.01, help="benign false-positive rate to calibrate for (default 0.01)")
-    p.add_argument("--out", required=True, help="output folder for the detector")
-    _common(p, data=True)
-
-    p = sub.add_parser("calibrate", help="set a saved detector's threshold from benign images",
-                       description="Score benign images the detector was not trained on and set the threshold "
-                                   "that flags --target-fpr of them; the detector's manifest is rewritten.")
-    p.add_argument("--detector", required=True, help="folder of a saved SAME detector")
-    p.add_argument("--victim", required=True, help="folder of the victim it was fitted for")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="benign images: a .npy file or a folder of PNGs")
-    src.add_argument("--dataset", help="benign images from a dataset's split (see --split)")
-    p.add_argument("--split", default="test", help="split of --dataset (default: test)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many images (random, seeded)")
-    p.add_argument("--target-fpr", type=float, default=0.01, help="benign false-positive rate (default 0.01)")
-    _common(p, data=True)
-
-    p = sub.add_parser("score", help="score images with a saved detector and write a CSV",
-                       description="Score query images with SAME; writes one CSV row per image with the score, "
-                                   "its two terms s1 (reconstruction MSE) and s2 (KL/K), and whether it is flagged.")
-    p.add_argument("--detector", required=True, help="folder of a saved SAME detector")
-    p.add_argument("--victim", required=True, help="folder of the victim it was fitted for")
-    p.add_argument("--images", required=True, help="a .npy file ((N,C,H,W) floats in [-1,1] or uint8 pixels) or a folder of PNGs")
-    p.add_argument("--out", default="-", help="CSV file to write (default: standard output)")
-    _common(p)
+    add_detector_commands(sub)
 
     p = sub.add_parser("demo", help="train (or reuse) a victim and SAME on Fashion-MNIST and print detection metrics",
                        description="Train or reuse a cached Fashion-MNIST victim and SAME detector (small CPU "
@@ -280,37 +298,65 @@ def cmd_train_victim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detector_from_args(args: argparse.Namespace):
-    from .detectors import SAMEDetector
+def _param_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
-    overrides = {k: v for k, v in dict(alpha=args.alpha, mae_epochs=args.mae_epochs, aux_epochs=args.aux_epochs,
-                                       max_train_samples=args.max_train_samples).items() if v is not None}
-    return SAMEDetector.from_preset(args.preset, seed=args.seed, device=args.device, progress=args.progress, **overrides)
+
+def _detector_from_args(args: argparse.Namespace):
+    """The unfitted detector that ``fit`` asks for: ``--detector-kind``, its preset, then the overrides."""
+    from .detectors.registry import build_detector, detector_class, detector_names, is_saveable
+
+    cls = detector_class(args.detector_kind)
+    if not is_saveable(cls):
+        raise ValueError(f"The {args.detector_kind} detector cannot be saved, so 'fit' cannot make one; choose one of "
+                         f"{', '.join(detector_names(saveable=True))}.")
+    params = {k: v for k, v in dict(alpha=args.alpha, mae_epochs=args.mae_epochs, aux_epochs=args.aux_epochs,
+                                    max_train_samples=args.max_train_samples).items() if v is not None}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--param takes NAME=VALUE, got {item!r}.")
+        params[name.strip().replace("-", "_")] = _param_value(value)
+    preset = args.preset if args.preset is not None or "cpu" not in cls.PRESETS else "cpu"
+    return build_detector(args.detector_kind, params, preset=preset, seed=args.seed, device=args.device,
+                          progress=args.progress)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from .data import load_dataset
+    from .detectors.registry import fit_detector
     from .victim import Victim
 
     if not 0.0 < args.holdout < 1.0:
         raise ValueError(f"--holdout must be a fraction in (0, 1), got {args.holdout}.")
+    detector = _detector_from_args(args)
     victim = Victim.load(args.victim, device=args.device)
     train = load_dataset(args.dataset or victim.dataset, "train", data_dir=args.data_dir, download=args.download)
+    outlier = None
+    if args.outlier_data is not None:
+        outlier = load_dataset(args.outlier_data, "train", data_dir=args.data_dir, download=args.download)
     fit_part, calibration = train.split_off(args.holdout, seed=args.seed)
-    detector = _detector_from_args(args).fit(victim, fit_part)
+    start = time.perf_counter()
+    fit_detector(detector, victim, fit_part, outlier)
+    seconds = time.perf_counter() - start
     detector.calibrate(calibration.images, args.target_fpr)
     detector.save(args.out)
-    _out(f"SAME fitted on {len(fit_part)} images in {detector.fit_seconds_:.0f} s; threshold {detector.threshold_:.6g} "
-         f"at {args.target_fpr:.2%} FPR on {len(calibration)} held-out images; saved to {args.out}")
+    _out(f"{type(detector).__name__} fitted on {len(fit_part)} images in {seconds:.0f} s; threshold "
+         f"{detector.threshold_:.6g} at {args.target_fpr:.2%} FPR on {len(calibration)} held-out images; "
+         f"saved to {args.out}")
     return 0
 
 
 def _load_pair(args: argparse.Namespace):
-    from .detectors import SAMEDetector
+    """The victim in ``--victim`` and the saved detector of any kind in ``--detector``."""
+    from .detectors.registry import load_detector
     from .victim import Victim
 
     victim = Victim.load(args.victim, device=args.device)
-    return victim, SAMEDetector.load(args.detector, victim, device=args.device)
+    return victim, load_detector(args.detector, victim, device=args.device)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -331,19 +377,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_columns(detector, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``(N,)`` columns of the score CSV: ``score``, and SAME's two terms ``s1`` and ``s2`` for SAME detectors."""
+    from .detectors import ReconstructionDetector
+
+    if isinstance(detector, ReconstructionDetector):
+        parts = detector.score_components(x)
+        return {"score": parts.score, "s1": parts.s1, "s2": parts.s2}
+    return {"score": detector.score(x)}
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from .imagefiles import read_images
 
     victim, detector = _load_pair(args)
     x, names = read_images(args.images, victim.image_shape)
-    parts = detector.score_components(x)
-    flagged = parts.score > detector.threshold_ if detector.threshold_ is not None else None
+    columns = _score_columns(detector, x)
+    flagged = columns["score"] > detector.threshold_ if detector.threshold_ is not None else None
     fh = sys.stdout if args.out == "-" else open(args.out, "w", newline="")
     try:
         writer = csv.writer(fh)
-        writer.writerow(["image", "score", "s1", "s2", "flagged"])
+        writer.writerow(["image", *columns, "flagged"])
         for i, name in enumerate(names):
-            writer.writerow([name, f"{parts.score[i]:.8g}", f"{parts.s1[i]:.8g}", f"{parts.s2[i]:.8g}",
+            writer.writerow([name, *(f"{v[i]:.8g}" for v in columns.values()),
                              "" if flagged is None else int(flagged[i])])
     finally:
         if fh is not sys.stdout:
