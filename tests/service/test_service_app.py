@@ -19,8 +19,9 @@ from PIL import Image
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from sameguard.actions import ChallengeIssuer, ProofOfWork, solve
+from sameguard.actions import ProofOfWork, solve, verify_solution
 from sameguard.guard import Guard
+from sameguard.service.challenges import ChallengeIssuer
 from sameguard.service.db import api_keys, audit_log
 
 
@@ -211,8 +212,7 @@ def test_service_pow_over_http_round_trip_stale_forged_replayed(make_app, victim
         ch = r.json()["challenge"]
         assert 4 < ch["bits"] <= 11 and ch["scheme"] == "sg-pow-1"
         nonce = solve(ch["challenge"], ch["bits"])
-        bad = next(str(i) for i in range(10**6) if not __import__("sameguard.actions", fromlist=["x"]).verify_solution(
-            ch["challenge"], ch["bits"], str(i)))
+        bad = next(str(i) for i in range(10**6) if not verify_solution(ch["challenge"], ch["bits"], str(i)))
         redeem = {"challenge": ch["challenge"], "signature": ch["signature"]}
         r = client.post("/v1/pow/redeem", json=redeem | {"nonce": bad})
         assert r.status_code == 403 and "does not solve" in r.json()["detail"]
@@ -273,18 +273,49 @@ def test_service_audit_log_is_append_only_and_complete(app_client, kit):
             conn.execute(text(statement))
 
 
-def test_service_unaudited_queries_are_not_answered(app_client, monkeypatch, kit):
+@pytest.mark.parametrize("error", [OperationalError("INSERT", {}, Exception("database is locked")),
+                                   OSError("disk full")], ids=["database_locked", "disk_full"])
+def test_service_unaudited_queries_are_not_answered(app_client, monkeypatch, caplog, kit, error):
+    """Fail closed: when the audit rows cannot be written, the answer is 503 and holds no prediction."""
     app, client, _ = app_client
     state = app.state.sameguard
 
     def fail(decisions):
-        raise OperationalError("INSERT", {}, Exception("database is locked"))
+        raise error
 
     monkeypatch.setattr(state.audit, "append", fail)
     r = client.post("/v1/predict", json=_b64(kit.dark(1)))
-    assert r.status_code == 503 and "audit log is unavailable" in r.json()["detail"]
-    assert state.guard.queries_used("alice") == 0
-    assert issubclass(OperationalError, SQLAlchemyError)
+    assert r.status_code == 503, r.text
+    assert r.json() == {"detail": "The audit log is unavailable, so the query was not answered; retry later.",
+                        "request_id": r.headers["X-Request-ID"]}
+    assert "Audit log write failed" in caplog.text
+    assert 'sameguard_queries_total{action="allow"}' not in client.get("/metrics").text
+
+
+@pytest.mark.parametrize("failing_event", ["issued", "redeemed"])
+def test_service_unaudited_proof_of_work_is_not_answered(make_app, victim, monkeypatch, kit, failing_event):
+    """Fail closed on the proof-of-work path: no challenge, and no held answers, without their audit event."""
+    guard = Guard(victim, kit.FakeDetector(), ProofOfWork(benign_bits=2, max_bits=6)).calibrate(kit.dark(100))
+    app, token = make_app(guard=guard)
+    audit = app.state.sameguard.audit
+    original = audit.pow_event
+
+    def pow_event(client, outcome, **fields):
+        if outcome == failing_event:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        original(client, outcome, **fields)
+
+    monkeypatch.setattr(audit, "pow_event", pow_event)
+    with TestClient(app) as client:
+        client.headers["X-API-Key"] = token
+        r = client.post("/v1/predict", json=_b64(kit.bright(1)))
+        if failing_event == "issued":
+            assert r.status_code == 503 and "challenge" not in r.json()
+            return
+        ch = r.json()["challenge"]
+        r = client.post("/v1/pow/redeem", json={"challenge": ch["challenge"], "signature": ch["signature"],
+                                                "nonce": solve(ch["challenge"], ch["bits"])})
+        assert r.status_code == 503 and "predictions" not in r.json()
 
 
 def test_service_keys_are_hashed_never_logged_and_revocable(make_app, caplog, kit):

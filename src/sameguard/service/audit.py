@@ -1,8 +1,8 @@
 """The append-only audit log: one row per query, written before the query is answered.
 
-:class:`AuditLog` is the :class:`~sameguard.guard.Guard`'s ``sink``: the decisions of a batch
-are inserted in one transaction, and if that fails the batch is not answered (the service answers
-503), so every answer has its row. :func:`summarize` reads the log back per client, for
+The service's prediction endpoint writes the decisions of each batch with
+:meth:`AuditLog.append`, in one transaction, after ``guard.protect`` and before it answers; if that
+fails the batch is not answered (503), so every answer has its row. :func:`summarize` reads the log back per client, for
 ``sameguard audit --db URL``.
 """
 

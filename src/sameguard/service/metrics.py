@@ -1,0 +1,56 @@
+"""The service's Prometheus metrics, in the app's own registry (served at ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+__all__ = ["ServiceMetrics", "CONTENT_TYPE_LATEST"]
+
+#: Latency histogram buckets, in seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class ServiceMetrics:
+    """Requests, latency, queries by action, flagged queries and proof-of-work outcomes.
+
+    Attributes:
+        registry: the app's own collector registry (several apps in one process do not collide).
+        requests: ``sameguard_http_requests_total{method, route, status}``.
+        latency: ``sameguard_http_request_seconds{route}``.
+        queries: ``sameguard_queries_total{action}``, one per image decided.
+        flagged: ``sameguard_flagged_queries_total``.
+        pow: ``sameguard_pow_challenges_total{outcome}`` (``issued``, ``redeemed``, or why refused).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sameguard_http_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("sameguard_http_request_seconds", "HTTP request latency in seconds", ["route"],
+                                 registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.queries = Counter("sameguard_queries", "Queries (images) decided, by action", ["action"],
+                               registry=self.registry)
+        self.flagged = Counter("sameguard_flagged_queries", "Queries flagged by the detector", registry=self.registry)
+        self.pow = Counter("sameguard_pow_challenges", "Proof-of-work challenges by outcome", ["outcome"],
+                           registry=self.registry)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def observe_decisions(self, decisions: Iterable[Any]) -> None:
+        """Count a batch's :class:`~sameguard.guard.Decision` s by action, and the flagged ones."""
+        n_flagged = 0
+        for d in decisions:
+            self.queries.labels(d.action).inc()
+            n_flagged += bool(d.flagged)
+        if n_flagged:
+            self.flagged.inc(n_flagged)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format (media type :data:`CONTENT_TYPE_LATEST`)."""
+        return generate_latest(self.registry)
