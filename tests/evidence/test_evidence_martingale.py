@@ -40,7 +40,7 @@ def test_every_bet_integrates_to_at_most_one():
     integrand = (log_power_bet(t.exp(), eps) + t.unsqueeze(1)).exp()
     integral = torch.trapezoid(integrand, t, dim=0)
     torch.testing.assert_close(integral, 1 - (1 - eps) * 1e-12 ** eps, rtol=0, atol=1e-4)
-    assert bool((integral <= 1 + 1e-6).all())
+    assert bool((integral <= 1 + 1e-4).all())  # trapezoid error ~1e-5
 
 
 def test_two_steps_by_hand():

@@ -1,0 +1,74 @@
+"""Everything the endpoints use, in one typed object: :class:`ServiceState` (``app.state.sameguard``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..guard import Guard
+from .audit import AuditLog
+from .challenges import ChallengeIssuer
+from .db import init_db, make_engine
+from .keys import KeyStore
+from .metrics import ServiceMetrics
+from .ratelimit import TokenBucketLimiter
+from .settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServiceState", "build_state"]
+
+
+@dataclass
+class ServiceState:
+    """The service's parts, built once per app by :func:`build_state`.
+
+    Attributes:
+        settings: the validated settings.
+        guard: victim + detector + policy; :meth:`~sameguard.guard.Guard.protect` decides each batch.
+        keys: API keys (hashed) in the database.
+        audit: the append-only audit log, written on the request path before anything is answered.
+        issuer: proof-of-work challenges (in memory).
+        limiter: per-key token buckets, in images.
+        metrics: the Prometheus metrics.
+        classes: the victim's class names, when it has them.
+    """
+
+    settings: ServiceSettings
+    guard: Guard
+    keys: KeyStore
+    audit: AuditLog
+    issuer: ChallengeIssuer
+    limiter: TokenBucketLimiter
+    metrics: ServiceMetrics
+    classes: list[str] | None
+
+
+def build_state(settings: ServiceSettings, *, guard: Guard | None = None,
+                issuer: ChallengeIssuer | None = None) -> ServiceState:
+    """Load the guard (unless given), open the database (creating its tables) and build the parts.
+
+    Args:
+        settings: the service settings.
+        guard: a ready guard; by default loaded from ``settings.victim`` and ``settings.detector``
+            (:func:`~sameguard.service.loading.load_guard`).
+        issuer: a challenge issuer; by default one keyed by ``settings.pow_secret`` (a random key
+            when unset) with ``settings.pow_ttl_s``.
+    """
+    if guard is None:
+        from .loading import load_guard
+
+        guard = load_guard(settings)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    if issuer is None:
+        secret = settings.pow_secret.get_secret_value().encode() if settings.pow_secret is not None else None
+        issuer = ChallengeIssuer(secret, ttl_s=settings.pow_ttl_s)
+    if settings.max_batch > settings.rate_burst:
+        logger.warning("max_batch (%d) exceeds the rate limit's burst (%d): larger batches will be refused",
+                       settings.max_batch, settings.rate_burst)
+    classes = getattr(guard.victim, "classes", None)
+    return ServiceState(settings=settings, guard=guard, keys=KeyStore(engine, cache_s=settings.key_cache_s),
+                        audit=AuditLog(engine, guard.versions), issuer=issuer,
+                        limiter=TokenBucketLimiter(settings.rate_per_second, settings.rate_burst),
+                        metrics=ServiceMetrics(), classes=list(classes) if classes is not None else None)
