@@ -63,6 +63,15 @@ def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     Returns:
         ``{command name: function(args) -> exit code}`` to merge into the CLI's command table.
     """
+    _add_serve_parser(sub)
+    _add_keys_parser(sub)
+    _add_audit_parser(sub)
+    _add_bench_service_parser(sub)
+    return dict(SERVICE_COMMANDS)
+
+
+def _add_serve_parser(sub: Any) -> None:
+    """``sameguard serve``: the victim, the detector, the policy, the limits."""
     p = sub.add_parser("serve", help="serve a victim behind SAME and an action policy over HTTP",
                        description="Serve the victim as an HTTP prediction API (FastAPI + uvicorn) behind a detector "
                                    "and a policy; every query is audited. Create API keys with 'sameguard keys "
@@ -92,6 +101,9 @@ def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     _verbose(p)
 
+
+def _add_keys_parser(sub: Any) -> None:
+    """``sameguard keys create|list|revoke``."""
     p = sub.add_parser("keys", help="create, list or revoke API keys of the service",
                        description="API keys are shown once at creation and stored as SHA-256 hashes.")
     ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -110,6 +122,9 @@ def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     _verbose(k)
     _verbose(p)
 
+
+def _add_audit_parser(sub: Any) -> None:
+    """``sameguard audit``."""
     p = sub.add_parser("audit", help="summarise the service's audit log per client",
                        description="Per client: queries, requests, flagged queries, mean and max score, actions "
                                    "taken and proof-of-work asked, as a Markdown table (or JSON).")
@@ -118,6 +133,9 @@ def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _verbose(p)
 
+
+def _add_bench_service_parser(sub: Any) -> None:
+    """``sameguard bench-service``."""
     p = sub.add_parser("bench-service", help="measure the service's throughput and the actions against attacks",
                        description="Part 1: requests/s and p50/p99 latency of the HTTP service on 127.0.0.1 "
                                    "(uvicorn, bounded requests) with and without the guard, at batch sizes 1 and 64. "
@@ -144,7 +162,6 @@ def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
     _verbose(p)
-    return dict(SERVICE_COMMANDS)
 
 
 def serve_main(args: argparse.Namespace) -> int:
