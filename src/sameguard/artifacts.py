@@ -31,7 +31,8 @@ from .api import ArtifactError, IntegrityError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "sha256_file", "save_artifact", "load_artifact", "state_dict_sha256"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "sha256_file", "save_artifact", "load_artifact", "state_dict_sha256",
+           "fitted_state_sha256"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,6 +56,24 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
     return digest.hexdigest()
+
+
+def fitted_state_sha256(obj: object) -> str | None:
+    """SHA-256 over the state dicts of ``obj``'s fitted networks (attributes ending in ``_``).
+
+    Identifies a fitted detector by its weights (e.g. for the guard's version record and to tie a
+    calibration to the detector it was made for); ``None`` when ``obj`` holds no fitted network
+    (MSP, Energy: they are defined by the victim alone).
+    """
+    digest = hashlib.sha256(type(obj).__name__.encode())
+    found = False
+    for name in sorted(vars(obj)) if hasattr(obj, "__dict__") else []:
+        value = getattr(obj, name)
+        if name.endswith("_") and isinstance(value, torch.nn.Module):
+            digest.update(name.encode())
+            digest.update(state_dict_sha256(value.state_dict()).encode())
+            found = True
+    return digest.hexdigest() if found else None
 
 
 def save_artifact(directory: str | os.PathLike, kind: str, parts: dict[str, dict[str, torch.Tensor]],

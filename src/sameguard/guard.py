@@ -38,7 +38,6 @@ puzzle is solved.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
@@ -55,7 +54,7 @@ from . import __version__
 from .actions import Action, Monitor, Policy, ProofOfWork, batch_bits
 from .actions.base import ActionOutcome
 from .api import NotCalibratedError, StatefulDetector
-from .artifacts import state_dict_sha256
+from .artifacts import fitted_state_sha256
 from .decisions import ClientStats, Decision, QueryRefusedError, Verdict, input_digests
 from .prediction_api import (ANONYMOUS, Output, QueryLedger, check_output, victim_geometry,
                              victim_probabilities)
@@ -82,19 +81,6 @@ def detector_scores(detector: Any, x: torch.Tensor, client: str) -> torch.Tensor
     if scores.numel() != x.shape[0]:
         raise ValueError(f"The detector returned {scores.numel()} scores for {x.shape[0]} queries.")
     return scores
-
-
-def _module_fingerprint(obj: object) -> str | None:
-    """SHA-256 over the state dicts of ``obj``'s fitted network attributes (names ending in ``_``)."""
-    digest = hashlib.sha256(type(obj).__name__.encode())
-    found = False
-    for name in sorted(vars(obj)) if hasattr(obj, "__dict__") else []:
-        value = getattr(obj, name)
-        if name.endswith("_") and isinstance(value, torch.nn.Module):
-            digest.update(name.encode())
-            digest.update(state_dict_sha256(value.state_dict()).encode())
-            found = True
-    return digest.hexdigest() if found else None
 
 
 def _as_policy(policy: Policy | Action | str | None) -> Policy:
@@ -194,7 +180,7 @@ class Guard:
             "sameguard": __version__,
             "victim_sha256": victim_sha if isinstance(victim_sha, str) else None,
             "detector": None if detector is None else type(detector).__name__,
-            "detector_sha256": None if detector is None else _module_fingerprint(detector),
+            "detector_sha256": None if detector is None else fitted_state_sha256(detector),
             "policy": self.policy.name,
         }
 
@@ -363,7 +349,7 @@ class Guard:
                 return self._verdict(x, client, request_id, probs, None, None, ActionOutcome.passthrough(probs)), None
             scores = detector_scores(self.detector, x, client)
             tau = self._threshold_in_force()
-            alarm = None if self.alarms is None else self.alarms.update(client, x, probs, scores)
+            alarm = None if self.alarms is None else self.alarms.update(client, x, probs, {id(self.detector): scores})
             outcome = self._act(x, probs, scores, tau, alarm)
         return self._verdict(x, client, request_id, probs, scores, tau, outcome, alarm), scores
 
