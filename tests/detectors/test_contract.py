@@ -84,7 +84,9 @@ def test_scores_shape_dtype_and_calibration(name, fitted_baselines, fmnist_tiny)
     detector = fitted_baselines.get(name)
     _, test = fmnist_tiny
     scores = detector.score(test.images[:160])
-    assert scores.shape == (160,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert scores.shape == (160,)
+    assert scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
     assert torch.equal(detector.score(test.images[:160]), scores)  # deterministic, no hidden state
     fresh = type(detector)()
     fresh.__dict__.update(detector.__dict__)
@@ -93,7 +95,8 @@ def test_scores_shape_dtype_and_calibration(name, fitted_baselines, fmnist_tiny)
         fresh.predict(test.images[:4])
     assert fresh.calibrate(test.images[:160], 0.1) is fresh
     flagged = fresh.predict(test.images[:160])
-    assert flagged.dtype == torch.bool and flagged.float().mean() <= 0.1
+    assert flagged.dtype == torch.bool
+    assert flagged.float().mean() <= 0.1
 
 
 @pytest.mark.parametrize("name", PER_QUERY)

@@ -96,7 +96,8 @@ def lenet_mahalanobis(baseline_victim, fmnist_tiny):
 
 def test_real_victim_features(lenet_mahalanobis, fmnist_tiny):
     detector = lenet_mahalanobis
-    assert detector.means_.shape == (10, 84) and detector.precision_.shape == (84, 84)
+    assert detector.means_.shape == (10, 84)
+    assert detector.precision_.shape == (84, 84)
     assert torch.allclose(detector.precision_, detector.precision_.T, atol=1e-6)
     _, test = fmnist_tiny
     assert (detector.score(test.images[:20]) >= 0).all()
@@ -106,9 +107,9 @@ def test_noise_magnitude_changes_scores(baseline_victim, fmnist_tiny, lenet_maha
     train, test = fmnist_tiny
     tuned = MahalanobisDetector(noise_magnitude=0.01, max_train_samples=500).fit(baseline_victim, train)
     x = test.images[:20]
-    assert torch.equal(tuned.means_, lenet_mahalanobis.means_)
-    assert not torch.equal(tuned.score(x), lenet_mahalanobis.score(x))
-    assert torch.equal(tuned.score(x), tuned.score(x))
+    torch.testing.assert_close(tuned.means_, lenet_mahalanobis.means_)  # two fits on the same data
+    assert not torch.allclose(tuned.score(x), lenet_mahalanobis.score(x), rtol=1e-4, atol=1e-6)
+    assert torch.equal(tuned.score(x), tuned.score(x))  # the same call twice: no hidden state
 
 
 def test_save_load_round_trip(lenet_mahalanobis, baseline_victim, fmnist_tiny, noise_queries, tmp_path):

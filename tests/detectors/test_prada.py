@@ -63,7 +63,7 @@ def test_state_update_by_hand():
     assert len(s.growing_sets[0]) == 3
     assert s.update(_point(5, 5), 1) is None  # another class has its own set
     assert s.distances == {0: pytest.approx([10.0, 0.0, 10.0, 1.0])}
-    assert s.queries == 6 and s.num_distances == 4
+    assert (s.queries, s.num_distances) == (6, 4)
 
 
 def test_shapiro_statistic_pools_filters_and_matches_scipy():
@@ -117,12 +117,15 @@ def test_observe_keeps_clients_apart():
     assert (out_a == 0).all() and not detector.is_flagged("mallory")  # no W before 100 distances
     detector.observe(benign, "alice", torch.randint(0, 3, (151,), generator=g))
     out_a = detector.observe(attack[100:], "mallory", zeros[100:])
-    assert out_a.shape == (51,) and out_a[-1] > 1 - detector.delta
-    assert detector.is_flagged("mallory") and not detector.is_flagged("alice")
+    assert out_a.shape == (51,)
+    assert out_a[-1] > 1 - detector.delta
+    assert detector.is_flagged("mallory")
+    assert not detector.is_flagged("alice")
     assert detector.client_state("mallory").alarm_at == 110
     assert set(detector.clients) == {"mallory", "alice"}
     detector.reset("mallory")
-    assert not detector.is_flagged("mallory") and detector.client_state("mallory") is None
+    assert not detector.is_flagged("mallory")
+    assert detector.client_state("mallory") is None
     assert not detector.is_flagged("nobody")
 
 
@@ -144,7 +147,8 @@ def test_windowed_scores_on_real_queries(fitted_baselines, fmnist_tiny):
                  + 0.1 * torch.sign(torch.randn(300, 1, 28, 28, generator=g))).clamp(-1, 1)
     benign_windows = detector.window_scores(test.images)
     attack_windows = detector.window_scores(synthetic)
-    assert benign_windows.shape == (2,) and attack_windows.shape == (2,)
+    assert benign_windows.shape == (2,)
+    assert attack_windows.shape == (2,)
     assert attack_windows.min() > benign_windows.max()
     scores = detector.score(synthetic)
     assert torch.equal(scores[:150], attack_windows[0].repeat(150))

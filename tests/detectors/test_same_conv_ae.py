@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sameguard.api import ArtifactError
-from sameguard.detectors.same import same_score
+from sameguard.detectors.same_base import same_score
 from sameguard.detectors.same_conv_ae import CONV_AE_SAME_PRESETS, ConvAESAMEDetector
 from sameguard.models.autoencoder import ConvAEConfig, ConvAutoencoder
 
@@ -18,7 +18,9 @@ def test_autoencoder_shapes(shape):
     x = torch.rand(2, *shape) * 2 - 1
     assert ae.encode(x).shape == (2, 7)
     out = ae.reconstruct(x)
-    assert out.shape == x.shape and out.abs().max() <= 1.0 and not out.requires_grad
+    assert out.shape == x.shape
+    assert out.abs().max() <= 1.0
+    assert not out.requires_grad
 
 
 @pytest.mark.parametrize("bad", [dict(image_size=30), dict(image_size=4), dict(latent_dim=0), dict(width=1.5)])
@@ -65,7 +67,7 @@ def test_save_load_round_trip(fitted_baselines, baseline_victim, fmnist_tiny, no
     x = torch.cat([test.images[:30], noise_queries[:10]])
     detector.save(tmp_path / "cae")
     loaded = ConvAESAMEDetector.load(tmp_path / "cae", baseline_victim)
-    assert torch.equal(loaded.score(x), detector.score(x))
+    torch.testing.assert_close(loaded.score(x), detector.score(x))
     assert loaded.get_params() == detector.get_params()
     (tmp_path / "cae" / "aux.safetensors").unlink()
     with pytest.raises(ArtifactError, match="missing"):

@@ -2,6 +2,7 @@
 
 import torch
 
+from sameguard.api import StatefulDetector
 from sameguard.guard import Guard, detector_scores
 
 
@@ -23,6 +24,10 @@ class CountingDetector:
 
     def score(self, x):  # the stateless path, which must not be used when observe exists
         return torch.zeros(len(x))
+
+
+def test_counting_detector_declares_its_per_client_state():
+    assert isinstance(CountingDetector(), StatefulDetector)
 
 
 def victim(x):
