@@ -135,9 +135,11 @@ class EvidenceMonitor:
 
         self.store.update(client, advance)
         evidence = result[0]
-        if evidence.alarmed and evidence.alarm_query is not None and evidence.alarm_query > evidence.queries - n:
-            logger.warning("Client %r alarmed at its query %d (log evidence %.2f >= %.2f, delta=%g).",
-                           client, evidence.alarm_query, evidence.log_evidence, self.threshold_log, self.delta)
+        first = evidence.queries - n  # queries before this batch
+        if evidence.alarm_query is not None and evidence.alarm_query > first:
+            logger.warning("Client %r alarmed at its query %d: log evidence %.2f reached log(1/delta) = %.2f.",
+                           client, evidence.alarm_query, float(evidence.log_evidence_path[evidence.alarm_query - first - 1]),
+                           self.threshold_log)
         return evidence
 
     def evidence(self, client: str) -> ClientEvidence | None:
