@@ -81,8 +81,8 @@ def test_actions_misinformation_validates_the_misinformation_model(probs):
         Misinformation(misleading=lambda x, q: q[:, :2]).apply(None, probs(3, k=4), torch.ones(3), 0.0)
 
 
-@pytest.mark.parametrize("bad", [dict(nu=0), dict(nu=float("inf")), dict(switch="step"), dict(misleading="random"),
-                                 dict(temperature=0)], ids=str)
+@pytest.mark.parametrize("bad", [{"nu": 0}, {"nu": float("inf")}, {"switch": "step"}, {"misleading": "random"},
+                                 {"temperature": 0}], ids=str)
 def test_actions_misinformation_refuses_bad_arguments(bad):
     with pytest.raises(ValueError):
         Misinformation(**bad)

@@ -55,8 +55,8 @@ def test_actions_pow_needs_calibration():
         ProofOfWork().bits_for(torch.zeros(1))
 
 
-@pytest.mark.parametrize("bad", [dict(benign_bits=30, max_bits=20), dict(max_bits=65), dict(min_bits=-1),
-                                 dict(bits_per_spread=0), dict(quantile=0.5), dict(quantile=1.0)], ids=str)
+@pytest.mark.parametrize("bad", [{"benign_bits": 30, "max_bits": 20}, {"max_bits": 65}, {"min_bits": -1},
+                                 {"bits_per_spread": 0}, {"quantile": 0.5}, {"quantile": 1.0}], ids=str)
 def test_actions_pow_refuses_bad_arguments(bad):
     with pytest.raises(ValueError):
         ProofOfWork(**bad)

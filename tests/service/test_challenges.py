@@ -103,8 +103,8 @@ def test_service_challenge_expired_ones_free_their_slot():
     assert issuer.issue("a", 1).bits == 1
 
 
-@pytest.mark.parametrize("bad", [dict(secret=b"short"), dict(ttl_s=0), dict(max_pending=0),
-                                 dict(max_pending_per_client=0)], ids=str)
+@pytest.mark.parametrize("bad", [{"secret": b"short"}, {"ttl_s": 0}, {"max_pending": 0},
+                                 {"max_pending_per_client": 0}], ids=str)
 def test_service_challenge_issuer_refuses_bad_arguments(bad):
     with pytest.raises(ValueError):
         ChallengeIssuer(**({"secret": SECRET} | bad))

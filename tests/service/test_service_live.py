@@ -63,11 +63,12 @@ def test_service_live_client_is_a_prediction_api_and_solves_pow(make_app, victim
     app, token = make_app(guard=guard)
     with kit.live(app) as url, SameguardClient(url, token, encoding="json") as api:
         assert isinstance(api, PredictionAPI)
-        assert api.image_shape == (1, 28, 28) and api.num_classes == 10 and api.output == "probabilities"
+        assert (api.image_shape, api.num_classes, api.output) == ((1, 28, 28), 10, "probabilities")
         x = torch.cat([kit.dark(3), kit.bright(2)])
         out = api.query(x)
         assert torch.allclose(out, victim.predict_proba(x), atol=1e-6)
-        assert api.pow_solved == 1 and api.pow_hashes >= 1
+        assert api.pow_solved == 1
+        assert api.pow_hashes >= 1
         with SameguardClient(url, token, output="labels") as labels_api:
             assert torch.equal(labels_api.query(x), victim.predict(x))
         # A replayed redemption over HTTP is refused.
@@ -78,7 +79,7 @@ def test_service_live_client_is_a_prediction_api_and_solves_pow(make_app, victim
         body = {"challenge": ch["challenge"], "signature": ch["signature"], "nonce": solve(ch["challenge"], ch["bits"])}
         assert httpx.post(url + "/v1/pow/redeem", headers={"X-API-Key": token}, json=body).status_code == 200
         again = httpx.post(url + "/v1/pow/redeem", headers={"X-API-Key": token}, json=body)
-        assert again.status_code == 409 and "single use" in again.json()["detail"]
+        assert (again.status_code, "single use" in again.json()["detail"]) == (409, True), again.text
     with app.state.sameguard.audit.engine.connect() as conn:
         outcomes = dict(conn.execute(select(pow_events.c.outcome, func.count()).group_by(pow_events.c.outcome)).all())
     assert outcomes == {"issued": 3, "redeemed": 3, "replayed": 1}

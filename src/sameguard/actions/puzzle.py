@@ -102,7 +102,7 @@ def batch_bits(bits: Sequence[int] | torch.Tensor) -> int:
         return 0
     top = max(values)
     total = sum(2.0 ** (b - top) for b in values)  # scaled to avoid overflow
-    return min(int(math.ceil(top + math.log2(total) - 1e-12)), MAX_BITS)
+    return min(math.ceil(top + math.log2(total) - 1e-12), MAX_BITS)
 
 
 def expected_hashes(bits: int | torch.Tensor) -> float | torch.Tensor:

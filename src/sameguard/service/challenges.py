@@ -165,7 +165,7 @@ class ChallengeIssuer:
             self._purge(now)
             self._check_room(client)
             cid = secrets.token_hex(16)
-            expires = int(math.ceil(now + self.ttl_s))
+            expires = math.ceil(now + self.ttl_s)
             text = f"{SCHEME}:{bits}:{expires}:{cid}:{_client_tag(client)}:{resource}"
             challenge = Challenge(id=cid, client=client, bits=bits, issued_at=now, expires_at=expires,
                                   resource=resource, challenge=text, signature=self._sign(text))

@@ -131,7 +131,7 @@ async def decode_multipart(request: Request, image_shape: Sequence[int],
         form = await request.form(max_files=max_batch + 1, max_fields=16)
     except HTTPException:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the multipart parser raises many kinds; all mean a bad body
         raise HTTPException(400, f"Malformed multipart body: {exc}") from None
     files = form.getlist("images")
     output = form.get("output")
