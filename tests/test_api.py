@@ -1,3 +1,5 @@
+"""The contracts in sameguard.api: the threshold at a target false-positive rate."""
+
 import pytest
 import torch
 

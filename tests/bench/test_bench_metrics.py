@@ -1,3 +1,5 @@
+"""Detection metrics (sameguard.bench.metrics) on hand-made scores whose answers are known."""
+
 import numpy as np
 import pytest
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from sameguard.bench.config import load_config, parse_config
 from sameguard.bench.runner import run_benchmark
+from sameguard.steps import STEP_LOGGER
 
 TINY = Path(__file__).with_name("tiny.toml")
 
@@ -22,21 +26,30 @@ def tiny_run(tmp_path_factory, fmnist_small):
     return config, out, records
 
 
-def test_every_output_file_is_written(tiny_run):
+@pytest.mark.parametrize("name", ["results.json", "results.csv", "report.md"])
+def test_every_output_file_is_written(tiny_run, name):
+    _, out, _ = tiny_run
+    assert (out / name).is_file()
+
+
+def test_one_record_per_cell_in_every_output(tiny_run):
     config, out, records = tiny_run
-    for name in ("results.json", "results.csv", "report.md"):
-        assert (out / name).is_file()
     assert len(records) == len(config.attacks) * len(config.detectors) * len(config.seeds)
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == len(records)
     data = json.loads((out / "results.json").read_text())
-    assert data["config"]["name"] == "tiny" and len(data["records"]) == len(records)
+    assert (data["config"]["name"], len(data["records"])) == ("tiny", len(records))
     pngs = sorted(p.name for p in (out / "plots").iterdir())
     assert sum(p.startswith("roc-") for p in pngs) == len(config.attacks)
     assert sum(p.startswith("hist-") for p in pngs) == len(config.attacks)
-    report = (out / "report.md").read_text()
-    assert "## Victim: digits" in report and "| SAME |" in report and "nothing (black box)" in report
-    assert "### prada: queries until the per-client alarm" in report
+
+
+@pytest.mark.parametrize("needle", ["## Victim: digits", "| SAME |", "nothing (black box)",
+                                    "### prada: queries until the per-client alarm"])
+def test_report_sections(tiny_run, needle):
+    _, out, _ = tiny_run
+    assert needle in (out / "report.md").read_text()
 
 
 def test_protocol_and_metrics(tiny_run):
@@ -53,16 +66,32 @@ def test_protocol_and_metrics(tiny_run):
     # The victim is a real classifier, and the alpha=1 row shares the SAME fit.
     assert records[0]["victim_accuracy"] > 0.5
     prada = [r for r in records if r["detector"] == "prada"]
-    assert all("alarm_after_attack" in r and "alarm_after_benign" in r for r in prada)
+    assert [sorted(k for k in r if k.startswith("alarm_after")) for r in prada] == \
+        [["alarm_after_attack", "alarm_after_benign"]] * len(prada)
     s1 = {r["attack"]: r for r in records if r["detector"] == "SAME s1"}
     assert s1["dfme"]["fit_seconds"] == same["dfme"]["fit_seconds"]
 
 
-def test_rerun_uses_the_cache_and_gives_identical_numbers(tiny_run):
+def test_rerun_uses_the_cache_and_gives_the_same_numbers(tiny_run):
+    """A second run loads victim, detectors and attack queries from the cache and scores alike."""
     config, out, records = tiny_run
     again = run_benchmark(config, out, progress=False, echo=lambda _: None)
     keys = ("auroc", "aupr", "fpr95", "substitute_accuracy", "fidelity")
-    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in records]
+    got = torch.tensor([[r[k] for k in keys] for r in again], dtype=torch.float64)
+    want = torch.tensor([[r[k] for k in keys] for r in records], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_steps_are_logged_with_elapsed_time(tiny_run, caplog):
+    """Without ``echo``, each step is one ``sameguard.steps`` line: ``[  12.3 s] ...``."""
+    config, out, _ = tiny_run
+    with caplog.at_level(logging.INFO, logger=STEP_LOGGER):
+        run_benchmark(config, out, progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == STEP_LOGGER]
+    assert all(re.match(r"\[ *\d+\.\d s\] ", line) for line in lines), lines
+    expected = 2 + len(config.detectors) + len(config.attacks) + 1  # data, victim, detectors, attacks, report
+    assert len(lines) == expected, lines
+    assert [line.split("] ", 1)[1].split(":")[0] for line in lines[-1:]] == ["report"]
 
 
 @pytest.mark.parametrize("profile", ["quick", "standard", "paper"])

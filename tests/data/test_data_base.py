@@ -14,7 +14,7 @@ def make(n: int = 10, num_classes: int = 3) -> ImageDataset:
 
 def test_properties():
     ds = make()
-    assert len(ds) == 10 and ds.num_classes == 3 and ds.image_shape == (1, 2, 2)
+    assert (len(ds), ds.num_classes, ds.image_shape) == (10, 3, (1, 2, 2))
     assert "n=10" in repr(ds)
 
 
@@ -46,7 +46,7 @@ def test_subset():
     sub = ds.subset([3, 1, 3])
     assert torch.equal(sub.labels, torch.tensor([0, 1, 0]))
     assert torch.equal(sub.images[0], ds.images[3])
-    assert sub.classes == ds.classes and sub.name == "toy"
+    assert (sub.classes, sub.name) == (ds.classes, "toy")
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         ds.subset([10])
     with pytest.raises(ValueError, match="integer"):
@@ -59,7 +59,7 @@ def test_take_is_deterministic_and_distinct():
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
     flat = a.images.flatten(1)
     assert len({tuple(row.tolist()) for row in flat}) == 20
-    assert len(ds.take(0, seed=0)) == 0 and len(ds.take(50, seed=0)) == 50
+    assert (len(ds.take(0, seed=0)), len(ds.take(50, seed=0))) == (0, 50)
     with pytest.raises(ValueError, match="at most 50"):
         ds.take(51, seed=0)
 
@@ -67,11 +67,13 @@ def test_take_is_deterministic_and_distinct():
 def test_split_off():
     ds = make(40)
     rest, part = ds.split_off(0.25, seed=0)
-    assert len(part) == 10 and len(rest) == 30
+    assert (len(part), len(rest)) == (10, 30)
     key = lambda d: {float(v) for v in d.images[:, 0, 0, 0]}  # noqa: E731 - first pixel is unique
-    assert key(rest).isdisjoint(key(part)) and key(rest) | key(part) == key(ds)
+    assert key(rest).isdisjoint(key(part))
+    assert key(rest) | key(part) == key(ds)
     rest2, part2 = ds.split_off(0.25, seed=0)
-    assert torch.equal(part.images, part2.images) and torch.equal(rest.images, rest2.images)
+    assert torch.equal(part.images, part2.images)
+    assert torch.equal(rest.images, rest2.images)
     _, part3 = ds.split_off(0.25, seed=1)
     assert not torch.equal(part.images, part3.images)
     for bad in (0.0, 1.0, 1.5):

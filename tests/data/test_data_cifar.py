@@ -81,9 +81,9 @@ def test_cifar10_binary_and_python_give_identical_tensors(tmp_path):
         images = np.concatenate([batches[n][0] for n in names])
         labels = np.concatenate([batches[n][1] for n in names])
         assert a.images.shape == (len(labels), 3, 32, 32)
-        assert torch.allclose(a.images, expected(images), atol=1e-6)
+        torch.testing.assert_close(a.images, expected(images), rtol=0, atol=1e-6)
         assert torch.equal(a.labels, torch.from_numpy(labels))
-        assert a.classes[0] == "airplane" and a.hflip is True
+        assert (a.classes[0], a.hflip) == ("airplane", True)
 
 
 def test_cifar10_binary_is_preferred_and_folder_can_be_given_directly(tmp_path):
@@ -93,7 +93,7 @@ def test_cifar10_binary_is_preferred_and_folder_can_be_given_directly(tmp_path):
         load_cifar10("test", data_dir=tmp_path).labels, torch.from_numpy(batches["test_batch"][1])
     )
     py = load_cifar10("test", data_dir=tmp_path / "cifar-10-batches-py")
-    assert torch.allclose(py.images, expected(fake(3, 10, 110)[0]), atol=1e-6)
+    torch.testing.assert_close(py.images, expected(fake(3, 10, 110)[0]), rtol=0, atol=1e-6)
 
 
 def test_cifar100_formats_agree_and_read_names(tmp_path):
@@ -110,7 +110,7 @@ def test_cifar100_formats_agree_and_read_names(tmp_path):
 def test_cifar100_without_names_uses_generic_names(tmp_path):
     write_cifar100(tmp_path, names=False)
     ds = load_cifar100("test", data_dir=tmp_path / "cifar-100-python")
-    assert ds.num_classes == 100 and ds.classes[7] == "class_7"
+    assert (ds.num_classes, ds.classes[7]) == (100, "class_7")
 
 
 class Evil:

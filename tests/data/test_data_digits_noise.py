@@ -10,9 +10,9 @@ from sameguard.data.digits import split_indices
 
 def test_digits_shape_range_and_layout():
     ds = load_digits("train")
-    assert ds.name == "digits" and ds.hflip is False and ds.num_classes == 10
-    assert ds.images.shape == (1438, 1, 28, 28) and ds.images.dtype == torch.float32
-    assert ds.images.min() == -1.0 and ds.images.max() == 1.0
+    assert (ds.name, ds.hflip, ds.num_classes) == ("digits", False, 10)
+    assert (ds.images.shape, ds.images.dtype) == ((1438, 1, 28, 28), torch.float32)
+    assert (ds.images.min().item(), ds.images.max().item()) == (-1.0, 1.0)
     # digit in the central 20x20 box, background -1 around it
     border = torch.ones(28, 28, dtype=torch.bool)
     border[4:24, 4:24] = False
@@ -23,7 +23,7 @@ def test_digits_shape_range_and_layout():
 
 def test_digits_splits_are_fixed_disjoint_and_complete():
     train, test = load_digits("train"), load_digits("test")
-    assert len(train) == 1438 and len(test) == 359
+    assert (len(train), len(test)) == (1438, 359)
     again = load_digits("test")
     assert torch.equal(test.images, again.images) and torch.equal(test.labels, again.labels)
     i_train, i_test = split_indices("train"), split_indices("test")
@@ -38,7 +38,7 @@ def test_digits_splits_are_fixed_disjoint_and_complete():
 
 def test_uniform_noise():
     x = uniform_noise(5, (3, 4, 6), seed=1)
-    assert x.shape == (5, 3, 4, 6) and x.dtype == torch.float32
+    assert (x.shape, x.dtype) == ((5, 3, 4, 6), torch.float32)
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.4
     assert torch.equal(x, uniform_noise(5, (3, 4, 6), seed=1))
     assert not torch.equal(x, uniform_noise(5, (3, 4, 6), seed=2))

@@ -23,9 +23,9 @@ def expected_images(arr: np.ndarray) -> torch.Tensor:
 
 
 def assert_loads(ds, data, split="train"):
-    assert ds.name == "fashion-mnist" and ds.split == split and ds.hflip is True
-    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
-    assert torch.allclose(ds.images, expected_images(data[f"{split}_images"]), atol=1e-6)
+    assert (ds.name, ds.split, ds.hflip) == ("fashion-mnist", split, True)
+    assert (ds.classes[0], ds.classes[9]) == ("T-shirt/top", "Ankle boot")
+    torch.testing.assert_close(ds.images, expected_images(data[f"{split}_images"]), rtol=0, atol=1e-6)
     assert torch.equal(ds.labels, torch.from_numpy(data[f"{split}_labels"].astype(np.int64)))
 
 

@@ -22,10 +22,10 @@ def test_emnist_is_transposed_back_and_letters_are_shifted(tmp_path):
     upright[:, 2:20, 3] = 128  # a vertical stroke
     write_emnist(tmp_path / "emnist", "letters", "train", upright, np.array([1, 26, 5]))
     ds = load_emnist("train", variant="letters", data_dir=tmp_path)
-    assert ds.name == "emnist-letters" and ds.num_classes == 26 and ds.hflip is False
+    assert (ds.name, ds.num_classes, ds.hflip) == ("emnist-letters", 26, False)
     assert torch.equal(ds.labels, torch.tensor([0, 25, 4]))
-    assert ds.classes[0] == "A" and ds.classes[25] == "Z"
-    assert ds.images[0, 0, 2, 5] == 1.0 and ds.images[0, 0, 5, 2] == -1.0
+    assert (ds.classes[0], ds.classes[25]) == ("A", "Z")
+    assert (ds.images[0, 0, 2, 5].item(), ds.images[0, 0, 5, 2].item()) == (1.0, -1.0)
     assert (ds.images[:, 0, 2:20, 3] > 0).all()
 
 
@@ -34,8 +34,8 @@ def test_emnist_digits_in_official_gzip_folder(tmp_path, monkeypatch):
     write_emnist(tmp_path / "emnist" / "gzip", "digits", "test", images, np.array([3, 9]), gz=False)
     monkeypatch.setenv(files.DATA_DIR_ENV, str(tmp_path))
     ds = load_emnist("test")
-    assert ds.name == "emnist-digits" and ds.classes == tuple("0123456789")
-    assert torch.equal(ds.images[:, 0], torch.from_numpy(images).float() * 2 / 255 - 1)
+    assert (ds.name, ds.classes) == ("emnist-digits", tuple("0123456789"))
+    torch.testing.assert_close(ds.images[:, 0], torch.from_numpy(images).float() * 2 / 255 - 1, rtol=0, atol=1e-6)
 
 
 def test_emnist_letters_with_label_zero_is_refused(tmp_path):
@@ -49,9 +49,9 @@ def test_mnist_and_kmnist(tmp_path, write_mnist_like):
     kmnist = write_mnist_like(tmp_path, seed=2)  # directly in the data dir
     m = load_mnist("test", data_dir=tmp_path)
     k = load_kmnist("train", data_dir=tmp_path)
-    assert m.name == "mnist" and m.images.shape == (4, 1, 28, 28)
+    assert (m.name, m.images.shape) == ("mnist", (4, 1, 28, 28))
     assert torch.equal(m.labels, torch.from_numpy(mnist["test_labels"].astype(np.int64)))
-    assert k.name == "kmnist" and len(k) == 6 and k.num_classes == 10
+    assert (k.name, len(k), k.num_classes) == ("kmnist", 6, 10)
     assert torch.equal(k.labels, torch.from_numpy(kmnist["train_labels"].astype(np.int64)))
 
 

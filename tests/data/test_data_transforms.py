@@ -19,12 +19,12 @@ from sameguard.data import (
 def test_model_range_values_and_round_trip():
     p = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
     x = to_model_range(p)
-    assert x.dtype == torch.float32 and x.shape == (1, 1, 16, 16)
-    assert x.min() == -1.0 and x.max() == 1.0
-    expected = 2 * torch.arange(256, dtype=torch.float32) / 255 - 1
-    assert torch.equal(x.flatten(), expected)
+    assert (x.dtype, x.shape) == (torch.float32, (1, 1, 16, 16))
+    assert (x.min().item(), x.max().item()) == (-1.0, 1.0)  # the ends are exact
+    expected = 2 * torch.arange(256, dtype=torch.float64) / 255 - 1
+    torch.testing.assert_close(x.flatten().double(), expected, rtol=0, atol=1e-7)
     back = to_uint8(x)
-    assert back.dtype == np.uint8 and back.shape == (1, 16, 16, 1)
+    assert (back.dtype, back.shape) == (np.uint8, (1, 16, 16, 1))
     np.testing.assert_array_equal(back[..., 0], p)
 
 
@@ -33,7 +33,7 @@ def test_model_range_layouts():
     hwc = rng.integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
     x = to_model_range(hwc)
     assert x.shape == (2, 3, 5, 7)
-    assert x[1, 2, 4, 6] == 2 * float(hwc[1, 4, 6, 2]) / 255 - 1
+    assert x[1, 2, 4, 6].item() == pytest.approx(2 * float(hwc[1, 4, 6, 2]) / 255 - 1, abs=1e-7)
     chw = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))
     assert torch.equal(to_model_range(chw, channels_first=True), x)
     np.testing.assert_array_equal(to_uint8(x), hwc)

@@ -1,28 +1,9 @@
+"""The masked auto-encoder of SAME (sameguard.models.mae): size, masking, reconstruction, config errors."""
+
 import pytest
 import torch
 
-from sameguard.models import MAEConfig, MaskedAutoencoder, build_classifier, mae_config
-
-
-@pytest.mark.parametrize("arch, shape", [("conv3", (1, 28, 28)), ("lenet5", (1, 28, 28)), ("lenet5", (3, 32, 32)),
-                                         ("resnet18", (3, 32, 32)), ("conv3", (3, 32, 32))])
-def test_classifiers_shapes_and_features(arch, shape):
-    torch.manual_seed(0)
-    model = build_classifier(arch, shape[0], shape[1], 7).eval()
-    x = torch.rand(2, *shape) * 2 - 1
-    logits = model(x)
-    assert logits.shape == (2, 7)
-    assert torch.allclose(model.head(model.forward_features(x)), logits, atol=1e-6)
-
-
-def test_conv3_matches_authors_layout():
-    model = build_classifier("conv3", 1, 28, 10)
-    assert model.fc[1].in_features == 2048  # 128 * 4 * 4, as in xythink/SAME
-
-
-def test_unknown_arch():
-    with pytest.raises(ValueError, match="Unknown classifier"):
-        build_classifier("vgg99", 1, 28, 10)
+from sameguard.models import MAEConfig, MaskedAutoencoder, mae_config
 
 
 def test_paper_mae_size():
@@ -54,10 +35,10 @@ def test_mae_ratio_zero_is_deterministic_and_masks_use_generator():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(image_size=28, patch_size=5), "divisible"),
-    (dict(emb_dim=10, encoder_heads=3), "divisible"),
-    (dict(mask_ratio=1.0), "mask_ratio"),
-    (dict(encoder_depth=0), "positive"),
+    ({"image_size": 28, "patch_size": 5}, "divisible"),
+    ({"emb_dim": 10, "encoder_heads": 3}, "divisible"),
+    ({"mask_ratio": 1.0}, "mask_ratio"),
+    ({"encoder_depth": 0}, "positive"),
 ])
 def test_mae_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
