@@ -77,8 +77,10 @@ class EvidenceMonitor:
         store: where per-client states live (default a new :class:`InMemoryStore`); every change
             goes through its atomic ``update``.
         stream: the per-client exchangeability test (needs the images in :meth:`update`), or ``None``.
-        seed: with the client id and its query count, seeds the smoothing randomness, so the same
-            queries give the same evidence.
+        seed: with the client id and its query count before a batch, seeds one generator per
+            batch (SHA-256 of the three); the smoothing uniforms are drawn from it detector by
+            detector in name order, then by the stream test. The same queries in the same batches
+            give the same evidence (other batch boundaries give other, equally valid, draws).
     """
 
     def __init__(self, calibrators: Mapping[str, ConformalCalibrator], *, delta: float = 1e-3,
