@@ -70,7 +70,7 @@ def cached_victim(workdir: Path, train: ImageDataset, test: ImageDataset, *, arc
     victim = train_victim(train, test, arch=arch, epochs=epochs, lr=lr, seed=seed, device=device, progress=progress)
     victim.save(path)
     if steps is not None:
-        steps(f"victim {arch}: trained on {len(train)} {train.name} images ({epochs} epochs) in "
+        steps(f"victim {arch}: trained on {len(train)} {train.name} images ({epochs} epoch{'s' if epochs != 1 else ''}) in "
               f"{time.perf_counter() - start:.1f} s, test accuracy {victim.test_accuracy:.4f}")
     return victim
 
