@@ -165,7 +165,7 @@ class ConformalCalibrator:
 
     # ---------------------------------------------------------------------------------- p-values
     def p_values(self, scores: torch.Tensor, labels: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Conformal p-values of query scores, each against its predicted class's calibration.
 
         Args:
@@ -176,6 +176,7 @@ class ConformalCalibrator:
                 fitted with labels, ignored otherwise.
             generator: source of the smoothing uniforms ``θ`` (one per query, drawn in order; the
                 global generator when ``None``); unused for conservative p-values.
+            theta: ``(N,)`` the smoothing uniforms in (0, 1] themselves, instead of drawing them.
 
         Returns:
             ``(N,)`` float64 CPU p-values in (0, 1].
@@ -183,9 +184,12 @@ class ConformalCalibrator:
         self._check_fitted()
         scores = _as_scores(scores, "scores")
         n = scores.numel()
-        theta = None
-        if self.smoothed:
+        if not self.smoothed:
+            theta = None
+        elif theta is None:
             theta = 1.0 - torch.rand(n, generator=generator, dtype=torch.float64)  # in (0, 1]
+        else:
+            theta = _as_theta(theta, n)
         if not self.class_conditional_:
             return conformal_p_values(self.pooled_, scores, theta)
         if labels is None:
@@ -302,3 +306,10 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def _as_theta(theta: object, n: int) -> torch.Tensor:
+    theta = torch.as_tensor(theta, dtype=torch.float64).flatten()
+    if theta.numel() != n or not bool(((theta > 0) & (theta <= 1)).all()):
+        raise ValueError(f"theta must hold {n} smoothing uniforms in (0, 1], one per score.")
+    return theta

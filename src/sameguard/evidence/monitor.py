@@ -77,10 +77,9 @@ class EvidenceMonitor:
         store: where per-client states live (default a new :class:`InMemoryStore`); every change
             goes through its atomic ``update``.
         stream: the per-client exchangeability test (needs the images in :meth:`update`), or ``None``.
-        seed: with the client id and its query count before a batch, seeds one generator per
-            batch (SHA-256 of the three); the smoothing uniforms are drawn from it detector by
-            detector in name order, then by the stream test. The same queries in the same batches
-            give the same evidence (other batch boundaries give other, equally valid, draws).
+        seed: with the client id and each query's index in the client's stream, seeds that
+            query's smoothing uniforms (SHA-256 of the three), so the same queries give the same
+            evidence however they are split into batches.
     """
 
     def __init__(self, calibrators: Mapping[str, ConformalCalibrator], *, delta: float = 1e-3,
@@ -189,21 +188,31 @@ class EvidenceMonitor:
             stream_martingale=None if self.stream is None else start.clone(),
             stream=None if self.stream is None else self.stream.initial_state())
 
-    def _generator(self, client: str, queries: int) -> torch.Generator:
-        """A generator seeded by (seed, client, query count): reproducible, distinct per batch."""
-        digest = hashlib.sha256(f"{self.seed}\x00{client}\x00{queries}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    def _thetas(self, client: str, first: int, n: int) -> torch.Tensor:
+        """``(S, n)`` smoothing uniforms in (0, 1] for the ``n`` queries from index ``first`` on, one row
+        per source (detectors in name order, then the stream test).
+
+        Each query's uniforms come from a generator seeded by SHA-256(seed, client, query index),
+        so the evidence of a stream does not depend on how it was split into batches.
+        """
+        sources = len(self.calibrators) + (self.stream is not None)
+        out = torch.empty(sources, n, dtype=torch.float64)
+        for i in range(n):
+            digest = hashlib.sha256(f"{self.seed}\x00{client}\x00{first + i}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            out[:, i] = 1.0 - torch.rand(sources, generator=g, dtype=torch.float64)
+        return out
 
     def _advance(self, client: str, state: ClientState, scores: Mapping[str, torch.Tensor],
                  labels: torch.Tensor, x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
-        generator = self._generator(client, state.queries)
+        thetas = self._thetas(client, state.queries, labels.numel())
         martingales, paths = {}, {}
-        for name, calibrator in self.calibrators.items():
-            p = calibrator.p_values(scores[name], labels, generator)
+        for j, (name, calibrator) in enumerate(self.calibrators.items()):
+            p = calibrator.p_values(scores[name], labels, theta=thetas[j])
             martingales[name], paths[name] = self.martingale.update(state.martingales[name], p)
         stream_state, stream_martingale = state.stream, state.stream_martingale
         if self.stream is not None:
-            stream_state, p = self.stream.update(state.stream, x, generator)
+            stream_state, p = self.stream.update(state.stream, x, theta=thetas[-1])
             stream_martingale, paths[STREAM_NAME] = self.martingale.update(state.stream_martingale, p)
         path = torch.logsumexp(torch.stack(list(paths.values())), dim=0) - math.log(len(paths))
         alarm_query, alarm_time = state.alarm_query, state.alarm_time

@@ -132,7 +132,8 @@ class StreamExchangeabilityTest:
         return x.flatten(1).contiguous()
 
     def update(self, state: StreamState, x: torch.Tensor,
-               generator: torch.Generator | None = None) -> tuple[StreamState, torch.Tensor]:
+               generator: torch.Generator | None = None,
+               theta: torch.Tensor | None = None) -> tuple[StreamState, torch.Tensor]:
         """Add ``N`` queries to a client's bag, in order, and return their p-values.
 
         Args:
@@ -140,6 +141,7 @@ class StreamExchangeabilityTest:
             x: ``(N, C, H, W)`` finite images of one client, oldest first; every call of one client
                 must give the same feature size.
             generator: source of the ``N`` smoothing uniforms (the global generator when ``None``).
+            theta: ``(N,)`` the smoothing uniforms in (0, 1] themselves, instead of drawing them.
 
         Returns:
             ``(new_state, p_values)``, the latter ``(N,)`` float64 in (0, 1], small = suspicious.
@@ -150,7 +152,10 @@ class StreamExchangeabilityTest:
         if state.points.shape[0] and state.points.shape[1] != feats.shape[1]:
             raise ValueError(f"x has {feats.shape[1]} features per query, but this client's earlier queries had "
                              f"{state.points.shape[1]}; one client's queries must all have one image shape.")
-        theta = 1.0 - torch.rand(feats.shape[0], generator=generator, dtype=torch.float64)
+        if theta is None:
+            theta = 1.0 - torch.rand(feats.shape[0], generator=generator, dtype=torch.float64)
+        elif theta.shape != (feats.shape[0],):
+            raise ValueError(f"theta must hold {feats.shape[0]} smoothing uniforms, one per query.")
         points, dists = state.points, state.nn_dist
         if points.shape[0] == 0:
             points, dists = torch.empty(0, feats.shape[1]), torch.empty(0)
