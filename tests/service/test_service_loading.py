@@ -35,7 +35,7 @@ def test_service_commands_parse():
     parser = argparse.ArgumentParser(prog="sameguard")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = add_service_commands(sub)
-    assert set(commands) == set(SERVICE_COMMANDS) == {"serve", "keys", "audit", "bench-service"}
+    assert set(commands) == set(SERVICE_COMMANDS) == {"serve", "keys", "audit"}
     args = parser.parse_args(["serve", "--victim", "v", "--detector", "d", "--policy", "pow", "--db", "sqlite://",
                               "--port", "8123", "--rate", "5", "--burst", "50"])
     assert (args.policy, args.port, args.rate_per_second, args.rate_burst) == ("pow", 8123, 5.0, 50)
@@ -43,8 +43,6 @@ def test_service_commands_parse():
     assert (args.keys_command, args.name) == ("create", "alice")
     args = parser.parse_args(["audit", "--db", "sqlite:///k.db", "--json"])
     assert args.json
-    args = parser.parse_args(["bench-service", "--requests", "10", "--attacks", ""])
-    assert args.requests == 10 and args.attacks == ""
 
 
 def test_service_load_guard_from_saved_same_artifacts(tmp_path, kit):

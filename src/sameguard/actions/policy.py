@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import Action, ActionOutcome, check_batch
+from .base import Action, ActionOutcome, check_batch, flagged_mask
 from .misinformation import Misinformation
 from .monitor import Monitor
 from .proof_of_work import ProofOfWork
@@ -111,18 +111,12 @@ class Policy:
         if self.escalate is None:
             return outcome
         tau2, action2 = self.escalate
-        high = (scores64 > tau2) | torch.isnan(scores64)
+        high = flagged_mask(scores64, tau2)
         if not bool(high.any()):
             return outcome
         rows = torch.nonzero(high).flatten()
         sub = action2.apply(None if x is None else x[rows], probs[rows], scores64[rows], tau2)
-        answers, refused = outcome.probabilities.clone(), outcome.refused.clone()
-        bits, alpha, labels = outcome.work_bits.clone(), outcome.alpha.clone(), list(outcome.actions)
-        answers[rows], refused[rows], bits[rows], alpha[rows] = sub.probabilities, sub.refused, sub.work_bits, sub.alpha
-        for j, i in enumerate(rows.tolist()):
-            labels[i] = sub.actions[j]
-        return ActionOutcome(probabilities=answers, refused=refused, actions=tuple(labels), work_bits=bits,
-                             alpha=alpha)
+        return outcome.replace_rows(rows, sub)
 
     def action_for(self, score: float, threshold: float | None = None) -> str:
         """The label of what this policy does to a query with ``score`` (``threshold`` as in :meth:`decide`)."""

@@ -1,8 +1,10 @@
-"""Command-line entry points of the service: ``serve``, ``keys``, ``audit`` and ``bench-service``.
+"""Command-line entry points of the service: ``serve``, ``keys`` and ``audit``.
 
-:func:`add_service_commands` adds the four sub-commands to the ``sameguard`` parser and returns
+:func:`add_service_commands` adds the three sub-commands to the ``sameguard`` parser and returns
 their functions by name; each function takes the parsed ``argparse.Namespace`` and returns an
 exit code. Heavy imports (FastAPI, SQLAlchemy, torch models) happen inside the functions.
+``bench-service`` is wired from :mod:`sameguard.bench.commands` (the benchmark imports the
+service, never the other way round).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from ..api import SameguardError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_service_commands", "serve_main", "keys_main", "audit_main", "bench_service_main", "SERVICE_COMMANDS",
-           "MissingDependencyError"]
+__all__ = ["add_service_commands", "serve_main", "keys_main", "audit_main", "SERVICE_COMMANDS",
+           "MissingDependencyError", "require_serve_extra"]
 
 
 class MissingDependencyError(SameguardError, ImportError):
@@ -35,6 +37,11 @@ def _require(*modules: str, extra: str = "serve") -> None:
 
 
 _SERVE_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "httpx", "prometheus_client", "multipart", "pydantic")
+
+
+def require_serve_extra() -> None:
+    """Raise :class:`MissingDependencyError` unless every module of the ``serve`` extra is installed."""
+    _require(*_SERVE_MODULES)
 
 
 def _out(msg: str = "") -> None:
@@ -58,7 +65,7 @@ def _db_url(args: argparse.Namespace) -> str:
 
 
 def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add ``serve``, ``keys``, ``audit`` and ``bench-service`` to the sub-parsers ``sub``.
+    """Add ``serve``, ``keys`` and ``audit`` to the sub-parsers ``sub``.
 
     Returns:
         ``{command name: function(args) -> exit code}`` to merge into the CLI's command table.
@@ -66,7 +73,6 @@ def add_service_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     _add_serve_parser(sub)
     _add_keys_parser(sub)
     _add_audit_parser(sub)
-    _add_bench_service_parser(sub)
     return dict(SERVICE_COMMANDS)
 
 
@@ -134,39 +140,9 @@ def _add_audit_parser(sub: Any) -> None:
     _verbose(p)
 
 
-def _add_bench_service_parser(sub: Any) -> None:
-    """``sameguard bench-service``."""
-    p = sub.add_parser("bench-service", help="measure the service's throughput and the actions against attacks",
-                       description="Part 1: requests/s and p50/p99 latency of the HTTP service on 127.0.0.1 "
-                                   "(uvicorn, bounded requests) with and without the guard, at batch sizes 1 and 64. "
-                                   "Part 2: Knockoff and JBDA substitute accuracy through the in-process guard with "
-                                   "the reject and misinformation actions at a calibrated benign FPR, next to the "
-                                   "accuracy benign users still get. Prints Markdown tables.")
-    p.add_argument("--victim", default=None, help="folder of a saved victim (default: train a small one in --workdir)")
-    p.add_argument("--detector", default=None, help="folder of a saved SAME detector for it (default: fit one)")
-    p.add_argument("--workdir", default="runs/service-bench", help="cache for trained artifacts and the audit DB")
-    p.add_argument("--requests", type=int, default=200, help="requests per setting at batch sizes up to 8 (default 200)")
-    p.add_argument("--requests-large", type=int, default=30, help="requests per setting at larger batch sizes (default 30)")
-    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
-    p.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
-    p.add_argument("--settings", default="off,monitor", help="service policies to time (default off,monitor)")
-    p.add_argument("--attacks", default="knockoff,jbda", help="attacks to run in-process ('' to skip)")
-    p.add_argument("--budget", type=int, default=1000, help="queries per attack (default 1000)")
-    p.add_argument("--knockoff-proxy", default="digits,fashion-mnist",
-                   help="comma-separated datasets Knockoff draws its queries from, one run each (default "
-                        "digits,fashion-mnist; digits: another distribution; fashion-mnist: in-distribution)")
-    p.add_argument("--attack-epochs", type=int, default=10, help="substitute training epochs (default 10)")
-    p.add_argument("--benign", type=int, default=1000, help="benign test queries for the benign accuracy (default 1000)")
-    p.add_argument("--target-fpr", type=float, default=0.01, help="benign FPR of the threshold (default 0.01)")
-    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
-    _verbose(p)
-
-
 def serve_main(args: argparse.Namespace) -> int:
     """``sameguard serve``: load the models, open the database, listen (until interrupted)."""
-    _require(*_SERVE_MODULES)
+    require_serve_extra()
     from sqlalchemy import func, select
 
     from .app import create_app
@@ -248,36 +224,8 @@ def audit_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_service_main(args: argparse.Namespace) -> int:
-    """``sameguard bench-service``: see :func:`sameguard.bench.service_bench.run_service_bench`."""
-    _require(*_SERVE_MODULES)
-    from pathlib import Path
-
-    from ..bench.service_bench import run_service_bench
-
-    def ints(text: str) -> tuple[int, ...]:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-
-    def names(text: str) -> tuple[str, ...]:
-        return tuple(t.strip() for t in text.split(",") if t.strip())
-
-    result = run_service_bench(
-        victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,
-        requests_large=args.requests_large, batch_sizes=ints(args.batch_sizes), concurrency=args.concurrency,
-        settings=names(args.settings), attacks=names(args.attacks), budget=args.budget,
-        attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=names(args.knockoff_proxy),
-        target_fpr=args.target_fpr, seed=args.seed,
-        progress=args.progress)
-    _out(result.markdown())
-    if args.out:
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        _out(f"\nwrote {args.out}")
-    return 0
-
-
 SERVICE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": serve_main,
     "keys": keys_main,
     "audit": audit_main,
-    "bench-service": bench_service_main,
 }

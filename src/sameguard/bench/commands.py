@@ -1,0 +1,89 @@
+"""Command-line entry point of the service benchmark: ``sameguard bench-service``.
+
+:func:`add_bench_commands` adds the sub-command to the ``sameguard`` parser and returns its
+function by name (``{name: function(args) -> exit code}``), as
+:func:`sameguard.service.commands.add_service_commands` does for the service's own commands. It lives
+here, next to :mod:`sameguard.bench.service_bench`, so that the benchmark imports the service and
+never the other way round. Heavy imports happen inside the function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_bench_commands", "bench_service_main", "BENCH_COMMANDS"]
+
+
+def add_bench_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add ``bench-service`` to the sub-parsers ``sub``.
+
+    Returns:
+        ``{command name: function(args) -> exit code}`` to merge into the CLI's command table.
+    """
+    _add_bench_service_parser(sub)
+    return dict(BENCH_COMMANDS)
+
+
+def _add_bench_service_parser(sub: Any) -> None:
+    """``sameguard bench-service``."""
+    p = sub.add_parser("bench-service", help="measure the service's throughput and the actions against attacks",
+                       description="Part 1: requests/s and p50/p99 latency of the HTTP service on 127.0.0.1 "
+                                   "(uvicorn, bounded requests) with and without the guard, at batch sizes 1 and 64. "
+                                   "Part 2: Knockoff and JBDA substitute accuracy through the in-process guard with "
+                                   "the reject and misinformation actions at a calibrated benign FPR, next to the "
+                                   "accuracy benign users still get. Prints Markdown tables.")
+    p.add_argument("--victim", default=None, help="folder of a saved victim (default: train a small one in --workdir)")
+    p.add_argument("--detector", default=None, help="folder of a saved SAME detector for it (default: fit one)")
+    p.add_argument("--workdir", default="runs/service-bench", help="cache for trained artifacts and the audit DB")
+    p.add_argument("--requests", type=int, default=200, help="requests per setting at batch sizes up to 8 (default 200)")
+    p.add_argument("--requests-large", type=int, default=30, help="requests per setting at larger batch sizes (default 30)")
+    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    p.add_argument("--settings", default="off,monitor", help="service policies to time (default off,monitor)")
+    p.add_argument("--attacks", default="knockoff,jbda", help="attacks to run in-process ('' to skip)")
+    p.add_argument("--budget", type=int, default=1000, help="queries per attack (default 1000)")
+    p.add_argument("--knockoff-proxy", default="digits,fashion-mnist",
+                   help="comma-separated datasets Knockoff draws its queries from, one run each (default "
+                        "digits,fashion-mnist; digits: another distribution; fashion-mnist: in-distribution)")
+    p.add_argument("--attack-epochs", type=int, default=10, help="substitute training epochs (default 10)")
+    p.add_argument("--benign", type=int, default=1000, help="benign test queries for the benign accuracy (default 1000)")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="benign FPR of the threshold (default 0.01)")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def bench_service_main(args: argparse.Namespace) -> int:
+    """``sameguard bench-service``: see :func:`sameguard.bench.service_bench.run_service_bench`."""
+    from ..service.commands import require_serve_extra
+
+    require_serve_extra()
+    from .service_bench import run_service_bench
+
+    result = run_service_bench(
+        victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,
+        requests_large=args.requests_large, batch_sizes=_ints(args.batch_sizes), concurrency=args.concurrency,
+        settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
+        attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
+        target_fpr=args.target_fpr, seed=args.seed, progress=args.progress)
+    print(result.markdown(), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"\nwrote {args.out}", flush=True)
+    return 0
+
+
+BENCH_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"bench-service": bench_service_main}
