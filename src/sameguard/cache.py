@@ -13,8 +13,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
 from .api import ArtifactError
@@ -25,6 +26,8 @@ from .steps import StepLog
 from .victim import Victim, train_victim
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 __all__ = ["cache_key", "cached_detector", "cached_victim", "preset_architecture"]
 
@@ -39,6 +42,19 @@ def preset_architecture(params: dict[str, Any]) -> Any:
     """The architecture a preset name in ``params["mae"]`` stands for (so a changed preset is a new key)."""
     mae = params.get("mae")
     return MAE_PRESETS.get(mae) if isinstance(mae, str) else mae
+
+
+def _load_cached(path: Path, what: str, load: Callable[[Path], T]) -> T | None:
+    """``load(path)`` when ``path`` holds a readable cached artifact, else ``None`` (a bad one is logged and ignored)."""
+    if not path.is_dir():
+        return None
+    try:
+        artifact = load(path)
+    except ArtifactError as exc:
+        logger.warning("Ignoring the cached %s in %s: %s", what, path, exc)
+        return None
+    logger.info("Reusing the cached %s in %s", what, path)
+    return artifact
 
 
 def cached_victim(workdir: Path, train: ImageDataset, test: ImageDataset, *, arch: str, epochs: int, seed: int,
@@ -57,15 +73,11 @@ def cached_victim(workdir: Path, train: ImageDataset, test: ImageDataset, *, arc
     key = cache_key(kind="victim", dataset=train.name, n=len(train), arch=arch, epochs=epochs, seed=seed,
                     **({} if lr == 0.1 else {"lr": lr}))
     path = workdir / f"victim-{train.name}-{arch}-{key}"
-    if path.is_dir() and not fresh:
-        try:
-            victim = Victim.load(path, device=device)
-            logger.info("Reusing the cached victim in %s", path)
-            if steps is not None:
-                steps(f"victim {arch}: reused from the cache, test accuracy {victim.test_accuracy:.4f}")
-            return victim
-        except ArtifactError as exc:
-            logger.warning("Ignoring the cached victim in %s: %s", path, exc)
+    victim = None if fresh else _load_cached(path, "victim", lambda p: Victim.load(p, device=device))
+    if victim is not None:
+        if steps is not None:
+            steps(f"victim {arch}: reused from the cache, test accuracy {victim.test_accuracy:.4f}")
+        return victim
     start = time.perf_counter()
     victim = train_victim(train, test, arch=arch, epochs=epochs, lr=lr, seed=seed, device=device, progress=progress)
     victim.save(path)
@@ -95,15 +107,11 @@ def cached_detector(workdir: Path, victim: Victim, fit_data: ImageDataset, calib
     key = cache_key(kind="same", victim=victim.weights_sha256, n=len(fit_data), params=params,
                     mae_arch=preset_architecture(params), target_fpr=target_fpr)
     path = workdir / f"same-{preset}-{key}"
-    if path.is_dir() and not fresh:
-        try:
-            cached = SAMEDetector.load(path, victim, device=device)
-            logger.info("Reusing the cached SAME detector in %s", path)
-            if steps is not None:
-                steps(f"detector SAME ({preset} preset): reused from the cache")
-            return cached
-        except ArtifactError as exc:
-            logger.warning("Ignoring the cached detector in %s: %s", path, exc)
+    cached = None if fresh else _load_cached(path, "SAME detector", lambda p: SAMEDetector.load(p, victim, device=device))
+    if cached is not None:
+        if steps is not None:
+            steps(f"detector SAME ({preset} preset): reused from the cache")
+        return cached
     detector.fit(victim, fit_data).calibrate(calibration.images, target_fpr)
     detector.save(path)
     if steps is not None:
