@@ -155,74 +155,92 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
         concurrency: client threads.
         workdir: where the throw-away audit databases go (default: a temporary folder).
     """
-    import base64
-
     import httpx
 
-    from ..service import ServerThread, ServiceSettings, create_app
+    from ..service import ServerThread
 
     if requests < 1 or requests_large < 1 or concurrency < 1:
         raise ValueError("requests, requests_large and concurrency must be positive integers.")
     rows: list[LatencyRow] = []
     base = Path(tempfile.mkdtemp(prefix="service-bench-", dir=workdir))
-    payloads = {}
-    for b in batch_sizes:
-        chunks = []
-        for i in range(4):  # a few different bodies, cycled
-            idx = torch.arange(i * b, (i + 1) * b) % len(images)
-            data = images[idx].contiguous().numpy().astype("<f4").tobytes()
-            chunks.append(json.dumps({"b64": base64.b64encode(data).decode(), "shape": [b, *images.shape[1:]]}))
-        payloads[b] = chunks
+    payloads = {b: _payloads(images, b) for b in batch_sizes}
     for setting in settings:
-        guard = _guard_for(setting, victim, detector)
-        svc = ServiceSettings(db_url=f"sqlite:///{base / f'audit-{setting}.db'}", rate_per_second=1e9,
-                              rate_burst=10 ** 9, max_batch=max(batch_sizes), key_cache_s=60,
-                              max_request_bytes=max(8 * 1024 * 1024, 4 * max(batch_sizes) * images[0].numel() * 2))
-        app = create_app(svc, guard=guard)
-        _, token = app.state.sameguard.keys.create("bench")
+        app, token = _bench_app(setting, victim, detector, base / f"audit-{setting}.db", images, batch_sizes)
+        headers = {"X-API-Key": token, "content-type": "application/json"}
         with ServerThread(app) as server:
             for b in batch_sizes:
                 n_requests = requests if b <= 8 else requests_large
-                headers = {"X-API-Key": token, "content-type": "application/json"}
                 with httpx.Client(base_url=server.url, headers=headers, timeout=120) as warm:
                     for body in payloads[b][:2]:
                         warm.post("/v1/predict", content=body).raise_for_status()
-                latencies: list[float] = []
-                errors = [0]
-                counter = iter(range(n_requests))
-                lock = threading.Lock()
-
-                def worker(headers=headers, lock=lock, counter=counter, bodies=payloads[b], latencies=latencies,
-                           errors=errors) -> None:
-                    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as client:
-                        while True:
-                            with lock:
-                                i = next(counter, None)
-                            if i is None:
-                                return
-                            t0 = time.perf_counter()
-                            r = client.post("/v1/predict", content=bodies[i % len(bodies)])
-                            dt = time.perf_counter() - t0
-                            with lock:
-                                latencies.append(dt)
-                                errors[0] += r.status_code != 200
-
-                threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-                start = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - start
+                latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency)
                 row = LatencyRow(setting=setting, batch=b, requests=n_requests, concurrency=concurrency,
                                  seconds=wall, requests_per_s=n_requests / wall, images_per_s=n_requests * b / wall,
                                  p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
-                                 errors=errors[0])
+                                 errors=errors)
                 rows.append(row)
                 echo(f"service {setting:<15} batch {b:>3}: {row.requests_per_s:7.1f} req/s, {row.images_per_s:8.1f} img/s, "
                      f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}")
         app.state.sameguard.audit.engine.dispose()
     return rows
+
+
+def _payloads(images: torch.Tensor, batch: int, count: int = 4) -> list[str]:
+    """``count`` different JSON bodies of ``batch`` images each (base64 float32), to cycle through."""
+    import base64
+
+    bodies = []
+    for i in range(count):
+        idx = torch.arange(i * batch, (i + 1) * batch) % len(images)
+        data = images[idx].contiguous().numpy().astype("<f4").tobytes()
+        bodies.append(json.dumps({"b64": base64.b64encode(data).decode(), "shape": [batch, *images.shape[1:]]}))
+    return bodies
+
+
+def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: torch.Tensor,
+               batch_sizes: Sequence[int]) -> tuple[Any, str]:
+    """The service app for one setting (its own audit database, limits out of the way) and an API key for it."""
+    from ..service import ServiceSettings, create_app
+
+    svc = ServiceSettings(db_url=f"sqlite:///{db_path}", rate_per_second=1e9,
+                          rate_burst=10 ** 9, max_batch=max(batch_sizes), key_cache_s=60,
+                          max_request_bytes=max(8 * 1024 * 1024, 4 * max(batch_sizes) * images[0].numel() * 2))
+    app = create_app(svc, guard=_guard_for(setting, victim, detector))
+    _, token = app.state.sameguard.keys.create("bench")
+    return app, token
+
+
+def _time_requests(url: str, headers: dict[str, str], bodies: Sequence[str], n_requests: int,
+                   concurrency: int) -> tuple[list[float], int, float]:
+    """Send ``n_requests`` bodies (cycled) from ``concurrency`` threads; (latencies in s, non-200 answers, wall s)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = [0]
+    counter = iter(range(n_requests))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                r = client.post("/v1/predict", content=bodies[i % len(bodies)])
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    errors[0] += r.status_code != 200
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors[0], time.perf_counter() - start
 
 
 def _benign_accuracy(guard: Any, images: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> tuple[float, float]:
@@ -293,6 +311,28 @@ def measure_attacks(victim: Any, detector: Any, *, calibration: torch.Tensor, be
     return rows
 
 
+def _bench_models(victim_dir: str | os.PathLike | None, detector_dir: str | os.PathLike | None, workdir: Path,
+                  seed: int, progress: bool | None) -> tuple[Any, Any]:
+    """(victim, SAME detector): loaded from the folders given, else trained once and cached in ``workdir``."""
+    from ..cache import cached_detector, cached_victim
+    from ..data import load_dataset
+    from ..detectors import SAMEDetector
+    from ..victim import Victim
+
+    if victim_dir is not None:
+        victim = Victim.load(victim_dir)
+    else:
+        train = load_dataset("fashion-mnist", "train").take(10_000, seed=seed)
+        victim = cached_victim(workdir, train, load_dataset("fashion-mnist", "test"), arch="conv3", epochs=3,
+                               seed=seed, device="cpu", progress=progress)
+    if detector_dir is not None:
+        return victim, SAMEDetector.load(detector_dir, victim)
+    train = load_dataset(victim.dataset, "train").take(10_000, seed=seed)
+    fit, held = train.split_off(0.1, seed=seed)
+    return victim, cached_detector(workdir, victim, fit, held, preset="cpu", seed=seed, device="cpu", progress=progress,
+                                   max_train_samples=9000)
+
+
 def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_dir: str | os.PathLike | None = None,
                       workdir: Path = Path("runs/service-bench"), requests: int = 200, requests_large: int = 30,
                       batch_sizes: Sequence[int] = (1, 64), concurrency: int = 4,
@@ -309,29 +349,14 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     images of another distribution; ``fashion-mnist`` is the in-distribution attacker); JBDA starts
     from 150 Fashion-MNIST training images.
     """
-    from ..cache import cached_detector, cached_victim
     from ..data import load_dataset
-    from ..detectors import SAMEDetector
-    from ..victim import Victim
 
     if not 1 <= benign <= 3000:
         raise ValueError(f"benign must be between 1 and 3000 test images, got {benign!r}.")
     torch.manual_seed(seed)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if victim_dir is not None:
-        victim = Victim.load(victim_dir)
-    else:
-        train = load_dataset("fashion-mnist", "train").take(10_000, seed=seed)
-        victim = cached_victim(workdir, train, load_dataset("fashion-mnist", "test"), arch="conv3", epochs=3,
-                               seed=seed, device="cpu", progress=progress)
-    if detector_dir is not None:
-        detector = SAMEDetector.load(detector_dir, victim)
-    else:
-        train = load_dataset(victim.dataset, "train").take(10_000, seed=seed)
-        fit, held = train.split_off(0.1, seed=seed)
-        detector = cached_detector(workdir, victim, fit, held, preset="cpu", seed=seed, device="cpu", progress=progress,
-                                   max_train_samples=9000)
+    victim, detector = _bench_models(victim_dir, detector_dir, workdir, seed, progress)
     test = load_dataset(victim.dataset, "test")
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
     cal_idx, benign_idx, eval_idx = perm[:2000], perm[2000:2000 + benign], perm[5000:7000]

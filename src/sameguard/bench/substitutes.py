@@ -88,6 +88,27 @@ def run_substitute_benchmark(
         ``victim_accuracy``, ``seconds``, ``output``, ``seed`` and ``details`` (the attack's own
         facts, JSON-friendly).
     """
+    attacks, budgets, options = _checked_request(attacks, budgets, options, proxy, seeds_data)
+    victim_accuracy = accuracy(victim, test_data.images, test_data.labels)
+    logger.info("Victim accuracy on %d test images: %.4f", len(test_data), victim_accuracy)
+    rows: list[dict[str, Any]] = []
+    for name in attacks:
+        for budget in budgets:
+            role = attack_data_role(name)
+            args: Sequence[Any] = (proxy,) if role == "proxy" else (seeds_data,) if role == "seeds" else ()
+            attack = build_attack(name, *args, **{"seed": seed, "device": device, "progress": progress,
+                                                  **options.get(name, {})})
+            if output == "labels" and attack.requires_probabilities():
+                logger.info("Skipping %s: it needs probabilities and the API returns labels only.", name)
+                continue
+            rows.append(_attack_row(attack, name, budget, victim, test_data, victim_accuracy, output, seed))
+    return rows
+
+
+def _checked_request(attacks: Iterable[str], budgets: Iterable[int], options: Mapping[str, Mapping[str, Any]] | None,
+                     proxy: ImageDataset | None, seeds_data: ImageDataset | None,
+                     ) -> tuple[list[str], list[int], dict[str, Mapping[str, Any]]]:
+    """The attacks, budgets and options of :func:`run_substitute_benchmark` as lists and a dict, checked."""
     attacks = list(attacks)
     budgets = [int(b) for b in budgets]
     options = dict(options or {})
@@ -104,41 +125,33 @@ def run_substitute_benchmark(
             raise ValueError(f"The {name} attack queries a proxy image pool: pass proxy=<ImageDataset>.")
         if role == "seeds" and seeds_data is None:
             raise ValueError(f"The {name} attack starts from in-distribution seed images: pass seeds_data=<ImageDataset>.")
-    victim_accuracy = accuracy(victim, test_data.images, test_data.labels)
-    logger.info("Victim accuracy on %d test images: %.4f", len(test_data), victim_accuracy)
-    rows: list[dict[str, Any]] = []
-    for name in attacks:
-        for budget in budgets:
-            role = attack_data_role(name)
-            args: Sequence[Any] = (proxy,) if role == "proxy" else (seeds_data,) if role == "seeds" else ()
-            kwargs = {"seed": seed, "device": device, "progress": progress, **options.get(name, {})}
-            attack = build_attack(name, *args, **kwargs)
-            if output == "labels" and attack.requires_probabilities():
-                logger.info("Skipping %s: it needs probabilities and the API returns labels only.", name)
-                continue
-            api = Guard(victim, output=output, keep_decisions=0)  # type: ignore[arg-type]
-            start = time.perf_counter()
-            result = attack.run(api, budget, victim=victim, test_data=test_data)
-            seconds = time.perf_counter() - start
-            if api.queries_used(result.client) != result.queries or result.queries > budget:
-                raise RuntimeError(f"{name} spent {api.queries_used(result.client)} queries for a budget of {budget}.")
-            details = {k: v for k, v in result.details.items() if isinstance(v, (int, float, str, list, dict))}
-            rows.append({
-                "attack": name,
-                "budget": budget,
-                "queries": result.queries,
-                "substitute_accuracy": result.test_accuracy,
-                "fidelity": result.fidelity,
-                "normalized_accuracy": (result.test_accuracy / victim_accuracy) if victim_accuracy > 0 else None,
-                "victim_accuracy": victim_accuracy,
-                "seconds": round(seconds, 1),
-                "output": output,
-                "seed": seed,
-                "details": details,
-            })
-            logger.info("%s @ %d: accuracy %.4f, fidelity %.4f (%.1f s)", name, budget,
-                        result.test_accuracy, result.fidelity, seconds)
-    return rows
+    return attacks, budgets, options
+
+
+def _attack_row(attack: Any, name: str, budget: int, victim: Callable[[torch.Tensor], torch.Tensor],
+                test_data: ImageDataset, victim_accuracy: float, output: str, seed: int) -> dict[str, Any]:
+    """Run ``attack`` with ``budget`` queries against a fresh undefended guard; one row of the table."""
+    api = Guard(victim, output=output, keep_decisions=0)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    result = attack.run(api, budget, victim=victim, test_data=test_data)
+    seconds = time.perf_counter() - start
+    if api.queries_used(result.client) != result.queries or result.queries > budget:
+        raise RuntimeError(f"{name} spent {api.queries_used(result.client)} queries for a budget of {budget}.")
+    logger.info("%s @ %d: accuracy %.4f, fidelity %.4f (%.1f s)", name, budget,
+                result.test_accuracy, result.fidelity, seconds)
+    return {
+        "attack": name,
+        "budget": budget,
+        "queries": result.queries,
+        "substitute_accuracy": result.test_accuracy,
+        "fidelity": result.fidelity,
+        "normalized_accuracy": (result.test_accuracy / victim_accuracy) if victim_accuracy > 0 else None,
+        "victim_accuracy": victim_accuracy,
+        "seconds": round(seconds, 1),
+        "output": output,
+        "seed": seed,
+        "details": {k: v for k, v in result.details.items() if isinstance(v, (int, float, str, list, dict))},
+    }
 
 
 def _cell(key: str, value: Any) -> str:
