@@ -67,12 +67,7 @@ def train_classifier(
     Returns:
         The trained model, in eval mode, on ``device``.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    if len(images) != len(targets) or len(images) == 0:
-        raise ValueError(f"images and targets must be non-empty and of equal length, got {len(images)} and {len(targets)}.")
+    _check_training_args(images, targets, epochs, batch_size)
     device = torch.device(device)
     model.to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -87,29 +82,51 @@ def train_classifier(
         total, correct, loss_sum = 0, 0, 0.0
         for start in range(0, len(images), batch_size):
             idx = order[start:start + batch_size]
-            x = images[idx]
-            if augment:
-                x = augment_batch(x, generator, crop_padding=4, hflip=hflip)
-            x = x.to(device)
-            y = targets[idx].to(device)
-            if input_transform is not None:
-                with torch.no_grad():
-                    x = input_transform(x, device_generator)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            hard = y if y.dim() == 1 else y.argmax(1)
-            correct += int((logits.argmax(1) == hard).sum())
+            x = _training_batch(images[idx], augment=augment, hflip=hflip, generator=generator, device=device,
+                                input_transform=input_transform, device_generator=device_generator)
+            batch_loss, batch_correct = _sgd_step(model, x, targets[idx].to(device), optimizer, scheduler)
+            correct += batch_correct
             total += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += batch_loss * len(idx)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
         logger.info("%s epoch %d/%d: loss %.4f, train accuracy %.4f", desc, epoch + 1, epochs, loss_sum / total, correct / total)
     bar.close()
     return model.eval()
+
+
+def _check_training_args(images: torch.Tensor, targets: torch.Tensor, epochs: int, batch_size: int) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if len(images) != len(targets) or len(images) == 0:
+        raise ValueError(f"images and targets must be non-empty and of equal length, got {len(images)} and {len(targets)}.")
+
+
+def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[float, int]:
+    """One optimiser and schedule step on ``(x, y)``: (the batch's mean loss, how many it classified right)."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    hard = y if y.dim() == 1 else y.argmax(1)
+    return float(loss.detach()), int((logits.argmax(1) == hard).sum())
+
+
+def _training_batch(x: torch.Tensor, *, augment: bool, hflip: bool, generator: torch.Generator, device: torch.device,
+                    input_transform: BatchTransform | None, device_generator: torch.Generator) -> torch.Tensor:
+    """One batch as the model sees it in training: augmented (on CPU), moved to ``device``, transformed."""
+    if augment:
+        x = augment_batch(x, generator, crop_padding=4, hflip=hflip)
+    x = x.to(device)
+    if input_transform is not None:
+        with torch.no_grad():
+            x = input_transform(x, device_generator)
+    return x
 
 
 @torch.no_grad()
