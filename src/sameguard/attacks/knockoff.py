@@ -143,23 +143,7 @@ class KnockoffNets(ExtractionAttack):
     def _adaptive(self, oracle: BoundClient, budget: int) -> tuple[nn.Module, dict[str, Any]]:
         g = self._generator()
         k = oracle.num_classes
-        actions = torch.unique(self.proxy.labels)  # the proxy's classes present
-        pools = [torch.nonzero(self.proxy.labels == a).flatten() for a in actions.tolist()]
-        cursors = [0] * len(pools)
-        perms = [p[torch.randperm(len(p), generator=g)] for p in pools]
-
-        def draw(action: int, n: int) -> torch.Tensor:
-            out = []
-            while n > 0:
-                if cursors[action] >= len(perms[action]):  # class exhausted: start over
-                    perms[action] = pools[action][torch.randperm(len(pools[action]), generator=g)]
-                    cursors[action] = 0
-                take = perms[action][cursors[action]:cursors[action] + n]
-                cursors[action] += len(take)
-                n -= len(take)
-                out.append(take)
-            return torch.cat(out)
-
+        pools = _ClassPools(self.proxy.labels, g)
         model = self._new_substitute(oracle.image_shape, k)
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
@@ -169,45 +153,87 @@ class KnockoffNets(ExtractionAttack):
         probs = torch.full((n_actions,), 1.0 / n_actions, dtype=torch.float64)
         baseline = 0.0
         state = _RewardState(k)
-        images, answers, chosen = [], [], []
+        images, answers = [], []
         bar = tqdm(total=budget, desc=f"{self.name} queries", disable=not show_progress(self.progress), leave=False)
         spent, t = 0, 0
         while spent < budget:
             t += 1
             action = int(torch.multinomial(probs.float(), 1, generator=g))
             n = min(self.query_batch_size, budget - spent)
-            x = adapt_to(self.proxy.images[draw(action, n)], oracle.image_shape)
+            x = adapt_to(self.proxy.images[pools.draw(action, n)], oracle.image_shape)
             y = oracle.query(x)
             spent += n
             images.append(x)
             answers.append(y)
-            chosen.append(action)
-            # One SGD step of the knockoff on the new batch.
             y_dist = self._as_distribution(y, k)
-            target = self._targets(y)
-            model.train()
-            loss = F.cross_entropy(model(x.to(self.device)), target.to(self.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.eval()
-            with torch.no_grad():
-                q = torch.softmax(model(x.to(self.device)), dim=1).cpu()
+            q = self._online_step(model, optimizer, x, y)
             r = state.reward(self.reward, y_dist, q)
             baseline += (r - baseline) / t
-            counts[action] += 1
-            step = (r - baseline) / counts[action]
-            chosen_mask = torch.zeros(n_actions, dtype=torch.bool)
-            chosen_mask[action] = True
-            h = torch.where(chosen_mask, h + step * (1 - probs), h - step * probs)
-            probs = torch.softmax(h, dim=0)
+            h, probs = _gradient_bandit_step(h, probs, counts, action, r, baseline)
             bar.update(n)
         bar.close()
         x_all, y_all = torch.cat(images), torch.cat(answers)
         self._train(model, x_all, self._targets(y_all))  # final training, continuing from the online model
-        policy = {str(self.proxy.classes[int(a)]): round(float(p), 4) for a, p in zip(actions, probs)}
-        return model, {"strategy": "adaptive", "reward": self.reward, "steps": t, "policy": policy,
-                       "pulls": {str(self.proxy.classes[int(a)]): int(c) for a, c in zip(actions, counts)}}
+        names = [str(self.proxy.classes[int(a)]) for a in pools.actions]
+        return model, {"strategy": "adaptive", "reward": self.reward, "steps": t,
+                       "policy": {name: round(float(p), 4) for name, p in zip(names, probs)},
+                       "pulls": {name: int(c) for name, c in zip(names, counts)}}
+
+    def _online_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+        """One SGD step of the knockoff on the new batch ``(x, answers y)``; its softmax on ``x`` afterwards."""
+        target = self._targets(y)
+        model.train()
+        loss = F.cross_entropy(model(x.to(self.device)), target.to(self.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            return torch.softmax(model(x.to(self.device)), dim=1).cpu()
+
+
+class _ClassPools:
+    """The proxy's indices per class (the adaptive policy's arms), drawn without replacement per class.
+
+    A class whose images are used up starts over with a fresh permutation. ``generator`` is shared
+    with the policy, so the draws interleave with its choices exactly as in one loop.
+    """
+
+    def __init__(self, labels: torch.Tensor, generator: torch.Generator) -> None:
+        self.actions = torch.unique(labels)  # the proxy's classes present
+        self.pools = [torch.nonzero(labels == a).flatten() for a in self.actions.tolist()]
+        self.cursors = [0] * len(self.pools)
+        self.generator = generator
+        self.perms = [p[torch.randperm(len(p), generator=generator)] for p in self.pools]
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+    def draw(self, action: int, n: int) -> torch.Tensor:
+        """``n`` proxy indices of class number ``action``."""
+        out = []
+        while n > 0:
+            if self.cursors[action] >= len(self.perms[action]):  # class exhausted: start over
+                pool = self.pools[action]
+                self.perms[action] = pool[torch.randperm(len(pool), generator=self.generator)]
+                self.cursors[action] = 0
+            take = self.perms[action][self.cursors[action]:self.cursors[action] + n]
+            self.cursors[action] += len(take)
+            n -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+
+def _gradient_bandit_step(h: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, action: int, reward: float,
+                          baseline: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient-bandit update after pulling ``action`` (``counts`` updated in place); new (preferences, policy)."""
+    counts[action] += 1
+    step = (reward - baseline) / counts[action]
+    chosen_mask = torch.zeros(len(h), dtype=torch.bool)
+    chosen_mask[action] = True
+    h = torch.where(chosen_mask, h + step * (1 - probs), h - step * probs)
+    return h, torch.softmax(h, dim=0)
 
 
 class _RewardState:
