@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=True)
 
     add_detector_commands(sub)
+    from .alarm_commands import add_alarm_commands
+
+    COMMANDS.update(add_alarm_commands(sub))  # alarms calibrate
 
     p = sub.add_parser("demo", help="train (or reuse) a victim and SAME on Fashion-MNIST and print detection metrics",
                        description="Train or reuse a cached Fashion-MNIST victim and SAME detector (small CPU "

@@ -2,8 +2,10 @@
 
 The service's prediction endpoint writes the decisions of each batch with
 :meth:`AuditLog.append`, in one transaction, after ``guard.protect`` and before it answers; if that
-fails the batch is not answered (503), so every answer has its row. :func:`summarize` reads the log back per client, for
-``sameguard audit --db URL``.
+fails the batch is not answered (503), so every answer has its row. When a client's per-client
+alarm is raised in that batch, the alarm event is written in the same transaction; an operator's
+clearing of an alarm is written by :meth:`AuditLog.alarm_event`. :func:`summarize` reads the log
+back per client and :func:`alarm_history` the alarms, for ``sameguard audit --db URL``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,37 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, insert, select
 
-from .db import audit_log, pow_events
+from .db import alarm_events, audit_log, pow_events
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditLog", "ClientSummary", "summarize", "format_summary"]
+__all__ = ["AuditLog", "AlarmEvent", "ClientSummary", "summarize", "format_summary", "alarm_history", "format_alarms"]
+
+
+@dataclass(frozen=True)
+class AlarmEvent:
+    """A per-client alarm raised (``event="raised"``) or cleared by an operator (``event="cleared"``).
+
+    Attributes:
+        time: UNIX seconds of the alarm (or of the clearing).
+        client: the key's name.
+        event: ``"raised"`` or ``"cleared"``.
+        queries: the client's query count at the alarm (the 1-based index of the query at which its
+            evidence reached ``1/delta``), or at the clearing.
+        evidence: log10 of the client's martingale at that query (at the clearing: just before it).
+        request_id: the request whose batch raised the alarm (``None`` for a clearing).
+    """
+
+    time: float
+    client: str
+    event: str
+    queries: int | None
+    evidence: float | None
+    request_id: str | None = None
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
 
 
 class AuditLog:
@@ -36,23 +64,32 @@ class AuditLog:
         self.engine = engine
         self.versions = dict(versions)
 
-    def append(self, decisions: Iterable[Any]) -> None:
-        """Insert one row per :class:`~sameguard.guard.Decision`, in one transaction."""
+    def append(self, decisions: Iterable[Any], alarms: Iterable[AlarmEvent] = ()) -> None:
+        """Insert one row per :class:`~sameguard.guard.Decision` and the alarm events, in one transaction."""
         v = self.versions
         rows = []
         for d in decisions:
-            score = None if d.score is None or not math.isfinite(d.score) else float(d.score)
             rows.append({
                 "ts": d.time, "request_id": d.request_id, "idx": d.index, "client": d.client,
-                "input_sha256": d.input_sha256, "score": score, "threshold": d.threshold, "flagged": bool(d.flagged),
+                "input_sha256": d.input_sha256, "score": _finite(d.score), "threshold": d.threshold, "flagged": bool(d.flagged),
                 "action": d.action, "work_bits": int(d.work_bits), "victim_sha256": v.get("victim_sha256"),
                 "detector": v.get("detector"), "detector_sha256": v.get("detector_sha256"),
                 "policy": str(v.get("policy")), "sameguard_version": str(v.get("sameguard")),
+                "evidence": _finite(getattr(d, "evidence", None)), "alarmed": bool(getattr(d, "alarmed", False)),
             })
-        if not rows:
+        events = [_event_row(e) for e in alarms]
+        if not rows and not events:
             return
         with self.engine.begin() as conn:
-            conn.execute(insert(audit_log), rows)
+            if rows:
+                conn.execute(insert(audit_log), rows)
+            if events:
+                conn.execute(insert(alarm_events), events)
+
+    def alarm_event(self, event: AlarmEvent) -> None:
+        """Record one alarm event on its own (an operator clearing an alarm)."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(alarm_events).values(**_event_row(event)))
 
     def pow_event(self, client: str, outcome: str, *, challenge_id: str | None = None, request_id: str | None = None,
                   bits: int | None = None) -> None:
@@ -68,6 +105,11 @@ class AuditLog:
             stmt = stmt.where(audit_log.c.client == client)
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+
+def _event_row(e: AlarmEvent) -> dict[str, Any]:
+    return {"ts": e.time, "client": e.client, "event": e.event[:16], "queries": e.queries,
+            "evidence": _finite(e.evidence), "request_id": e.request_id}
 
 
 @dataclass
@@ -144,3 +186,36 @@ def format_summary(summaries: list[ClientSummary]) -> str:
     if not summaries:
         lines.append("| (no queries) | 0 | 0 | 0 | 0 | - | - | 0 | 0 | 0 | 0 | 0 | - | - |")
     return "\n".join(lines)
+
+
+def alarm_history(engine: Engine, *, since: float | None = None) -> list[AlarmEvent]:
+    """Every alarm event (raised and cleared), oldest first (optionally only those with ``ts >= since``)."""
+    c = alarm_events.c
+    stmt = select(alarm_events).order_by(c.ts, c.id)
+    if since is not None:
+        stmt = stmt.where(c.ts >= since)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).mappings().all()
+    return [AlarmEvent(time=float(r["ts"]), client=r["client"], event=r["event"], queries=r["queries"],
+                       evidence=r["evidence"], request_id=r["request_id"]) for r in rows]
+
+
+def format_alarms(events: list[AlarmEvent]) -> str:
+    """A Markdown table of the alarms: one row per alarm raised, with whether (and when) it was cleared."""
+    lines = ["| client | alarm (UTC) | queries at alarm | evidence (log10) | cleared (UTC) |", "|---|---|---:|---:|---|"]
+    open_rows: dict[str, int] = {}
+    rows: list[list[str]] = []
+    for e in events:
+        if e.event == "raised":
+            open_rows[e.client] = len(rows)
+            rows.append([e.client, _utc(e.time), "-" if e.queries is None else str(e.queries), _fmt(e.evidence), "-"])
+        elif e.event == "cleared" and e.client in open_rows:
+            rows[open_rows.pop(e.client)][4] = _utc(e.time)
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if not rows:
+        lines.append("| (no alarms) | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))

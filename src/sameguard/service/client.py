@@ -67,7 +67,9 @@ class SameguardClient:
         batch_size: images per request (default: the service's ``max_batch``).
         solve_pow: solve proof-of-work challenges automatically (default True).
         max_pow_bits: refuse (raise) challenges harder than this instead of solving them.
-        on_refused: ``"uniform"`` (default) or ``"raise"`` (:class:`RefusedError`).
+        on_refused: ``"uniform"`` (default) or ``"raise"`` (:class:`RefusedError`). A request
+            refused because the key is alarmed (403 ``client_alarmed``) counts as every image of
+            it refused; the service's ``alarm`` object is kept in :attr:`alarm`.
         max_retries: retries of a rate-limited (429) request, waiting ``Retry-After`` each time.
         timeout: seconds per HTTP request.
         seed: seeds the random labels given to refused images in label mode.
@@ -110,6 +112,7 @@ class SameguardClient:
         self.pow_solved = 0
         self.pow_hashes = 0
         self.pow_seconds = 0.0
+        self.alarm: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (f"SameguardClient({self.base_url!r}, image_shape={self.image_shape}, num_classes={self.num_classes}, "
@@ -176,9 +179,30 @@ class SameguardClient:
                 self.pow_seconds += time.perf_counter() - start
             response = self._request("POST", "/v1/pow/redeem", json={
                 "challenge": challenge["challenge"], "signature": challenge["signature"], "nonce": nonce})
+        alarmed = self._alarmed_answer(response, len(x))
+        if alarmed is not None:
+            return alarmed
         if response.status_code != 200:
             raise ServiceError(response.status_code, self._detail(response))
-        return response.json()
+        body = response.json()
+        if body.get("alarm") is not None:
+            self.alarm = body["alarm"]
+        return body
+
+    def _alarmed_answer(self, response: httpx.Response, n: int) -> dict[str, Any] | None:
+        """A 403 ``client_alarmed`` answer as a body with every image refused (``None`` for any other answer)."""
+        if response.status_code != 403:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        if not isinstance(body, dict) or body.get("error") != "client_alarmed":
+            return None
+        self.alarm = body.get("alarm")
+        logger.warning("%s", body.get("detail"))
+        return {"request_id": body.get("request_id"), "output": self.output, "predictions": [None] * n,
+                "refused": list(range(n)), "alarm": self.alarm}
 
     # -- the PredictionAPI ---------------------------------------------------------------------
     def query(self, x: torch.Tensor, client: str = "anonymous") -> torch.Tensor:

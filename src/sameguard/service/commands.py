@@ -105,6 +105,15 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument("--alarms", default=None,
+                   help="folder of per-client alarms from 'sameguard alarms calibrate': once a client's evidence "
+                        "reaches 1/delta, every later query of it gets the policy's action")
+    p.add_argument("--alarm-detector", action="append", default=[], metavar="NAME=DIR",
+                   help="the detector folder of the alarms' scorer NAME, overriding the one recorded with the "
+                        "alarms (repeatable)")
+    p.add_argument("--admin-token-env", default=None, metavar="NAME",
+                   help="environment variable holding the operator's token for /v1/admin (at least 16 bytes; "
+                        "unset: admin routes disabled)")
     _verbose(p)
 
 
@@ -133,7 +142,9 @@ def _add_audit_parser(sub: Any) -> None:
     """``sameguard audit``."""
     p = sub.add_parser("audit", help="summarise the service's audit log per client",
                        description="Per client: queries, requests, flagged queries, mean and max score, actions "
-                                   "taken and proof-of-work asked, as a Markdown table (or JSON).")
+                                   "taken and proof-of-work asked, as a Markdown table (or JSON); then the "
+                                   "per-client alarms: client, alarm time, queries at the alarm, evidence, and "
+                                   "when an operator cleared it.")
     _db(p)
     p.add_argument("--since-hours", type=float, default=None, help="only the last H hours")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -155,7 +166,8 @@ def serve_main(args: argparse.Namespace) -> int:
         output=args.output, threshold=args.threshold, max_batch=args.max_batch,
         max_request_bytes=args.max_request_bytes, rate_per_second=args.rate_per_second, rate_burst=args.rate_burst,
         pow_benign_bits=args.pow_benign_bits, pow_max_bits=args.pow_max_bits, pow_ttl_s=args.pow_ttl_s,
-        calibration=args.calibration, device=args.device, torch_threads=args.torch_threads)
+        calibration=args.calibration, device=args.device, torch_threads=args.torch_threads, alarms=args.alarms,
+        alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env)
     app = create_app(settings)
     state = app.state.sameguard
     with state.keys.engine.connect() as conn:
@@ -163,10 +175,23 @@ def serve_main(args: argparse.Namespace) -> int:
     if n_keys == 0:
         logger.warning("No active API key in the database: create one with 'sameguard keys create --name NAME "
                        "--db %s'", redact_url(settings.db_url))
-    _out(f"sameguard serving {settings.victim} with policy {settings.policy} (threshold {state.guard.threshold}) on "
-         f"http://{settings.host}:{settings.port}  (OpenAPI: /docs, /openapi.json; metrics: /metrics)")
+    alarms = state.guard.alarms
+    alarm_text = "" if alarms is None else f", per-client alarms at delta {alarms.delta:g} ({', '.join(alarms.scorers)})"
+    _out(f"sameguard serving {settings.victim} with policy {settings.policy} (threshold {state.guard.threshold}"
+         f"{alarm_text}) on http://{settings.host}:{settings.port}  (OpenAPI: /docs, /openapi.json; metrics: /metrics)")
     run_server(app, settings.host, settings.port, log_level=args.log_level)
     return 0
+
+
+def _alarm_detectors(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--alarm-detector NAME=DIR`` items as a dict (``None`` when none is given)."""
+    from .settings import parse_name_dirs
+
+    items = getattr(args, "alarm_detector", None) or []
+    try:
+        return parse_name_dirs(items) or None
+    except ValueError as exc:
+        raise ValueError(f"--alarm-detector: {exc}.") from None
 
 
 def keys_main(args: argparse.Namespace) -> int:
@@ -207,7 +232,7 @@ def audit_main(args: argparse.Namespace) -> int:
     _require("sqlalchemy")
     import time
 
-    from .audit import format_summary, summarize
+    from .audit import alarm_history, format_alarms, format_summary, summarize
     from .db import init_db, make_engine
 
     engine = make_engine(_db_url(args))
@@ -215,12 +240,21 @@ def audit_main(args: argparse.Namespace) -> int:
         init_db(engine)
         since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
         summaries = summarize(engine, since=since)
+        events = alarm_history(engine, since=since)
     finally:
         engine.dispose()
     if args.json:
-        _out(json.dumps([s.__dict__ | {"flagged_rate": s.flagged_rate} for s in summaries], indent=2))
+        alarms: dict[str, list[dict[str, Any]]] = {}
+        for e in events:
+            alarms.setdefault(e.client, []).append(e.__dict__)
+        _out(json.dumps([s.__dict__ | {"flagged_rate": s.flagged_rate, "alarm_events": alarms.get(s.client, [])}
+                         for s in summaries], indent=2))
     else:
         _out(format_summary(summaries))
+        _out("")
+        _out("Per-client alarms:")
+        _out("")
+        _out(format_alarms(events))
     return 0
 
 

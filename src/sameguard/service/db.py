@@ -14,8 +14,13 @@ Tables (all prefixed ``sg_``):
   (victim and detector weights SHA-256, detector class, policy, sameguard version).
   Append-only: on SQLite, triggers abort any ``UPDATE`` or ``DELETE``; on PostgreSQL grant the
   service's role ``INSERT`` and ``SELECT`` only.
+  With per-client alarms it also holds ``evidence`` (log10 of the client's test martingale after
+  the query; ``NULL`` without alarms) and ``alarmed`` (the client was alarmed when the query was
+  decided). Databases made before these two columns existed get them added by :func:`init_db`.
 * ``sg_pow_events``: one row per proof-of-work challenge issued or redeemed (and per refused
   redemption), with its outcome.
+* ``sg_alarm_events``: one row when a client's alarm is raised (time of the alarm, client, the
+  client's query count at the alarm, the evidence) and one when an operator clears it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
+    false,
+    inspect,
     text,
 )
 from sqlalchemy.engine import make_url
@@ -41,7 +48,7 @@ from sqlalchemy.pool import StaticPool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["metadata", "api_keys", "audit_log", "pow_events", "make_engine", "init_db", "redact_url"]
+__all__ = ["metadata", "api_keys", "audit_log", "pow_events", "alarm_events", "make_engine", "init_db", "redact_url"]
 
 metadata = MetaData()
 
@@ -75,6 +82,8 @@ audit_log = Table(
     Column("detector_sha256", String(64), nullable=True),
     Column("policy", String(64), nullable=False),
     Column("sameguard_version", String(32), nullable=False),
+    Column("evidence", Float, nullable=True),
+    Column("alarmed", Boolean, nullable=False, default=False, server_default=false()),
     Index("ix_sg_audit_log_client_ts", "client", "ts"),
     Index("ix_sg_audit_log_request_id", "request_id"),
 )
@@ -90,6 +99,21 @@ pow_events = Table(
     Column("bits", Integer, nullable=True),
     Column("outcome", String(32), nullable=False),
 )
+
+alarm_events = Table(
+    "sg_alarm_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("client", String(64), nullable=False, index=True),
+    Column("event", String(16), nullable=False),
+    Column("queries", Integer, nullable=True),
+    Column("evidence", Float, nullable=True),
+    Column("request_id", String(64), nullable=True),
+)
+
+#: Columns added to ``sg_audit_log`` after its first release, with their portable DDL (added by :func:`init_db`).
+_ADDED_AUDIT_COLUMNS = {"evidence": "FLOAT", "alarmed": "BOOLEAN NOT NULL DEFAULT {false}"}
 
 _SQLITE_TRIGGERS = [
     "CREATE TRIGGER IF NOT EXISTS sg_audit_log_no_update BEFORE UPDATE ON sg_audit_log "
@@ -140,9 +164,24 @@ def make_engine(url: str) -> Engine:
         raise ValueError(f"Cannot open the database {redact_url(url)}: {exc}") from None
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the audit columns that a database created by an earlier version lacks (``ALTER TABLE ... ADD``)."""
+    present = {c["name"] for c in inspect(engine).get_columns(audit_log.name)}
+    missing = [name for name in _ADDED_AUDIT_COLUMNS if name not in present]
+    if not missing:
+        return
+    falsy = "0" if engine.dialect.name == "sqlite" else "false"
+    with engine.begin() as conn:
+        for name in missing:
+            ddl = _ADDED_AUDIT_COLUMNS[name].format(false=falsy)
+            conn.execute(text(f"ALTER TABLE {audit_log.name} ADD COLUMN {name} {ddl}"))
+    logger.info("Added the audit-log column(s) %s", ", ".join(missing))
+
+
 def init_db(engine: Engine) -> None:
-    """Create the tables (and SQLite's append-only triggers) if they do not exist."""
+    """Create the tables (and SQLite's append-only triggers) if they do not exist; add new audit columns."""
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     if engine.dialect.name == "sqlite":
         with engine.begin() as conn:
             for statement in _SQLITE_TRIGGERS:

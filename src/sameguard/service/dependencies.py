@@ -131,9 +131,13 @@ class RequestAudit:
         self.log = state.audit
         self.request_id = request_id
 
-    async def decisions(self, decisions: Iterable[Any]) -> None:
-        """One row per :class:`~sameguard.guard.Decision`, in one transaction."""
-        await self._write(self.log.append, tuple(decisions))
+    async def decisions(self, decisions: Iterable[Any], alarms: Iterable[Any] = ()) -> None:
+        """One row per :class:`~sameguard.guard.Decision`, and the alarm events raised, in one transaction."""
+        await self._write(self.log.append, tuple(decisions), tuple(alarms))
+
+    async def alarm_event(self, event: Any) -> None:
+        """An alarm event on its own (an operator clearing an alarm)."""
+        await self._write(self.log.alarm_event, event)
 
     async def pow_event(self, client: str, outcome: str, **fields: Any) -> None:
         """A proof-of-work event (``issued``, ``redeemed``, or why a redemption was refused)."""

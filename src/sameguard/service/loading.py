@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_guard", "build_policy", "load_calibration_images"]
+__all__ = ["load_guard", "build_policy", "load_calibration_images", "load_alarms"]
 
 
 def load_calibration_images(spec: str | None, victim: Any, limit: int, seed: int = 0) -> torch.Tensor:
@@ -71,6 +72,8 @@ def load_guard(settings: ServiceSettings) -> Guard:
     victim = Victim.load(settings.victim, device=settings.device)
     policy = build_policy(settings)
     if settings.policy == "off":
+        if settings.alarms is not None:
+            raise ValueError("Per-client alarms need a detector to score queries: use a policy other than 'off'.")
         logger.warning("Serving the victim with policy 'off': queries are logged but not scored.")
         return Guard(victim, None, policy, output=settings.output, keep_decisions=0)
     if settings.detector is None:
@@ -79,9 +82,41 @@ def load_guard(settings: ServiceSettings) -> Guard:
     if settings.threshold is None and detector.threshold_ is None:
         raise ValueError(f"The detector in {settings.detector} is not calibrated: run 'sameguard calibrate' or pass "
                          "--threshold.")
-    guard = Guard(victim, detector, policy, output=settings.output, keep_decisions=0)
+    alarms = None if settings.alarms is None else load_alarms(settings, victim, detector)
+    guard = Guard(victim, detector, policy, alarms=alarms, output=settings.output, keep_decisions=0)
     if isinstance(policy.action, ProofOfWork):
         benign = load_calibration_images(settings.calibration, victim, settings.calibration_limit)
         guard.calibrate(benign)
         logger.info("Proof-of-work calibration: %s", policy.action.calibration_)
     return guard
+
+
+def load_alarms(settings: ServiceSettings, victim: Any, detector: Any) -> Any:
+    """The :class:`~sameguard.alarms.ClientAlarms` in ``settings.alarms``, with their scorers loaded.
+
+    Each scorer's folder comes from ``settings.alarm_detectors`` or, failing that, from the
+    ``detectors.json`` that ``sameguard alarms calibrate`` wrote next to the alarms. A scorer whose
+    folder is the guard's own detector folder is the guard's ``detector`` object, so the guard
+    scores each batch with it once.
+
+    Raises:
+        ValueError / ArtifactError: a scorer's folder is unknown, or the calibrations do not match
+            the detectors and victim.
+    """
+    from ..alarm_commands import read_alarm_sources
+    from ..alarms import ClientAlarms
+
+    root = Path(settings.alarms)  # type: ignore[arg-type]
+    names, recorded = read_alarm_sources(root)
+    folders = {name: Path(recorded[name]) for name in names if name in recorded}
+    folders.update({name: Path(folder) for name, folder in settings.alarm_detectors.items()})
+    missing = sorted(set(names) - set(folders))
+    if missing:
+        raise ValueError(f"The alarms in {root} need the detector folder of {', '.join(missing)}: pass "
+                         "--alarm-detector NAME=DIR for each.")
+    own = None if settings.detector is None else Path(settings.detector).resolve()
+    scorers = {name: detector if folders[name].resolve() == own else
+               load_detector(folders[name], victim, device=settings.device) for name in names}
+    alarms = ClientAlarms.load(root, scorers, victim)
+    logger.info("Per-client alarms from %s: %s", root, alarms.describe())
+    return alarms

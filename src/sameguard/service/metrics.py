@@ -23,6 +23,10 @@ class ServiceMetrics:
         queries: ``sameguard_queries_total{action}``, one per image decided.
         flagged: ``sameguard_flagged_queries_total``.
         pow: ``sameguard_pow_challenges_total{outcome}`` (``issued``, ``redeemed``, or why refused).
+        alarms: ``sameguard_alarms_total``, per-client alarms raised.
+        alarms_cleared: ``sameguard_alarms_cleared_total``, alarms cleared by an operator.
+        alarm_refused: ``sameguard_alarm_refused_queries_total``, queries refused because their
+            client is alarmed.
     """
 
     def __init__(self) -> None:
@@ -36,6 +40,11 @@ class ServiceMetrics:
         self.flagged = Counter("sameguard_flagged_queries", "Queries flagged by the detector", registry=self.registry)
         self.pow = Counter("sameguard_pow_challenges", "Proof-of-work challenges by outcome", ["outcome"],
                            registry=self.registry)
+        self.alarms = Counter("sameguard_alarms", "Per-client alarms raised", registry=self.registry)
+        self.alarms_cleared = Counter("sameguard_alarms_cleared", "Per-client alarms cleared by an operator",
+                                      registry=self.registry)
+        self.alarm_refused = Counter("sameguard_alarm_refused_queries",
+                                     "Queries refused because their client is alarmed", registry=self.registry)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request and its latency."""
@@ -43,13 +52,17 @@ class ServiceMetrics:
         self.latency.labels(route).observe(seconds)
 
     def observe_decisions(self, decisions: Iterable[Any]) -> None:
-        """Count a batch's :class:`~sameguard.guard.Decision` s by action, and the flagged ones."""
-        n_flagged = 0
+        """Count a batch's :class:`~sameguard.guard.Decision` s by action, the flagged ones, and those
+        refused because the client is alarmed."""
+        n_flagged = n_alarm_refused = 0
         for d in decisions:
             self.queries.labels(d.action).inc()
             n_flagged += bool(d.flagged)
+            n_alarm_refused += bool(getattr(d, "alarmed", False)) and d.action == "reject"
         if n_flagged:
             self.flagged.inc(n_flagged)
+        if n_alarm_refused:
+            self.alarm_refused.inc(n_alarm_refused)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format (media type :data:`CONTENT_TYPE_LATEST`)."""

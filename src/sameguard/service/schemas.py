@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["PredictJSON", "PredictResponse", "ChallengeOut", "ChallengeResponse", "RedeemRequest", "ModelInfo",
+__all__ = ["PredictJSON", "PredictResponse", "AlarmNotice", "AlarmedError", "ClientAlarm", "ClearedAlarm", "ChallengeOut", "ChallengeResponse", "RedeemRequest", "ModelInfo",
            "ErrorResponse", "PowInfo", "Health"]
 
 
@@ -36,6 +36,15 @@ class PredictJSON(BaseModel):
         return self
 
 
+class AlarmNotice(BaseModel):
+    """Why a client's queries are refused: its per-client alarm (with the reject policy only)."""
+
+    queries_at_alarm: int | None = Field(description="the client's query count when its evidence reached 1/delta")
+    evidence_log10: float | None = Field(description="log10 of the client's evidence at the alarm")
+    threshold_log10: float = Field(description="log10(1/delta)")
+    alarm_time: float | None = Field(description="UNIX seconds of the alarm")
+
+
 class PredictResponse(BaseModel):
     """Answers of a batch: one entry per image, ``null`` where the query was refused."""
 
@@ -43,6 +52,36 @@ class PredictResponse(BaseModel):
     output: Literal["probabilities", "labels"]
     predictions: list[list[float] | int | None]
     refused: list[int] = Field(description="positions of the refused images")
+    alarm: AlarmNotice | None = Field(None, description="present when images were refused because this API key "
+                                                        "was alarmed during the batch (reject policy)")
+
+
+class AlarmedError(BaseModel):
+    """HTTP 403: every image was refused because this API key is alarmed as a model-extraction attacker."""
+
+    error: Literal["client_alarmed"] = "client_alarmed"
+    detail: str
+    request_id: str | None = None
+    alarm: AlarmNotice
+
+
+class ClientAlarm(BaseModel):
+    """One alarmed client (``GET /v1/admin/alarms``)."""
+
+    client: str
+    queries: int
+    queries_at_alarm: int | None
+    alarm_time: float | None
+    evidence_log10: float
+
+
+class ClearedAlarm(BaseModel):
+    """``POST /v1/admin/clients/{client}/clear-alarm``: the client's evidence before the clearing."""
+
+    client: str
+    was_alarmed: bool
+    queries: int
+    evidence_log10: float
 
 
 class ChallengeOut(BaseModel):
@@ -90,6 +129,7 @@ class ModelInfo(BaseModel):
     max_request_bytes: int
     normalisation: str = "float32 (N, C, H, W) in [-1, 1]: x = 2 * pixel / 255 - 1"
     versions: dict[str, Any]
+    alarms: dict[str, Any] | None = Field(None, description="per-client alarms: delta, scorers, mode (null: none)")
 
 
 class PowInfo(BaseModel):
@@ -106,6 +146,7 @@ class Health(BaseModel):
     status: Literal["ok"]
     policy: str
     versions: dict[str, Any]
+    alarms: dict[str, Any] | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -2,8 +2,8 @@
 
 Every field can be set as an environment variable ``SAMEGUARD_<FIELD>`` (upper case), e.g.
 ``SAMEGUARD_DB_URL=postgresql+psycopg://...`` or ``SAMEGUARD_POW_SECRET=<hex>``; explicit
-arguments win. Secrets (the proof-of-work HMAC key) come from the environment only and never
-appear in ``repr`` or logs.
+arguments win. Secrets (the proof-of-work HMAC key, the admin token) come from the environment
+only and never appear in ``repr`` or logs.
 """
 
 from __future__ import annotations
@@ -22,11 +22,24 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["ServiceSettings", "ENV_PREFIX", "SERVICE_POLICIES"]
+__all__ = ["ServiceSettings", "ENV_PREFIX", "SERVICE_POLICIES", "parse_name_dirs"]
 
 ENV_PREFIX = "SAMEGUARD_"
 #: ``off`` serves the bare victim (no detector, no scoring); the others are action policies.
 SERVICE_POLICIES = ("off", "monitor", "reject", "misinformation", "pow")
+
+
+def parse_name_dirs(items: list[str]) -> dict[str, str]:
+    """``["NAME=DIR", ...]`` -> ``{NAME: DIR}`` (``ValueError`` for a malformed or repeated item)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.strip().partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"expected NAME=DIR, got {item!r}")
+        if name.strip() in out:
+            raise ValueError(f"the scorer {name.strip()!r} is given twice")
+        out[name.strip()] = folder.strip()
+    return out
 
 
 class ServiceSettings(BaseModel):
@@ -54,6 +67,12 @@ class ServiceSettings(BaseModel):
         key_cache_s: seconds a verified key is cached (revocation delay; default 5).
         host, port: where ``sameguard serve`` listens (default 127.0.0.1:8000).
         torch_threads: torch intra-op threads (``None``: torch's default).
+        alarms: folder of per-client alarms (``sameguard alarms calibrate``); once a client's
+            evidence reaches ``1/delta`` every later query of it gets the policy's action.
+        alarm_detectors: scorer name -> detector folder, overriding (or completing) the folders
+            recorded next to the alarms (``detectors.json``); as a string ``NAME=DIR[,NAME=DIR]``.
+        admin_token_env: name of the environment variable that holds the operator's token for the
+            ``/v1/admin`` routes (at least 16 bytes); unset: the admin routes answer 403.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -82,6 +101,31 @@ class ServiceSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     torch_threads: int | None = Field(None, gt=0)
+    alarms: Path | None = None
+    alarm_detectors: dict[str, Path] = Field(default_factory=dict)
+    admin_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+    @field_validator("alarm_detectors", mode="before")
+    @classmethod
+    def _parse_alarm_detectors(cls, v: Any) -> Any:
+        """``"a=dir1,b=dir2"`` (the environment's form) -> ``{"a": "dir1", "b": "dir2"}``."""
+        if isinstance(v, str):
+            return parse_name_dirs([part for part in v.split(",") if part.strip()])
+        return v
+
+    def admin_token(self, environ: dict[str, str] | None = None) -> SecretStr | None:
+        """The admin token from the variable named by :attr:`admin_token_env` (``None`` when unset).
+
+        Raises:
+            ValueError: the variable is named but unset, or holds fewer than 16 bytes.
+        """
+        if self.admin_token_env is None:
+            return None
+        value = (os.environ if environ is None else environ).get(self.admin_token_env)
+        if value is None or len(value.strip().encode()) < 16:
+            raise ValueError(f"The admin token variable {self.admin_token_env} must be set to at least 16 bytes "
+                             "(e.g. 64 hex characters).")
+        return SecretStr(value.strip())
 
     @field_validator("pow_secret")
     @classmethod

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import SecretStr
 
 from ..guard import Guard
+from .alarm_log import AlarmLedger
 from .audit import AuditLog
 from .challenges import ChallengeIssuer
 from .db import init_db, make_engine
@@ -32,6 +35,8 @@ class ServiceState:
         limiter: per-key token buckets, in images.
         metrics: the Prometheus metrics.
         classes: the victim's class names, when it has them.
+        admin_token: the operator's token for the ``/v1/admin`` routes (``None``: they are disabled).
+        alarm_ledger: the per-client alarms already written to the audit log.
     """
 
     settings: ServiceSettings
@@ -42,6 +47,8 @@ class ServiceState:
     limiter: TokenBucketLimiter
     metrics: ServiceMetrics
     classes: list[str] | None
+    admin_token: SecretStr | None = None
+    alarm_ledger: AlarmLedger = field(default_factory=AlarmLedger)
 
 
 def build_state(settings: ServiceSettings, *, guard: Guard | None = None,
@@ -55,6 +62,7 @@ def build_state(settings: ServiceSettings, *, guard: Guard | None = None,
         issuer: a challenge issuer; by default one keyed by ``settings.pow_secret`` (a random key
             when unset) with ``settings.pow_ttl_s``.
     """
+    admin_token = settings.admin_token()  # fails early when the named variable is unset
     if guard is None:
         from .loading import load_guard
 
@@ -71,4 +79,5 @@ def build_state(settings: ServiceSettings, *, guard: Guard | None = None,
     return ServiceState(settings=settings, guard=guard, keys=KeyStore(engine, cache_s=settings.key_cache_s),
                         audit=AuditLog(engine, guard.versions), issuer=issuer,
                         limiter=TokenBucketLimiter(settings.rate_per_second, settings.rate_burst),
-                        metrics=ServiceMetrics(), classes=list(classes) if classes is not None else None)
+                        metrics=ServiceMetrics(), classes=list(classes) if classes is not None else None,
+                        admin_token=admin_token)

@@ -5,11 +5,19 @@ A prediction request goes: API key -> decode and validate the images -> rate lim
 when the policy prices the batch in proof-of-work, a signed challenge (202) whose answers
 ``POST /v1/pow/redeem`` releases. The audit rows are written before anything is answered; when
 they cannot be, the request gets 503 and no prediction.
+
+With per-client alarms, the batch that raises a client's alarm also writes the alarm event (same
+transaction). With the reject policy, a request whose images are all refused because its API key
+is alarmed is answered 403 ``{"error": "client_alarmed", "detail": ..., "alarm": {...}}``; when
+the alarm is raised within a batch, the 200 answer carries ``alarm`` next to the refused positions.
+Misinformation and proof-of-work act as their actions do (answers that look normal, harder puzzles).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -20,10 +28,15 @@ from ...prediction_api import BudgetExceededError
 from ..challenges import ChallengeError
 from ..dependencies import ApiKeyDep, AuditDep, RateLimitedBatchDep, RequestAudit, StateDep
 from ..errors import ERROR_RESPONSES
-from ..schemas import ChallengeResponse, ModelInfo, PredictResponse
+from ..schemas import AlarmedError, ChallengeResponse, ModelInfo, PredictResponse
 from ..state import ServiceState
 
-__all__ = ["router", "answer_body"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["router", "answer_body", "ALARMED_STATUS"]
+
+#: The status of a request refused because its API key is alarmed (reject policy).
+ALARMED_STATUS = 403
 
 router = APIRouter(tags=["predict"])
 
@@ -53,11 +66,15 @@ def model_info(key: ApiKeyDep, state: StateDep) -> dict[str, Any]:
     guard, settings = state.guard, state.settings
     return {"image_shape": list(guard.image_shape), "num_classes": guard.num_classes, "classes": state.classes,
             "output": guard.output, "policy": guard.policy.name, "max_batch": settings.max_batch,
-            "max_request_bytes": settings.max_request_bytes, "versions": guard.versions}
+            "max_request_bytes": settings.max_request_bytes, "versions": guard.versions,
+            "alarms": None if guard.alarms is None else guard.alarms.describe()}
 
 
 @router.post("/v1/predict", response_model=PredictResponse, openapi_extra=PREDICT_OPENAPI,
-             responses={202: {"model": ChallengeResponse, "description": "proof-of-work due"}, **ERROR_RESPONSES})
+             responses={202: {"model": ChallengeResponse, "description": "proof-of-work due"},
+                        **ERROR_RESPONSES,
+                        ALARMED_STATUS: {"model": AlarmedError, "description": "this API key is alarmed (reject "
+                                                                               "policy), or a proof-of-work error"}})
 async def predict(request: Request, key: ApiKeyDep, batch: RateLimitedBatchDep, state: StateDep,
                   audit: AuditDep) -> JSONResponse:
     """Classify a batch of images (JSON or PNG upload); see the module documentation."""
@@ -66,12 +83,57 @@ async def predict(request: Request, key: ApiKeyDep, batch: RateLimitedBatchDep, 
         verdict = await run_in_threadpool(state.guard.protect, batch.images, key.name, request_id=rid)
     except BudgetExceededError as exc:
         raise HTTPException(429, str(exc)) from None
-    await audit.decisions(verdict.decisions)
+    await _audit_with_alarm(state, audit, key.name, verdict)
     state.metrics.observe_decisions(verdict.decisions)
     body = answer_body(verdict, batch.output, rid)
     if verdict.work_bits > 0:
         return await _hold_for_proof_of_work(state, audit, key.name, verdict, body)
+    alarm_refused = [bool(d.alarmed) and bool(r) for d, r in zip(verdict.decisions, verdict.refused.tolist())]
+    if any(alarm_refused):
+        notice = alarm_notice(state, key.name, verdict.decisions)
+        if all(alarm_refused):
+            return JSONResponse({"error": "client_alarmed", "detail": alarmed_message(notice), "request_id": rid,
+                                 "alarm": notice}, status_code=ALARMED_STATUS)
+        body["alarm"] = notice
     return JSONResponse(body)
+
+
+async def _audit_with_alarm(state: ServiceState, audit: RequestAudit, client: str, verdict: Any) -> None:
+    """Write the batch's audit rows, and the alarm event when this batch raised the client's alarm."""
+    event = state.alarm_ledger.raised(state.guard.alarms, client, verdict.decisions, audit.request_id)
+    try:
+        await audit.decisions(verdict.decisions, () if event is None else (event,))
+    except HTTPException:
+        if event is not None:
+            state.alarm_ledger.undo(event)
+        raise
+    if event is not None:
+        state.metrics.alarms.inc()
+        logger.warning("Client %r alarmed as a model-extraction attacker after %s queries (evidence 10^%.2f)",
+                       client, event.queries, event.evidence if event.evidence is not None else math.nan)
+
+
+def alarm_notice(state: ServiceState, client: str, decisions: Any) -> dict[str, Any]:
+    """The ``alarm`` object of an alarmed client's answer: queries and evidence at the alarm, the threshold."""
+    alarms = state.guard.alarms
+    record = state.alarm_ledger.get(client)
+    evidence = alarms.evidence(client) if alarms is not None else None
+    threshold = math.log10(1.0 / alarms.delta) if alarms is not None else math.nan
+    last = next((d.evidence for d in reversed(decisions) if d.evidence is not None), None)
+    return {"queries_at_alarm": record.queries if record is not None else getattr(evidence, "alarm_query", None),
+            "evidence_log10": record.evidence if record is not None else last,
+            "threshold_log10": threshold,
+            "alarm_time": record.alarm_time if record is not None else getattr(evidence, "alarm_time", None)}
+
+
+def alarmed_message(notice: dict[str, Any]) -> str:
+    """The 403 ``detail``: what happened to this API key, in one paragraph."""
+    n = notice["queries_at_alarm"]
+    ev, th = notice["evidence_log10"], notice["threshold_log10"]
+    after = f" after {n} queries" if n is not None else ""
+    evidence = f" (evidence 10^{ev:.2f} >= 1/delta = 10^{th:.2f})" if ev is not None else ""
+    return (f"This API key has been flagged as a model-extraction attacker{after}{evidence}; its queries are refused. "
+            "Contact the provider.")
 
 
 def answer_body(verdict: Any, output: str, request_id: str) -> dict[str, Any]:
