@@ -89,7 +89,8 @@ def test_steps_are_logged_with_elapsed_time(tiny_run, caplog):
         run_benchmark(config, out, progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name == STEP_LOGGER]
     assert all(re.match(r"\[ *\d+\.\d s\] ", line) for line in lines), lines
-    expected = 2 + len(config.detectors) + len(config.attacks) + 1  # data, victim, detectors, attacks, report
+    # data, victim, detectors, attacks, alarms per attack stream, alarms on benign clients, report
+    expected = 2 + len(config.detectors) + 2 * len(config.attacks) + 1 + 1
     assert len(lines) == expected, lines
     assert [line.split("] ", 1)[1].split(":")[0] for line in lines[-1:]] == ["report"]
 
@@ -113,3 +114,36 @@ def test_config_errors(patch, message):
     raw.update(patch)
     with pytest.raises(ValueError, match=message):
         parse_config(raw)
+
+
+def test_alarm_study_rows_and_report(tiny_run):
+    config, out, _ = tiny_run
+    alarms = json.loads((out / "results.json").read_text())["alarms"]
+    sets = ["SAME", "msp", "combination", "stream test", "combination + stream test"]
+    attack_rows = [r for r in alarms if r["kind"] == "attack"]
+    assert len(attack_rows) == len(config.attacks) * len(sets)
+    for r in attack_rows:
+        assert r["alarm_query"] is None or 1 <= r["alarm_query"] <= r["stream_length"]
+    benign = {r["alarm_set"]: r for r in alarms if r["kind"] == "benign"}
+    assert sorted(benign) == sorted(sets)
+    assert all(r["clients"] == 20 and r["skewed_clients"] == 55 for r in benign.values())  # 10 classes + 45 pairs
+    # DFME's noise-like queries: SAME's own martingale alarms within the 80-query stream
+    dfme = {r["alarm_set"]: r["alarm_query"] for r in attack_rows if r["attack"] == "dfme"}
+    assert dfme["SAME"] is not None
+    report = (out / "report.md").read_text()
+    assert "### Per-client alarms (delta = 0.001)" in report
+    assert "| combination + stream test |" in report
+
+
+@pytest.mark.parametrize("alarms, message", [
+    ({"detectors": ["nope"]}, "not the label"),
+    ({"detectors": ["SAME"], "delta": 2.0}, "delta"),
+    ({"detectors": ["SAME"], "extra": 1}, "unknown key"),
+])
+def test_alarm_config_errors(alarms, message):
+    import tomllib
+
+    raw = tomllib.loads(TINY.read_text())
+    raw["alarms"] = alarms
+    with pytest.raises(ValueError, match=message):
+        parse_config(raw, "tiny")

@@ -34,7 +34,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "BenchConfig", "load_config", "PROFILES"]
+from ..validation import check_fraction, check_int
+
+__all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "AlarmSpec", "BenchConfig", "load_config", "PROFILES"]
 
 #: Profiles shipped with the package.
 PROFILES = ("quick", "standard", "paper")
@@ -89,6 +91,24 @@ class DetectorSpec:
 
 
 @dataclass(frozen=True)
+class AlarmSpec:
+    """The per-client alarm study (``[alarms]``): which detectors, how many benign clients.
+
+    ``detectors`` are labels of per-query detectors evaluated alone, ``combination`` the labels whose
+    martingales are averaged; ``stream`` adds the stream test of each client's own queries. Attack
+    streams are the first ``stream_queries`` queries of each attack.
+    """
+
+    detectors: tuple[str, ...]
+    combination: tuple[str, ...] = ()
+    stream: bool = True
+    delta: float = 1e-3
+    benign_clients: int = 1000
+    client_queries: int = 300
+    stream_queries: int = 1000
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     name: str
     datasets: tuple[str, ...]
@@ -97,6 +117,7 @@ class BenchConfig:
     victim: VictimSpec
     attacks: tuple[AttackSpec, ...]
     detectors: tuple[DetectorSpec, ...]
+    alarms: AlarmSpec | None = None
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,29 +126,8 @@ class BenchConfig:
         return asdict(self)
 
 
-def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
-    """Validate a config table (as read from TOML) into a :class:`BenchConfig`."""
+def _parse_attacks(raw: dict[str, Any], where: str, scored: int, known: set[str]) -> list[AttackSpec]:
     from ..attacks import ATTACKS, attack_data_role
-    from ..data import available_datasets
-    from ..detectors import DETECTORS
-
-    where = source
-    _unknown(raw, {"name", "datasets", "seeds", "scored_queries", "victim", "attacks", "detectors"}, where)
-    name = _require(raw, "name", str, where)
-    datasets = tuple(_require(raw, "datasets", list, where))
-    known = set(available_datasets())
-    for d in datasets:
-        if d not in known:
-            raise ValueError(f"{where}: unknown dataset {d!r}; choose from {sorted(known)}.")
-    seeds = tuple(raw.get("seeds", [0]))
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}.")
-    scored = _require(raw, "scored_queries", int, where)
-    if scored < 10:
-        raise ValueError(f"{where}: 'scored_queries' must be at least 10, got {scored}.")
-    vt = raw.get("victim", {})
-    _unknown(vt, {"arch", "epochs", "lr"}, f"{where} [victim]")
-    victim = VictimSpec(**vt)
 
     attacks = []
     for i, at in enumerate(_require(raw, "attacks", list, where)):
@@ -151,6 +151,12 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
         attacks.append(AttackSpec(name=aname, budget=budget, label=at.get("label", aname), proxy=at.get("proxy"),
                                   seed_data=at.get("seed_data"), output=output,
                                   params=dict(at.get("params", {}))))
+    return attacks
+
+
+def _parse_detectors(raw: dict[str, Any], where: str, known: set[str]) -> list[DetectorSpec]:
+    from ..detectors import DETECTORS
+
     detectors = []
     for i, dt in enumerate(_require(raw, "detectors", list, where)):
         w = f"{where} [[detectors]] #{i + 1}"
@@ -162,15 +168,64 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
             raise ValueError(f"{w}: outlier_data {dt['outlier_data']!r} is not a dataset.")
         detectors.append(DetectorSpec(name=dname, label=dt.get("label", dname), preset=dt.get("preset"),
                                       outlier_data=dt.get("outlier_data"), params=dict(dt.get("params", {}))))
+    return detectors
+
+
+def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[DetectorSpec]) -> AlarmSpec | None:
+    if raw is None:
+        return None
+    w = f"{where} [alarms]"
+    fields = {"detectors", "combination", "stream", "delta", "benign_clients", "client_queries", "stream_queries"}
+    _unknown(raw, fields, w)
+    labels = {d.label for d in detectors}
+    chosen = tuple(_require(raw, "detectors", list, w))
+    combination = tuple(raw.get("combination", ()))
+    for label in chosen + combination:
+        if label not in labels:
+            raise ValueError(f"{w}: {label!r} is not the label of a [[detectors]] entry; labels: {sorted(labels)}.")
+    try:
+        spec = AlarmSpec(detectors=chosen, combination=combination, stream=bool(raw.get("stream", True)),
+                         delta=check_fraction(raw.get("delta", 1e-3), "delta", include_low=False, include_high=False),
+                         benign_clients=check_int(raw.get("benign_clients", 1000), "benign_clients"),
+                         client_queries=check_int(raw.get("client_queries", 300), "client_queries"),
+                         stream_queries=check_int(raw.get("stream_queries", 1000), "stream_queries"))
+    except ValueError as exc:
+        raise ValueError(f"{w}: {exc}") from None
+    return spec
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
+    """Validate a config table (as read from TOML) into a :class:`BenchConfig`."""
+    from ..data import available_datasets
+
+    where = source
+    _unknown(raw, {"name", "datasets", "seeds", "scored_queries", "victim", "attacks", "detectors", "alarms"}, where)
+    name = _require(raw, "name", str, where)
+    datasets = tuple(_require(raw, "datasets", list, where))
+    known = set(available_datasets())
+    for d in datasets:
+        if d not in known:
+            raise ValueError(f"{where}: unknown dataset {d!r}; choose from {sorted(known)}.")
+    seeds = tuple(raw.get("seeds", [0]))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}.")
+    scored = _require(raw, "scored_queries", int, where)
+    if scored < 10:
+        raise ValueError(f"{where}: 'scored_queries' must be at least 10, got {scored}.")
+    vt = raw.get("victim", {})
+    _unknown(vt, {"arch", "epochs", "lr"}, f"{where} [victim]")
+    victim = VictimSpec(**vt)
+    if not isinstance(victim.arch, str) or not isinstance(victim.epochs, int) or victim.epochs < 1:
+        raise ValueError(f"{where} [victim]: arch must be a name and epochs a positive integer, got {vt!r}.")
+    attacks = _parse_attacks(raw, where, scored, known)
+    detectors = _parse_detectors(raw, where, known)
     for what, items in (("attack", attacks), ("detector", detectors)):
         labels = [item.label for item in items]
         if len(set(labels)) != len(labels):
             raise ValueError(f"{where}: {what} labels must be unique (set label = ...), got {labels}.")
-    victim_cfg = vt
-    if not isinstance(victim.arch, str) or not isinstance(victim.epochs, int) or victim.epochs < 1:
-        raise ValueError(f"{where} [victim]: arch must be a name and epochs a positive integer, got {victim_cfg!r}.")
     return BenchConfig(name=name, datasets=datasets, seeds=seeds, scored_queries=scored, victim=victim,
-                       attacks=tuple(attacks), detectors=tuple(detectors), source=source)
+                       attacks=tuple(attacks), detectors=tuple(detectors),
+                       alarms=_parse_alarms(raw.get("alarms"), where, detectors), source=source)
 
 
 def load_config(name_or_path: str | os.PathLike) -> BenchConfig:

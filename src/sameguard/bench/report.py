@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .alarm_study import median_range
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["write_results", "markdown_report", "aggregate", "plot_roc", "plot_histograms", "mean_std"]
@@ -157,18 +159,51 @@ def plot_histograms(benign: np.ndarray, attack: np.ndarray, path: str | os.PathL
     return Path(path)
 
 
+def alarm_report(alarms: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown tables of the per-client alarm study (see :mod:`sameguard.bench.alarm_study`)."""
+    if not alarms:
+        return []
+    delta = alarms[0]["delta"]
+    attacks = list(dict.fromkeys(r["attack"] for r in alarms if r["kind"] == "attack"))
+    sets = list(dict.fromkeys(r["alarm_set"] for r in alarms))
+    length = {a: max(r["stream_length"] for r in alarms if r.get("attack") == a) for a in attacks}
+    lines = ["", f"### Per-client alarms (delta = {delta:g}): queries until alarm, median [range] over seeds", "",
+             "Attack streams are each attack's first queries in order (`> n`: not alarmed within its n queries). "
+             "Benign: random clients of the test split, and class-skewed clients (one per class and per pair of "
+             "classes); the guarantee bounds the expected random-client false alarms by delta x clients.", "",
+             "| alarm set | " + " | ".join(f"{a} (of {length[a]})" for a in attacks)
+             + " | benign clients alarmed | bound | class-skewed alarmed |",
+             "|---|" + "---:|" * (len(attacks) + 3)]
+    for name in sets:
+        rows = [r for r in alarms if r["alarm_set"] == name]
+        cells = [median_range([r["alarm_query"] for r in rows if r.get("attack") == a], length[a]) for a in attacks]
+        benign = [r for r in rows if r["kind"] == "benign"]
+        alarmed, clients = sum(r["alarmed"] for r in benign), sum(r["clients"] for r in benign)
+        skewed = sum(r["skewed_alarmed"] for r in benign), sum(r["skewed_clients"] for r in benign)
+        bound = sum(r["bound"] for r in benign)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {alarmed} / {clients} | {bound:g} | "
+                     f"{skewed[0]} / {skewed[1]} |")
+    kinds = sorted({k for r in alarms if r["kind"] == "benign" for k in r["skewed_kinds"]})
+    if kinds:
+        lines += ["", "Class-skewed benign clients alarmed by some set (true classes): " + ", ".join(kinds) + "."]
+    return lines
+
+
 def write_results(records: Sequence[Mapping[str, Any]], outdir: str | os.PathLike, *, title: str,
-                  config: Mapping[str, Any], notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write ``results.json`` (config + records), ``results.csv`` and ``report.md`` to ``outdir``."""
+                  config: Mapping[str, Any], notes: Sequence[str] = (),
+                  alarms: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
+    """Write ``results.json`` (config, records, alarm records), ``results.csv`` and ``report.md`` to ``outdir``."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "report": out / "report.md"}
-    paths["json"].write_text(json.dumps({"config": config, "records": list(records)}, indent=2, default=str) + "\n")
+    paths["json"].write_text(json.dumps({"config": config, "records": list(records), "alarms": list(alarms)},
+                                        indent=2, default=str) + "\n")
     with open(paths["csv"], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for rec in records:
             writer.writerow(rec)
-    paths["report"].write_text(markdown_report(records, title=title, notes=notes) + "\n")
+    report = markdown_report(records, title=title, notes=notes) + "\n".join(alarm_report(alarms))
+    paths["report"].write_text(report + "\n")
     logger.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

@@ -26,6 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,11 @@ from ..api import ArtifactError, SaveableDetector
 from ..attacks import NormalUser, attack_data_role, build_attack
 from ..cache import cache_key, cached_victim, preset_architecture
 from ..data import ImageDataset, load_dataset
-from ..detectors import build_detector, fit_detector
+from ..detectors import PRADADetector, build_detector, fit_detector
 from ..guard import Guard
 from ..steps import StepLog
 from ..victim import Victim
+from .alarm_study import AlarmStudy, alarm_sets
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
 from .metrics import detection_metrics
 from .report import plot_histograms, plot_roc, write_results
@@ -52,7 +54,6 @@ __all__ = ["run_benchmark"]
 #: Outlier data comes from the *test* split of the named dataset, attack pools from *train* splits,
 #: so a detector never trains on the very images an attack sends.
 OUTLIER_SPLIT = "test"
-
 
 
 def _dataset(name: str, split: str, halves: dict[str, ImageDataset], data_dir: str | None) -> ImageDataset:
@@ -97,42 +98,69 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
     return detector, fit_seconds
 
 
-def _attack_queries(spec: AttackSpec, victim: Victim, test: ImageDataset, halves: dict[str, ImageDataset], *,
-                    scored: int, seed: int, cache: Path, data_dir: str | None, device: str,
-                    progress: bool | None) -> dict[str, Any]:
-    """Run one attack (or load its cached result): the last ``scored`` queries and its quality."""
-    key = cache_key(kind="attack", victim=victim.weights_sha256, name=spec.name, budget=spec.budget,
+@dataclass
+class _Run:
+    """What the steps of one (victim dataset, seed) share."""
+
+    config: BenchConfig
+    cache: Path
+    plots: Path
+    data_dir: str | None
+    device: str
+    progress: bool | None
+    echo: Callable[[str], None]
+    dataset: str
+    seed: int
+    test: ImageDataset
+    halves: dict[str, ImageDataset]
+    fit_data: ImageDataset
+    held_out: ImageDataset
+    victim: Victim
+
+    @property
+    def where(self) -> str:
+        return f"[{self.dataset} seed {self.seed}]"
+
+    @property
+    def stream_queries(self) -> int:
+        return 0 if self.config.alarms is None else self.config.alarms.stream_queries
+
+
+def _attack_queries(spec: AttackSpec, run: _Run) -> dict[str, Any]:
+    """Run one attack (or load its cached result): its last ``B`` queries, its first queries (the stream
+    the alarm study reads) and its substitute's quality."""
+    scored, stream = run.config.scored_queries, min(run.stream_queries, spec.budget)
+    key = cache_key(kind="attack", victim=run.victim.weights_sha256, name=spec.name, budget=spec.budget,
                     proxy=spec.proxy, seed_data=spec.seed_data, output=spec.output, params=spec.params,
-                    scored=scored, seed=seed)
-    path = cache / f"attack-{spec.label.replace(' ', '_').replace('/', '_')}-{key}"
+                    scored=scored, seed=run.seed, **({"stream": stream} if stream else {}))
+    path = run.cache / f"attack-{spec.label.replace(' ', '_').replace('/', '_')}-{key}"
     if (path / "queries.safetensors").is_file() and (path / "result.json").is_file():
         logger.info("Reusing the cached %s queries in %s", spec.label, path)
         result = json.loads((path / "result.json").read_text())
-        result["queries_tensor"] = safetensors.torch.load_file(str(path / "queries.safetensors"))["queries"]
-        return result
-    kwargs = dict(spec.params)
-    kwargs.setdefault("seed", seed)
-    kwargs.setdefault("device", device)
-    kwargs.setdefault("progress", progress)
+        tensors = safetensors.torch.load_file(str(path / "queries.safetensors"))
+        return {**result, "queries_tensor": tensors["queries"], "stream_tensor": tensors.get("stream")}
     role = attack_data_role(spec.name)
     if role == "proxy":
-        data = (_dataset(spec.proxy, "train", halves, data_dir),)
+        data = (_dataset(spec.proxy, "train", run.halves, run.data_dir),)
     elif role == "seeds":
-        data = (_dataset(spec.seed_data or ATTACKER_HALF, "train", halves, data_dir),)
+        data = (_dataset(spec.seed_data or ATTACKER_HALF, "train", run.halves, run.data_dir),)
     else:
         data = ()
+    kwargs = {"seed": run.seed, "device": run.device, "progress": run.progress, **spec.params}
     attack = build_attack(spec.name, *data, **kwargs)
-    api = Guard(victim, output=spec.output, record_inputs=True, keep_decisions=0)
+    api = Guard(run.victim, output=spec.output, record_inputs=True, keep_decisions=0)
     logger.info("Running %s with a budget of %d queries", spec.label, spec.budget)
-    res = attack.run(api, spec.budget, victim=victim, test_data=test)
-    queries = api.inputs(res.client)[-scored:].contiguous()
+    res = attack.run(api, spec.budget, victim=run.victim, test_data=run.test)
+    sent = api.inputs(res.client)
+    tensors = {"queries": sent[-scored:].clone()}
+    if stream:
+        tensors["stream"] = sent[:stream].clone()
     result = {"queries_used": res.queries, "substitute_accuracy": res.test_accuracy, "fidelity": res.fidelity,
               "attack_seconds": res.seconds}
     path.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({"queries": queries}, str(path / "queries.safetensors"))
+    safetensors.torch.save_file(tensors, str(path / "queries.safetensors"))
     (path / "result.json").write_text(json.dumps(result, indent=2))
-    result["queries_tensor"] = queries
-    return result
+    return {**result, "queries_tensor": tensors["queries"], "stream_tensor": tensors.get("stream")}
 
 
 def _timed_scores(detector: Any, x: torch.Tensor) -> tuple[np.ndarray, float]:
@@ -142,83 +170,134 @@ def _timed_scores(detector: Any, x: torch.Tensor) -> tuple[np.ndarray, float]:
     return torch.as_tensor(scores).double().numpy(), ms
 
 
+def _start_run(config: BenchConfig, dataset: str, seed: int, full_train: ImageDataset, test: ImageDataset,
+               **common: Any) -> _Run:
+    """Split the data for one seed and train (or load) the victim."""
+    defender, attacker = full_train.split_off(0.5, seed=seed)
+    fit_data, held_out = defender.split_off(0.1, seed=seed)
+    victim = cached_victim(common["cache"], defender, test, arch=config.victim.arch, epochs=config.victim.epochs,
+                           lr=config.victim.lr, seed=seed, device=common["device"], progress=common["progress"])
+    run = _Run(config=config, dataset=dataset, seed=seed, test=test, halves={"attacker": attacker},
+               fit_data=fit_data, held_out=held_out, victim=victim, **common)
+    run.echo(f"{run.where} victim {config.victim.arch}: test accuracy {victim.test_accuracy:.4f}")
+    return run
+
+
+def _fit_detectors(run: _Run, benign_x: torch.Tensor) -> dict[str, tuple[DetectorSpec, Any, float, np.ndarray]]:
+    """Every configured detector, fitted or loaded: label -> (spec, detector, fit seconds, benign scores)."""
+    detectors = {}
+    for spec in run.config.detectors:
+        detector, fit_seconds = _fit_detector(spec, run.victim, run.fit_data, seed=run.seed, cache=run.cache,
+                                              device=run.device, progress=run.progress, data_dir=run.data_dir)
+        benign_scores, _ = _timed_scores(detector, benign_x)
+        detectors[spec.label] = (spec, detector, fit_seconds, benign_scores)
+        run.echo(f"{run.where} detector {spec.label}: fitted ({fit_seconds:.0f} s)")
+    return detectors
+
+
+def _detection_records(run: _Run, aspec: AttackSpec, attack: dict[str, Any], detectors: dict[str, Any],
+                       benign_x: torch.Tensor) -> list[dict[str, Any]]:
+    """One record per detector for one attack (AUROC, AUPR, ...), and the ROC plots of the first seed."""
+    records, curves = [], {}
+    for label, (spec, detector, fit_seconds, benign_scores) in detectors.items():
+        attack_scores, ms = _timed_scores(detector, attack["queries_tensor"])
+        m = detection_metrics(benign_scores, attack_scores)
+        curves[label] = (benign_scores, attack_scores)
+        alarm = {}
+        if isinstance(detector, PRADADetector):  # PRADA's own per-client alarm
+            alarm = {"alarm_after_attack": detector.queries_until_alarm(attack["queries_tensor"]),
+                     "alarm_after_benign": detector.queries_until_alarm(benign_x)}
+        records.append({
+            "dataset": run.dataset, "victim_accuracy": run.victim.test_accuracy, "attack": aspec.label,
+            "budget": aspec.budget, "seed": run.seed, "queries_used": attack["queries_used"],
+            "substitute_accuracy": attack["substitute_accuracy"], "fidelity": attack["fidelity"],
+            "scored_queries": run.config.scored_queries, "detector": label,
+            "needs": ", ".join(sorted(getattr(detector, "NEEDS", ()))) or "nothing (black box)",
+            "auroc": m.auroc, "aupr": m.aupr, "fpr95": m.fpr95, "tpr_at_1fpr": m.tpr_at_1fpr,
+            "fit_seconds": fit_seconds, "score_ms_per_query": ms, **alarm,
+        })
+    if run.seed == run.config.seeds[0]:
+        stem = f"{run.dataset}-{aspec.label}".replace(" ", "_").replace("/", "_")
+        plot_roc(curves, run.plots / f"roc-{stem}.png", f"{run.dataset}: {aspec.label}")
+        first = next(iter(curves))
+        plot_histograms(*curves[first], run.plots / f"hist-{stem}-{first}.png", f"{first} scores: {aspec.label}")
+    return records
+
+
+def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-client alarm study: queries until alarm per attack stream, benign false alarms."""
+    spec = run.config.alarms
+    assert spec is not None
+    sets = alarm_sets(spec.detectors, spec.combination, spec.stream)
+    study = AlarmStudy(run.victim, {label: detectors[label][1] for label in set(spec.detectors + spec.combination)},
+                       run.held_out.images, sets, delta=spec.delta, seed=run.seed)
+    base = {"dataset": run.dataset, "seed": run.seed, "delta": spec.delta}
+    records = []
+    for label, attack in streams.items():
+        found = study.queries_until_alarm(attack["stream_tensor"])
+        records += [{**base, "kind": "attack", "attack": label, "alarm_set": name, "alarm_query": q,
+                     "stream_length": len(attack["stream_tensor"]), "substitute_accuracy": attack["substitute_accuracy"]}
+                    for name, q in found.items()]
+        run.echo(f"{run.where} alarms on {label}: " + ", ".join(f"{n} {q or '-'}" for n, q in found.items()))
+    benign = study.benign_false_alarms(run.test, clients=spec.benign_clients, queries=spec.client_queries)
+    records += [{**base, "kind": "benign", "alarm_set": name, **row} for name, row in benign.items()]
+    run.echo(f"{run.where} alarms on benign clients: "
+             + ", ".join(f"{n} {r['alarmed']}/{r['clients']} (+{r['skewed_alarmed']} skewed)" for n, r in benign.items()))
+    return records
+
+
+def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Detection records and alarm records of one (dataset, seed)."""
+    benign_api = Guard(run.victim, record_inputs=True, keep_decisions=0)
+    benign_client = NormalUser(run.test, seed=run.seed + 10_000, progress=False).run(
+        benign_api, run.config.scored_queries).client
+    benign_x = benign_api.inputs(benign_client)
+    detectors = _fit_detectors(run, benign_x)
+    records, streams = [], {}
+    for aspec in run.config.attacks:
+        attack = _attack_queries(aspec, run)
+        run.echo(f"{run.where} attack {aspec.label}: {attack['queries_used']} queries, substitute accuracy "
+                 f"{attack['substitute_accuracy']:.4f}, fidelity {attack['fidelity']:.4f}")
+        records += _detection_records(run, aspec, attack, detectors, benign_x)
+        streams[aspec.label] = attack
+    alarms = _alarm_records(run, streams, detectors) if run.config.alarms is not None else []
+    return records, alarms
+
+
 def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | None = None, device: str = "cpu",
                   progress: bool | None = None, echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run every cell of ``config``; write results, report and plots to ``outdir``; return the records.
 
     ``echo`` receives one line per finished step (data, victim, each detector, each attack, the
-    report); by default a :class:`~sameguard.steps.StepLog` logs it with the elapsed time.
+    alarm study, the report); by default a :class:`~sameguard.steps.StepLog` logs it with the
+    elapsed time.
     """
     echo = echo if echo is not None else StepLog()
     out = Path(outdir)
-    cache = out / "cache"
-    plots = out / "plots"
-    cache.mkdir(parents=True, exist_ok=True)
-    plots.mkdir(parents=True, exist_ok=True)
-    B = config.scored_queries
+    common = {"cache": out / "cache", "plots": out / "plots", "data_dir": data_dir, "device": device,
+              "progress": progress, "echo": echo}
+    common["cache"].mkdir(parents=True, exist_ok=True)
+    common["plots"].mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
+    alarms: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for dataset in config.datasets:
         full_train = load_dataset(dataset, "train", data_dir=data_dir)
         test = load_dataset(dataset, "test", data_dir=data_dir)
         echo(f"[{dataset}] data: {len(full_train)} training and {len(test)} test images")
         for seed in config.seeds:
-            defender, attacker = full_train.split_off(0.5, seed=seed)
-            halves = {"attacker": attacker}
-            fit_data, _held_out = defender.split_off(0.1, seed=seed)
-            victim = cached_victim(cache, defender, test, arch=config.victim.arch, epochs=config.victim.epochs,
-                                   lr=config.victim.lr, seed=seed, device=device, progress=progress)
-            echo(f"[{dataset} seed {seed}] victim {config.victim.arch}: test accuracy {victim.test_accuracy:.4f}")
-            benign = NormalUser(test, seed=seed + 10_000, progress=False)
-            benign_api = Guard(victim, record_inputs=True, keep_decisions=0)
-            benign_client = benign.run(benign_api, B).client
-            benign_x = benign_api.inputs(benign_client)
-
-            detectors = {}
-            for spec in config.detectors:
-                detector, fit_seconds = _fit_detector(spec, victim, fit_data, seed=seed, cache=cache, device=device,
-                                                      progress=progress, data_dir=data_dir)
-                benign_scores, _ = _timed_scores(detector, benign_x)
-                detectors[spec.label] = (spec, detector, fit_seconds, benign_scores)
-                echo(f"[{dataset} seed {seed}] detector {spec.label}: fitted ({fit_seconds:.0f} s)")
-
-            for aspec in config.attacks:
-                attack = _attack_queries(aspec, victim, test, halves, scored=B, seed=seed, cache=cache,
-                                         data_dir=data_dir, device=device, progress=progress)
-                echo(f"[{dataset} seed {seed}] attack {aspec.label}: {attack['queries_used']} queries, "
-                     f"substitute accuracy "
-                     f"{attack['substitute_accuracy']:.4f}, fidelity {attack['fidelity']:.4f}")
-                curves = {}
-                for label, (spec, detector, fit_seconds, benign_scores) in detectors.items():
-                    attack_scores, ms = _timed_scores(detector, attack["queries_tensor"])
-                    m = detection_metrics(benign_scores, attack_scores)
-                    curves[label] = (benign_scores, attack_scores)
-                    alarm = {}
-                    if hasattr(detector, "queries_until_alarm"):  # per-client alarms (PRADA)
-                        alarm = {"alarm_after_attack": detector.queries_until_alarm(attack["queries_tensor"]),
-                                 "alarm_after_benign": detector.queries_until_alarm(benign_x)}
-                    records.append({
-                        "dataset": dataset, "victim_accuracy": victim.test_accuracy, "attack": aspec.label,
-                        "budget": aspec.budget, "seed": seed, "queries_used": attack["queries_used"],
-                        "substitute_accuracy": attack["substitute_accuracy"], "fidelity": attack["fidelity"],
-                        "scored_queries": B, "detector": label,
-                        "needs": ", ".join(sorted(detector.NEEDS)) or "nothing (black box)",
-                        "auroc": m.auroc, "aupr": m.aupr, "fpr95": m.fpr95, "tpr_at_1fpr": m.tpr_at_1fpr,
-                        "fit_seconds": fit_seconds, "score_ms_per_query": ms, **alarm,
-                    })
-                if seed == config.seeds[0]:
-                    stem = f"{dataset}-{aspec.label}".replace(" ", "_").replace("/", "_")
-                    plot_roc(curves, plots / f"roc-{stem}.png", f"{dataset}: {aspec.label}")
-                    first = next(iter(curves))
-                    plot_histograms(*curves[first], plots / f"hist-{stem}-{first}.png",
-                                    f"{first} scores: {aspec.label}")
+            run = _start_run(config, dataset, seed, full_train, test, **common)
+            seed_records, seed_alarms = _run_seed(run)
+            records += seed_records
+            alarms += seed_alarms
     notes = [
-        f"Profile `{config.name}` ({config.source}); seeds {list(config.seeds)}; B = {B} attack queries (the last B "
-        f"each attack sent) against B normal-user queries from the test split; total run time "
+        f"Profile `{config.name}` ({config.source}); seeds {list(config.seeds)}; B = {config.scored_queries} attack "
+        f"queries (the last B each attack sent) against B normal-user queries from the test split; total run time "
         f"{time.perf_counter() - t0:.0f} s.",
         "Victim and detectors are trained on one half of the train split; the other half is the attacker's "
         "in-distribution data (JBDA seeds, the in-distribution Knockoff row).",
     ]
-    write_results(records, out, title=f"sameguard benchmark: {config.name}", config=config.to_dict(), notes=notes)
+    write_results(records, out, title=f"sameguard benchmark: {config.name}", config=config.to_dict(), notes=notes,
+                  alarms=alarms)
     echo(f"report: {len(records)} rows written to {out}")
     return records
