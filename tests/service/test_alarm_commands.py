@@ -1,0 +1,113 @@
+"""``sameguard alarms calibrate`` end to end on tiny artifacts, and ``serve --alarms`` loading them."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sameguard.alarm_commands import ALARM_SOURCES_FILE
+from sameguard.alarms import ALARMS_FILE
+from sameguard.cli import main
+from sameguard.detectors import MahalanobisDetector, VarDetectDetector
+from sameguard.detectors.registry import fit_detector
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(list(argv))
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, fmnist_small, kit) -> Path:
+    """A saved tiny victim, two calibrated Mahalanobis detectors, a VarDetect, and benign images (.npy)."""
+    root = tmp_path_factory.mktemp("alarm-cli")
+    train, test = fmnist_small
+    victim = kit.make_victim()
+    victim.save(root / "victim")
+    for name, seed in (("maha-a", 0), ("maha-b", 1)):
+        detector = fit_detector(MahalanobisDetector(seed=seed), victim, train.take(300, seed=seed))
+        detector.calibrate(test.images[:200], 0.05)
+        detector.save(root / name)
+    fit_detector(VarDetectDetector(epochs=1, window_size=20), victim, train.take(300, seed=2)).save(root / "vardetect")
+    np.save(root / "benign.npy", test.images[200:800].numpy())
+    return root
+
+
+def test_alarms_calibrate_writes_alarms_that_serve_loads(artifacts, tmp_path):
+    out = tmp_path / "alarms"
+    code, text = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",
+                     str(artifacts / "maha-a"), "--images", str(artifacts / "benign.npy"), "--out", str(out),
+                     "--delta", "0.01", "--mode", "cusum", "--min-class-size", "20")
+    assert code == 0
+    assert text.count("\n") == 1 and "alarms for mahalanobis calibrated on 600 benign images" in text
+    assert json.loads((out / ALARMS_FILE).read_text())["scorers"] == ["mahalanobis"]
+    sources = json.loads((out / ALARM_SOURCES_FILE).read_text())["scorers"]
+    assert sources == {"mahalanobis": str((artifacts / "maha-a").resolve())}
+
+    from sameguard.service.loading import load_guard
+    from sameguard.service.settings import ServiceSettings
+
+    guard = load_guard(ServiceSettings(victim=artifacts / "victim", detector=artifacts / "maha-a", policy="reject",
+                                       alarms=out))
+    assert guard.alarms is not None
+    assert guard.alarms.describe() | {"threshold_log10": 2.0} == {
+        "delta": 0.01, "scorers": ["mahalanobis"], "stream": False, "mode": "cusum", "threshold_log10": 2.0}
+    assert guard.alarms.scorers["mahalanobis"] is guard.detector  # scored once per batch
+    verdict = guard.protect(torch.zeros(2, 1, 28, 28), "alice")
+    assert all(d.evidence is not None for d in verdict.decisions)
+
+
+def test_two_detectors_of_one_kind_are_named_by_folder_and_folders_can_be_overridden(artifacts, tmp_path):
+    out = tmp_path / "alarms"
+    code, text = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",
+                     str(artifacts / "maha-a"), "--detector", str(artifacts / "maha-b"), "--images",
+                     str(artifacts / "benign.npy"), "--out", str(out), "--stream")
+    assert code == 0 and "maha-a, maha-b" in text and "stream test on" in text
+    (out / ALARM_SOURCES_FILE).unlink()  # moved artifacts: the folders must be named at start-up
+
+    from sameguard.service.loading import load_guard
+    from sameguard.service.settings import ServiceSettings
+
+    settings = ServiceSettings(victim=artifacts / "victim", detector=artifacts / "maha-a", alarms=out)
+    with pytest.raises(ValueError, match="--alarm-detector NAME=DIR"):
+        load_guard(settings)
+    settings = ServiceSettings.from_env({"SAMEGUARD_ALARM_DETECTORS": f"maha-a={artifacts / 'maha-a'},"
+                                                                      f"maha-b={artifacts / 'maha-b'}"},
+                                        victim=artifacts / "victim", detector=artifacts / "maha-a", alarms=out)
+    guard = load_guard(settings)
+    assert sorted(guard.alarms.scorers) == ["maha-a", "maha-b"]
+    assert guard.alarms.describe()["stream"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--detector", "{root}/vardetect"], "per-client detector"),
+    (["--detector", "{root}/maha-a", "--delta", "1.5"], "--delta"),
+    (["--detector", "{root}/missing"], "No artifact directory"),
+])
+def test_alarms_calibrate_errors_exit_2_with_one_sentence(artifacts, tmp_path, capsys, argv, message):
+    argv = [a.format(root=artifacts) for a in argv]
+    code, _ = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), *argv, "--images",
+                  str(artifacts / "benign.npy"), "--out", str(tmp_path / "alarms"))
+    err = capsys.readouterr().err.strip()
+    assert (code, message in err, err.count("\n")) == (2, True, 0), err
+    assert not (tmp_path / "alarms").exists()
+
+
+def test_serve_parser_takes_the_alarm_options():
+    from sameguard.cli import build_parser
+    from sameguard.service.commands import _alarm_detectors
+
+    args = build_parser().parse_args(["serve", "--victim", "v", "--detector", "d", "--alarms", "a",
+                                      "--alarm-detector", "same=d", "--admin-token-env", "SG_ADMIN"])
+    assert (args.alarms, _alarm_detectors(args), args.admin_token_env) == ("a", {"same": "d"}, "SG_ADMIN")
+    args = build_parser().parse_args(["serve", "--alarm-detector", "same"])
+    with pytest.raises(ValueError, match="--alarm-detector: expected NAME=DIR"):
+        _alarm_detectors(args)
