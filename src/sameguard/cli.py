@@ -246,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .service.commands import add_service_commands
 
-    COMMANDS.update(add_service_commands(sub))  # serve, keys, audit, bench-service
+    COMMANDS.update(add_service_commands(sub))  # serve, keys, audit
+    from .bench.commands import add_bench_commands
+
+    COMMANDS.update(add_bench_commands(sub))  # bench-service
     return parser
 
 
