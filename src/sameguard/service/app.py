@@ -11,15 +11,18 @@ Endpoints (the OpenAPI document is at ``/openapi.json``, interactive docs at ``/
   answers, once. ``GET /v1/pow/info``: how proof-of-work is priced.
 * ``GET /v1/model`` (``X-API-Key``): image shape, classes, output, limits.
 * ``GET /healthz``; ``GET /metrics`` (Prometheus text format).
+* ``GET /v1/admin/alarms``, ``POST /v1/admin/clients/{client}/clear-alarm`` (operator token,
+  ``Authorization: Bearer``): the per-client alarms (``--alarms``) and clearing one.
 
 Every query is written to the append-only audit log before it is answered; a request that
 cannot be audited is not answered (503). Errors are JSON ``{"detail": "...", "request_id": ...}``
 with a 4xx status that says what was wrong: 400 malformed JSON, 401 missing or unknown key, 403 a
-forged or wrong proof-of-work, 409 a replayed challenge, 410 an expired one, 413 too large, 415 an
+forged or wrong proof-of-work (or, with the reject policy, an API key alarmed as an extraction
+attacker: ``{"error": "client_alarmed", ...}``), 409 a replayed challenge, 410 an expired one, 413 too large, 415 an
 unsupported content type, 422 a body or images that do not validate, 429 rate limited.
 
 Layout (FastAPI's "bigger applications"): this module is the factory. The endpoints are in
-:mod:`.routers` (``ops``, ``predict``, ``pow``); what they depend on (the state, the API key, the
+:mod:`.routers` (``ops``, ``predict``, ``pow``, ``admin``); what they depend on (the state, the API key, the
 decoded and rate-limited batch, the audit log) in :mod:`.dependencies`; body decoding in
 :mod:`.decoding`; the request-id, body-size and metrics middleware in :mod:`.middleware`; the
 Prometheus metrics in :mod:`.metrics`; error answers in :mod:`.errors`; the parts in one
