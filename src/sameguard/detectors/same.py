@@ -11,6 +11,12 @@ classifier ``f_A`` (same architecture as the victim) is trained on ``G``'s recon
   classes: ``nn.KLDivLoss(reduction='none')`` followed by a mean);
 * ``score = alpha * s1 + (1 - alpha) * s2`` with ``alpha = 0.99`` as in the authors' driver.
 
+Robust variants (issue 10), all off by default: masked scoring (``score_mask_ratio``,
+``score_masks``: the MAE's own task at scoring time, error on hidden patches only), per-term
+standardisation on benign calibration data (``standardize``), log terms (``log_terms``) and an
+input-complexity correction (``complexity``, Serrà et al., ICLR 2020); see
+:class:`SAMEDetector` and :mod:`sameguard.detectors.robust_score`.
+
 Larger scores are more suspicious. The victim is used only through its output probabilities,
 no outlier data and no query history are needed, and the victim is not changed.
 
@@ -31,11 +37,11 @@ from tqdm.auto import tqdm
 from ..models import MAEConfig, MaskedAutoencoder, mae_config
 from ..training import show_progress
 from ..validation import check_choice, check_fraction, check_int, check_non_negative, check_positive
-from .same_base import BatchTransform, ReconstructionDetector, SAMEScores, reconstruction_scores, same_score
+from .same_base import BatchTransform, MaskedViews, ReconstructionDetector, SAMEScores, reconstruction_scores, same_score
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMEDetector", "SAMEScores", "same_score", "reconstruction_scores", "SAME_PRESETS"]
+__all__ = ["SAMEDetector", "SAMEScores", "same_score", "reconstruction_scores", "scoring_mask_noise", "SAME_PRESETS"]
 
 
 #: Named training budgets. ``paper`` is the authors' (MAE: 500 epochs, patch 2, dim 192,
@@ -46,6 +52,19 @@ SAME_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(mae="small", mae_epochs=6, mae_warmup_epochs=1, mae_lr=2e-3, aux_epochs=3, max_train_samples=20000),
     "tiny": dict(mae="tiny", mae_epochs=3, mae_warmup_epochs=0.5, mae_lr=3e-3, aux_epochs=2, max_train_samples=2000),
 }
+
+
+def scoring_mask_noise(num_patches: int, masks: int, seed: int) -> torch.Tensor:
+    """The fixed masks of masked scoring: ``(masks, num_patches)`` float32 values in ``[0, 1)``.
+
+    Row ``j`` is mask ``j``'s per-patch value, passed as ``noise`` to
+    :meth:`~sameguard.models.mae.MaskedAutoencoder.forward`: the patches with the smallest values
+    stay visible. Drawn once from ``torch.Generator().manual_seed(seed)``, so every image (in any
+    batch, on any device) gets the same ``masks`` patterns: a query's score does not depend on the
+    batch it is in.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(masks, num_patches, generator=generator)
 
 
 class SAMEDetector(ReconstructionDetector):
@@ -79,10 +98,28 @@ class SAMEDetector(ReconstructionDetector):
         seed: fixes initialisation, data order, masks and augmentation.
         device: ``"cpu"``, ``"cuda"``, or ``None``/``"auto"`` for CUDA when available.
         progress: progress bars (``None``: when stderr is a terminal).
+        standardize, log_terms, complexity: the robust score options shared with the conv
+            auto-encoder ablation, see :class:`~sameguard.detectors.same_base.ReconstructionDetector`
+            (all off by default: the authors' score).
+        score_mask_ratio: masked scoring (issue 10), in ``[0, 1)``; ``0`` (default) is the authors'
+            pure reconstruction ``G(x, mask_ratio=0)``. With ``r > 0`` each query is reconstructed
+            under ``score_masks`` fixed masks hiding ``T - int(T * (1 - r))`` of its ``T`` patches
+            (:func:`scoring_mask_noise`), and ``s1`` is the squared error on the hidden pixels only,
+            averaged over the masks; ``s2 = (1/K) KL(f_V(x) || mean_j softmax f_A(x_hat_j))``. The
+            auxiliary probabilities are averaged, not the KLs: ``f_A`` was trained on masked
+            reconstructions, so the mean over masks is its predictive distribution marginalised over
+            the mask (a test-time ensemble), and by convexity its KL is at most the mean of the
+            per-mask KLs: one mask that hides the telling part of a benign image cannot blow ``s2``
+            up. Cost: ``score_masks`` MAE and auxiliary passes per query instead of one.
+        score_masks: number ``k >= 1`` of masks (``> 1`` needs ``score_mask_ratio > 0``).
+        score_seed: seed of the fixed masks (``>= 0``); every image gets the same ``k`` masks,
+            whatever batch it is in.
     """
 
     #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
     KIND: ClassVar[str] = "same-detector"
+    SCORING_ONLY_PARAMS: ClassVar[tuple[str, ...]] = (*ReconstructionDetector.SCORING_ONLY_PARAMS,
+                                                      "score_mask_ratio", "score_masks", "score_seed")
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = SAME_PRESETS
     PART: ClassVar[str] = "mae"
     LABEL: ClassVar[str] = "SAME"
@@ -109,6 +146,12 @@ class SAMEDetector(ReconstructionDetector):
         seed: int = 0,
         device: str | torch.device | None = "cpu",
         progress: bool | None = None,
+        standardize: bool = False,
+        log_terms: bool = False,
+        complexity: str | None = None,
+        score_mask_ratio: float = 0.0,
+        score_masks: int = 1,
+        score_seed: int = 0,
     ) -> None:
         self.mae = mae
         self.mae_epochs = mae_epochs
@@ -119,9 +162,13 @@ class SAMEDetector(ReconstructionDetector):
         self.mae_mask_ratio = mae_mask_ratio
         self.mae_loss = mae_loss
         self.aux_mask_ratio = aux_mask_ratio
+        self.score_mask_ratio = score_mask_ratio
+        self.score_masks = score_masks
+        self.score_seed = score_seed
         super().__init__(alpha=alpha, aux_arch=aux_arch, aux_epochs=aux_epochs, aux_lr=aux_lr,
                          aux_batch_size=aux_batch_size, max_train_samples=max_train_samples, batch_size=batch_size,
-                         seed=seed, device=device, progress=progress)
+                         seed=seed, device=device, progress=progress, standardize=standardize,
+                         log_terms=log_terms, complexity=complexity)
 
     def _check_params(self) -> None:
         if not isinstance(self.mae, (str, MAEConfig)):
@@ -136,6 +183,12 @@ class SAMEDetector(ReconstructionDetector):
         check_choice(self.mae_loss, "mae_loss", ("all", "masked"))
         if self.mae_loss == "masked" and self.mae_mask_ratio == 0:
             raise ValueError("mae_loss='masked' needs mae_mask_ratio > 0: with no hidden pixels there is nothing to learn.")
+        check_fraction(self.score_mask_ratio, "score_mask_ratio", include_high=False)
+        check_int(self.score_masks, "score_masks")
+        check_int(self.score_seed, "score_seed", minimum=0)
+        if self.score_masks > 1 and self.score_mask_ratio == 0:
+            raise ValueError(f"score_masks={self.score_masks} needs score_mask_ratio > 0: with no hidden patches "
+                             "every mask gives the same reconstruction.")
 
     def get_params(self) -> dict[str, Any]:
         """The constructor's hyper-parameters (JSON-serialisable: an :class:`MAEConfig` as a dict)."""
@@ -149,6 +202,26 @@ class SAMEDetector(ReconstructionDetector):
         if isinstance(params.get("mae"), dict):
             params["mae"] = MAEConfig(**params["mae"])
         return params
+
+    def _term_config(self) -> dict[str, Any]:
+        return {**super()._term_config(), "score_mask_ratio": self.score_mask_ratio,
+                "score_masks": self.score_masks, "score_seed": self.score_seed}
+
+    def _masked_views(self) -> MaskedViews | None:
+        """With ``score_mask_ratio > 0``: ``x -> (x_hats (k, N, C, H, W), masks (k, N, 1, H, W))``."""
+        if self.score_mask_ratio == 0:
+            return None
+        model, ratio = self.reconstructor_, float(self.score_mask_ratio)
+        t = model.config.num_patches
+        if int(t * (1.0 - ratio)) >= t:
+            raise ValueError(f"score_mask_ratio={ratio} hides no patch of the MAE's {t} patches; use at least {1 / t:.4g}.")
+        noise = scoring_mask_noise(t, self.score_masks, self.score_seed).to(self._model_device())
+
+        def views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            outputs = [model(x, mask_ratio=ratio, noise=row) for row in noise]
+            return torch.stack([o[0] for o in outputs]), torch.stack([o[1] for o in outputs])
+
+        return views
 
     @property
     def mae_(self) -> MaskedAutoencoder | None:

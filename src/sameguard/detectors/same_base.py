@@ -9,7 +9,14 @@ labels, and scores a query ``x`` by::
     x_hat = G(x);  s1 = mean (x_hat - x)^2;  s2 = (1/K) KL(f_V(x) || softmax f_A(x_hat))
     score = alpha * s1 + (1 - alpha) * s2                        (alpha = 0.99)
 
-Larger = more suspicious. A subclass says only how to build, train and run its ``G``
+Larger = more suspicious. That is the default, unchanged. Options make the score robust (issue 10;
+pure formulas in :mod:`sameguard.detectors.robust_score`), each fitted on benign data only, in
+:meth:`ReconstructionDetector.calibrate`: ``standardize`` (each term in benign standard units before
+``alpha`` weighs it), ``log_terms`` (log of each term) and ``complexity`` (``s1`` corrected for the
+query's compressed length, Serrà et al., ICLR 2020); :class:`~sameguard.detectors.same.SAMEDetector`
+adds masked scoring (``score_mask_ratio``, ``score_masks``).
+
+A subclass says only how to build, train and run its ``G``
 (:meth:`ReconstructionDetector._new_reconstructor` and the other hooks); everything else,
 validation, the auxiliary model, scoring, the fitted state, persistence, presets and ``get_params``,
 is here, once.
@@ -32,12 +39,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..api import ArtifactError, Detector
+from ..api import ArtifactError, Detector, NotCalibratedError
 from ..artifacts import load_artifact, save_artifact
 from ..models import build_classifier
 from ..training import predict_in_batches, resolve_device, train_classifier
-from ..validation import check_fraction, check_images, check_int, check_optional_int, check_positive
+from ..validation import check_choice, check_fraction, check_images, check_int, check_optional_int, check_positive
 from ._common import ParamsMixin, ProbabilityFn, check_victim_sha, labelled_images
+from .complexity import COMPLEXITY_METHODS, compressed_bits_per_pixel
+from .robust_score import (combine_terms, fit_complexity_beta, kl_per_class, masked_same_score,
+                           robust_location_scale, score_terms, standardize_term)
 
 if TYPE_CHECKING:
     from typing import Self
@@ -50,15 +60,25 @@ __all__ = ["SAMEScores", "same_score", "reconstruction_scores", "ReconstructionD
 
 #: ``(images (N, C, H, W), generator) -> images``: what the auxiliary classifier is trained on.
 BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+#: ``images (N, C, H, W) -> (x_hats (k, N, C, H, W), masks (k, N or 1, 1, H, W))``: ``k`` masked
+#: reconstructions of each query and their masks (1 = hidden), for masked scoring.
+MaskedViews = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class SAMEScores:
-    """Per-query scores, each ``(N,)`` float32: the total and its two terms."""
+    """Per-query scores, each ``(N,)`` float32: the total and its two raw terms.
+
+    ``t1`` and ``t2`` are the terms ``alpha`` weighed when a robust option changed them (log,
+    complexity correction, standardisation; see :func:`~sameguard.detectors.robust_score.score_terms`),
+    ``None`` on the authors' path, where ``score = alpha * s1 + (1 - alpha) * s2``.
+    """
 
     score: torch.Tensor
-    s1: torch.Tensor  # reconstruction MSE, >= 0
+    s1: torch.Tensor  # reconstruction MSE, >= 0 (on hidden pixels only with masked scoring)
     s2: torch.Tensor  # KL(victim || auxiliary) / K, >= 0
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
 
 
 def same_score(x: torch.Tensor, x_hat: torch.Tensor, p_victim: torch.Tensor, p_aux: torch.Tensor,
@@ -79,16 +99,23 @@ def same_score(x: torch.Tensor, x_hat: torch.Tensor, p_victim: torch.Tensor, p_a
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     s1 = ((x_hat - x) ** 2).flatten(1).mean(1)
-    p = p_victim.to(torch.float64)
-    log_q = torch.log(p_aux.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
-    s2 = (torch.xlogy(p, p) - p * log_q).mean(1).clamp_min(0.0)
+    s2 = kl_per_class(p_victim, p_aux)
     s1, s2 = s1.to(torch.float32), s2.to(torch.float32)
+    return SAMEScores(score=alpha * s1 + (1.0 - alpha) * s2, s1=s1, s2=s2)
+
+
+def _masked_batch_scores(batch: torch.Tensor, p_victim: torch.Tensor, views: MaskedViews, aux: nn.Module,
+                         alpha: float, device: torch.device) -> SAMEScores:
+    """One batch of :func:`~sameguard.detectors.robust_score.masked_same_score` (``k`` masks per query)."""
+    x_hats, masks = views(batch.to(device))
+    p_aux = torch.stack([torch.softmax(aux(x_hat), dim=1) for x_hat in x_hats]).cpu()
+    s1, s2 = masked_same_score(batch, x_hats.cpu(), masks.cpu(), p_victim, p_aux)
     return SAMEScores(score=alpha * s1 + (1.0 - alpha) * s2, s1=s1, s2=s2)
 
 
 def reconstruction_scores(x: torch.Tensor, *, victim: ProbabilityFn, reconstruct: Callable[[torch.Tensor], torch.Tensor],
                           aux: nn.Module, alpha: float, num_classes: int, batch_size: int,
-                          device: torch.device) -> SAMEScores:
+                          device: torch.device, masked_views: MaskedViews | None = None) -> SAMEScores:
     """SAME's scoring loop for any reconstruction model.
 
     Args:
@@ -96,6 +123,12 @@ def reconstruction_scores(x: torch.Tensor, *, victim: ProbabilityFn, reconstruct
         victim: black box, ``images -> probabilities (N, K)``.
         reconstruct: ``images -> reconstructions`` of the same shape, on ``device``.
         aux: the auxiliary classifier (logits), on ``device``.
+        masked_views: when given, masked scoring replaces ``reconstruct``: ``images -> (x_hats,
+            masks)``, ``k`` masked reconstructions per query, scored by
+            :func:`~sameguard.detectors.robust_score.masked_same_score`.
+
+    Returns:
+        The raw terms and ``score = alpha * s1 + (1 - alpha) * s2``, ``(N,)`` float32 each.
     """
     parts: list[SAMEScores] = []
     with torch.no_grad():
@@ -105,6 +138,9 @@ def reconstruction_scores(x: torch.Tensor, *, victim: ProbabilityFn, reconstruct
             if p_victim.shape != (len(batch), num_classes):
                 raise ValueError(f"The victim returned shape {tuple(p_victim.shape)}; expected probabilities "
                                  f"of shape ({len(batch)}, {num_classes}).")
+            if masked_views is not None:
+                parts.append(_masked_batch_scores(batch, p_victim, masked_views, aux, alpha, device))
+                continue
             x_hat = reconstruct(batch.to(device))
             p_aux = torch.softmax(aux(x_hat), dim=1).cpu()
             parts.append(same_score(batch, x_hat.cpu(), p_victim, p_aux, alpha))
@@ -129,13 +165,36 @@ class ReconstructionDetector(ParamsMixin, Detector):
         device: ``"cpu"``, ``"cuda"``, or ``None``/``"auto"`` for CUDA when available.
         progress: progress bars (``None``: when stderr is a terminal).
 
+    Robust score options (issue 10; scoring-only: no refit; the defaults give the authors' score
+    exactly). With ``t1, t2`` the terms below, ``score = alpha * t1 + (1 - alpha) * t2``:
+
+        standardize: ``t1`` and ``t2`` each in benign standard units, ``(t - median) / (1.4826 *
+            MAD)`` with the median and MAD of the benign queries passed to :meth:`calibrate`, so
+            that ``alpha`` weighs comparable quantities (0 = a typical benign query for both).
+        log_terms: ``t = log(s + 1e-8)`` for both terms instead of ``s`` (reconstruction errors and
+            KL terms are heavy-tailed; on a log scale a few huge values do not drown the rest).
+        complexity: ``None``, ``"png"`` or ``"zlib"``: Serrà et al.'s (ICLR 2020) input-complexity
+            correction ``t1 = log(s1 + 1e-8) - beta * L(x)``, ``L(x)`` the query's compressed
+            length in bits per pixel value
+            (:func:`~sameguard.detectors.complexity.compressed_bits_per_pixel`) and ``beta`` the
+            least-squares slope of ``log s1`` on ``L`` over the benign queries passed to
+            :meth:`calibrate`.
+
+    ``standardize`` and ``complexity`` need :meth:`calibrate` before :meth:`score`
+    (``NotCalibratedError`` otherwise); their statistics (``term_stats_``) are fitted on the
+    calibration queries only, saved with the detector, and hold for the scoring configuration they
+    were fitted under (changing ``log_terms``, ``complexity`` or the masking needs a new calibrate).
+
     Fitted state: ``reconstructor_`` (``G``), ``aux_``, ``victim_``, ``victim_sha256_``,
-    ``image_shape_``, ``num_classes_``, ``aux_arch_``, ``fit_seconds_``.
+    ``image_shape_``, ``num_classes_``, ``aux_arch_``, ``fit_seconds_``; after :meth:`calibrate`,
+    ``threshold_``, ``calibration_fpr_`` and ``term_stats_`` (``None`` unless ``standardize`` or
+    ``complexity`` is set: a dict with the term configuration, ``n``, ``complexity_beta``,
+    ``complexity_intercept``, ``t1_center``, ``t1_scale``, ``t2_center``, ``t2_scale``).
     """
 
     #: What SAME needs beyond black-box probabilities: the provider's own training data.
     NEEDS: ClassVar[frozenset[str]] = frozenset({"defender-data"})
-    SCORING_ONLY_PARAMS: ClassVar[tuple[str, ...]] = ("alpha", "batch_size")
+    SCORING_ONLY_PARAMS: ClassVar[tuple[str, ...]] = ("alpha", "batch_size", "standardize", "log_terms", "complexity")
     KIND: ClassVar[str]
     #: Name of ``G``'s artifact part (``<PART>.safetensors``, manifest key ``<PART>_config``).
     PART: ClassVar[str]
@@ -144,8 +203,12 @@ class ReconstructionDetector(ParamsMixin, Detector):
 
     def __init__(self, *, alpha: float, aux_arch: str | None, aux_epochs: int, aux_lr: float, aux_batch_size: int,
                  max_train_samples: int | None, batch_size: int, seed: int, device: str | torch.device | None,
-                 progress: bool | None) -> None:
+                 progress: bool | None, standardize: bool = False, log_terms: bool = False,
+                 complexity: str | None = None) -> None:
         self.alpha = alpha
+        self.standardize = standardize
+        self.log_terms = log_terms
+        self.complexity = complexity
         self.aux_arch = aux_arch
         self.aux_epochs = aux_epochs
         self.aux_lr = aux_lr
@@ -167,9 +230,14 @@ class ReconstructionDetector(ParamsMixin, Detector):
         self.fit_seconds_: float | None = None
         self.threshold_ = None
         self.calibration_fpr_ = None
+        self.term_stats_: dict[str, Any] | None = None
 
     def _check_shared_params(self) -> None:
         check_fraction(self.alpha, "alpha")
+        for name in ("standardize", "log_terms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        check_choice(self.complexity, "complexity", (None, *COMPLEXITY_METHODS))
         for name in ("aux_epochs", "aux_batch_size", "batch_size"):
             check_int(getattr(self, name), name)
         check_int(self.seed, "seed", minimum=0)
@@ -203,6 +271,14 @@ class ReconstructionDetector(ParamsMixin, Detector):
     def _params_from_manifest(cls, params: dict[str, Any]) -> dict[str, Any]:
         """Constructor arguments from a manifest's ``params`` (override to decode non-JSON values)."""
         return params
+
+    def _masked_views(self) -> MaskedViews | None:
+        """Masked scoring's ``k`` reconstructions per query, or ``None`` to score with ``G(x)`` (default)."""
+        return None
+
+    def _term_config(self) -> dict[str, Any]:
+        """The parameters that change the terms ``t1, t2`` (not ``alpha``): the key of ``term_stats_``."""
+        return {"log_terms": self.log_terms, "complexity": self.complexity}
 
     def is_fitted(self) -> bool:
         return self.reconstructor_ is not None and self.aux_ is not None and self.victim_ is not None
@@ -264,6 +340,7 @@ class ReconstructionDetector(ParamsMixin, Detector):
         self.aux_arch_ = aux_arch
         self.threshold_ = None
         self.calibration_fpr_ = None
+        self.term_stats_ = None
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -275,12 +352,87 @@ class ReconstructionDetector(ParamsMixin, Detector):
 
     @torch.no_grad()
     def score_components(self, x: torch.Tensor) -> SAMEScores:
-        """``score``, ``s1`` and ``s2`` of each query in ``x`` (``(N, C, H, W)`` in ``[-1, 1]``)."""
+        """``score``, ``s1`` and ``s2`` (and ``t1``, ``t2`` with a robust option) of each query in ``x``
+        (``(N, C, H, W)`` in ``[-1, 1]``); ``(N,)`` float32 each, larger = more suspicious."""
         self._check_fitted()
         x = check_images(x, self.image_shape_)
+        stats = self._checked_term_stats()
+        raw = self._raw_components(x)
+        if not (self.standardize or self.log_terms or self.complexity is not None):
+            return raw  # the authors' score, untouched
+        t1, t2 = self._terms(raw, x, stats)
+        return SAMEScores(score=combine_terms(t1, t2, self.alpha), s1=raw.s1, s2=raw.s2,
+                          t1=t1.to(torch.float32), t2=t2.to(torch.float32))
+
+    def _raw_components(self, x: torch.Tensor) -> SAMEScores:
+        """SAME's raw terms of validated queries (masked when the subclass's masked scoring is on)."""
         return reconstruction_scores(x, victim=self.victim_, reconstruct=self.reconstructor_.reconstruct,
                                      aux=self.aux_, alpha=self.alpha, num_classes=self.num_classes_,
-                                     batch_size=self.batch_size, device=self._model_device())
+                                     batch_size=self.batch_size, device=self._model_device(),
+                                     masked_views=self._masked_views())
+
+    def _terms(self, raw: SAMEScores, x: torch.Tensor,
+               stats: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t1, t2)`` float64: log / complexity-corrected terms, standardised when asked."""
+        bits = None if self.complexity is None else compressed_bits_per_pixel(x, self.complexity)
+        beta = 0.0 if bits is None else stats["complexity_beta"]
+        t1, t2 = score_terms(raw.s1, raw.s2, log_terms=self.log_terms, complexity_bits=bits, beta=beta)
+        if self.standardize:
+            t1 = standardize_term(t1, stats["t1_center"], stats["t1_scale"])
+            t2 = standardize_term(t2, stats["t2_center"], stats["t2_scale"])
+        return t1, t2
+
+    def _checked_term_stats(self) -> dict[str, Any] | None:
+        """``term_stats_`` when the options need it (fitted for this configuration), else ``None``."""
+        if not self.standardize and self.complexity is None:
+            return None
+        options = f"standardize={self.standardize!r}, complexity={self.complexity!r}"
+        if self.term_stats_ is None:
+            raise NotCalibratedError(
+                f"This {type(self).__name__} scores with {options}, whose statistics are fitted on benign "
+                "data: call calibrate(benign_x, target_fpr) first (or load a calibrated detector).")
+        if self.term_stats_.get("config") != self._term_config():
+            raise NotCalibratedError(
+                f"This {type(self).__name__}'s term statistics were fitted for the scoring configuration "
+                f"{self.term_stats_.get('config')}, not the current {self._term_config()}: call "
+                "calibrate(benign_x, target_fpr) again.")
+        return self.term_stats_
+
+    def calibrate(self, benign_x: torch.Tensor, target_fpr: float = 0.01) -> Self:
+        """Fit the robust options' statistics (``term_stats_``) on ``benign_x`` when ``standardize``
+        or ``complexity`` is set, then the threshold (:meth:`Detector.calibrate`).
+
+        Only ``benign_x`` enters the statistics: ``beta`` (least squares of ``log s1`` on ``L(x)``,
+        :func:`~sameguard.detectors.robust_score.fit_complexity_beta`), then the median and
+        ``1.4826 * MAD`` of ``t1`` and of ``t2``
+        (:func:`~sameguard.detectors.robust_score.robust_location_scale`). Without those options
+        ``term_stats_`` is ``None`` and calibration is the shared one.
+
+        Args:
+            benign_x: ``(N, C, H, W)`` benign queries in ``[-1, 1]`` the detector was not trained on.
+            target_fpr: wanted false-positive rate on benign traffic, in ``[0, 1)``.
+        """
+        self._check_fitted()
+        self.term_stats_ = None
+        if self.standardize or self.complexity is not None:
+            x = check_images(benign_x, self.image_shape_, name="benign_x")
+            self.term_stats_ = self._fit_term_stats(x, self._raw_components(x))
+        return super().calibrate(benign_x, target_fpr)
+
+    def _fit_term_stats(self, x: torch.Tensor, raw: SAMEScores) -> dict[str, Any]:
+        """The robust options' statistics from benign queries ``x`` and their raw terms ``raw``."""
+        stats: dict[str, Any] = {"config": self._term_config(), "n": len(x),
+                                 "complexity_beta": None, "complexity_intercept": None}
+        bits = None
+        if self.complexity is not None:
+            bits = compressed_bits_per_pixel(x, self.complexity)
+            stats["complexity_beta"], stats["complexity_intercept"] = fit_complexity_beta(raw.s1, bits)
+        t1, t2 = score_terms(raw.s1, raw.s2, log_terms=self.log_terms, complexity_bits=bits,
+                             beta=stats["complexity_beta"] or 0.0)
+        stats["t1_center"], stats["t1_scale"] = robust_location_scale(t1)
+        stats["t2_center"], stats["t2_scale"] = robust_location_scale(t2)
+        logger.info("%s term statistics from %d benign queries: %s", self.LABEL, len(x), stats)
+        return stats
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 SAME scores, larger = more suspicious."""
@@ -303,6 +455,7 @@ class ReconstructionDetector(ParamsMixin, Detector):
             "normalisation": "x = 2 * pixel / 255 - 1, values in [-1, 1]",
             "threshold": self.threshold_,
             "calibration_fpr": self.calibration_fpr_,
+            "term_stats": self.term_stats_,
             "victim_weights_sha256": self.victim_sha256_,
             "fit_seconds": self.fit_seconds_,
         }
@@ -336,5 +489,6 @@ class ReconstructionDetector(ParamsMixin, Detector):
         detector.victim_sha256_ = cfg.get("victim_weights_sha256")
         detector.threshold_ = cfg.get("threshold")
         detector.calibration_fpr_ = cfg.get("calibration_fpr")
+        detector.term_stats_ = cfg.get("term_stats")  # absent from artifacts saved before the robust options
         detector.fit_seconds_ = cfg.get("fit_seconds")
         return detector

@@ -73,9 +73,11 @@ class ConvAESAMEDetector(ReconstructionDetector):
         seed: fixes initialisation, data order and augmentation.
         device: ``"cpu"``, ``"cuda"``, or ``None``/``"auto"``.
         progress: progress bars (``None``: when stderr is a terminal).
+        standardize, log_terms, complexity: SAME's robust score options (all off by default: the
+            authors' score); see :class:`~sameguard.detectors.same_base.ReconstructionDetector`.
 
     Fitted state: ``ae_`` (also ``reconstructor_``), ``aux_``, ``victim_``, ``image_shape_``,
-    ``num_classes_``, ``aux_arch_``.
+    ``num_classes_``, ``aux_arch_``; ``threshold_`` and ``term_stats_`` after ``calibrate``.
     """
 
     #: The manifest ``kind`` of a saved detector (see :class:`~sameguard.api.SaveableDetector`).
@@ -88,7 +90,8 @@ class ConvAESAMEDetector(ReconstructionDetector):
                  ae_lr: float = 1e-3, ae_batch_size: int = 128, aux_arch: str | None = None, aux_epochs: int = 80,
                  aux_lr: float = 0.1, aux_batch_size: int = 128, max_train_samples: int | None = None,
                  batch_size: int = 512, seed: int = 0, device: str | torch.device | None = "cpu",
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, standardize: bool = False, log_terms: bool = False,
+                 complexity: str | None = None) -> None:
         self.latent_dim = latent_dim
         self.width = width
         self.ae_epochs = ae_epochs
@@ -96,7 +99,8 @@ class ConvAESAMEDetector(ReconstructionDetector):
         self.ae_batch_size = ae_batch_size
         super().__init__(alpha=alpha, aux_arch=aux_arch, aux_epochs=aux_epochs, aux_lr=aux_lr,
                          aux_batch_size=aux_batch_size, max_train_samples=max_train_samples, batch_size=batch_size,
-                         seed=seed, device=device, progress=progress)
+                         seed=seed, device=device, progress=progress, standardize=standardize,
+                         log_terms=log_terms, complexity=complexity)
 
     def _check_params(self) -> None:
         for name in ("latent_dim", "width", "ae_epochs", "ae_batch_size"):

@@ -136,18 +136,25 @@ class MaskedAutoencoder(nn.Module):
             nn.init.trunc_normal_(param, std=0.02)
 
     def _keep_indices(self, n: int, mask_ratio: float, generator: torch.Generator | None,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                      device: torch.device, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample permutation of patch indices and its inverse, ``(N, T)`` each."""
         t = self.config.num_patches
         if mask_ratio == 0.0:
             order = torch.arange(t, device=device).expand(n, t)
             return order, order
-        noise = torch.rand(n, t, generator=generator, device=device)
+        if noise is None:
+            noise = torch.rand(n, t, generator=generator, device=device)
+        else:
+            noise = torch.as_tensor(noise, device=device)
+            if noise.shape not in ((t,), (n, t)):
+                raise ValueError(f"noise must have shape ({t},) or ({n}, {t}) (one value per patch), "
+                                 f"got {tuple(noise.shape)}.")
+            noise = noise.expand(n, t)
         order = torch.argsort(noise, dim=1)
         return order, torch.argsort(order, dim=1)
 
-    def forward(self, x: torch.Tensor, mask_ratio: float | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruct ``x`` from a random subset of its patches.
 
         Args:
@@ -155,6 +162,10 @@ class MaskedAutoencoder(nn.Module):
             mask_ratio: fraction of patches hidden, in ``[0, 1)``; ``None`` uses the config's
                 (0.75 by default). ``0`` is pure reconstruction.
             generator: source of the random masks (for reproducible training).
+            noise: optional ``(T,)`` or ``(N, T)`` per-patch values that replace the random draw:
+                the ``int(T * (1 - mask_ratio))`` patches with the smallest values stay visible.
+                A ``(T,)`` vector hides the same patches in every image (SAME's masked scoring,
+                :class:`~sameguard.detectors.same.SAMEDetector`, uses this to be batch-invariant).
 
         Returns:
             ``(reconstruction, mask)``: ``(N, C, H, W)`` reconstruction of every pixel, and a
@@ -166,7 +177,7 @@ class MaskedAutoencoder(nn.Module):
         n = x.shape[0]
         t, d, p = self.config.num_patches, self.config.emb_dim, self.config.patch_size
         tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.enc_pos  # (N, T, D)
-        order, inverse = self._keep_indices(n, ratio, generator, x.device)
+        order, inverse = self._keep_indices(n, ratio, generator, x.device, noise)
         keep = max(1, int(t * (1.0 - ratio)))
         visible = torch.gather(tokens, 1, order[:, :keep, None].expand(-1, -1, d))
         h = torch.cat([self.cls_token.expand(n, -1, -1), visible], dim=1)
