@@ -44,8 +44,12 @@ def test_kinds_map_to_their_classes():
     assert detector_names(saveable=True) == sorted(n for n, (_, s) in ABILITIES.items() if s)
 
 
-@pytest.mark.parametrize("name, expected", [("same", ("alpha", "batch_size")), ("same-conv-ae", ("alpha", "batch_size")),
-                                            ("msp", ()), ("prada", ())])
+_SAME_SCORING = ("alpha", "batch_size", "standardize", "log_terms", "complexity")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("same", (*_SAME_SCORING, "score_mask_ratio", "score_masks", "score_seed")), ("same-conv-ae", _SAME_SCORING),
+    ("msp", ()), ("prada", ())])
 def test_scoring_only_params(name, expected):
     assert DETECTORS[name].SCORING_ONLY_PARAMS == expected
 

@@ -37,7 +37,14 @@ from tqdm.auto import tqdm
 from ..models import MAEConfig, MaskedAutoencoder, mae_config
 from ..training import show_progress
 from ..validation import check_choice, check_fraction, check_int, check_non_negative, check_positive
-from .same_base import BatchTransform, MaskedViews, ReconstructionDetector, SAMEScores, reconstruction_scores, same_score
+from .same_base import (
+    BatchTransform,
+    MaskedViews,
+    ReconstructionDetector,
+    SAMEScores,
+    reconstruction_scores,
+    same_score,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -46,8 +46,15 @@ from ..training import predict_in_batches, resolve_device, train_classifier
 from ..validation import check_choice, check_fraction, check_images, check_int, check_optional_int, check_positive
 from ._common import ParamsMixin, ProbabilityFn, check_victim_sha, labelled_images
 from .complexity import COMPLEXITY_METHODS, compressed_bits_per_pixel
-from .robust_score import (combine_terms, fit_complexity_beta, kl_per_class, masked_same_score,
-                           robust_location_scale, score_terms, standardize_term)
+from .robust_score import (
+    combine_terms,
+    fit_complexity_beta,
+    kl_per_class,
+    masked_same_score,
+    robust_location_scale,
+    score_terms,
+    standardize_term,
+)
 
 if TYPE_CHECKING:
     from typing import Self
