@@ -413,7 +413,8 @@ class ReconstructionDetector(ParamsMixin, Detector):
         :func:`~sameguard.detectors.robust_score.fit_complexity_beta`), then the median and
         ``1.4826 * MAD`` of ``t1`` and of ``t2``
         (:func:`~sameguard.detectors.robust_score.robust_location_scale`). Without those options
-        ``term_stats_`` is ``None`` and calibration is the shared one.
+        ``term_stats_`` is ``None`` and calibration is the shared one; with them, ``benign_x`` is
+        scored twice (once for the statistics, once for the threshold).
 
         Args:
             benign_x: ``(N, C, H, W)`` benign queries in ``[-1, 1]`` the detector was not trained on.
