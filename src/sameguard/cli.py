@@ -244,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/bench/<config name>)")
     _common(p, data=True, seed=False)
 
+    p = sub.add_parser("same-study", help="SAME's scaling study and score variants; picks the default by a fixed rule",
+                       description="Fit SAME with MAEs of several sizes and training budgets for a benchmark "
+                                   "profile's victim, score each fit with every score variant, and write "
+                                   "docs-style Markdown with AUROC on validation anomalies (the defender's own "
+                                   "held-out images, noised, blurred, perturbed, shuffled, inverted), AUROC on the "
+                                   "profile's attacks next to MSP, fit time and scoring cost, a plot, and the "
+                                   "(fit, scoring) pair chosen by the rule written in the report.")
+    p.add_argument("--config", default="quick", help="benchmark profile whose victim and attacks are used (default quick)")
+    p.add_argument("--bench-dir", default=None, help="that profile's benchmark folder, whose cache is reused "
+                                                     "(default: runs/bench/<profile>)")
+    p.add_argument("--out", default="docs/same-at-scale.md", help="the Markdown report (default docs/same-at-scale.md)")
+    p.add_argument("--workdir", default=None, help="where study.json is written (default: <bench-dir>/same-study)")
+    p.add_argument("--candidates", default=None, help="comma-separated subset of the fits, by position (e.g. 0,1)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from an existing study.json")
+    _common(p, data=True, seed=False)
+
     from .service.commands import add_service_commands
 
     COMMANDS.update(add_service_commands(sub))  # serve, keys, audit
@@ -440,8 +456,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_same_study(args: argparse.Namespace) -> int:
+    from .bench.config import load_config
+    from .bench.same_study import CANDIDATES, run_study
+    from .bench.same_study_report import write_study_report
+
+    config = load_config(args.config)
+    bench_dir = Path(args.bench_dir or f"runs/bench/{config.name}")
+    workdir = Path(args.workdir or bench_dir / "same-study")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"The folder of --out ({out.parent}) does not exist.")
+    if not args.report_only:
+        chosen = CANDIDATES
+        if args.candidates:
+            try:
+                chosen = tuple(CANDIDATES[int(i)] for i in args.candidates.split(","))
+            except (ValueError, IndexError):
+                raise ValueError(f"--candidates must be positions in 0..{len(CANDIDATES) - 1}, got "
+                                 f"{args.candidates!r}.") from None
+        run_study(config, bench_dir, workdir, candidates=chosen, data_dir=args.data_dir, device=args.device,
+                  progress=args.progress)
+    elif not (workdir / "study.json").is_file():
+        raise ValueError(f"--report-only needs {workdir / 'study.json'} from an earlier run.")
+    command = " ".join(["sameguard same-study", f"--config {args.config}"]
+                       + ([f"--candidates {args.candidates}"] if args.candidates else []))
+    write_study_report(workdir / "study.json", out, command=command)
+    _out(out.read_text())
+    return 0
+
+
 COMMANDS = {"train-victim": cmd_train_victim, "fit": cmd_fit, "calibrate": cmd_calibrate, "score": cmd_score,
-            "demo": cmd_demo, "bench": cmd_bench, "attack": cmd_attack, "bench-attacks": cmd_bench_attacks}
+            "demo": cmd_demo, "bench": cmd_bench, "same-study": cmd_same_study, "attack": cmd_attack, "bench-attacks": cmd_bench_attacks}
 
 
 def main(argv: list[str] | None = None) -> int:
