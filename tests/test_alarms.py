@@ -163,3 +163,20 @@ def test_alarms_need_a_detector_in_the_guard(setup):
     victim, _, alarms = setup
     with pytest.raises(ValueError, match="need a detector"):
         Guard(victim, None, "monitor", alarms=alarms)
+
+
+def test_proof_of_work_grows_with_the_evidence_after_the_alarm(setup):
+    from sameguard.actions import ProofOfWork
+
+    victim, detector, alarms = setup
+    pow_ = ProofOfWork(benign_bits=6, bits_per_spread=1.0, max_bits=30, bits_per_decade=2.0)
+    guard = Guard(victim, detector, pow_, alarms=alarms)
+    guard.calibrate(benign(500, seed=8))
+    verdicts = [guard.protect(suspicious(1, seed=200 + i), "mallory") for i in range(20)]
+    alarmed = [v for v in verdicts if v.alarmed]
+    assert alarmed, "the suspicious stream must be alarmed"
+    for v in alarmed:
+        d = v.decisions[0]
+        assert d.work_bits >= min(30, math.ceil(6 + 2.0 * d.evidence - 1e-9))  # the alarm floor, capped
+    bits = [v.decisions[0].work_bits for v in alarmed]
+    assert bits[-1] >= bits[0]  # evidence keeps growing, so does the price

@@ -25,6 +25,14 @@ spread, ``b_benign`` the most a benign query at or below that quantile pays (def
 exponentially with how far a score lies above benign traffic. A batch of ``N`` queries is one
 puzzle whose expected work is the sum of its queries' works:
 ``B = ceil(log2(sum_i 2^bits_i))`` (:func:`~sameguard.actions.puzzle.batch_bits`).
+
+**After a per-client alarm** (:class:`~sameguard.alarms.ClientAlarms`) the difficulty grows with
+the client's evidence ``E`` (log10 of its test martingale, at least ``log10(1/delta)``)::
+
+    bits_alarmed = clip( max( bits(s), b_benign + lambda * E ), b_min, b_max )
+
+with ``lambda = bits_per_decade`` (default 2): every tenfold increase of the evidence against the
+client quadruples its work, until the cap.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ class ProofOfWork(Action):
             SHA-1 in C).
         min_bits: the floor (default 0).
         quantile: which benign quantile is anchored to ``benign_bits`` (default 0.99).
+        bits_per_decade: after a per-client alarm, extra bits per factor 10 of the client's
+            evidence (default 2).
 
     Answers are not changed; the outcome carries each query's ``work_bits`` and the server
     withholds the answer until the puzzle of the batch is solved. Call :meth:`calibrate` with
@@ -61,7 +71,7 @@ class ProofOfWork(Action):
     name: ClassVar[str] = "pow"
 
     def __init__(self, *, benign_bits: int = 12, bits_per_spread: float = 4.0, max_bits: int = 26,
-                 min_bits: int = 0, quantile: float = 0.99) -> None:
+                 min_bits: int = 0, quantile: float = 0.99, bits_per_decade: float = 2.0) -> None:
         for label, value in (("benign_bits", benign_bits), ("max_bits", max_bits), ("min_bits", min_bits)):
             check_int(value, label, minimum=0, maximum=MAX_BITS)
         if not min_bits <= benign_bits <= max_bits:
@@ -75,6 +85,7 @@ class ProofOfWork(Action):
         self.max_bits = int(max_bits)
         self.min_bits = int(min_bits)
         self.quantile = float(quantile)
+        self.bits_per_decade = check_positive(bits_per_decade, "bits_per_decade")
         self.anchor_: float | None = None
         self.spread_: float | None = None
         self.calibration_: dict[str, float] | None = None
@@ -82,6 +93,7 @@ class ProofOfWork(Action):
     def describe(self) -> dict[str, object]:
         return {"action": self.name, "benign_bits": self.benign_bits, "bits_per_spread": self.bits_per_spread,
                 "max_bits": self.max_bits, "min_bits": self.min_bits, "quantile": self.quantile,
+                "bits_per_decade": self.bits_per_decade,
                 "anchor": self.anchor_, "spread": self.spread_}
 
     def is_calibrated(self) -> bool:
@@ -137,3 +149,15 @@ class ProofOfWork(Action):
         n = probs.shape[0]
         return ActionOutcome(probabilities=probs, refused=torch.zeros(n, dtype=torch.bool), actions=("pow",) * n,
                              work_bits=bits, alpha=torch.zeros(n, dtype=torch.float32))
+
+    def apply_alarmed(self, x: torch.Tensor | None, probs: torch.Tensor, scores: torch.Tensor,
+                      evidence: torch.Tensor) -> ActionOutcome:
+        """Queries of an alarmed client: at least ``benign_bits + bits_per_decade * evidence`` bits each
+        (``evidence`` ``(N,)`` log10 of the client's martingale), capped at ``max_bits``."""
+        outcome = self.apply(x, probs, scores, float("-inf"))
+        floor = self.benign_bits + self.bits_per_decade * torch.as_tensor(evidence, dtype=torch.float64).flatten()
+        floor = torch.nan_to_num(floor, nan=float(self.max_bits), posinf=float(self.max_bits))
+        bits = torch.maximum(outcome.work_bits, torch.ceil(floor - 1e-9).to(torch.int64))
+        bits = bits.clamp(self.min_bits, self.max_bits)
+        return ActionOutcome(probabilities=outcome.probabilities, refused=outcome.refused, actions=outcome.actions,
+                             work_bits=bits, alpha=outcome.alpha)
