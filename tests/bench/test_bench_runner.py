@@ -89,8 +89,9 @@ def test_steps_are_logged_with_elapsed_time(tiny_run, caplog):
         run_benchmark(config, out, progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name == STEP_LOGGER]
     assert all(re.match(r"\[ *\d+\.\d s\] ", line) for line in lines), lines
-    # data, victim, detectors, attacks, alarms per attack stream, alarms on benign clients, report
-    expected = 2 + len(config.detectors) + 2 * len(config.attacks) + 1 + 1
+    # data, victim, detectors, attacks, alarms per attack stream, alarms on benign clients,
+    # each attack through the guard per action, report
+    expected = 2 + len(config.detectors) + 2 * len(config.attacks) + 1 + len(config.attacks) + 1
     assert len(lines) == expected, lines
     assert [line.split("] ", 1)[1].split(":")[0] for line in lines[-1:]] == ["report"]
 
@@ -130,6 +131,14 @@ def test_alarm_study_rows_and_report(tiny_run):
     # DFME's noise-like queries: SAME's own martingale alarms within the 80-query stream
     dfme = {r["alarm_set"]: r["alarm_query"] for r in attack_rows if r["attack"] == "dfme"}
     assert dfme["SAME"] is not None
+    extraction = [r for r in alarms if r["kind"] == "extraction"]
+    assert [(r["policy"], r["attack"]) for r in extraction] == [("reject", a.label) for a in config.attacks]
+    for r in extraction:
+        assert 0.0 <= r["substitute_accuracy"] <= 1.0 and 0.0 <= r["unguarded_accuracy"] <= 1.0
+    dfme_guarded = next(r for r in extraction if r["attack"] == "dfme")
+    assert dfme_guarded["alarm_query"] is not None  # noise-like queries: alarmed, then refused
+    (benign_acc,) = [r for r in alarms if r["kind"] == "benign-accuracy"]
+    assert benign_acc["guarded_accuracy"] <= benign_acc["bare_accuracy"]
     report = (out / "report.md").read_text()
     assert "### Per-client alarms (delta = 0.001)" in report
     assert "| combination + stream test |" in report

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..validation import check_fraction, check_int
+from ..validation import check_choice, check_fraction, check_int
 
 __all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "AlarmSpec", "BenchConfig", "load_config", "PROFILES"]
 
@@ -96,7 +96,9 @@ class AlarmSpec:
 
     ``detectors`` are labels of per-query detectors evaluated alone, ``combination`` the labels whose
     martingales are averaged; ``stream`` adds the stream test of each client's own queries. Attack
-    streams are the first ``stream_queries`` queries of each attack.
+    streams are the first ``stream_queries`` queries of each attack. ``actions`` (``reject``,
+    ``misinformation``, ``pow``): run every attack again through the guard, with that action on every
+    query of an alarmed client, and measure what normal users still get.
     """
 
     detectors: tuple[str, ...]
@@ -106,6 +108,7 @@ class AlarmSpec:
     benign_clients: int = 1000
     client_queries: int = 300
     stream_queries: int = 1000
+    actions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,8 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
     if raw is None:
         return None
     w = f"{where} [alarms]"
-    fields = {"detectors", "combination", "stream", "delta", "benign_clients", "client_queries", "stream_queries"}
+    fields = {"detectors", "combination", "stream", "delta", "benign_clients", "client_queries", "stream_queries",
+              "actions"}
     _unknown(raw, fields, w)
     labels = {d.label for d in detectors}
     chosen = tuple(_require(raw, "detectors", list, w))
@@ -188,7 +192,9 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
                          delta=check_fraction(raw.get("delta", 1e-3), "delta", include_low=False, include_high=False),
                          benign_clients=check_int(raw.get("benign_clients", 1000), "benign_clients"),
                          client_queries=check_int(raw.get("client_queries", 300), "client_queries"),
-                         stream_queries=check_int(raw.get("stream_queries", 1000), "stream_queries"))
+                         stream_queries=check_int(raw.get("stream_queries", 1000), "stream_queries"),
+                         actions=tuple(check_choice(a, "each of actions", ("reject", "misinformation", "pow"))
+                                       for a in raw.get("actions", ())))
     except ValueError as exc:
         raise ValueError(f"{w}: {exc}") from None
     return spec

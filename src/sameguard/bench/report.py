@@ -159,10 +159,36 @@ def plot_histograms(benign: np.ndarray, attack: np.ndarray, path: str | os.PathL
     return Path(path)
 
 
-def alarm_report(alarms: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown tables of the per-client alarm study (see :mod:`sameguard.bench.alarm_study`)."""
-    if not alarms:
+def extraction_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown table: each attack through the guard with an action after the alarm, next to unguarded."""
+    rows = [r for r in records if r["kind"] == "extraction"]
+    if not rows:
         return []
+    lines = ["", "### Extraction through the guard (per-query action at 1 % FPR, and every query after the "
+             "client's alarm); substitute accuracy %, mean over seeds", "",
+             "| action | attack | budget | unguarded | through the guard | fidelity (guarded) | alarm at query | "
+             "keys for the whole budget |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (policy, attack), rs in aggregate(rows, ("policy", "attack")).items():
+        alarms = [r["alarm_query"] for r in rs]
+        budget = rs[0]["budget"]
+        keys = [1 if q is None else math.ceil(budget / max(q - 1, 1)) for q in alarms]
+        lines.append(f"| {policy} | {attack} | {budget} | {_fmt([r['unguarded_accuracy'] for r in rs])} | "
+                     f"{_fmt([r['substitute_accuracy'] for r in rs])} | {_fmt([r['fidelity'] for r in rs])} | "
+                     f"{median_range(alarms, budget)} | {max(keys)} |")
+    for r in (r for r in records if r["kind"] == "benign-accuracy"):
+        lines.append(f"\nNormal user through the guard ({r['policy']}, seed {r['seed']}): accuracy "
+                     f"{100 * r['guarded_accuracy']:.1f} % on {r['queries']} test images, bare victim "
+                     f"{100 * r['bare_accuracy']:.1f} %; alarmed: {'yes' if r['alarmed'] else 'no'}.")
+    lines.append("\nKeys for the whole budget: an attacker spreading its budget over API keys gets about "
+                 "(alarm query - 1) answers per key before each key is alarmed.")
+    return lines
+
+
+def alarm_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown tables of the per-client alarm study (see :mod:`sameguard.bench.alarm_study`)."""
+    alarms = [r for r in records if r["kind"] in ("attack", "benign")]
+    if not alarms:
+        return extraction_report(records)
     delta = alarms[0]["delta"]
     attacks = list(dict.fromkeys(r["attack"] for r in alarms if r["kind"] == "attack"))
     sets = list(dict.fromkeys(r["alarm_set"] for r in alarms))
@@ -186,7 +212,7 @@ def alarm_report(alarms: Sequence[Mapping[str, Any]]) -> list[str]:
     kinds = sorted({k for r in alarms if r["kind"] == "benign" for k in r["skewed_kinds"]})
     if kinds:
         lines += ["", "Class-skewed benign clients alarmed by some set (true classes): " + ", ".join(kinds) + "."]
-    return lines
+    return lines + extraction_report(records)
 
 
 def write_results(records: Sequence[Mapping[str, Any]], outdir: str | os.PathLike, *, title: str,

@@ -42,6 +42,7 @@ from ..detectors import PRADADetector, build_detector, fit_detector
 from ..guard import Guard
 from ..steps import StepLog
 from ..victim import Victim
+from ..alarms import ClientAlarms
 from .alarm_study import AlarmStudy, alarm_sets
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
 from .metrics import detection_metrics
@@ -126,6 +127,19 @@ class _Run:
         return 0 if self.config.alarms is None else self.config.alarms.stream_queries
 
 
+def _build_attack(spec: AttackSpec, run: _Run) -> Any:
+    """The attack of ``spec`` with the data it holds (proxy pool, seed images) and the run's seed."""
+    role = attack_data_role(spec.name)
+    if role == "proxy":
+        data = (_dataset(spec.proxy, "train", run.halves, run.data_dir),)
+    elif role == "seeds":
+        data = (_dataset(spec.seed_data or ATTACKER_HALF, "train", run.halves, run.data_dir),)
+    else:
+        data = ()
+    kwargs = {"seed": run.seed, "device": run.device, "progress": run.progress, **spec.params}
+    return build_attack(spec.name, *data, **kwargs)
+
+
 def _attack_queries(spec: AttackSpec, run: _Run) -> dict[str, Any]:
     """Run one attack (or load its cached result): its last ``B`` queries, its first queries (the stream
     the alarm study reads) and its substitute's quality."""
@@ -139,15 +153,7 @@ def _attack_queries(spec: AttackSpec, run: _Run) -> dict[str, Any]:
         result = json.loads((path / "result.json").read_text())
         tensors = safetensors.torch.load_file(str(path / "queries.safetensors"))
         return {**result, "queries_tensor": tensors["queries"], "stream_tensor": tensors.get("stream")}
-    role = attack_data_role(spec.name)
-    if role == "proxy":
-        data = (_dataset(spec.proxy, "train", run.halves, run.data_dir),)
-    elif role == "seeds":
-        data = (_dataset(spec.seed_data or ATTACKER_HALF, "train", run.halves, run.data_dir),)
-    else:
-        data = ()
-    kwargs = {"seed": run.seed, "device": run.device, "progress": run.progress, **spec.params}
-    attack = build_attack(spec.name, *data, **kwargs)
+    attack = _build_attack(spec, run)
     api = Guard(run.victim, output=spec.output, record_inputs=True, keep_decisions=0)
     logger.info("Running %s with a budget of %d queries", spec.label, spec.budget)
     res = attack.run(api, spec.budget, victim=run.victim, test_data=run.test)
@@ -246,6 +252,58 @@ def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dic
     return records
 
 
+def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -> Guard:
+    """The protected model of the study: SAME's per-query action at 1 % benign FPR, and per-client
+    alarms over the combination (and the stream test) calibrated on the held-out images."""
+    spec = run.config.alarms
+    assert spec is not None
+    scorers = {label: detectors[label][1] for label in spec.combination or spec.detectors}
+    alarms = ClientAlarms.calibrate(run.victim, scorers, run.held_out.images, delta=spec.delta, stream=spec.stream,
+                                    seed=run.seed)
+    primary = scorers[next(iter(scorers))]
+    primary.calibrate(run.held_out.images, 0.01)
+    return Guard(run.victim, primary, policy, alarms=alarms, output=output, keep_decisions=0, history=False)
+
+
+def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each attack again, through the guard with each action after the alarm; benign accuracy alike."""
+    spec = run.config.alarms
+    assert spec is not None
+    records = []
+    for policy in spec.actions:
+        for aspec in run.config.attacks:
+            guard = _guard_for(run, detectors, policy, aspec.output)
+            res = _build_attack(aspec, run).run(guard, aspec.budget, victim=run.victim, test_data=run.test)
+            ev = guard.alarms.evidence(res.client)
+            records.append({"dataset": run.dataset, "seed": run.seed, "kind": "extraction", "policy": policy,
+                            "attack": aspec.label, "budget": aspec.budget,
+                            "alarm_query": None if ev is None else ev.alarm_query,
+                            "substitute_accuracy": res.test_accuracy, "fidelity": res.fidelity,
+                            "unguarded_accuracy": plain[aspec.label]["substitute_accuracy"],
+                            "unguarded_fidelity": plain[aspec.label]["fidelity"], "delta": spec.delta})
+            run.echo(f"{run.where} through the guard ({policy} after the alarm) {aspec.label}: substitute accuracy "
+                     f"{res.test_accuracy:.4f} (alarm at query {records[-1]['alarm_query'] or '-'})")
+        records.append(_benign_accuracy(run, _guard_for(run, detectors, policy, "probabilities"), policy, spec.delta))
+    return records
+
+
+def _benign_accuracy(run: _Run, guard: Guard, policy: str, delta: float, n: int = 2000) -> dict[str, Any]:
+    """Accuracy a normal user gets through ``guard`` on ``n`` test images (a refused answer counts as
+    wrong), next to the bare victim's on the same images."""
+    order = torch.randperm(len(run.test), generator=torch.Generator().manual_seed(run.seed + 20_000))[:n]
+    x, y = run.test.images[order], run.test.labels[order]
+    right = bare = 0
+    for start in range(0, len(x), 100):
+        verdict = guard.protect(x[start:start + 100], "benign-accuracy")
+        truth = y[start:start + 100]
+        right += int(((verdict.probabilities.argmax(1) == truth) & ~verdict.refused).sum())
+        bare += int((run.victim(x[start:start + 100]).argmax(1) == truth).sum())
+    ev = guard.alarms.evidence("benign-accuracy") if guard.alarms is not None else None
+    return {"dataset": run.dataset, "seed": run.seed, "kind": "benign-accuracy", "policy": policy, "delta": delta,
+            "bare_accuracy": bare / len(x), "guarded_accuracy": right / len(x),
+            "alarmed": bool(ev is not None and ev.alarmed), "queries": len(x)}
+
+
 def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Detection records and alarm records of one (dataset, seed)."""
     benign_api = Guard(run.victim, record_inputs=True, keep_decisions=0)
@@ -260,7 +318,9 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                  f"{attack['substitute_accuracy']:.4f}, fidelity {attack['fidelity']:.4f}")
         records += _detection_records(run, aspec, attack, detectors, benign_x)
         streams[aspec.label] = attack
-    alarms = _alarm_records(run, streams, detectors) if run.config.alarms is not None else []
+    alarms = []
+    if run.config.alarms is not None:
+        alarms = _alarm_records(run, streams, detectors) + _extraction_records(run, detectors, streams)
     return records, alarms
 
 
