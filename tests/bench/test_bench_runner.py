@@ -90,8 +90,8 @@ def test_steps_are_logged_with_elapsed_time(tiny_run, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == STEP_LOGGER]
     assert all(re.match(r"\[ *\d+\.\d s\] ", line) for line in lines), lines
     # data, victim, detectors, attacks, alarms per attack stream, alarms on benign clients,
-    # each attack through the guard per action, report
-    expected = 2 + len(config.detectors) + 2 * len(config.attacks) + 1 + len(config.attacks) + 1
+    # the alarms' cost, each attack through the guard per action, report
+    expected = 2 + len(config.detectors) + 2 * len(config.attacks) + 1 + 1 + len(config.attacks) + 1
     assert len(lines) == expected, lines
     assert [line.split("] ", 1)[1].split(":")[0] for line in lines[-1:]] == ["report"]
 
@@ -137,6 +137,8 @@ def test_alarm_study_rows_and_report(tiny_run):
         assert 0.0 <= r["substitute_accuracy"] <= 1.0 and 0.0 <= r["unguarded_accuracy"] <= 1.0
     dfme_guarded = next(r for r in extraction if r["attack"] == "dfme")
     assert dfme_guarded["alarm_query"] is not None  # noise-like queries: alarmed, then refused
+    (cost,) = [r for r in alarms if r["kind"] == "cost"]
+    assert cost["ms_guard"] > 0 and cost["ms_guard_with_alarms"] > 0
     (benign_acc,) = [r for r in alarms if r["kind"] == "benign-accuracy"]
     assert benign_acc["guarded_accuracy"] <= benign_acc["bare_accuracy"]
     report = (out / "report.md").read_text()

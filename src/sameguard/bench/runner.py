@@ -287,6 +287,26 @@ def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, d
     return records
 
 
+def _alarm_cost(run: _Run, detectors: dict[str, Any], n: int = 200) -> dict[str, Any]:
+    """Milliseconds per single-image query through the guard (monitor policy): SAME alone, then with
+    the per-client alarms (the combination's other scorers, p-values, martingales, stream test)."""
+    x = run.test.images[:n]
+    plain = Guard(run.victim, detectors[(run.config.alarms.combination or run.config.alarms.detectors)[0]][1],
+                  "monitor", keep_decisions=0, history=False)
+    guarded = _guard_for(run, detectors, "monitor", "probabilities")
+    times = {}
+    for name, guard in (("guard", plain), ("guard_with_alarms", guarded)):
+        guard.protect(x[:1], "warm-up")
+        start = time.perf_counter()
+        for i in range(n):
+            guard.protect(x[i:i + 1], "timing")
+        times[name] = 1000 * (time.perf_counter() - start) / n
+    run.echo(f"{run.where} cost per single-image query: {times['guard']:.2f} ms, with alarms "
+             f"{times['guard_with_alarms']:.2f} ms")
+    return {"dataset": run.dataset, "seed": run.seed, "kind": "cost", "delta": run.config.alarms.delta,
+            "ms_guard": times["guard"], "ms_guard_with_alarms": times["guard_with_alarms"]}
+
+
 def _benign_accuracy(run: _Run, guard: Guard, policy: str, delta: float, n: int = 2000) -> dict[str, Any]:
     """Accuracy a normal user gets through ``guard`` on ``n`` test images (a refused answer counts as
     wrong), next to the bare victim's on the same images."""
@@ -320,7 +340,8 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         streams[aspec.label] = attack
     alarms = []
     if run.config.alarms is not None:
-        alarms = _alarm_records(run, streams, detectors) + _extraction_records(run, detectors, streams)
+        alarms = _alarm_records(run, streams, detectors) + [_alarm_cost(run, detectors)]
+        alarms += _extraction_records(run, detectors, streams)
     return records, alarms
 
 
