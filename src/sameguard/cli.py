@@ -193,6 +193,25 @@ def add_detector_commands(sub) -> None:
     _common(p)
 
 
+def _add_study_parser(sub) -> None:
+    """``same-study``: SAME's scaling study and the rule that picks its default."""
+    p = sub.add_parser("same-study", help="SAME's scaling study and score variants; picks the default by a fixed rule",
+                       description="Fit SAME with MAEs of several sizes and training budgets for a benchmark "
+                                   "profile's victim, score each fit with every score variant, and write "
+                                   "docs-style Markdown with AUROC on validation anomalies (the defender's own "
+                                   "held-out images, noised, blurred, perturbed, shuffled, inverted), AUROC on the "
+                                   "profile's attacks next to MSP, fit time and scoring cost, a plot, and the "
+                                   "(fit, scoring) pair chosen by the rule written in the report.")
+    p.add_argument("--config", default="quick", help="benchmark profile whose victim and attacks are used (default quick)")
+    p.add_argument("--bench-dir", default=None, help="that profile's benchmark folder, whose cache is reused "
+                                                     "(default: runs/bench/<profile>)")
+    p.add_argument("--out", default="docs/same-at-scale.md", help="the Markdown report (default docs/same-at-scale.md)")
+    p.add_argument("--workdir", default=None, help="where study.json is written (default: <bench-dir>/same-study)")
+    p.add_argument("--candidates", default=None, help="comma-separated subset of the fits, by position (e.g. 0,1)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from an existing study.json")
+    _common(p, data=True, seed=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sameguard",
@@ -244,21 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/bench/<config name>)")
     _common(p, data=True, seed=False)
 
-    p = sub.add_parser("same-study", help="SAME's scaling study and score variants; picks the default by a fixed rule",
-                       description="Fit SAME with MAEs of several sizes and training budgets for a benchmark "
-                                   "profile's victim, score each fit with every score variant, and write "
-                                   "docs-style Markdown with AUROC on validation anomalies (the defender's own "
-                                   "held-out images, noised, blurred, perturbed, shuffled, inverted), AUROC on the "
-                                   "profile's attacks next to MSP, fit time and scoring cost, a plot, and the "
-                                   "(fit, scoring) pair chosen by the rule written in the report.")
-    p.add_argument("--config", default="quick", help="benchmark profile whose victim and attacks are used (default quick)")
-    p.add_argument("--bench-dir", default=None, help="that profile's benchmark folder, whose cache is reused "
-                                                     "(default: runs/bench/<profile>)")
-    p.add_argument("--out", default="docs/same-at-scale.md", help="the Markdown report (default docs/same-at-scale.md)")
-    p.add_argument("--workdir", default=None, help="where study.json is written (default: <bench-dir>/same-study)")
-    p.add_argument("--candidates", default=None, help="comma-separated subset of the fits, by position (e.g. 0,1)")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from an existing study.json")
-    _common(p, data=True, seed=False)
+    _add_study_parser(sub)
 
     from .service.commands import add_service_commands
 
