@@ -12,7 +12,10 @@ martingales, and the client is alarmed when it reaches ``1/delta``.
 independent of each other), its p-values are (super-)uniform and, by Ville's inequality, the
 probability that it is *ever* alarmed is at most ``delta``, however long it queries. The
 calibration images must be benign and unseen by the detectors' fitting (a held-out part of the
-provider's data). What breaks the assumption, and what we measured of it, is in the README.
+provider's data that the *victim* was not trained on either: the victim is more confident on its
+own training images, so scores built on its outputs (MSP, Energy, SAME's s2) calibrated there make
+every benign client look anomalous.) What breaks the assumption, and what we measured of it, is
+in the README.
 
 Example::
 
@@ -113,8 +116,9 @@ class ClientAlarms:
         Args:
             victim: ``images -> probabilities (N, K)``; its predicted labels pick each query's class.
             scorers: name -> fitted per-query detector.
-            benign_x: ``(M, C, H, W)`` benign images in ``[-1, 1]`` that no scorer was fitted on
-                (a few thousand: each class should have at least ``min_class_size``).
+            benign_x: ``(M, C, H, W)`` benign images in ``[-1, 1]`` that neither the scorers nor the
+                victim were trained on (a few thousand: each class should have at least
+                ``min_class_size``).
             delta: the false-alarm bound, in (0, 1).
             stream: add the stream test of the client's own queries (``True`` for the default
                 :class:`~sameguard.evidence.StreamExchangeabilityTest`).

@@ -1,14 +1,14 @@
 """The benchmark's per-client alarm study: queries until alarm, and false alarms among benign clients.
 
-For one victim and its fitted per-query detectors, with benign calibration images no detector was
-fitted on (the defender's held-out split), this module measures, through the same
+For one victim and its fitted per-query detectors, with benign calibration images that neither the
+detectors nor the victim were trained on, this module measures, through the same
 :class:`~sameguard.evidence.EvidenceMonitor` the guard uses:
 
 * **queries until alarm** of each attack stream (the attack's own queries, in order, from the
   first), for each alarm set: every detector alone, their combination (average of martingales),
   the stream test alone, and the combination with the stream test;
 * **benign false alarms**: ``benign_clients`` clients of ``client_queries`` queries each, drawn
-  from the victim's test split (disjoint from calibration), and class-skewed benign clients (one
+  from benign images disjoint from the calibration set, and class-skewed benign clients (one
   per single class and per pair of classes, by true label); how many were ever alarmed, next to
   the bound ``delta x clients``.
 

@@ -199,8 +199,9 @@ def alarm_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
     length = {a: max(r["stream_length"] for r in alarms if r.get("attack") == a) for a in attacks}
     lines = ["", f"### Per-client alarms (delta = {delta:g}): queries until alarm, median [range] over seeds", "",
              "Attack streams are each attack's first queries in order (`> n`: not alarmed within its n queries). "
-             "Benign: random clients of the test split, and class-skewed clients (one per class and per pair of "
-             "classes); the guarantee bounds the expected random-client false alarms by delta x clients.", "",
+             "Calibration: one half of the test split (unseen by victim and detectors). Benign: random clients "
+             "drawn from the other half, and class-skewed clients (one per class and per pair of classes); the "
+             "guarantee bounds the expected random-client false alarms by delta x clients.", "",
              "| alarm set | " + " | ".join(f"{a} (of {length[a]})" for a in attacks)
              + " | benign clients alarmed | bound | class-skewed alarmed |",
              "|---|" + "---:|" * (len(attacks) + 3)]

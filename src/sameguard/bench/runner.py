@@ -15,6 +15,12 @@ For each victim dataset and seed:
    pools from *train* splits, so no detector trains on the images an attack sends.
 4. Every detector scores both sets (stateful detectors see each as one client's stream);
    AUROC, AUPR, FPR at 95 % TPR and TPR at 1 % FPR follow, attack = positive.
+5. With ``[alarms]``, the per-client alarm study (:mod:`sameguard.bench.alarm_study`) calibrates
+   on one half of the test split and draws its benign clients from the other: calibration images
+   must be unseen by the detectors *and by the victim* (the victim is more confident on its own
+   training images, so calibrating MSP or Energy on them makes every benign client look
+   anomalous). Each attack's first queries are its stream; each attack then runs again through
+   the guard with the configured actions after the alarm.
 
 Victims, fitted detectors and attack query sets are cached under ``<outdir>/cache`` by a key of
 everything that determines them, so a re-run only scores.
@@ -117,6 +123,8 @@ class _Run:
     fit_data: ImageDataset
     held_out: ImageDataset
     victim: Victim
+    alarm_calibration: ImageDataset   # half of the test split: benign images neither victim nor detectors saw
+    alarm_benign: ImageDataset        # the other half: where benign clients of the alarm study draw from
 
     @property
     def where(self) -> str:
@@ -183,8 +191,10 @@ def _start_run(config: BenchConfig, dataset: str, seed: int, full_train: ImageDa
     fit_data, held_out = defender.split_off(0.1, seed=seed)
     victim = cached_victim(common["cache"], defender, test, arch=config.victim.arch, epochs=config.victim.epochs,
                            lr=config.victim.lr, seed=seed, device=common["device"], progress=common["progress"])
+    alarm_benign, alarm_calibration = test.split_off(0.5, seed=seed + 1)
     run = _Run(config=config, dataset=dataset, seed=seed, test=test, halves={"attacker": attacker},
-               fit_data=fit_data, held_out=held_out, victim=victim, **common)
+               fit_data=fit_data, held_out=held_out, victim=victim, alarm_calibration=alarm_calibration,
+               alarm_benign=alarm_benign, **common)
     run.echo(f"{run.where} victim {config.victim.arch}: test accuracy {victim.test_accuracy:.4f}")
     return run
 
@@ -236,7 +246,7 @@ def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dic
     assert spec is not None
     sets = alarm_sets(spec.detectors, spec.combination, spec.stream)
     study = AlarmStudy(run.victim, {label: detectors[label][1] for label in set(spec.detectors + spec.combination)},
-                       run.held_out.images, sets, delta=spec.delta, seed=run.seed)
+                       run.alarm_calibration.images, sets, delta=spec.delta, seed=run.seed)
     base = {"dataset": run.dataset, "seed": run.seed, "delta": spec.delta}
     records = []
     for label, attack in streams.items():
@@ -245,7 +255,7 @@ def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dic
                      "stream_length": len(attack["stream_tensor"]), "substitute_accuracy": attack["substitute_accuracy"]}
                     for name, q in found.items()]
         run.echo(f"{run.where} alarms on {label}: " + ", ".join(f"{n} {q or '-'}" for n, q in found.items()))
-    benign = study.benign_false_alarms(run.test, clients=spec.benign_clients, queries=spec.client_queries)
+    benign = study.benign_false_alarms(run.alarm_benign, clients=spec.benign_clients, queries=spec.client_queries)
     records += [{**base, "kind": "benign", "alarm_set": name, **row} for name, row in benign.items()]
     run.echo(f"{run.where} alarms on benign clients: "
              + ", ".join(f"{n} {r['alarmed']}/{r['clients']} (+{r['skewed_alarmed']} skewed)" for n, r in benign.items()))
@@ -258,10 +268,11 @@ def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -
     spec = run.config.alarms
     assert spec is not None
     scorers = {label: detectors[label][1] for label in spec.combination or spec.detectors}
-    alarms = ClientAlarms.calibrate(run.victim, scorers, run.held_out.images, delta=spec.delta, stream=spec.stream,
+    alarms = ClientAlarms.calibrate(run.victim, scorers, run.alarm_calibration.images, delta=spec.delta,
+                                    stream=spec.stream,
                                     seed=run.seed)
     primary = scorers[next(iter(scorers))]
-    primary.calibrate(run.held_out.images, 0.01)
+    primary.calibrate(run.alarm_calibration.images, 0.01)
     return Guard(run.victim, primary, policy, alarms=alarms, output=output, keep_decisions=0, history=False)
 
 
@@ -310,8 +321,9 @@ def _alarm_cost(run: _Run, detectors: dict[str, Any], n: int = 200) -> dict[str,
 def _benign_accuracy(run: _Run, guard: Guard, policy: str, delta: float, n: int = 2000) -> dict[str, Any]:
     """Accuracy a normal user gets through ``guard`` on ``n`` test images (a refused answer counts as
     wrong), next to the bare victim's on the same images."""
-    order = torch.randperm(len(run.test), generator=torch.Generator().manual_seed(run.seed + 20_000))[:n]
-    x, y = run.test.images[order], run.test.labels[order]
+    pool = run.alarm_benign
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(run.seed + 20_000))[:n]
+    x, y = pool.images[order], pool.labels[order]
     right = bare = 0
     for start in range(0, len(x), 100):
         verdict = guard.protect(x[start:start + 100], "benign-accuracy")
