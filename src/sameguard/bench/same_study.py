@@ -170,7 +170,8 @@ def _score_variants(detector: Any, sets: _Sets, scorings: dict[str, dict[str, An
 
 
 def _study_seed(run: _Run, config: BenchConfig, candidates: Sequence[Candidate],
-                scorings: dict[str, dict[str, Any]], echo: Callable[[str], None]) -> list[dict[str, Any]]:
+                scorings: dict[str, dict[str, Any]], echo: Callable[[str], None],
+                save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
     sets = _image_sets(run, config)
     base = {"dataset": run.dataset, "seed": run.seed, "victim_accuracy": run.victim.test_accuracy}
     msp = MSPDetector().fit(run.victim)
@@ -187,6 +188,7 @@ def _study_seed(run: _Run, config: BenchConfig, candidates: Sequence[Candidate],
                             "parameters": parameters, **result})
         echo(f"{run.where} {cand.name}: fitted in {fit_seconds:.0f} s ({parameters} MAE parameters), "
              f"authors' scoring: validation worst {records[-len(chosen)]['validation_min']:.3f}")
+        save(records)  # a long study keeps what it measured if it is stopped
     return records
 
 
@@ -206,13 +208,18 @@ def run_study(config: BenchConfig, bench_dir: str | Path, out: str | Path, *,
     for folder in (common["cache"], common["plots"]):
         folder.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
+
+    def save(new: list[dict[str, Any]]) -> None:
+        data = {"profile": config.name, "records": records + new}
+        (Path(out) / "study.json").write_text(json.dumps(data, indent=2))
+
     for dataset in config.datasets:
         full_train = load_dataset(dataset, "train", data_dir=data_dir)
         test = load_dataset(dataset, "test", data_dir=data_dir)
         for seed in config.seeds:
             run = _start_run(config, dataset, seed, full_train, test, **common)
-            records += _study_seed(run, config, candidates, scorings, echo)
-    (Path(out) / "study.json").write_text(json.dumps({"profile": config.name, "records": records}, indent=2))
+            records += _study_seed(run, config, candidates, scorings, echo, save)
+    save([])
     return records
 
 
