@@ -182,7 +182,7 @@ def extraction_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
     lines.append("\nKeys for the whole budget: an attacker spreading its budget over API keys gets about "
                  "(alarm query - 1) answers per key before each key is alarmed.")
     for r in (r for r in records if r["kind"] == "cost"):
-        lines.append(f"\nCost per single-image query through the guard (seed {r['seed']}): {r['ms_guard']:.2f} ms "
+        lines.append(f"\nMedian cost per single-image query through the guard (seed {r['seed']}): {r['ms_guard']:.2f} ms "
                      f"with SAME alone, {r['ms_guard_with_alarms']:.2f} ms with the per-client alarms "
                      f"(+{100 * (r['ms_guard_with_alarms'] / r['ms_guard'] - 1):.0f} %).")
     return lines
