@@ -167,14 +167,15 @@ def extraction_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = ["", "### Extraction through the guard (per-query action at 1 % FPR, and every query after the "
              "client's alarm); substitute accuracy %, mean over seeds", "",
              "| action | attack | budget | unguarded | through the guard | fidelity (guarded) | alarm at query | "
-             "keys for the whole budget |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "keys for the whole budget | proof-of-work billed (hashes) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (policy, attack), rs in aggregate(rows, ("policy", "attack")).items():
         alarms = [r["alarm_query"] for r in rs]
         budget = rs[0]["budget"]
         keys = [1 if q is None else math.ceil(budget / max(q - 1, 1)) for q in alarms]
         lines.append(f"| {policy} | {attack} | {budget} | {_fmt([r['unguarded_accuracy'] for r in rs])} | "
                      f"{_fmt([r['substitute_accuracy'] for r in rs])} | {_fmt([r['fidelity'] for r in rs])} | "
-                     f"{median_range(alarms, budget)} | {max(keys)} |")
+                     f"{median_range(alarms, budget)} | {max(keys)} | "
+                     f"{np.mean([r.get('expected_hashes', 0.0) for r in rs]):.3g} |")
     for r in (r for r in records if r["kind"] == "benign-accuracy"):
         lines.append(f"\nNormal user through the guard ({r['policy']}, seed {r['seed']}): accuracy "
                      f"{100 * r['guarded_accuracy']:.1f} % on {r['queries']} test images, bare victim "

@@ -271,9 +271,9 @@ def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -
     alarms = ClientAlarms.calibrate(run.victim, scorers, run.alarm_calibration.images, delta=spec.delta,
                                     stream=spec.stream,
                                     seed=run.seed)
-    primary = scorers[next(iter(scorers))]
-    primary.calibrate(run.alarm_calibration.images, 0.01)
-    return Guard(run.victim, primary, policy, alarms=alarms, output=output, keep_decisions=0, history=False)
+    guard = Guard(run.victim, scorers[next(iter(scorers))], policy, alarms=alarms, output=output, keep_decisions=0,
+                  history=False)
+    return guard.calibrate(run.alarm_calibration.images, 0.01)  # the per-query threshold, and proof-of-work
 
 
 def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -291,7 +291,8 @@ def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, d
                             "alarm_query": None if ev is None else ev.alarm_query,
                             "substitute_accuracy": res.test_accuracy, "fidelity": res.fidelity,
                             "unguarded_accuracy": plain[aspec.label]["substitute_accuracy"],
-                            "unguarded_fidelity": plain[aspec.label]["fidelity"], "delta": spec.delta})
+                            "unguarded_fidelity": plain[aspec.label]["fidelity"], "delta": spec.delta,
+                            "expected_hashes": guard.stats(res.client).expected_hashes})
             run.echo(f"{run.where} through the guard ({policy} after the alarm) {aspec.label}: substitute accuracy "
                      f"{res.test_accuracy:.4f} (alarm at query {records[-1]['alarm_query'] or '-'})")
         records.append(_benign_accuracy(run, _guard_for(run, detectors, policy, "probabilities"), policy, spec.delta))
