@@ -209,6 +209,7 @@ def _add_study_parser(sub) -> None:
     p.add_argument("--workdir", default=None, help="where study.json is written (default: <bench-dir>/same-study)")
     p.add_argument("--candidates", default=None, help="comma-separated subset of the fits, by position (e.g. 0,1)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from an existing study.json")
+    p.add_argument("--notes", default=None, help="a Markdown file appended to the report (the reading of the run)")
     _common(p, data=True, seed=False)
 
 
@@ -486,7 +487,9 @@ def cmd_same_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--report-only needs {workdir / 'study.json'} from an earlier run.")
     command = " ".join(["sameguard same-study", f"--config {args.config}"]
                        + ([f"--candidates {args.candidates}"] if args.candidates else []))
-    write_study_report(workdir / "study.json", out, command=command)
+    if args.notes is not None and not Path(args.notes).is_file():
+        raise ValueError(f"--notes {args.notes} is not a file.")
+    write_study_report(workdir / "study.json", out, command=command, notes=args.notes)
     _out(out.read_text())
     return 0
 

@@ -59,7 +59,7 @@ def study_tables(records: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, str] 
     """The chosen (fit, scoring) and the Markdown lines of the study's tables."""
     groups = _groups(records)
     chosen = choose_default(records)
-    shown = [AUTHORS] + ([chosen[1]] if chosen and chosen[1] != AUTHORS else [])
+    shown = list(dict.fromkeys(r["scoring"] for r in records))  # every scoring: reported, never used to choose
     lines = ["### Validation anomalies (AUROC %, benign = the other half of the defender's held-out images)", "",
              *_validation_table(groups), "",
              f"**Chosen by the rule:** {chosen[0]!s}, scoring {chosen[1]!s}." if chosen else
@@ -98,8 +98,10 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
     return Path(path)
 
 
-def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *, command: str) -> Path:
-    """Write the Markdown report (tables + the plot next to it) from a ``study.json``."""
+def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *, command: str,
+                       notes: str | os.PathLike | None = None) -> Path:
+    """Write the Markdown report (tables + the plot next to it) from a ``study.json``; the Markdown
+    file ``notes`` (the reading of a run, written by a person) is appended when given."""
     data = json.loads(Path(study_json).read_text())
     records = data["records"]
     out = Path(out)
@@ -117,6 +119,8 @@ def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *,
             "(half-point bins), then the higher mean, then the shorter fit. Only the validation anomalies are "
             "read; the attacks below are reported, not used.", "",
             *tables, "", f"![AUROC against fit time]({plot.name})", ""]
+    if notes is not None:
+        text += ["", Path(notes).read_text().strip(), ""]
     out.write_text("\n".join(text))
     logger.info("Wrote %s and %s", out, plot)
     return out
