@@ -46,7 +46,8 @@ def add_alarm_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int
     p.add_argument("--detector", action="append", required=True, metavar="DIR",
                    help="folder of a saved per-query detector (repeatable; the alarms average their martingales)")
     p.add_argument("--images", required=True,
-                   help="benign images the detectors were not fitted on: a .npy file or a folder of PNGs")
+                   help="benign images that neither the detectors nor the victim were trained on: a .npy file or "
+                        "a folder of PNGs")
     p.add_argument("--out", required=True, help="output folder for the alarms")
     p.add_argument("--delta", type=float, default=1e-3, help="bound on a benign client's false-alarm probability "
                                                               "(default 1e-3)")
