@@ -124,7 +124,7 @@ def test_fit_calibrate_score_any_saveable_kind(trained, tmp_path, kind, extra):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--detector-kind", "msp"], "cannot be saved"),
+        (["--detector-kind", "prada"], "cannot be saved"),
         (["--detector-kind", "nope"], "Unknown detector 'nope'"),
         (["--detector-kind", "mahalanobis", "--mae-epochs", "2"], "has no parameter mae_epochs"),
         (["--detector-kind", "mahalanobis", "--preset", "tiny"], "Unknown preset 'tiny'"),

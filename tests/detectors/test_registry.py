@@ -15,8 +15,8 @@ from sameguard.detectors.registry import detector_names, is_saveable
 ABILITIES = {
     "same": (False, True),
     "same-conv-ae": (False, True),
-    "msp": (False, False),
-    "energy": (False, False),
+    "msp": (False, True),
+    "energy": (False, True),
     "mahalanobis": (False, True),
     "outlier-exposure": (False, True),
     "prada": (True, False),

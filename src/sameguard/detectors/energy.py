@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..api import Detector
 from ..training import predict_in_batches
 from ..validation import check_images, check_int, check_positive
+from .victim_output import VictimOutputArtifact
 from ._common import ParamsMixin, victim_image_shape
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     return (-temperature * torch.logsumexp(z / temperature, dim=1)).to(torch.float32)
 
 
-class EnergyDetector(ParamsMixin, Detector):
+class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
     """Score = the energy ``-T * logsumexp(f(x) / T)`` of the victim's logits. Stateless.
 
     Needs: the victim's logits (``"white-box"``): a victim with a ``logits(x) -> (N, K)``
@@ -68,6 +69,7 @@ class EnergyDetector(ParamsMixin, Detector):
     """
 
     NEEDS: frozenset[str] = frozenset({"white-box"})
+    KIND: ClassVar[str] = "energy-detector"
 
     def __init__(self, *, temperature: float = 1.0, batch_size: int = 512) -> None:
         self.temperature = temperature
@@ -93,6 +95,8 @@ class EnergyDetector(ParamsMixin, Detector):
             )
         self.logits_fn_ = logits_fn
         self.image_shape_ = victim_image_shape(victim)
+        sha = getattr(victim, "weights_sha256", None)
+        self.victim_sha256_ = sha if isinstance(sha, str) else None
         self.threshold_ = None
         self.calibration_fpr_ = None
         return self

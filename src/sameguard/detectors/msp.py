@@ -16,13 +16,14 @@ Reference implementation: https://github.com/hendrycks/error-detection.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..api import Detector
 from ..training import predict_in_batches
 from ..validation import check_images, check_int
+from .victim_output import VictimOutputArtifact
 from ._common import ParamsMixin, ProbabilityFn, victim_image_shape, victim_probabilities
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def msp_score(probabilities: torch.Tensor) -> torch.Tensor:
     return -p.to(torch.float32).max(dim=1).values
 
 
-class MSPDetector(ParamsMixin, Detector):
+class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
     """Score = negative maximum softmax probability of the victim. Black box, stateless.
 
     Needs: nothing beyond the victim's output probabilities (``NEEDS`` is empty).
@@ -61,6 +62,7 @@ class MSPDetector(ParamsMixin, Detector):
     """
 
     NEEDS: frozenset[str] = frozenset()
+    KIND: ClassVar[str] = "msp-detector"
 
     def __init__(self, *, batch_size: int = 512) -> None:
         self.batch_size = batch_size
@@ -79,6 +81,8 @@ class MSPDetector(ParamsMixin, Detector):
             raise ValueError(f"victim must be callable (images -> probabilities), got {type(victim).__name__}.")
         self.victim_ = victim
         self.image_shape_ = victim_image_shape(victim)
+        sha = getattr(victim, "weights_sha256", None)
+        self.victim_sha256_ = sha if isinstance(sha, str) else None
         self.threshold_ = None
         self.calibration_fpr_ = None
         return self
