@@ -108,8 +108,10 @@ def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     chosen, tables = study_tables(records)
     plot = plot_scaling(records, out.with_suffix(".png"))
+    plots = [f"![AUROC against fit time, authors' scoring]({plot.name})"]
     if chosen and chosen[1] != AUTHORS:
-        plot_scaling(records, out.with_name(out.stem + "-chosen.png"), scoring=chosen[1])
+        extra = plot_scaling(records, out.with_name(out.stem + "-chosen.png"), scoring=chosen[1])
+        plots.append(f"![AUROC against fit time, the chosen scoring]({extra.name})")
     seeds = sorted({r["seed"] for r in records})
     text = [f"# SAME at CPU scale (profile `{data['profile']}`, seeds {seeds})", "",
             f"Produced by `{command}`.", "",
@@ -118,7 +120,7 @@ def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *,
             "scoring of the `cpu` preset, choose the highest worst-case AUROC over the validation anomalies "
             "(half-point bins), then the higher mean, then the shorter fit. Only the validation anomalies are "
             "read; the attacks below are reported, not used.", "",
-            *tables, "", f"![AUROC against fit time]({plot.name})", ""]
+            *tables, "", *plots, ""]
     if notes is not None:
         text += ["", Path(notes).read_text().strip(), ""]
     out.write_text("\n".join(text))
