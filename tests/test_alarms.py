@@ -180,3 +180,15 @@ def test_proof_of_work_grows_with_the_evidence_after_the_alarm(setup):
         assert d.work_bits >= min(30, math.ceil(6 + 2.0 * d.evidence - 1e-9))  # the alarm floor, capped
     bits = [v.decisions[0].work_bits for v in alarmed]
     assert bits[-1] >= bits[0]  # evidence keeps growing, so does the price
+
+
+def test_alarm_only_policy_answers_every_query_until_the_alarm(setup):
+    from sameguard.actions import Policy
+
+    victim, detector, alarms = setup
+    guard = Guard(victim, detector, Policy("reject", threshold=float("inf")), alarms=alarms)
+    verdicts = [guard.protect(suspicious(1, seed=300 + i), "mallory") for i in range(20)]
+    refused = [bool(v.refused.item()) for v in verdicts]
+    alarmed = [v.decisions[0].alarmed for v in verdicts]
+    assert any(alarmed)
+    assert refused == alarmed  # nothing refused per query, everything after the alarm
