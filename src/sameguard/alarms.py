@@ -47,7 +47,7 @@ from .validation import check_choice, check_fraction, check_images, check_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlarmUpdate", "ClientAlarms", "ALARMS_FILE"]
+__all__ = ["AlarmUpdate", "ClientAlarms", "ALARMS_FILE", "predicted_labels", "scores_in_batches"]
 
 #: The JSON file that describes a saved set of alarms (next to one calibration folder per scorer).
 ALARMS_FILE = "alarms.json"
@@ -129,11 +129,10 @@ class ClientAlarms:
         scorers = _check_scorers(scorers)
         x = check_images(benign_x, name="benign_x")
         k = _num_classes(victim, x)
-        labels = torch.cat([victim_probabilities(victim, x[i:i + batch_size], k).argmax(1)
-                            for i in range(0, len(x), batch_size)])
+        labels = predicted_labels(victim, x, k, batch_size)
         calibrators = {}
         for name, scorer in scorers.items():
-            scores = _scores_in_batches(scorer, x, batch_size)
+            scores = scores_in_batches(scorer, x, batch_size)
             calibrators[name] = ConformalCalibrator(min_class_size=min_class_size).fit(scores, labels, k)
             logger.info("Alarms: %s calibrated on %d benign images", name, len(x))
         test = stream if isinstance(stream, StreamExchangeabilityTest) else StreamExchangeabilityTest() if stream else None
@@ -252,6 +251,13 @@ def _scores(scorer: Any, x: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def _scores_in_batches(scorer: Any, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def scores_in_batches(scorer: Any, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``(N,)`` float64 CPU scores of ``x`` by a per-query ``scorer``, in batches of ``batch_size``."""
     with torch.no_grad():
         return torch.cat([_scores(scorer, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def predicted_labels(victim: Callable, x: torch.Tensor, num_classes: int, batch_size: int = 512) -> torch.Tensor:
+    """``(N,)`` int64 top-1 labels of the victim on ``x`` (the class each p-value is calibrated in)."""
+    return torch.cat([victim_probabilities(victim, x[i:i + batch_size], num_classes).argmax(1)
+                      for i in range(0, len(x), batch_size)])

@@ -30,7 +30,7 @@ import torch
 
 from ..data import ImageDataset
 from ..evidence import ConformalCalibrator, EvidenceMonitor, MixtureMartingale, StreamExchangeabilityTest
-from ..prediction_api import victim_probabilities
+from ..alarms import predicted_labels, scores_in_batches
 from ..validation import check_fraction, check_int
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,8 @@ class AlarmStudy:
 
     def score(self, x: torch.Tensor) -> _Scored:
         """Every detector's scores and the victim's labels for ``x``, in batches."""
-        chunks = [x[i:i + self.batch_size] for i in range(0, len(x), self.batch_size)]
-        with torch.no_grad():
-            labels = torch.cat([victim_probabilities(self.victim, c, self.num_classes).argmax(1) for c in chunks])
-            scores = {label: torch.cat([torch.as_tensor(d.score(c)).detach().cpu().double().flatten() for c in chunks])
-                      for label, d in self.detectors.items()}
+        labels = predicted_labels(self.victim, x, self.num_classes, self.batch_size)
+        scores = {label: scores_in_batches(d, x, self.batch_size) for label, d in self.detectors.items()}
         return _Scored(scores, labels, x)
 
     def _monitor(self, name: str) -> EvidenceMonitor:

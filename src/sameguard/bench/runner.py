@@ -262,12 +262,20 @@ def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dic
     return records
 
 
+def _alarm_scorers(run: _Run, detectors: dict[str, Any]) -> dict[str, Any]:
+    """The detectors the guard's alarms combine (the ``combination``, else every alarm detector);
+    the first of them is also the guard's per-query detector."""
+    spec = run.config.alarms
+    assert spec is not None
+    return {label: detectors[label][1] for label in spec.combination or spec.detectors}
+
+
 def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -> Guard:
     """The protected model of the study: SAME's per-query action at 1 % benign FPR, and per-client
     alarms over the combination (and the stream test) calibrated on the held-out images."""
     spec = run.config.alarms
     assert spec is not None
-    scorers = {label: detectors[label][1] for label in spec.combination or spec.detectors}
+    scorers = _alarm_scorers(run, detectors)
     alarms = ClientAlarms.calibrate(run.victim, scorers, run.alarm_calibration.images, delta=spec.delta,
                                     stream=spec.stream,
                                     seed=run.seed)
@@ -304,8 +312,8 @@ def _alarm_cost(run: _Run, detectors: dict[str, Any], n: int = 200) -> dict[str,
     with the per-client alarms (the combination's other scorers, p-values, martingales, stream test),
     the two measured alternately."""
     x = run.test.images[:n]
-    plain = Guard(run.victim, detectors[(run.config.alarms.combination or run.config.alarms.detectors)[0]][1],
-                  "monitor", keep_decisions=0, history=False)
+    plain = Guard(run.victim, next(iter(_alarm_scorers(run, detectors).values())), "monitor", keep_decisions=0,
+                  history=False)
     guarded = _guard_for(run, detectors, "monitor", "probabilities")
     times: dict[str, list[float]] = {"guard": [], "guard_with_alarms": []}
     for guard in (plain, guarded):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from ..models import MAEConfig
 from ..steps import StepLog
 from .config import BenchConfig, DetectorSpec
 from .metrics import detection_metrics
-from .runner import _attack_queries, _fit_detector, _Run, _start_run
+from .runner import _attack_queries, _fit_detector, _Run, _start_run, _timed_scores
 from .validation_anomalies import validation_anomalies
 
 logger = logging.getLogger(__name__)
@@ -112,13 +111,6 @@ def _auroc(benign: np.ndarray, anomalous: np.ndarray) -> float:
     return detection_metrics(benign, anomalous).auroc
 
 
-def _timed(detector: Any, x: torch.Tensor) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    with torch.no_grad():
-        scores = torch.as_tensor(detector.score(x)).double().numpy()
-    return scores, 1000 * (time.perf_counter() - start) / len(x)
-
-
 @dataclass
 class _Sets:
     """The image sets every detector scores in one seed."""
@@ -143,10 +135,10 @@ def _image_sets(run: _Run, config: BenchConfig) -> _Sets:
 
 def _evaluate(detector: Any, sets: _Sets) -> dict[str, Any]:
     """Validation and attack AUROCs of one scoring of one fit, and its cost."""
-    val_benign, ms = _timed(detector, sets.validation_benign)
-    validation = {kind: _auroc(val_benign, _timed(detector, x)[0]) for kind, x in sets.validation.items()}
-    test_benign, _ = _timed(detector, sets.test_benign)
-    attacks = {label: _auroc(test_benign, _timed(detector, x)[0]) for label, x in sets.attacks.items()}
+    val_benign, ms = _timed_scores(detector, sets.validation_benign)
+    validation = {kind: _auroc(val_benign, _timed_scores(detector, x)[0]) for kind, x in sets.validation.items()}
+    test_benign, _ = _timed_scores(detector, sets.test_benign)
+    attacks = {label: _auroc(test_benign, _timed_scores(detector, x)[0]) for label, x in sets.attacks.items()}
     return {"validation": validation, "attacks": attacks, "score_ms": ms,
             "validation_min": min(validation.values()), "validation_mean": float(np.mean(list(validation.values())))}
 
