@@ -98,7 +98,9 @@ class AlarmSpec:
     martingales are averaged; ``stream`` adds the stream test of each client's own queries. Attack
     streams are the first ``stream_queries`` queries of each attack. ``actions`` (``reject``,
     ``misinformation``, ``pow``): run every attack again through the guard, with that action on every
-    query of an alarmed client, and measure what normal users still get.
+    query of an alarmed client, and measure what normal users still get. ``per_query_fpr``: also act on
+    single queries before the alarm, at SAME's threshold for that benign false-positive rate; ``None``
+    (default) acts on alarmed clients only, so normal users lose nothing to per-query false positives.
     """
 
     detectors: tuple[str, ...]
@@ -109,6 +111,7 @@ class AlarmSpec:
     client_queries: int = 300
     stream_queries: int = 1000
     actions: tuple[str, ...] = ()
+    per_query_fpr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
         return None
     w = f"{where} [alarms]"
     fields = {"detectors", "combination", "stream", "delta", "benign_clients", "client_queries", "stream_queries",
-              "actions"}
+              "actions", "per_query_fpr"}
     _unknown(raw, fields, w)
     labels = {d.label for d in detectors}
     chosen = tuple(_require(raw, "detectors", list, w))
@@ -194,7 +197,9 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
                          client_queries=check_int(raw.get("client_queries", 300), "client_queries"),
                          stream_queries=check_int(raw.get("stream_queries", 1000), "stream_queries"),
                          actions=tuple(check_choice(a, "each of actions", ("reject", "misinformation", "pow"))
-                                       for a in raw.get("actions", ())))
+                                       for a in raw.get("actions", ())),
+                         per_query_fpr=None if raw.get("per_query_fpr") is None else check_fraction(
+                             raw["per_query_fpr"], "per_query_fpr", include_low=False, include_high=False))
     except ValueError as exc:
         raise ValueError(f"{w}: {exc}") from None
     return spec

@@ -164,8 +164,11 @@ def extraction_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = [r for r in records if r["kind"] == "extraction"]
     if not rows:
         return []
-    lines = ["", "### Extraction through the guard (per-query action at 1 % FPR, and every query after the "
-             "client's alarm); substitute accuracy %, mean over seeds", "",
+    fpr = rows[0].get("per_query_fpr", 0.01)
+    when = ("every query after the client's alarm" if fpr is None
+            else f"single queries at {100 * fpr:g} % FPR, and every query after the client's alarm")
+    lines = ["", f"### Extraction through the guard (the action on {when}); substitute accuracy %, mean over seeds",
+             "",
              "| action | attack | budget | unguarded | through the guard | fidelity (guarded) | alarm at query | "
              "keys for the whole budget | proof-of-work billed (hashes) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (policy, attack), rs in aggregate(rows, ("policy", "attack")).items():

@@ -45,6 +45,7 @@ from ..attacks import NormalUser, attack_data_role, build_attack
 from ..cache import cache_key, cached_victim, preset_architecture
 from ..data import ImageDataset, load_dataset
 from ..detectors import PRADADetector, build_detector, fit_detector
+from ..actions import Policy
 from ..guard import Guard
 from ..steps import StepLog
 from ..victim import Victim
@@ -271,17 +272,18 @@ def _alarm_scorers(run: _Run, detectors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -> Guard:
-    """The protected model of the study: SAME's per-query action at 1 % benign FPR, and per-client
-    alarms over the combination (and the stream test) calibrated on the held-out images."""
+    """The protected model of the study: per-client alarms over the combination (and the stream test)
+    calibrated on the held-out images; ``policy``'s action on every query of an alarmed client, and on
+    single queries before the alarm only when ``per_query_fpr`` sets SAME's threshold."""
     spec = run.config.alarms
     assert spec is not None
     scorers = _alarm_scorers(run, detectors)
     alarms = ClientAlarms.calibrate(run.victim, scorers, run.alarm_calibration.images, delta=spec.delta,
-                                    stream=spec.stream,
-                                    seed=run.seed)
-    guard = Guard(run.victim, scorers[next(iter(scorers))], policy, alarms=alarms, output=output, keep_decisions=0,
-                  history=False)
-    return guard.calibrate(run.alarm_calibration.images, 0.01)  # the per-query threshold, and proof-of-work
+                                    stream=spec.stream, seed=run.seed)
+    threshold = None if spec.per_query_fpr is not None else float("inf")
+    guard = Guard(run.victim, scorers[next(iter(scorers))], Policy(policy, threshold=threshold), alarms=alarms,
+                  output=output, keep_decisions=0, history=False)
+    return guard.calibrate(run.alarm_calibration.images, spec.per_query_fpr)  # and proof-of-work's benign bits
 
 
 def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -300,7 +302,8 @@ def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, d
                             "substitute_accuracy": res.test_accuracy, "fidelity": res.fidelity,
                             "unguarded_accuracy": plain[aspec.label]["substitute_accuracy"],
                             "unguarded_fidelity": plain[aspec.label]["fidelity"], "delta": spec.delta,
-                            "expected_hashes": guard.stats(res.client).expected_hashes})
+                            "expected_hashes": guard.stats(res.client).expected_hashes,
+                            "per_query_fpr": spec.per_query_fpr})
             run.echo(f"{run.where} through the guard ({policy} after the alarm) {aspec.label}: substitute accuracy "
                      f"{res.test_accuracy:.4f} (alarm at query {records[-1]['alarm_query'] or '-'})")
         records.append(_benign_accuracy(run, _guard_for(run, detectors, policy, "probabilities"), policy, spec.delta))
