@@ -3,8 +3,11 @@
 Every decoder returns ``(images, output)``: a float32 tensor ``(N, C, H, W)`` (range and NaN
 are checked afterwards by :func:`~sameguard.validation.check_images`) and the requested output
 (``"probabilities"``, ``"labels"`` or ``None`` for the service's default). Anything wrong raises
-an :class:`~fastapi.HTTPException` whose detail says what: 400 malformed JSON or multipart, 413
-too many images, 415 an unsupported content type, 422 a body or images that do not validate.
+an :class:`~fastapi.HTTPException` whose detail says what: 400 malformed JSON (including an integer
+literal longer than :data:`MAX_INT_DIGITS` digits) or multipart, 413 too many images (a body over the
+size limit is answered 413 by the middleware), 415 an unsupported content type, 422 a body or images
+that do not validate (``true``/``false`` among the numbers included). Nothing else escapes them
+(``tests/service/test_decoding_properties.py`` checks it with Hypothesis).
 
 * ``application/json`` ``{"instances": [...]}``: a nested ``(N, C, H, W)`` array of numbers.
 * ``application/json`` ``{"b64": "...", "shape": [N, C, H, W]}``: little-endian float32, C order.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -28,6 +32,7 @@ from fastapi import HTTPException, Request
 from pydantic import ValidationError
 
 from .errors import validation_message
+from .middleware import BodyTooLarge
 from .schemas import PredictJSON
 
 __all__ = [
@@ -44,6 +49,20 @@ __all__ = [
 #: Modes PNG uploads are converted to, by the model's channel count.
 _PNG_MODES = {1: "L", 3: "RGB"}
 _OUTPUTS = ("probabilities", "labels")
+#: Longest integer literal accepted in a JSON body. No field needs more (shapes are small, pixels are
+#: in [-1, 1]); Python's own limit (4300 digits) would otherwise surface as a ``ValueError``.
+MAX_INT_DIGITS = 32
+
+
+class _IntegerTooLong(ValueError):
+    """An integer literal in the JSON body has more than :data:`MAX_INT_DIGITS` digits."""
+
+
+def _parse_int(text: str) -> int:
+    """``json.loads``'s ``parse_int``: refuse long literals before converting them (no echo of the number)."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _IntegerTooLong(len(text.lstrip("-")))
+    return int(text)
 
 
 def check_batch_size(n: int, max_batch: int) -> None:
@@ -66,7 +85,7 @@ async def decode_request(request: Request, image_shape: Sequence[int], max_batch
 def parse_predict_json(raw: bytes) -> PredictJSON:
     """The JSON body as :class:`~sameguard.service.schemas.PredictJSON` (400 malformed, 422 invalid)."""
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_int=_parse_int)
     except RecursionError:
         raise HTTPException(400, "Malformed JSON in the request body: it is nested too deeply.") from None
     except json.JSONDecodeError as exc:
@@ -74,6 +93,11 @@ def parse_predict_json(raw: bytes) -> PredictJSON:
                                  f"{exc.colno}.") from None
     except UnicodeDecodeError:
         raise HTTPException(400, "Malformed JSON in the request body: the body is not UTF-8.") from None
+    except _IntegerTooLong as exc:
+        raise HTTPException(400, f"Malformed JSON in the request body: an integer of {exc.args[0]} digits; at most "
+                                 f"{MAX_INT_DIGITS} are accepted.") from None
+    except ValueError:  # any other number the JSON parser cannot convert
+        raise HTTPException(400, "Malformed JSON in the request body: a number cannot be converted.") from None
     try:
         return PredictJSON.model_validate(obj)
     except ValidationError as exc:
@@ -114,12 +138,22 @@ def decode_instances(instances: Any, image_shape: Sequence[int], max_batch: int)
         array = np.asarray(instances)
     except (ValueError, TypeError):
         raise HTTPException(422, f"instances must be a rectangular nested array of numbers of shape {wanted}.") from None
-    if array.dtype.kind not in "fiu" or array.dtype == object:
+    if array.dtype.kind not in "fiu" or array.dtype == object or _holds_bool(instances, array.ndim):
         raise HTTPException(422, f"instances must be a rectangular nested array of numbers of shape {wanted}; found "
-                                 "non-numeric or ragged values.")
+                                 "non-numeric (e.g. true/false) or ragged values.")
     if array.ndim >= 1:
         check_batch_size(int(array.shape[0]), max_batch)
     return array.astype(np.float32)
+
+
+def _holds_bool(instances: Any, ndim: int) -> bool:
+    """Whether a rectangular nested list of ``ndim`` levels holds ``true``/``false`` (numpy reads them as 1/0)."""
+    if ndim == 0:
+        return isinstance(instances, bool)
+    flat: Any = instances
+    for _ in range(ndim - 1):
+        flat = itertools.chain.from_iterable(flat)
+    return any(type(v) is bool for v in flat)
 
 
 async def decode_multipart(request: Request, image_shape: Sequence[int],
@@ -129,10 +163,11 @@ async def decode_multipart(request: Request, image_shape: Sequence[int],
 
     try:
         form = await request.form(max_files=max_batch + 1, max_fields=16)
-    except HTTPException:
-        raise
+    except (HTTPException, BodyTooLarge):
+        raise  # BodyTooLarge: the middleware answers 413 with the limit
     except Exception as exc:  # noqa: BLE001 - the multipart parser raises many kinds; all mean a bad body
-        raise HTTPException(400, f"Malformed multipart body: {exc}") from None
+        reason = str(exc) or type(exc).__name__
+        raise HTTPException(400, f"Malformed multipart body: {reason[:200]}") from None
     files = form.getlist("images")
     output = form.get("output")
     if output is not None and not isinstance(output, str):

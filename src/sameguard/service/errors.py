@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .schemas import ErrorResponse
 
@@ -27,10 +28,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 AUDIT_UNAVAILABLE = "The audit log is unavailable, so the query was not answered; retry later."
 
 
+#: Longest ``detail`` sent back; longer ones (a message quoting a huge input) are cut, never echoed whole.
+MAX_DETAIL_CHARS = 500
+
+
 def error_response(status: int, detail: str, request: Request | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    """The JSON error answer, with the request id the middleware assigned."""
+    """The JSON error answer, with the request id the middleware assigned (``detail`` cut to 500 characters)."""
     rid = getattr(request.state, "request_id", None) if request is not None else None
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[:MAX_DETAIL_CHARS - 16] + " ... (cut short)"
     return JSONResponse({"detail": detail, "request_id": rid}, status_code=status, headers=headers)
 
 
@@ -52,7 +59,7 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     return error_response(422, validation_message(list(errors)), request)
 
 
-async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Any :class:`HTTPException` as ``{"detail", "request_id"}``, keeping its headers (``Retry-After``, ...)."""
     return error_response(exc.status_code, str(exc.detail), request, headers=getattr(exc, "headers", None))
 
@@ -60,4 +67,5 @@ async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the service's error handlers on ``app``."""
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
-    app.add_exception_handler(HTTPException, on_http_error)  # type: ignore[arg-type]
+    # Starlette's class is the base of FastAPI's: this also covers the framework's own 400/404/405.
+    app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]

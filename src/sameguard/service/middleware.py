@@ -14,18 +14,21 @@ from .metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServiceMiddleware", "REQUEST_ID_HEADER"]
+__all__ = ["ServiceMiddleware", "REQUEST_ID_HEADER", "BodyTooLarge"]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class _BodyTooLarge(Exception):
-    """Raised by the limited ``receive`` when the body grows past the limit."""
+class BodyTooLarge(Exception):
+    """Raised by the limited ``receive`` when the body grows past the limit (the middleware answers 413).
+
+    Code that reads the body and catches broad exceptions (the multipart parser) must re-raise it.
+    """
 
 
 def _only_body_too_large(exc: BaseException) -> bool:
-    if isinstance(exc, _BodyTooLarge):
+    if isinstance(exc, BodyTooLarge):
         return True
     if isinstance(exc, BaseExceptionGroup):
         return all(_only_body_too_large(e) for e in exc.exceptions)
@@ -106,7 +109,7 @@ class ServiceMiddleware:
             if message.get("type") == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge()
+                    raise BodyTooLarge()
             return message
 
         try:

@@ -1,0 +1,101 @@
+"""Issue 12: what fuzzing and tampering found in the service, each closed and pinned by a test.
+
+Findings (numbers as in the issue): 1 huge integer literals (a 500, a reset keep-alive connection, a
+422 echoing the number), 2 the OpenAPI document, 4 server-assigned request ids, 5 NaN/inf scores
+flagged everywhere, 7 proof-of-work batch cap and its audit, 8 chunked multipart over the limit and
+``true`` among the floats.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+BIG = "1" * 5000  # more digits than Python's int() accepts (4300)
+
+
+@pytest.fixture
+def client(make_app):
+    app, token = make_app("reject", max_batch=8, rate_burst=100, max_request_bytes=200_000)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["X-API-Key"] = token
+        yield app, c
+
+
+def _post_raw(c, path: str, body: bytes):
+    return c.post(path, content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("body", [
+    '{"instances": %s}' % BIG,
+    '{"instances": [[[[%s]]]]}' % BIG,
+    '{"instances": [[[[0.0]]]], "output": %s}' % BIG,
+    '{"b64": "", "shape": [1, 1, 28, %s]}' % ("1" * 4300),
+    '{"b64": "", "shape": [%s, 1, 28, 28]}' % ("1" * 4300),
+])
+def test_huge_integer_literals_get_a_short_400_not_a_500(client, body):
+    app, c = client
+    r = _post_raw(c, "/v1/predict", body.encode())
+    assert r.status_code == 400, r.text[:300]
+    assert "integer of" in r.json()["detail"] and len(r.text) < 400  # says why, echoes nothing
+    assert app.state.sameguard.audit.count() == 0
+
+
+def test_error_details_are_cut_short(client):
+    _, c = client
+    r = c.post("/v1/predict", json={"b64": "", "shape": [1, 1, 28, int("9" * 30)], "x" * 5000: 1})
+    assert r.status_code == 422 and len(r.json()["detail"]) <= 500
+
+
+def test_huge_integer_keeps_the_keep_alive_connection_usable(make_app, kit):
+    app, token = make_app("reject")
+    with kit.live(app) as url, httpx.Client(base_url=url, headers={"X-API-Key": token}, timeout=30) as http:
+        r = http.post("/v1/predict", content=('{"instances": %s}' % BIG).encode(),
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+        r = http.post("/v1/predict", json={"instances": kit.dark(1).tolist()})  # same connection
+        assert r.status_code == 200, r.text
+
+
+def test_true_among_the_floats_is_refused(client):
+    app, c = client
+    rows = [[[True] + [0.0] * 27] + [[0.0] * 28] * 27]
+    r = c.post("/v1/predict", json={"instances": [rows]})
+    assert r.status_code == 422 and "true/false" in r.json()["detail"], r.text
+    r = c.post("/v1/predict", json={"instances": [[[[False] * 28] * 28]]})
+    assert r.status_code == 422, r.text
+    assert app.state.sameguard.audit.count() == 0
+
+
+def _multipart_chunks(total: int, boundary: str):
+    yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n" \
+          f"Content-Type: image/png\r\n\r\n".encode()
+    sent = 0
+    while sent < total:
+        yield b"x" * 65536
+        sent += 65536
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_chunked_multipart_over_the_limit_gets_413_with_a_reason(client):
+    app, c = client
+    boundary = "sgboundary"
+    r = c.post("/v1/predict", content=_multipart_chunks(300_000, boundary),
+               headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text
+    assert "exceeds 200000 bytes" in r.json()["detail"]
+    assert app.state.sameguard.audit.count() == 0
+
+
+def test_framework_errors_carry_the_request_id(client):
+    _, c = client
+    r = _post_raw(c, "/v1/pow/redeem", ('{"challenge": %s}' % BIG).encode())
+    assert r.status_code == 400 and r.json()["request_id"], r.text
+    r = c.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["request_id"], r.text
