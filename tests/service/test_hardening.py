@@ -99,3 +99,38 @@ def test_framework_errors_carry_the_request_id(client):
     assert r.status_code == 400 and r.json()["request_id"], r.text
     r = c.get("/no/such/route")
     assert r.status_code == 404 and r.json()["request_id"], r.text
+
+
+def _resolve(spec: dict, ref: str) -> dict:
+    node = spec
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def test_openapi_document_defines_every_ref_and_its_examples_are_accepted(client):
+    app, c = client
+    spec = c.get("/openapi.json").json()
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.add(node["$ref"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    assert "#/components/schemas/PredictJSON" in refs
+    for ref in refs:
+        _resolve(spec, ref)  # KeyError when the document refers to a schema it does not define
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    schema = _resolve(spec, body["application/json"]["schema"]["$ref"])
+    assert len(schema["examples"]) == 2
+    for example in schema["examples"]:  # the document's own examples are accepted by this model
+        r = c.post("/v1/predict", json=example)
+        assert r.status_code == 200, r.text
+    assert app.state.sameguard.audit.count() == 2

@@ -38,6 +38,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from .. import __version__
 from ..guard import Guard
@@ -45,6 +46,7 @@ from .challenges import ChallengeIssuer
 from .errors import install_error_handlers
 from .middleware import ServiceMiddleware
 from .routers import ROUTERS
+from .schemas import predict_json_schema
 from .settings import ServiceSettings
 from .state import ServiceState, build_state
 
@@ -66,6 +68,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 guard.output)
     yield
     state.audit.engine.dispose()
+    if state.store is not None:
+        state.store.close()
 
 
 def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None = None,
@@ -88,4 +92,21 @@ def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None =
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    install_openapi(app, tuple(state.guard.image_shape))
     return app
+
+
+def install_openapi(app: FastAPI, image_shape: tuple[int, ...]) -> None:
+    """Complete the OpenAPI document: ``/v1/predict`` reads its body itself, so its JSON schema
+    (``#/components/schemas/PredictJSON``, with examples of the served ``image_shape``) is added here."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["PredictJSON"] = \
+                predict_json_schema(image_shape)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

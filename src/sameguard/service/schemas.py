@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["PredictJSON", "PredictResponse", "AlarmNotice", "AlarmedError", "ClientAlarm", "ClearedAlarm", "ChallengeOut", "ChallengeResponse", "RedeemRequest", "ModelInfo",
+__all__ = ["PredictJSON", "predict_json_schema", "PredictResponse", "AlarmNotice", "AlarmedError", "ClientAlarm", "ClearedAlarm", "ChallengeOut", "ChallengeResponse", "RedeemRequest", "ModelInfo",
            "ErrorResponse", "PowInfo", "Health"]
 
 
@@ -16,9 +17,9 @@ class PredictJSON(BaseModel):
     Images are ``(N, C, H, W)`` float32 in ``[-1, 1]`` (``x = 2 * pixel / 255 - 1``).
     """
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"instances": [[[[0.0, -1.0], [1.0, 0.5]]]]},
-                     {"b64": "AACAvwAAgD8AAAAAAAAAPw==", "shape": [1, 1, 2, 2], "dtype": "float32"}]})
+    # No static examples: a valid one depends on the served model's image shape, so the app adds
+    # them to its OpenAPI document (:func:`predict_json_schema`).
+    model_config = ConfigDict(extra="forbid")
 
     instances: list[Any] | None = Field(None, description="nested array of shape (N, C, H, W), numbers in [-1, 1]")
     b64: str | None = Field(None, description="base64 of the little-endian float32 values in C order")
@@ -34,6 +35,17 @@ class PredictJSON(BaseModel):
         if self.b64 is not None and (self.shape is None or len(self.shape) != 4 or any(s < 1 for s in self.shape)):
             raise ValueError("'b64' needs 'shape': four positive integers (N, C, H, W)")
         return self
+
+
+def predict_json_schema(image_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    """The JSON schema of :class:`PredictJSON` for the OpenAPI document, with two examples that a
+    model of ``image_shape`` ``(C, H, W)`` accepts (one image of zeros, as ``instances`` and as ``b64``)."""
+    c, h, w = (int(v) for v in image_shape)
+    schema = PredictJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+    zeros = base64.b64encode(bytes(4 * c * h * w)).decode("ascii")
+    schema["examples"] = [{"instances": [[[[0.0] * w for _ in range(h)] for _ in range(c)]]},
+                          {"b64": zeros, "shape": [1, c, h, w], "dtype": "float32"}]
+    return schema
 
 
 class AlarmNotice(BaseModel):
