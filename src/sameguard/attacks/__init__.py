@@ -6,6 +6,22 @@
 * ``jbda-tr``: :class:`JBDATR` (a few in-distribution seed images);
 * ``dfme``: :class:`DFME` (no data).
 
+Adaptive attackers (issue 13; they know the defence, see ``docs/adaptive-attacks.md``), each a
+Knockoff variant so that its substitute accuracy next to Knockoff's is the price of evasion:
+
+* ``knockoff-blend``: :class:`BlendKnockoff`, queries ``lam * x_in + (1 - lam) * x_proxy``
+  (a proxy pool and a few in-distribution images);
+* ``knockoff-mixup``: :class:`MixupKnockoff`, pairs of proxy images mixed (a proxy pool);
+* ``knockoff-interleave``: :class:`InterleaveKnockoff`, a fraction ``rho`` of in-distribution
+  cover queries spread through the stream (a proxy pool and in-distribution images);
+* ``knockoff-filtered``: :class:`FilteredKnockoff`, only the least suspicious candidates of a
+  larger pool by the attacker's own SAME / MSP / Energy copy (a proxy pool, and in-distribution
+  images for the SAME copy);
+* ``knockoff-wide``: :class:`SlowAndWideKnockoff`, the budget spread over ``keys`` API keys
+  through a :class:`KeyRing` (a proxy pool).
+
+All of them work on label-only APIs (the hard-label variants).
+
 ``build_attack(name, **kwargs)`` constructs one by name; ``attack.run(api, budget, victim=...,
 test_data=...)`` returns an :class:`AttackResult`. :class:`NormalUser` sends benign traffic (the
 victim's test split) the same way.
@@ -21,8 +37,12 @@ from .base import AttackResult, ExtractionAttack, UnsupportedOutputError, evalua
 from .dfme import DFME, dfme_query_cost, recover_logits
 from .jbda import JBDA
 from .jbda_tr import JBDATR
+from .blend import BlendKnockoff, MixupKnockoff, blend
+from .filtered import FilteredKnockoff, least_suspicious
+from .interleave import InterleaveKnockoff, interleave_schedule
 from .knockoff import KnockoffNets
 from .normal_user import NormalUser, TrafficResult
+from .wide import KeyRing, SlowAndWideKnockoff, key_names
 
 __all__ = [
     "ATTACKS",
@@ -33,10 +53,21 @@ __all__ = [
     "JBDA",
     "JBDATR",
     "DFME",
+    "BlendKnockoff",
+    "MixupKnockoff",
+    "InterleaveKnockoff",
+    "FilteredKnockoff",
+    "SlowAndWideKnockoff",
+    "KeyRing",
     "NormalUser",
     "TrafficResult",
+    "attack_data",
     "attack_data_role",
+    "blend",
     "build_attack",
+    "interleave_schedule",
+    "key_names",
+    "least_suspicious",
     "dfme_query_cost",
     "evaluate_substitute",
     "recover_logits",
@@ -49,6 +80,11 @@ ATTACKS: dict[str, Callable[..., ExtractionAttack]] = {
     "jbda": JBDA,
     "jbda-tr": JBDATR,
     "dfme": DFME,
+    "knockoff-blend": BlendKnockoff,
+    "knockoff-mixup": MixupKnockoff,
+    "knockoff-interleave": InterleaveKnockoff,
+    "knockoff-filtered": FilteredKnockoff,
+    "knockoff-wide": SlowAndWideKnockoff,
 }
 
 
@@ -59,11 +95,17 @@ def _check_name(name: str) -> None:
 
 def attack_data_role(name: str) -> str | None:
     """What data attack ``name`` is built with: ``"proxy"`` (first argument ``proxy``), ``"seeds"``
-    (first argument ``seed_data``) or ``None`` (data-free)."""
+    (first argument ``seed_data``), ``"proxy+seeds"`` (``proxy`` then ``seed_data``) or ``None`` (data-free)."""
     _check_name(name)
     factory = ATTACKS[name]
     cls = factory.func if isinstance(factory, partial) else factory
     return cls.data_role  # type: ignore[union-attr]
+
+
+def attack_data(name: str, proxy: Any = None, seeds: Any = None) -> tuple[Any, ...]:
+    """The positional data arguments of attack ``name``: ``(proxy,)``, ``(seeds,)``, ``(proxy, seeds)`` or ``()``."""
+    role = attack_data_role(name)
+    return {"proxy": (proxy,), "seeds": (seeds,), "proxy+seeds": (proxy, seeds)}.get(role or "", ())
 
 
 def build_attack(name: str, *args: Any, **kwargs: Any) -> ExtractionAttack:
