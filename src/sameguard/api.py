@@ -39,6 +39,7 @@ __all__ = [
     "StatefulDetector",
     "SaveableDetector",
     "threshold_at_fpr",
+    "flag_scores",
 ]
 
 
@@ -64,6 +65,16 @@ class ArtifactError(SameguardError, ValueError):
 
 class IntegrityError(ArtifactError):
     """A saved file does not match the SHA-256 recorded in its manifest (tampered or corrupt)."""
+
+
+def flag_scores(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(N,)`` bool: a query is flagged when ``score > threshold`` **or its score is not finite**.
+
+    NaN, ``+inf`` and ``-inf`` scores come from broken detectors (corrupted weights, overflow), never
+    from a working one, so they count as flagged everywhere (library, CLI, service): fail closed.
+    """
+    s = torch.as_tensor(scores)
+    return ~torch.isfinite(s) | (s > threshold)
 
 
 def threshold_at_fpr(benign_scores: torch.Tensor, target_fpr: float) -> float:
@@ -159,14 +170,15 @@ class Detector(abc.ABC):
         return self
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` bool: True where the query is flagged as extraction (``score > threshold_``)."""
+        """``(N,)`` bool: True where the query is flagged as extraction (``score > threshold_``, or a
+        score that is NaN or infinite: :func:`flag_scores`)."""
         self._check_fitted()
         if self.threshold_ is None:
             raise NotCalibratedError(
                 f"This {type(self).__name__} has no threshold: call calibrate(benign_x, "
                 "target_fpr) first (or load a calibrated detector)."
             )
-        return self.score(x) > self.threshold_
+        return flag_scores(self.score(x), self.threshold_)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)

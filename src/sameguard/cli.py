@@ -416,12 +416,13 @@ def _score_columns(detector, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .api import flag_scores  # NaN and infinite scores count as flagged (fail closed)
     from .imagefiles import read_images
 
     victim, detector = _load_pair(args)
     x, names = read_images(args.images, victim.image_shape)
     columns = _score_columns(detector, x)
-    flagged = columns["score"] > detector.threshold_ if detector.threshold_ is not None else None
+    flagged = flag_scores(columns["score"], detector.threshold_) if detector.threshold_ is not None else None
     fh = sys.stdout if args.out == "-" else open(args.out, "w", newline="")
     try:
         writer = csv.writer(fh)

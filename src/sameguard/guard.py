@@ -378,7 +378,7 @@ class Guard:
         for i in range(len(x)):
             score = None if scores is None else float(scores[i])
             alarmed = alarm is not None and bool(alarm.alarmed[i])
-            flagged = alarmed or (score is not None and tau is not None and bool(math.isnan(score) or score > tau))
+            flagged = alarmed or (score is not None and tau is not None and bool(not math.isfinite(score) or score > tau))
             decisions.append(Decision(
                 time=now, client=client, input_sha256=digests[i], score=score, threshold=tau, flagged=flagged,
                 action=outcome.actions[i], work_bits=int(outcome.work_bits[i]), request_id=request_id, index=i,

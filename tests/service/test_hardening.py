@@ -134,3 +134,23 @@ def test_openapi_document_defines_every_ref_and_its_examples_are_accepted(client
         r = c.post("/v1/predict", json=example)
         assert r.status_code == 200, r.text
     assert app.state.sameguard.audit.count() == 2
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_service_refuses_and_audits_non_finite_scores_as_flagged(make_app, victim, kit, value):
+    from sqlalchemy import select
+
+    from sameguard.guard import Guard
+    from sameguard.service.db import audit_log
+
+    class Broken(kit.FakeDetector):
+        def score(self, x):
+            return torch.full((len(x),), value)
+
+    app, token = make_app("reject", guard=Guard(victim, Broken(), "reject"))
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", json={"instances": kit.dark(2).tolist()}, headers={"X-API-Key": token})
+    assert r.status_code == 200 and r.json()["refused"] == [0, 1], r.text
+    with app.state.sameguard.audit.engine.connect() as conn:
+        flagged = conn.execute(select(audit_log.c.flagged)).scalars().all()
+    assert flagged == [True, True]

@@ -89,8 +89,8 @@ def check_batch(probs: object, scores: object, threshold: object) -> tuple[torch
 
 
 def flagged_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``(N,)`` bool: ``score > threshold``; NaN scores are treated as flagged (fail closed)."""
-    return (scores > threshold) | torch.isnan(scores)
+    """``(N,)`` bool: ``score > threshold``; NaN and infinite scores are treated as flagged (fail closed)."""
+    return (scores > threshold) | ~torch.isfinite(scores)
 
 
 class Action(abc.ABC):

@@ -63,7 +63,7 @@ def misinformation_weight(scores: torch.Tensor, threshold: float, nu: float = 1e
     * ``"paper"``: ``alpha = sigmoid(nu * (score - tau))`` (Kariyappa & Qureshi's switch with the
       score's sign flipped: there the score is the maximum softmax probability, low = suspicious).
 
-    NaN scores get ``alpha = 1`` (fail closed).
+    NaN and infinite scores get ``alpha = 1`` (fail closed).
     """
     if switch not in SWITCHES:
         raise ValueError(f"switch must be one of {SWITCHES}, got {switch!r}.")
@@ -72,7 +72,7 @@ def misinformation_weight(scores: torch.Tensor, threshold: float, nu: float = 1e
         alpha = torch.tanh(nu * torch.clamp(s - threshold, min=0.0) / 2.0)
     else:
         alpha = torch.sigmoid(nu * (s - threshold))
-    return torch.where(torch.isnan(s), torch.ones_like(alpha), alpha)
+    return torch.where(torch.isfinite(s), alpha, torch.ones_like(alpha))
 
 
 def reverse_probabilities(probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

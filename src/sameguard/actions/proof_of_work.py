@@ -131,14 +131,15 @@ class ProofOfWork(Action):
     def bits_for(self, scores: torch.Tensor) -> torch.Tensor:
         """``(N,)`` int64 difficulty of each query (the formula in the module docstring).
 
-        NaN scores pay ``max_bits`` (fail closed).
+        NaN and infinite scores pay ``max_bits`` (fail closed).
         """
         if not self.is_calibrated():
             raise NotCalibratedError("This ProofOfWork is not calibrated: call calibrate(benign_scores) first, so "
                                      "that benign traffic pays at most benign_bits.")
         s = torch.as_tensor(scores, dtype=torch.float64).flatten()
         raw = self.benign_bits + self.bits_per_spread * (s - self.anchor_) / self.spread_
-        raw = torch.where(torch.isnan(raw), torch.full_like(raw, float(self.max_bits)), raw)
+        raw = torch.where(torch.isfinite(s), raw, torch.full_like(raw, float(self.max_bits)))
+        raw = torch.nan_to_num(raw, nan=float(self.max_bits))  # a finite score with a degenerate spread
         bits = torch.ceil(raw - 1e-9).clamp(self.min_bits, self.max_bits)
         return bits.to(torch.int64)
 
