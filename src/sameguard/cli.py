@@ -42,7 +42,8 @@ def add_attack_commands(sub) -> None:
                        description="Run a model-extraction attack (knockoff, knockoff-adaptive, jbda, jbda-tr, dfme) "
                                    "against a saved victim served as a bare prediction API, with exactly --budget "
                                    "queries, and print the substitute's test accuracy and fidelity.")
-    p.add_argument("name", help="knockoff, knockoff-adaptive, jbda, jbda-tr or dfme")
+    p.add_argument("name", help="knockoff, knockoff-adaptive, jbda, jbda-tr, dfme, knockoff-blend, knockoff-mixup, "
+                                "knockoff-interleave, knockoff-filtered or knockoff-wide")
     p.add_argument("--victim", required=True, help="folder of a saved victim")
     p.add_argument("--budget", type=int, default=4000, help="queries to spend (default: 4000)")
     p.add_argument("--output", choices=["probabilities", "labels"], default="probabilities",
@@ -51,6 +52,9 @@ def add_attack_commands(sub) -> None:
     p.add_argument("--seed-fraction", type=float, default=0.1,
                    help="JBDA's seeds come from this held-out fraction of the victim's train split (default: 0.1)")
     p.add_argument("--epochs", type=int, default=None, help="substitute epochs (default: the paper's)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any constructor argument of the attack, VALUE read as JSON when it parses (else a "
+                        "string); repeatable, e.g. --param lam=0.5 --param keys=8 --param scorer=same")
     p.add_argument("--save", default=None, help="save the substitute as a victim-format folder")
     p.add_argument("--detector", default=None,
                    help="folder of a saved detector (any kind) fitted for this victim: serve the victim behind it "
@@ -83,16 +87,29 @@ def _attack_data(args: argparse.Namespace):
     return victim, test, proxy, seeds
 
 
+def _attack_params(pairs: list[str]) -> dict[str, object]:
+    """``["lam=0.5", "scorer=same"]`` -> ``{"lam": 0.5, "scorer": "same"}`` (values parsed as JSON when they parse)."""
+    params: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param takes KEY=VALUE, got {pair!r}.")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .attacks import attack_data_role, build_attack
+    from .attacks import attack_data, build_attack
     from .guard import Guard
 
     if args.scores_out and not args.detector:
         raise ValueError("--scores-out needs --detector: scores come from the detector the victim is served behind.")
     victim, test, proxy, seeds = _attack_data(args)
-    role = attack_data_role(args.name)
-    data = (proxy,) if role == "proxy" else (seeds,) if role == "seeds" else ()
-    extra = {} if args.epochs is None else {"epochs": args.epochs}
+    data = attack_data(args.name, proxy, seeds)
+    extra = {**({} if args.epochs is None else {"epochs": args.epochs}), **_attack_params(args.param)}
     attack = build_attack(args.name, *data, seed=args.seed, device=args.device, progress=args.progress, **extra)
     if args.detector:
         from .detectors.registry import load_detector

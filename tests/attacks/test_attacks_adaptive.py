@@ -231,3 +231,19 @@ def test_adaptive_attacks_refuse_bad_parameters(pools):
         FilteredKnockoff(proxy, scorer="odin")
     with pytest.raises(ValueError, match="rotation"):
         SlowAndWideKnockoff(proxy, rotation="random")
+
+
+# -- the command line ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name, params", [("knockoff-blend", ["lam=0.4", "num_seeds=20"]),
+                                          ("knockoff-wide", ["keys=3"])])
+def test_cli_runs_adaptive_attacks_with_params(name, params, tiny_victim, tmp_path, capsys):
+    from sameguard.cli import main
+
+    tiny_victim.save(tmp_path / "victim")
+    argv = ["attack", name, "--victim", str(tmp_path / "victim"), "--budget", "30", "--epochs", "1", "--no-progress",
+            "--output", "labels"]
+    for p in params:
+        argv += ["--param", p]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{name}: 30/30 queries" in out
