@@ -25,6 +25,9 @@ from sameguard.data import fashion_mnist, files, load_dataset
 from sameguard.detectors import SAMEDetector
 from sameguard.victim import train_victim
 
+# Real Redis / PostgreSQL for the tests that need them (skipped when absent, failing under CI=true).
+from _servers import postgres_url, redis_server  # noqa: E402,F401
+
 # Tiny models train fastest on one thread, and a shared 2-core machine makes two threads crawl.
 torch.set_num_threads(1)
 

@@ -203,7 +203,8 @@ def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: 
     from ..service import ServiceSettings, create_app
 
     svc = ServiceSettings(db_url=f"sqlite:///{db_path}", rate_per_second=1e9,
-                          rate_burst=10 ** 9, max_batch=max(batch_sizes), key_cache_s=60,
+                          rate_burst=10 ** 9, request_rate_per_second=1e9, request_burst=10 ** 9,
+                          max_batch=max(batch_sizes), key_cache_s=60,
                           max_request_bytes=max(8 * 1024 * 1024, 4 * max(batch_sizes) * images[0].numel() * 2))
     app = create_app(svc, guard=_guard_for(setting, victim, detector))
     _, token = app.state.sameguard.keys.create("bench")

@@ -6,9 +6,10 @@ into a challenge it can check later without trusting the client:
 
 * the challenge string is ``"sg-pow-1:<bits>:<expires>:<id>:<client tag>:<resource>"``, signed with
   HMAC-SHA256 under a server secret, so the client cannot lower ``bits`` or move the expiry;
-* the issuer keeps each unsolved challenge with the answers it holds (the *payload*), so a
-  challenge is redeemed **once** (a replay is refused), only by the client it was issued to, and
-  only before it expires;
+* the issuer keeps each unsolved challenge with the answers it holds (the *payload*) in the
+  service's state store (:mod:`.store`: in memory, or Redis shared by every worker), so a challenge
+  is redeemed **once** across all workers (a replay is refused), only by the client it was issued
+  to, and only before it expires;
 * a solution is checked with one SHA-256 (plus the HMAC).
 
 Every refusal is a :class:`ChallengeError` whose ``reason`` says what was wrong and whose
@@ -22,9 +23,7 @@ import hmac
 import math
 import re
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -32,6 +31,7 @@ from typing import Any, ClassVar
 from ..actions.puzzle import MAX_BITS, SCHEME, verify_solution
 from ..api import SameguardError
 from ..validation import check_choice, check_int, check_positive
+from .store import TOO_MANY_CLIENT, MemoryServiceStore, ServiceStore
 
 __all__ = ["Challenge", "ChallengeIssuer", "ChallengeError"]
 
@@ -110,22 +110,27 @@ def _client_tag(client: str) -> str:
 
 
 class ChallengeIssuer:
-    """Issues HMAC-signed challenges, keeps them until redeemed or expired, redeems each once.
+    """Issues HMAC-signed challenges, holds them in a :class:`~.store.ServiceStore` until redeemed
+    or expired, redeems each once.
 
     Args:
         secret: HMAC key (at least 16 bytes); ``None`` draws 32 random bytes, so challenges do not
-            survive a restart (they are short-lived anyway).
+            survive a restart (they are short-lived anyway). Every worker sharing a store must use
+            the same secret.
         ttl_s: seconds a challenge stays valid (default 120).
-        max_pending: most unsolved challenges held in memory for all clients (default 10000).
+        max_pending: most unsolved challenges held for all clients (default 10000).
         max_pending_per_client: most unsolved challenges per client (default 32).
         clock: a function returning UNIX seconds (tests pass a fake one).
+        store: where challenges are held (default a new in-memory store: one process). With a
+            shared store (Redis) a challenge issued by one worker is redeemed by any, once, and the
+            caps count every worker's challenges.
 
-    Thread-safe. State is in memory: run one worker process per issuer (the service's default),
-    or share the store (e.g. Redis) in a multi-replica deployment.
+    Thread-safe (the store is).
     """
 
     def __init__(self, secret: bytes | None = None, *, ttl_s: float = 120.0, max_pending: int = 10_000,
-                 max_pending_per_client: int = 32, clock: Callable[[], float] = time.time) -> None:
+                 max_pending_per_client: int = 32, clock: Callable[[], float] = time.time,
+                 store: ServiceStore | None = None) -> None:
         if secret is not None and (not isinstance(secret, bytes) or len(secret) < 16):
             raise ValueError("secret must be bytes of length at least 16 (e.g. secrets.token_bytes(32)).")
         self._secret = secret if secret is not None else secrets.token_bytes(32)
@@ -133,16 +138,12 @@ class ChallengeIssuer:
         self.max_pending = check_int(max_pending, "max_pending", minimum=1)
         self.max_pending_per_client = check_int(max_pending_per_client, "max_pending_per_client", minimum=1)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._pending: OrderedDict[str, tuple[Challenge, Any]] = OrderedDict()
-        self._per_client: dict[str, int] = {}
-        self._redeemed: OrderedDict[str, int] = OrderedDict()  # id -> expires_at, to tell replays apart
+        self.store: ServiceStore = store if store is not None else MemoryServiceStore()
 
     @property
     def pending(self) -> int:
-        """Number of challenges issued and not yet redeemed (expired ones may still count until purged)."""
-        with self._lock:
-            return len(self._pending)
+        """Number of unexpired challenges issued and not yet redeemed."""
+        return self.store.pending_challenges(self._clock())
 
     def issue(self, client: str, bits: int, payload: Any = None, resource: str = "") -> Challenge:
         """Create and store a challenge for ``client`` at ``bits``; ``payload`` is handed back on redemption.
@@ -150,7 +151,8 @@ class ChallengeIssuer:
         Args:
             client: who must solve it (only this client can redeem it).
             bits: difficulty, ``0 <= bits <= 64``.
-            payload: what redemption hands back (the service: the held answers).
+            payload: what redemption hands back (the service: the held answers); JSON-serialisable
+                when the store is shared.
             resource: lowercase hex digest (at most 64 characters) of what is paid for.
 
         Raises:
@@ -161,24 +163,28 @@ class ChallengeIssuer:
         if not isinstance(resource, str) or not _RESOURCE_RE.fullmatch(resource):
             raise ValueError("resource must be a lowercase hex digest of at most 64 characters.")
         now = self._clock()
-        with self._lock:
-            self._purge(now)
-            self._check_room(client)
-            cid = secrets.token_hex(16)
-            expires = math.ceil(now + self.ttl_s)
-            text = f"{SCHEME}:{bits}:{expires}:{cid}:{_client_tag(client)}:{resource}"
-            challenge = Challenge(id=cid, client=client, bits=bits, issued_at=now, expires_at=expires,
-                                  resource=resource, challenge=text, signature=self._sign(text))
-            self._pending[cid] = (challenge, payload)
-            self._per_client[client] = self._per_client.get(client, 0) + 1
+        cid = secrets.token_hex(16)
+        expires = math.ceil(now + self.ttl_s)
+        text = f"{SCHEME}:{bits}:{expires}:{cid}:{_client_tag(client)}:{resource}"
+        challenge = Challenge(id=cid, client=client, bits=bits, issued_at=now, expires_at=expires,
+                              resource=resource, challenge=text, signature=self._sign(text))
+        value = {"challenge": asdict(challenge), "payload": payload} if self.store.shared else (challenge, payload)
+        full = self.store.hold_challenge(cid, client, expires, value, now=now, max_per_client=self.max_pending_per_client,
+                                         max_total=self.max_pending)
+        if full == TOO_MANY_CLIENT:
+            raise ChallengeError("toomany", f"Client has {self.max_pending_per_client} unsolved proof-of-work "
+                                            "challenges outstanding; redeem or let them expire before asking for more.")
+        if full is not None:
+            raise ChallengeError("toomany", "The server holds too many unsolved proof-of-work challenges; retry later.")
         return challenge
 
     def redeem(self, challenge: str, signature: str, nonce: str, client: str) -> tuple[Challenge, Any]:
-        """Check a solution and hand back the challenge and its payload, once.
+        """Check a solution and hand back the challenge and its payload, once (across every worker
+        sharing the store).
 
-        Checks, in order: format, HMAC signature, client, single use, expiry, that the server
-        holds it, the solution (one SHA-256). A wrong nonce leaves the challenge redeemable until
-        it expires.
+        Checks, in order: format, HMAC signature, client, single use, expiry, that the store
+        holds it, the solution (one SHA-256); then claims it atomically. A wrong nonce leaves the
+        challenge redeemable until it expires.
 
         Raises:
             ChallengeError: with a sentence saying what was wrong; ``reason`` is ``"malformed"``,
@@ -188,18 +194,29 @@ class ChallengeIssuer:
         fields = self._authenticate(challenge, signature, client)
         cid, bits, expires = fields["id"], int(fields["bits"]), int(fields["expires"])
         now = self._clock()
-        with self._lock:
-            entry = self._held(cid, expires, now)
-            if not verify_solution(challenge, bits, nonce):
-                raise ChallengeError("invalidsolution", "The nonce does not solve the challenge: SHA256(challenge "
-                                                        f"+ ':' + nonce) must start with {bits} zero bits.")
-            self._pending.pop(cid)
-            self._release(entry[0].client)
-            self._redeemed[cid] = expires
-            self._purge(now)
-        return entry
+        state = self.store.challenge_state(cid)
+        if state == "redeemed":
+            raise _replayed()
+        if expires < now:
+            if state == "held":
+                self.store.drop_challenge(cid, client)
+            raise ChallengeError("expired", f"This challenge expired {now - expires:.0f} s ago; send the request "
+                                            "again for a new one.")
+        if state != "held":
+            raise _unknown()
+        if not verify_solution(challenge, bits, nonce):
+            raise ChallengeError("invalidsolution", "The nonce does not solve the challenge: SHA256(challenge "
+                                                    f"+ ':' + nonce) must start with {bits} zero bits.")
+        outcome, value = self.store.take_challenge(cid, client, expires)
+        if outcome == "redeemed":
+            raise _replayed()
+        if outcome != "taken":
+            raise _unknown()
+        if isinstance(value, dict):
+            return Challenge(**value["challenge"]), value["payload"]
+        return value
 
-    # -- internals (``_held``, ``_check_room``, ``_purge`` and ``_release`` run with the lock held) --
+    # -- internals --
     def _sign(self, text: str) -> str:
         return hmac.new(self._secret, text.encode("ascii"), hashlib.sha256).hexdigest()
 
@@ -215,40 +232,11 @@ class ChallengeIssuer:
             raise ChallengeError("clientmismatch", "This challenge was issued to another API key.")
         return m
 
-    def _held(self, cid: str, expires: int, now: float) -> tuple[Challenge, Any]:
-        """The pending entry of challenge ``cid``, unless it was redeemed, expired or is unknown."""
-        if cid in self._redeemed:
-            raise ChallengeError("replayed", "This challenge was already redeemed; each challenge is single use.")
-        if expires < now:
-            entry = self._pending.pop(cid, None)
-            if entry is not None:
-                self._release(entry[0].client)
-            raise ChallengeError("expired", f"This challenge expired {now - expires:.0f} s ago; send the request "
-                                            "again for a new one.")
-        entry = self._pending.get(cid)
-        if entry is None:
-            raise ChallengeError("unknown", "This server holds no such challenge (it may have restarted); send the "
-                                            "request again for a new one.")
-        return entry
 
-    def _check_room(self, client: str) -> None:
-        if self._per_client.get(client, 0) >= self.max_pending_per_client:
-            raise ChallengeError("toomany", f"Client has {self.max_pending_per_client} unsolved proof-of-work "
-                                            "challenges outstanding; redeem or let them expire before asking for more.")
-        if len(self._pending) >= self.max_pending:
-            raise ChallengeError("toomany", "The server holds too many unsolved proof-of-work challenges; retry later.")
+def _replayed() -> ChallengeError:
+    return ChallengeError("replayed", "This challenge was already redeemed; each challenge is single use.")
 
-    def _purge(self, now: float) -> None:
-        """Drop expired challenges and expired replay records."""
-        for cid in [cid for cid, (c, _) in self._pending.items() if c.expires_at < now]:
-            challenge, _ = self._pending.pop(cid)
-            self._release(challenge.client)
-        while self._redeemed and next(iter(self._redeemed.values())) < now:
-            self._redeemed.popitem(last=False)
 
-    def _release(self, client: str) -> None:
-        left = self._per_client.get(client, 1) - 1
-        if left <= 0:
-            self._per_client.pop(client, None)
-        else:
-            self._per_client[client] = left
+def _unknown() -> ChallengeError:
+    return ChallengeError("unknown", "This server holds no such challenge (it may have restarted); send the "
+                                     "request again for a new one.")

@@ -5,8 +5,9 @@ Endpoints declare what they need with the ``Annotated`` aliases::
     async def predict(request: Request, key: ApiKeyDep, batch: RateLimitedBatchDep, state: StateDep,
                       audit: AuditDep) -> ...
 
-FastAPI resolves them in that order, so a request is authenticated (401) before its body is read
-and decoded (400/413/415/422), and decoded before the client's rate limit is charged (429).
+FastAPI resolves them in that order, so a request is authenticated (401) and charged to its key's
+request limit (429) before its body is read and decoded (400/413/415/422), and decoded before the
+key's image limit is charged (429).
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 def require_key(request: Request, state: StateDep,
                 token: Annotated[str | None, Security(api_key_header)] = None) -> ApiKey:
-    """The caller's active API key from the ``X-API-Key`` header; 401 when missing, unknown or revoked."""
+    """The caller's active API key from the ``X-API-Key`` header; 401 when missing, unknown or revoked.
+
+    Every request of a known key is charged to its request limit here, before anything else is
+    read (429 when over it), so invalid requests count as much as valid ones.
+    """
     if not token:
         raise HTTPException(401, f"Missing API key: send it in the {API_KEY_HEADER} header.",
                             headers={"WWW-Authenticate": "ApiKey"})
@@ -69,6 +74,12 @@ def require_key(request: Request, state: StateDep,
     if key is None:
         raise HTTPException(401, "Unknown or revoked API key.", headers={"WWW-Authenticate": "ApiKey"})
     request.state.client_name = key.name
+    wait = state.limiter.take_request(key.name)
+    if wait > 0:
+        limit = state.limiter.requests
+        raise HTTPException(429, f"Request rate limit exceeded for this API key ({limit.burst} requests per "
+                                 f"{limit.window_s} s); retry in {wait:.2f} s.",
+                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
     return key
 
 
@@ -102,16 +113,16 @@ BatchDep = Annotated[ImageBatch, Depends(read_batch)]
 
 
 def rate_limited_batch(key: ApiKeyDep, batch: BatchDep, state: StateDep) -> ImageBatch:
-    """The batch, once the key's token bucket paid one token per image (413 over the burst, 429 empty)."""
-    settings = state.settings
+    """The batch, once the key's image limit paid one unit per image (413 over the burst, 429 over the limit)."""
     n = int(batch.images.shape[0])
+    limit = state.limiter.images
     wait = state.limiter.take(key.name, n)
     if wait == math.inf:
-        raise HTTPException(413, f"The batch of {n} images exceeds the rate limit's burst of {settings.rate_burst} "
+        raise HTTPException(413, f"The batch of {n} images exceeds the rate limit's burst of {limit.burst} "
                                  "images; send smaller batches.")
     if wait > 0:
-        raise HTTPException(429, f"Rate limit exceeded for this API key ({settings.rate_per_second:g} images/s, "
-                                 f"burst {settings.rate_burst}); retry in {wait:.2f} s.",
+        raise HTTPException(429, f"Rate limit exceeded for this API key ({limit.burst} images per {limit.window_s} s, "
+                                 f"{limit.rate:g} images/s); retry in {wait:.2f} s.",
                             headers={"Retry-After": str(max(1, math.ceil(wait)))})
     return batch
 

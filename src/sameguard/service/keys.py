@@ -5,6 +5,11 @@ record, ``secret`` 64 hex characters (32 bytes from :func:`secrets.token_bytes`)
 of entropy a plain SHA-256 is enough (no password stretching needed); the stored digest is of the
 whole token and is compared with :func:`hmac.compare_digest`. Keys are never logged. A client
 (the key's ``name``) may hold several keys, e.g. while rotating; revoking one leaves the others.
+
+Revocation is written to the database and, when the service shares a state store (Redis), to the
+store's set of revoked key ids, which every worker checks on each request: the key is refused at
+once. Without a shared store a worker may keep serving a revoked key for up to ``cache_s`` seconds
+(the key cache).
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, insert, select, update
 
 from .db import api_keys
+
+if TYPE_CHECKING:
+    from .store import ServiceStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +71,16 @@ class KeyStore:
     Args:
         engine: the database engine (tables created by :func:`~sameguard.service.db.init_db`).
         cache_s: seconds a verified key is remembered in memory (keyed by its SHA-256) to spare the
-            database; a revocation takes effect within this delay. ``0`` disables the cache.
+            database; a revocation takes effect within this delay, unless ``store`` is shared.
+            ``0`` disables the cache.
+        store: the service's state store; when it is shared (Redis), revocations are written to it
+            and a cached key is checked against it on every verification, so revocation is immediate.
     """
 
-    def __init__(self, engine: Engine, *, cache_s: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *, cache_s: float = 5.0, store: ServiceStore | None = None) -> None:
         self.engine = engine
         self.cache_s = float(cache_s)
+        self.store = store
         self._cache: dict[str, tuple[float, ApiKey]] = {}
         self._lock = threading.Lock()
 
@@ -95,6 +108,10 @@ class KeyStore:
             with self._lock:
                 hit = self._cache.get(digest)
             if hit is not None and hit[0] > now:
+                if self.store is not None and self.store.shared and self.store.is_revoked(hit[1].key_id):
+                    with self._lock:
+                        self._cache.pop(digest, None)
+                    return None
                 return hit[1]
         m = _TOKEN_RE.match(token)
         row = None
@@ -124,9 +141,14 @@ class KeyStore:
         if (name is None) == (key_id is None):
             raise ValueError("Revoke by exactly one of name=... or key_id=...")
         column = api_keys.c.name if name is not None else api_keys.c.key_id
+        match = column == (name if name is not None else key_id)
         with self.engine.begin() as conn:
-            result = conn.execute(update(api_keys).where(column == (name if name is not None else key_id))
-                                  .where(api_keys.c.revoked_at.is_(None)).values(revoked_at=time.time()))
+            ids = list(conn.execute(select(api_keys.c.key_id).where(match).where(api_keys.c.revoked_at.is_(None)))
+                       .scalars())
+            result = conn.execute(update(api_keys).where(match).where(api_keys.c.revoked_at.is_(None))
+                                  .values(revoked_at=time.time()))
+        if self.store is not None and ids:
+            self.store.revoke_keys(ids)
         with self._lock:
             self._cache.clear()
         logger.info("Revoked %d API key(s) (%s)", result.rowcount, f"client {name!r}" if name else f"key {key_id}")

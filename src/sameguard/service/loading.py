@@ -59,8 +59,11 @@ def build_policy(settings: ServiceSettings) -> Policy:
     return Policy(action, threshold=settings.threshold)
 
 
-def load_guard(settings: ServiceSettings) -> Guard:
+def load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
     """Load the victim and detector named in ``settings`` and build the guard (calibrating proof-of-work).
+
+    ``store``: the service's :class:`~sameguard.service.store.ServiceStore`; the per-client alarm
+    state goes to its ``kv("alarms", ...)`` (in Redis, shared by every worker).
 
     Raises:
         ValueError / ArtifactError: missing or inconsistent artifacts, a detector without threshold.
@@ -82,7 +85,7 @@ def load_guard(settings: ServiceSettings) -> Guard:
     if settings.threshold is None and detector.threshold_ is None:
         raise ValueError(f"The detector in {settings.detector} is not calibrated: run 'sameguard calibrate' or pass "
                          "--threshold.")
-    alarms = None if settings.alarms is None else load_alarms(settings, victim, detector)
+    alarms = None if settings.alarms is None else load_alarms(settings, victim, detector, store=store)
     guard = Guard(victim, detector, policy, alarms=alarms, output=settings.output, keep_decisions=0)
     if isinstance(policy.action, ProofOfWork):
         benign = load_calibration_images(settings.calibration, victim, settings.calibration_limit)
@@ -91,7 +94,7 @@ def load_guard(settings: ServiceSettings) -> Guard:
     return guard
 
 
-def load_alarms(settings: ServiceSettings, victim: Any, detector: Any) -> Any:
+def load_alarms(settings: ServiceSettings, victim: Any, detector: Any, store: Any = None) -> Any:
     """The :class:`~sameguard.alarms.ClientAlarms` in ``settings.alarms``, with their scorers loaded.
 
     Each scorer's folder comes from ``settings.alarm_detectors`` or, failing that, from the
@@ -117,6 +120,11 @@ def load_alarms(settings: ServiceSettings, victim: Any, detector: Any) -> Any:
     own = None if settings.detector is None else Path(settings.detector).resolve()
     scorers = {name: detector if folders[name].resolve() == own else
                load_detector(folders[name], victim, device=settings.device) for name in names}
-    alarms = ClientAlarms.load(root, scorers, victim)
+    kv = None
+    if store is not None:
+        from ..evidence import ClientState
+
+        kv = store.kv("alarms", ClientState.to_bytes, ClientState.from_bytes)
+    alarms = ClientAlarms.load(root, scorers, victim, store=kv)
     logger.info("Per-client alarms from %s: %s", root, alarms.describe())
     return alarms

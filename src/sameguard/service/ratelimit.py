@@ -1,62 +1,45 @@
-"""Per-client token buckets, counted in images (queries), not requests.
+"""Per-key rate limits: every request a key sends, and every image it asks about.
 
-A client's bucket holds at most ``burst`` tokens and refills at ``rate`` tokens per second; a
-batch of ``N`` images takes ``N`` tokens or is refused whole (HTTP 429 with ``Retry-After``).
-State is in memory, per process: with several workers or replicas, put the counters in a shared
-store (Redis via the ``limits`` package, for instance).
+Two limits per API key, both kept in the service's state store (:mod:`.store`: in memory for one
+process, Redis for several workers, so a burst of ``B`` lets ``B`` through however many workers
+share it) and counted by the ``limits`` package (sliding-window counters, atomic in Redis):
+
+* **requests**: charged once per request as soon as the key is known, *before* the body is read
+  or validated, so malformed or oversized requests cost the key as much as good ones;
+* **images** (queries): a batch of ``N`` images takes ``N`` units or is refused whole.
+
+A refusal is HTTP 429 with ``Retry-After``; a batch larger than the image burst can never be
+granted (413). A limit of ``burst`` per ``ceil(burst / rate)`` seconds is used, i.e. at most
+``burst`` at once and ``rate`` per second on average.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-import time
-from collections.abc import Callable
+from .store import MemoryServiceStore, RateLimit, ServiceStore
 
-__all__ = ["TokenBucketLimiter"]
+__all__ = ["RateLimiter"]
 
 
-class TokenBucketLimiter:
-    """Token buckets keyed by client.
+class RateLimiter:
+    """The per-key request and image limits.
 
     Args:
-        rate: tokens (images) added per second, positive.
-        burst: bucket capacity, at least 1; also the largest batch a client can ever send.
-        clock: monotonic seconds (tests pass a fake one).
-        max_clients: buckets kept; the least recently used are dropped beyond it (a dropped
-            client starts again with a full bucket).
+        images_per_second, image_burst: the image (query) limit.
+        requests_per_second, request_burst: the request limit.
+        store: where the counters live (default: a new in-memory store).
     """
 
-    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
-                 max_clients: int = 100_000) -> None:
-        if not rate > 0 or not math.isfinite(rate):
-            raise ValueError(f"rate must be a positive number of images per second, got {rate!r}.")
-        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-            raise ValueError(f"burst must be a positive integer number of images, got {burst!r}.")
-        self.rate = float(rate)
-        self.burst = int(burst)
-        self._clock = clock
-        self._max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
-        self._lock = threading.Lock()
+    def __init__(self, images_per_second: float, image_burst: int, requests_per_second: float, request_burst: int,
+                 *, store: ServiceStore | None = None) -> None:
+        self.images = RateLimit("img", images_per_second, image_burst)
+        self.requests = RateLimit("req", requests_per_second, request_burst)
+        self.store: ServiceStore = store if store is not None else MemoryServiceStore()
+
+    def take_request(self, client: str) -> float:
+        """Charge one request to ``client``: 0 when granted, else the seconds to wait."""
+        return self.store.hit(self.requests, client, 1)
 
     def take(self, client: str, n: int = 1) -> float:
-        """Take ``n`` tokens for ``client``; returns 0 when granted, else the seconds to wait (nothing taken).
-
-        A request larger than ``burst`` can never be granted: ``math.inf`` is returned.
-        """
-        if n > self.burst:
-            return math.inf
-        now = self._clock()
-        with self._lock:
-            tokens, last = self._buckets.pop(client, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            if tokens >= n:
-                self._buckets[client] = (tokens - n, now)
-                wait = 0.0
-            else:
-                self._buckets[client] = (tokens, now)
-                wait = (n - tokens) / self.rate
-            if len(self._buckets) > self._max_clients:
-                self._buckets.pop(next(iter(self._buckets)))
-        return wait
+        """Charge ``n`` images to ``client``: 0 when granted, ``math.inf`` when ``n`` exceeds the
+        burst (never grantable), else the seconds to wait (nothing charged)."""
+        return self.store.hit(self.images, client, int(n))

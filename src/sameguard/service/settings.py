@@ -55,7 +55,14 @@ class ServiceSettings(BaseModel):
         device: torch device for the models.
         max_request_bytes: largest request body accepted (413 beyond; default 8 MiB).
         max_batch: most images per request (413 beyond; default 256).
-        rate_per_second, rate_burst: per-key token bucket in images (default 200/s, burst 2000).
+        rate_per_second, rate_burst: per-key image (query) limit (see :mod:`.ratelimit`).
+        request_rate_per_second, request_burst: per-key request limit, charged for every request
+            of a key, valid or not.
+        state_url: where rate limits, proof-of-work challenges, key revocations and per-client
+            alarm state live: ``memory://`` (default, one process) or ``redis://HOST:PORT/DB``
+            (shared by every worker and host using it).
+        state_prefix: prefix of every Redis key the service writes (default ``sameguard:``).
+        workers: worker processes ``sameguard serve`` starts (more than 1 needs a shared ``state_url``).
         pow_benign_bits, pow_bits_per_spread, pow_max_bits, pow_quantile: the proof-of-work map
             (see :class:`~sameguard.actions.ProofOfWork`).
         pow_ttl_s: seconds a challenge stays valid (default 120).
@@ -88,6 +95,11 @@ class ServiceSettings(BaseModel):
     max_batch: int = Field(256, gt=0)
     rate_per_second: float = Field(200.0, gt=0)
     rate_burst: int = Field(2000, gt=0)
+    request_rate_per_second: float = Field(20.0, gt=0)
+    request_burst: int = Field(40, gt=0)
+    state_url: str = Field("memory://", pattern=r"^(memory://|redis://|rediss://|unix://)", repr=False)
+    state_prefix: str = Field("sameguard:", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
+    workers: int = Field(1, ge=1, le=64)
     pow_benign_bits: int = Field(12, ge=0, le=64)
     pow_bits_per_spread: float = Field(4.0, gt=0)
     pow_max_bits: int = Field(26, ge=0, le=64)
@@ -136,6 +148,12 @@ class ServiceSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSettings:
+        if self.workers > 1 and self.state_url.startswith("memory"):
+            raise ValueError(
+                f"{self.workers} workers need a shared state store: with state_url memory:// each worker keeps its "
+                "own rate limits, proof-of-work challenges and key revocations, so N workers would let N times the "
+                "burst through, refuse solutions of challenges another worker issued and accept replays. Start "
+                "Redis and pass --state redis://HOST:6379/0 (SAMEGUARD_STATE_URL), or run one worker.")
         if self.pow_benign_bits > self.pow_max_bits:
             raise ValueError(f"pow_benign_bits ({self.pow_benign_bits}) must not exceed pow_max_bits "
                              f"({self.pow_max_bits}).")
