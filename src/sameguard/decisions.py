@@ -28,7 +28,7 @@ class Decision:
             :func:`input_digests`), never the image itself.
         score: the detector's score (larger = more suspicious); ``None`` without a detector.
         threshold: the threshold ``tau`` in force; ``None`` without one.
-        flagged: ``score > threshold`` (NaN scores count as flagged), or the client is alarmed.
+        flagged: ``score > threshold`` (NaN and infinite scores count as flagged), or the client is alarmed.
         action: ``"allow"``, ``"reject"``, ``"misinform"`` or ``"pow"``.
         work_bits: proof-of-work difficulty of this query (0 if none).
         request_id: the batch's id (shared by its queries).

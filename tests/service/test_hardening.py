@@ -154,3 +154,45 @@ def test_service_refuses_and_audits_non_finite_scores_as_flagged(make_app, victi
     with app.state.sameguard.audit.engine.connect() as conn:
         flagged = conn.execute(select(audit_log.c.flagged)).scalars().all()
     assert flagged == [True, True]
+
+
+def test_request_ids_are_assigned_by_the_server_and_audit_counts_requests(make_app, kit):
+    from sqlalchemy import select
+
+    from sameguard.service.audit import summarize
+    from sameguard.service.db import audit_log
+
+    app, alice = make_app("monitor")
+    _, bob = app.state.sameguard.keys.create("bob")
+    with TestClient(app) as c:
+        answers = []
+        for token in (alice, alice, alice, bob):
+            r = c.post("/v1/predict", json={"instances": kit.dark(2).tolist()},
+                       headers={"X-API-Key": token, "X-Request-ID": "same-id"})
+            assert r.status_code == 200, r.text
+            assert r.headers["X-Request-ID"] == r.json()["request_id"] != "same-id"
+            assert r.headers["X-Client-Request-ID"] == "same-id"
+            answers.append(r.json()["request_id"])
+        r = c.post("/v1/predict", json={"instances": kit.dark(1).tolist()}, headers={"X-API-Key": alice})
+        assert "X-Client-Request-ID" not in r.headers
+    assert len(set(answers)) == 4
+    engine = app.state.sameguard.audit.engine
+    with engine.connect() as conn:
+        rows = conn.execute(select(audit_log.c.request_id, audit_log.c.idx, audit_log.c.client_request_id)).all()
+    assert len(rows) == 9 and len({(r[0], r[1]) for r in rows}) == 9  # no duplicate (request_id, index)
+    assert [r[2] for r in rows] == ["same-id"] * 8 + [None]
+    counts = {s.client: (s.requests, s.queries) for s in summarize(engine)}
+    assert counts == {"alice": (4, 7), "bob": (1, 2)}
+
+
+def test_audit_log_refuses_a_duplicate_request_id_and_index(make_app, kit):
+    import sqlalchemy
+
+    from sameguard.guard import Decision
+
+    app, _ = make_app("monitor")
+    d = Decision(time=0.0, client="alice", input_sha256="0" * 64, score=0.0, threshold=0.0, flagged=False,
+                 action="allow", work_bits=0, request_id="r1", index=0)
+    app.state.sameguard.audit.append([d])
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        app.state.sameguard.audit.append([d])

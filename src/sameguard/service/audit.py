@@ -64,8 +64,12 @@ class AuditLog:
         self.engine = engine
         self.versions = dict(versions)
 
-    def append(self, decisions: Iterable[Any], alarms: Iterable[AlarmEvent] = ()) -> None:
-        """Insert one row per :class:`~sameguard.guard.Decision` and the alarm events, in one transaction."""
+    def append(self, decisions: Iterable[Any], alarms: Iterable[AlarmEvent] = (), *,
+               client_request_id: str | None = None) -> None:
+        """Insert one row per :class:`~sameguard.guard.Decision` and the alarm events, in one transaction.
+
+        ``client_request_id``: the client's own ``X-Request-ID``, recorded beside the server's id.
+        """
         v = self.versions
         rows = []
         for d in decisions:
@@ -76,6 +80,7 @@ class AuditLog:
                 "detector": v.get("detector"), "detector_sha256": v.get("detector_sha256"),
                 "policy": str(v.get("policy")), "sameguard_version": str(v.get("sameguard")),
                 "evidence": _finite(getattr(d, "evidence", None)), "alarmed": bool(getattr(d, "alarmed", False)),
+                "client_request_id": client_request_id,
             })
         events = [_event_row(e) for e in alarms]
         if not rows and not events:

@@ -9,7 +9,8 @@ Tables (all prefixed ``sg_``):
 
 * ``sg_api_keys``: ``key_id`` (public, 16 hex), ``name`` (the client), ``key_sha256`` (the
   SHA-256 of the whole token; the token itself is never stored), ``created_at``, ``revoked_at``.
-* ``sg_audit_log``: one row per query: time, request id, position in the batch, client, input
+* ``sg_audit_log``: one row per query: time, request id (assigned by the server, unique per
+  request; the client's own ``X-Request-ID`` is kept in ``client_request_id``), position in the batch, client, input
   SHA-256, score, threshold, flagged, action, proof-of-work bits, and the model versions
   (victim and detector weights SHA-256, detector class, policy, sameguard version).
   Append-only: on SQLite, triggers abort any ``UPDATE`` or ``DELETE``; on PostgreSQL grant the
@@ -84,8 +85,11 @@ audit_log = Table(
     Column("sameguard_version", String(32), nullable=False),
     Column("evidence", Float, nullable=True),
     Column("alarmed", Boolean, nullable=False, default=False, server_default=false()),
+    Column("client_request_id", String(64), nullable=True),
     Index("ix_sg_audit_log_client_ts", "client", "ts"),
     Index("ix_sg_audit_log_request_id", "request_id"),
+    # Request ids are assigned by the server; a database created with this index refuses duplicates.
+    Index("ux_sg_audit_log_request_idx", "request_id", "idx", unique=True),
 )
 
 pow_events = Table(
@@ -113,7 +117,8 @@ alarm_events = Table(
 )
 
 #: Columns added to ``sg_audit_log`` after its first release, with their portable DDL (added by :func:`init_db`).
-_ADDED_AUDIT_COLUMNS = {"evidence": "FLOAT", "alarmed": "BOOLEAN NOT NULL DEFAULT {false}"}
+_ADDED_AUDIT_COLUMNS = {"evidence": "FLOAT", "alarmed": "BOOLEAN NOT NULL DEFAULT {false}",
+                        "client_request_id": "VARCHAR(64)"}
 
 _SQLITE_TRIGGERS = [
     "CREATE TRIGGER IF NOT EXISTS sg_audit_log_no_update BEFORE UPDATE ON sg_audit_log "

@@ -138,13 +138,14 @@ class RequestAudit:
     so nothing is answered without its audit row.
     """
 
-    def __init__(self, state: ServiceState, request_id: str) -> None:
+    def __init__(self, state: ServiceState, request_id: str, client_request_id: str | None = None) -> None:
         self.log = state.audit
         self.request_id = request_id
+        self.client_request_id = client_request_id
 
     async def decisions(self, decisions: Iterable[Any], alarms: Iterable[Any] = ()) -> None:
         """One row per :class:`~sameguard.guard.Decision`, and the alarm events raised, in one transaction."""
-        await self._write(self.log.append, tuple(decisions), tuple(alarms))
+        await self._write(self.log.append, tuple(decisions), tuple(alarms), client_request_id=self.client_request_id)
 
     async def alarm_event(self, event: Any) -> None:
         """An alarm event on its own (an operator clearing an alarm)."""
@@ -163,8 +164,8 @@ class RequestAudit:
 
 
 def get_audit(request: Request, state: StateDep) -> RequestAudit:
-    """The audit log bound to this request's id."""
-    return RequestAudit(state, request.state.request_id)
+    """The audit log bound to this request's id (and the client's own ``X-Request-ID``, if any)."""
+    return RequestAudit(state, request.state.request_id, getattr(request.state, "client_request_id", None))
 
 
 AuditDep = Annotated[RequestAudit, Depends(get_audit)]

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ServiceMiddleware", "REQUEST_ID_HEADER", "BodyTooLarge"]
 
 REQUEST_ID_HEADER = "X-Request-ID"
+#: The response header that echoes the client's own ``X-Request-ID`` (when it sent a valid one).
+CLIENT_REQUEST_ID_HEADER = "X-Client-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -35,10 +37,19 @@ def _only_body_too_large(exc: BaseException) -> bool:
     return False
 
 
-def request_id_from(headers: dict[bytes, bytes]) -> str:
-    """The client's ``X-Request-ID`` when it is 1-64 characters of ``[A-Za-z0-9_-]``, else a fresh UUID (hex)."""
+def new_request_id() -> str:
+    """A fresh request id, assigned by the server: a random UUID (32 hex characters), unique per request."""
+    return uuid.uuid4().hex
+
+
+def client_request_id_from(headers: dict[bytes, bytes]) -> str | None:
+    """The client's ``X-Request-ID`` when it is 1-64 characters of ``[A-Za-z0-9_-]``, else ``None``.
+
+    It is only recorded beside the server's id (audit column ``client_request_id``) and echoed in
+    ``X-Client-Request-ID``: a client cannot choose the id its queries are audited under.
+    """
     incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-    return incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    return incoming if _REQUEST_ID_RE.match(incoming) else None
 
 
 def declared_length(headers: dict[bytes, bytes]) -> int | None:
@@ -53,8 +64,10 @@ def declared_length(headers: dict[bytes, bytes]) -> int | None:
 class ServiceMiddleware:
     """Pure ASGI middleware: request id, body size limit, metrics and one log line per request.
 
-    * ``X-Request-ID``: taken from the request when it is 1-64 characters of ``[A-Za-z0-9_-]``,
-      else a fresh UUID; stored in ``request.state.request_id`` and echoed in the response.
+    * ``X-Request-ID``: a fresh UUID per request, assigned here (``request.state.request_id``, the
+      audit log's ``request_id``, the response's ``X-Request-ID``). A client's own ``X-Request-ID``
+      (1-64 characters of ``[A-Za-z0-9_-]``) is kept beside it (``request.state.client_request_id``,
+      audit column ``client_request_id``) and echoed as ``X-Client-Request-ID``.
     * Bodies over ``max_bytes`` are refused with 413, from ``Content-Length`` before anything is
       read, or while streaming (chunked bodies).
     * Metrics: requests by method, route template and status; latency by route.
@@ -70,8 +83,11 @@ class ServiceMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        rid = request_id_from(headers)
-        scope.setdefault("state", {})["request_id"] = rid
+        rid, client_rid = new_request_id(), client_request_id_from(headers)
+        scope.setdefault("state", {}).update(request_id=rid, client_request_id=client_rid)
+        extra = [(b"x-request-id", rid.encode("latin-1"))]
+        if client_rid is not None:
+            extra.append((b"x-client-request-id", client_rid.encode("latin-1")))
         start = time.perf_counter()
         status = {"code": 500, "started": False}
 
@@ -79,7 +95,7 @@ class ServiceMiddleware:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = int(message["status"]), True
                 message = dict(message)
-                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode("latin-1"))]
+                message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
         try:
