@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .api import SameguardError
+from .cli_checks import (OUTPUTS, check_data_dir, check_device, check_output_dir, check_output_file,
+                         check_sqlite_url, comma_ints)
+from .cli_errors import run_reporting_errors
 from .steps import STEP_LOGGER
 
 logger = logging.getLogger("sameguard.cli")
@@ -67,8 +69,10 @@ def add_attack_commands(sub) -> None:
                                    "queries used, substitute accuracy, fidelity and victim accuracy.")
     p.add_argument("--victim", required=True, help="folder of a saved victim")
     p.add_argument("--attacks", default="knockoff,jbda,jbda-tr,dfme", help="comma-separated attack names")
-    p.add_argument("--budgets", default="1000,4000", help="comma-separated query budgets (default: 1000,4000)")
-    p.add_argument("--output", choices=["probabilities", "labels"], default="probabilities")
+    p.add_argument("--budgets", default="1000,4000", type=comma_ints,
+                   help="comma-separated query budgets (default: 1000,4000)")
+    p.add_argument("--output", choices=["probabilities", "labels"], default="probabilities",
+                   help="what the API answers (default: probabilities)")
     p.add_argument("--proxy", default="digits", help="Knockoff's image pool (default: digits)")
     p.add_argument("--seed-fraction", type=float, default=0.1, help="held-out fraction for JBDA's seeds")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -147,7 +151,7 @@ def cmd_bench_attacks(args: argparse.Namespace) -> int:
     victim, test, proxy, seeds = _attack_data(args)
     start = time.perf_counter()
     rows = run_substitute_benchmark(victim, test, [a for a in args.attacks.split(",") if a],
-                                    [int(b) for b in args.budgets.split(",") if b], seed=args.seed, proxy=proxy,
+                                    args.budgets, seed=args.seed, proxy=proxy,
                                     seeds_data=seeds, output=args.output, device=args.device, progress=args.progress)
     _out(format_table(rows))
     _out(f"({time.perf_counter() - start:.0f} s)")
@@ -230,8 +234,16 @@ def _add_study_parser(sub) -> None:
     _common(p, data=True, seed=False)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (and exit status 2), like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help').\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``sameguard`` parser with every sub-command (sub-parsers share :class:`OneLineParser`)."""
+    parser = OneLineParser(
         prog="sameguard",
         description="Detect model-extraction queries against an image classifier with SAME (AAAI 2024).",
     )
@@ -245,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
     p.add_argument("--arch", default="conv3", help="conv3 (default), lenet5 or resnet18")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20, the authors' driver)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="SGD learning rate, cosine-annealed to 0 (default: 0.1, the authors' recipe)")
     p.add_argument("--max-train-samples", type=int, default=None,
                    help="train on a random subset of at most this many images (default: the whole split)")
     p.add_argument("--out", required=True, help="output folder for the victim")
@@ -260,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train (or reuse) a victim and SAME on Fashion-MNIST and print detection metrics",
                        description="Train or reuse a cached Fashion-MNIST victim and SAME detector (small CPU "
                                    "configuration), then score Fashion-MNIST test images (benign) against "
-                                   "scikit-learn's digits and uniform noise, printing AUROC, AUPR, FPR at 95%% TPR "
-                                   "and TPR at 1%% FPR.")
+                                   "scikit-learn's digits and uniform noise, printing AUROC, AUPR, FPR at 95% TPR "
+                                   "and TPR at 1% FPR.")
     p.add_argument("--workdir", default="runs/demo", help="cache folder for trained artifacts (default: runs/demo)")
     p.add_argument("--preset", default="cpu", help="SAME training budget: tiny, cpu (default) or paper")
     p.add_argument("--victim-epochs", type=int, default=5, help="victim training epochs (default 5)")
@@ -282,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=True, seed=False)
 
     _add_study_parser(sub)
+
+    p = sub.add_parser("info", help="describe a saved victim, detector or per-client alarms (from the manifest)",
+                       description="Print what a saved artifact folder holds, from its manifest and without loading "
+                                   "weights: kind, architecture, dataset, test accuracy, training hyper-parameters, "
+                                   "the detector's preset, threshold and calibration FPR, the victim's weights "
+                                   "SHA-256, library versions, whether every file matches its SHA-256, and the "
+                                   "manifest's authentication entry if it has one.")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="artifact folder(s)")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per folder, in a list)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 
     from .service.commands import add_service_commands
 
@@ -480,6 +503,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from .artifact_info import describe_folder, format_info
+
+    infos = [describe_folder(folder) for folder in args.folders]
+    if args.json:
+        _out(json.dumps(infos, indent=2))
+    else:
+        _out("\n\n".join(format_info(info) for info in infos))
+    return 0
+
+
 def cmd_same_study(args: argparse.Namespace) -> int:
     from .bench.config import load_config
     from .bench.same_study import CANDIDATES, run_study
@@ -513,18 +547,45 @@ def cmd_same_study(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train-victim": cmd_train_victim, "fit": cmd_fit, "calibrate": cmd_calibrate, "score": cmd_score,
-            "demo": cmd_demo, "bench": cmd_bench, "same-study": cmd_same_study, "attack": cmd_attack, "bench-attacks": cmd_bench_attacks}
+            "demo": cmd_demo, "bench": cmd_bench, "same-study": cmd_same_study, "attack": cmd_attack, "bench-attacks": cmd_bench_attacks,
+            "info": cmd_info}
+
+
+def _db_url(args: argparse.Namespace) -> str:
+    return getattr(args, "db", None) or os.environ.get("SAMEGUARD_DB_URL") or "sqlite:///sameguard.db"
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Checks that need no work: the device, ``--data-dir``, every output path, a SQLite database's folder.
+
+    Raises:
+        ValueError: one sentence saying what was expected; nothing has run yet.
+    """
+    check_device(getattr(args, "device", None))
+    check_data_dir(getattr(args, "data_dir", None))
+    for attr, kind, flag in OUTPUTS.get(args.command, ()):
+        value = getattr(args, attr, None)
+        (check_output_dir if kind == "dir" else check_output_file)(value, flag)
+    if args.command in ("serve", "keys", "audit"):
+        reads_only = args.command == "audit" or getattr(args, "keys_command", None) in ("list", "revoke")
+        check_sqlite_url(_db_url(args), must_exist=reads_only)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``sameguard`` command; returns its exit status (2 for an error the user can fix).
+
+    Errors are reported in one sentence on standard error (see :mod:`sameguard.cli_errors`);
+    ``-v`` adds the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    try:
+
+    def run() -> int:
+        _preflight(args)
         return COMMANDS[args.command](args)
-    except (SameguardError, ValueError, FileNotFoundError) as exc:
-        print(f"sameguard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_reporting_errors(args.command, run, args=args, verbose=args.verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .data.transforms import to_model_range
 from .validation import check_images
@@ -43,19 +43,13 @@ def read_images(path: str | os.PathLike, image_shape: Sequence[int]) -> tuple[to
             raise ValueError(f"PNG folders are supported for 1- or 3-channel models, not {c} channels.")
         arrays = []
         for f in files:
-            with Image.open(f) as img:
-                if img.size != (w, h):
-                    raise ValueError(f"{f} is {img.size[0]}x{img.size[1]} pixels; the model expects {w}x{h}.")
-                arrays.append(np.asarray(img.convert(mode), dtype=np.uint8))
+            arrays.append(_read_png(f, mode, (w, h)))
         pixels = np.stack(arrays)
         x = to_model_range(pixels)
         return check_images(x, (c, h, w), name=str(p)), [f.name for f in files]
     if p.suffix.lower() != ".npy":
         raise ValueError(f"{p}: expected a .npy file or a folder of .png images.")
-    try:
-        array = np.load(p, allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{p} is not a plain numpy array file (pickled arrays are refused): {exc}") from None
+    array = _read_npy(p)
     if array.dtype == np.uint8:
         channels_first = array.ndim == 4 and array.shape[1] == c and array.shape[-1] != c
         x = to_model_range(array, channels_first=channels_first)
@@ -65,6 +59,54 @@ def read_images(path: str | os.PathLike, image_shape: Sequence[int]) -> tuple[to
             x = x.unsqueeze(1)
     x = check_images(x, (c, h, w), name=str(p))
     return x, [str(i) for i in range(len(x))]
+
+
+#: The first bytes of every ``.npy`` file (numpy's format specification).
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _read_npy(p: Path) -> np.ndarray:
+    """The numeric array in the ``.npy`` file ``p``, read with ``allow_pickle=False``.
+
+    Raises:
+        ValueError: ``p`` is not a ``.npy`` file (no numpy header), holds Python objects, or is damaged.
+    """
+    with open(p, "rb") as fh:
+        head = fh.read(len(NPY_MAGIC))
+    if head != NPY_MAGIC:
+        raise ValueError(f"{p} is not a numpy .npy file (it does not start with numpy's header); save the images "
+                         "with numpy.save as a numeric array (N, C, H, W) floats in [-1, 1] or uint8 pixels.")
+    try:
+        array = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"{p} holds Python objects (dtype object), not numbers; sameguard never unpickles "
+                             "files: save the images as a numeric array (float32 in [-1, 1] or uint8 pixels).") from None
+        raise ValueError(f"{p} is a damaged .npy file ({exc}).") from None
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{p} is a damaged or truncated .npy file ({exc}).") from None
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise ValueError(f"{p} holds {array.dtype} values; expected numbers (float32 in [-1, 1] or uint8 pixels).")
+    return array
+
+
+def _read_png(f: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One PNG as ``uint8`` pixels in ``mode`` (``L`` or ``RGB``), checked to be ``size`` = (width, height).
+
+    Raises:
+        ValueError: ``f`` is not a readable PNG image, or has another size.
+    """
+    try:
+        with Image.open(f) as img:
+            if img.format != "PNG":
+                raise ValueError(f"{f} is a {img.format} image, not a PNG; convert it to PNG.")
+            if img.size != size:
+                raise ValueError(f"{f} is {img.size[0]}x{img.size[1]} pixels; the model expects {size[0]}x{size[1]}.")
+            return np.asarray(img.convert(mode), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ValueError(f"{f} is not a PNG image (its content is not an image format Pillow can read).") from None
+    except OSError as exc:
+        raise ValueError(f"{f} is a damaged PNG image ({exc}).") from None
 
 
 def write_pngs(x: torch.Tensor, directory: str | os.PathLike, prefix: str = "img") -> list[Path]:

@@ -53,7 +53,8 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("--benign", type=int, default=1000, help="benign test queries for the benign accuracy (default 1000)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="benign FPR of the threshold (default 0.01)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the victim, detector, attacks and image draws (default: 0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 

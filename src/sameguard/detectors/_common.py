@@ -94,8 +94,8 @@ def check_victim_sha(directory: Any, victim: Any, saved_sha: str | None, check_v
     if check_victim and saved_sha and victim_sha and victim_sha != saved_sha:
         raise ArtifactError(
             f"The detector in {directory} was fitted for a victim with weights SHA-256 {saved_sha}, but "
-            f"the given victim's is {victim_sha}; refit the detector for this victim (or pass "
-            "check_victim=False if you know what you are doing)."
+            f"the given victim's is {victim_sha}; refit the detector for this victim (sameguard fit --victim "
+            "...), or give the victim it was fitted for."
         )
 
 

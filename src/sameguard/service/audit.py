@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,10 +148,14 @@ class ClientSummary:
         return self.flagged / self.queries if self.queries else 0.0
 
 
-def summarize(engine: Engine, *, since: float | None = None) -> list[ClientSummary]:
-    """Per-client summary of the audit log (optionally only rows with ``ts >= since``), most flagged first."""
+def summarize(engine: Engine, *, since: float | None = None, where: Sequence[Any] = ()) -> list[ClientSummary]:
+    """Per-client summary of the audit log, most flagged first.
+
+    Only rows with ``ts >= since`` when given, and that meet the SQL conditions ``where`` (e.g.
+    :meth:`sameguard.service.audit_query.AuditFilter.audit_where`).
+    """
     c = audit_log.c
-    where = [] if since is None else [c.ts >= since]
+    where = [*where] + ([] if since is None else [c.ts >= since])
     stmt = (select(c.client, func.count().label("queries"), func.count(func.distinct(c.request_id)).label("requests"),
                    func.sum(case((c.flagged, 1), else_=0)).label("flagged"), func.avg(c.score).label("mean_score"),
                    func.max(c.score).label("max_score"), func.min(c.ts).label("first"), func.max(c.ts).label("last"),
@@ -193,10 +197,11 @@ def format_summary(summaries: list[ClientSummary]) -> str:
     return "\n".join(lines)
 
 
-def alarm_history(engine: Engine, *, since: float | None = None) -> list[AlarmEvent]:
-    """Every alarm event (raised and cleared), oldest first (optionally only those with ``ts >= since``)."""
+def alarm_history(engine: Engine, *, since: float | None = None, where: Sequence[Any] = ()) -> list[AlarmEvent]:
+    """Every alarm event (raised and cleared), oldest first (optionally only those with ``ts >= since``
+    and that meet the SQL conditions ``where``)."""
     c = alarm_events.c
-    stmt = select(alarm_events).order_by(c.ts, c.id)
+    stmt = select(alarm_events).where(*where).order_by(c.ts, c.id)
     if since is not None:
         stmt = stmt.where(c.ts >= since)
     with engine.connect() as conn:

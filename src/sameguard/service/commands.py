@@ -124,6 +124,8 @@ def _add_keys_parser(sub: Any) -> None:
     ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = ksub.add_parser("create", help="create a key for a client and print it once")
     k.add_argument("--name", required=True, help="the client's name (used in the audit log)")
+    k.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the key (for scripts: KEY=$(sameguard keys create --name alice --quiet))")
     _db(k)
     _verbose(k)
     k = ksub.add_parser("list", help="list keys (no secrets)")
@@ -147,6 +149,17 @@ def _add_audit_parser(sub: Any) -> None:
                                    "when an operator cleared it.")
     _db(p)
     p.add_argument("--since-hours", type=float, default=None, help="only the last H hours")
+    p.add_argument("--client", default=None, help="only this client's queries (and its score distribution)")
+    p.add_argument("--flagged", action="store_true", help="only the queries the detector flagged")
+    p.add_argument("--since", default=None, metavar="TIME",
+                   help="only queries at or after TIME: ISO 8601 (UTC unless an offset is given), UNIX seconds, "
+                        "or an age such as 90m, 2h, 7d")
+    p.add_argument("--until", default=None, metavar="TIME", help="only queries before TIME (same forms as --since)")
+    p.add_argument("--export", default=None, metavar="FILE",
+                   help="also write the matching rows, one per query, to FILE (.csv or .jsonl; '-' for standard "
+                        "output, which then holds only the rows)")
+    p.add_argument("--format", default=None, choices=["csv", "jsonl"], dest="export_format",
+                   help="format of --export (default: from its suffix; '-' is jsonl)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _verbose(p)
 
@@ -168,6 +181,9 @@ def serve_main(args: argparse.Namespace) -> int:
         pow_benign_bits=args.pow_benign_bits, pow_max_bits=args.pow_max_bits, pow_ttl_s=args.pow_ttl_s,
         calibration=args.calibration, device=args.device, torch_threads=args.torch_threads, alarms=args.alarms,
         alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env)
+    from ..cli_checks import check_port_free
+
+    check_port_free(settings.host, settings.port)  # before the models load: one sentence, not uvicorn's exit 3
     app = create_app(settings)
     state = app.state.sameguard
     with state.keys.engine.connect() as conn:
@@ -206,6 +222,9 @@ def keys_main(args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "create":
             record, token = store.create(args.name)
+            if getattr(args, "quiet", False):
+                _out(token)
+                return 0
             _out(f"API key for client {record.name!r} (key id {record.key_id}); it is shown only this once, store it "
                  "safely:")
             _out(token)
@@ -233,29 +252,79 @@ def audit_main(args: argparse.Namespace) -> int:
     import time
 
     from .audit import alarm_history, format_alarms, format_summary, summarize
-    from .db import init_db, make_engine
+    from .audit_query import AuditFilter, export_format, parse_time, require_audit_log
+    from .db import init_db, make_engine, redact_url
 
+    since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
+    if getattr(args, "since", None) is not None:
+        start = parse_time(args.since, flag="--since")
+        since = start if since is None else max(since, start)
+    until = None if getattr(args, "until", None) is None else parse_time(args.until, flag="--until")
+    where = AuditFilter(client=getattr(args, "client", None), flagged=getattr(args, "flagged", False), since=since,
+                        until=until)
+    export = getattr(args, "export", None)
+    fmt = None if export is None else export_format(export, getattr(args, "export_format", None))
     engine = make_engine(_db_url(args))
     try:
-        init_db(engine)
-        since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
-        summaries = summarize(engine, since=since)
-        events = alarm_history(engine, since=since)
+        require_audit_log(engine, redact_url(_db_url(args)))  # reading never creates a database
+        init_db(engine)  # a sameguard database from an older version gets its newer tables and columns
+        if export is not None:
+            n = _export_audit(engine, where, export, fmt)
+            if export == "-":
+                return 0
+        summaries = summarize(engine, where=where.audit_where())
+        events = alarm_history(engine, where=where.alarm_where())
+        stats = None if where.client is None else _client_stats(engine, where)
     finally:
         engine.dispose()
+    if export is not None:
+        _out(f"wrote {n} audit row(s) to {export} ({fmt})")
     if args.json:
         alarms: dict[str, list[dict[str, Any]]] = {}
         for e in events:
             alarms.setdefault(e.client, []).append(e.__dict__)
         _out(json.dumps([s.__dict__ | {"flagged_rate": s.flagged_rate, "alarm_events": alarms.get(s.client, [])}
-                         for s in summaries], indent=2))
+                         | ({} if stats is None else {"scores": stats}) for s in summaries], indent=2))
     else:
         _out(format_summary(summaries))
+        if stats is not None:
+            _out("")
+            _out(_format_client_stats(where.client, stats))
         _out("")
         _out("Per-client alarms:")
         _out("")
         _out(format_alarms(events))
     return 0
+
+
+def _export_audit(engine: Any, where: Any, path: str, fmt: str) -> int:
+    """Write the audit rows matching ``where`` to ``path`` (``-``: standard output) as ``fmt``; returns how many."""
+    import sys
+
+    from .audit_query import export_rows, iter_rows
+
+    if path == "-":
+        n = export_rows(iter_rows(engine, where), sys.stdout, fmt)
+        sys.stdout.flush()
+        return n
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        return export_rows(iter_rows(engine, where), fh, fmt)
+
+
+def _client_stats(engine: Any, where: Any) -> dict[str, Any]:
+    from .audit_query import score_stats
+
+    return score_stats(engine, where)
+
+
+def _format_client_stats(client: str, stats: dict[str, Any]) -> str:
+    """One line: a client's score distribution over the selected queries."""
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4g}"
+
+    return (f"Scores of {client}: {stats['n']} queries ({stats['scored']} scored, {stats['flagged']} flagged); "
+            f"min {fmt(stats['min'])}, p50 {fmt(stats['p50'])}, p95 {fmt(stats['p95'])}, p99 {fmt(stats['p99'])}, "
+            f"max {fmt(stats['max'])}")
 
 
 SERVICE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

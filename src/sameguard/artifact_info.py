@@ -1,0 +1,152 @@
+"""``sameguard info DIR``: what a saved victim, detector or set of per-client alarms is, from its manifest.
+
+:func:`describe_folder` reads the folder's ``manifest.json`` (or ``alarms.json``) without loading
+any weights, recomputes the SHA-256 of every file the manifest lists (so a tampered file shows as
+such), and returns a flat, JSON-ready description: kind, architecture, dataset, test accuracy,
+training hyper-parameters, the detector's preset (when its parameters are exactly one preset's),
+threshold and the FPR it was calibrated for, the victim's weights SHA-256, library versions.
+:func:`format_info` prints it as ``key: value`` lines.
+
+Authentication: this module reports the manifest as it is. When a manifest carries an
+``authentication`` (or ``signature``) entry, :func:`authentication_of` passes it through unchanged;
+verifying it is the loader's job (see :mod:`sameguard.artifacts`), not ``info``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .api import ArtifactError
+from .artifacts import MANIFEST, sha256_file
+
+__all__ = ["describe_folder", "format_info", "authentication_of", "matching_preset"]
+
+#: Manifest keys that may carry an artifact's authentication (reported as they are).
+AUTH_KEYS = ("authentication", "signature", "hmac")
+
+
+def authentication_of(manifest: dict[str, Any]) -> Any:
+    """The manifest's authentication entry as stored (``None``: the artifact is not authenticated)."""
+    for key in AUTH_KEYS:
+        if key in manifest:
+            return manifest[key]
+        if isinstance(manifest.get("config"), dict) and key in manifest["config"]:
+            return manifest["config"][key]
+    return None
+
+
+def matching_preset(kind: str, params: dict[str, Any]) -> str | None:
+    """The name of the detector preset whose every value equals ``params``' (``None``: none does)."""
+    from .detectors.registry import DETECTORS
+
+    cls = next((c for c in DETECTORS.values() if getattr(c, "KIND", None) == kind), None)
+    presets = getattr(cls, "PRESETS", None) or {}
+    for name, values in presets.items():
+        if all(params.get(k) == v for k, v in values.items() if k in params):
+            if any(k in params for k in values):
+                return name
+    return None
+
+
+def _has_presets(kind: str) -> bool:
+    from .detectors.registry import DETECTORS
+
+    return any(getattr(c, "KIND", None) == kind and getattr(c, "PRESETS", None) for c in DETECTORS.values())
+
+
+def _verify_files(root: Path, files: dict[str, str]) -> str:
+    bad = [name for name, digest in files.items()
+           if not (root / name).is_file() or sha256_file(root / name) != digest]
+    if bad:
+        return f"MODIFIED OR MISSING: {', '.join(sorted(bad))} (loading will refuse it)"
+    return f"{len(files)} file(s), SHA-256 verified"
+
+
+def _describe_alarms(root: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((root / "alarms.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{root / 'alarms.json'} is not readable JSON ({exc}).") from None
+    info: dict[str, Any] = {"folder": str(root), "kind": "per-client alarms (sameguard alarms calibrate)"}
+    if isinstance(data, dict):
+        for key in ("delta", "mode", "stream", "scorers", "victim_weights_sha256", "min_class_size"):
+            if key in data:
+                info[key] = data[key]
+    sources = root / "detectors.json"
+    if sources.is_file():
+        try:
+            info["detector folders"] = json.loads(sources.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            info["detector folders"] = "unreadable detectors.json"
+    return info
+
+
+def describe_folder(directory: str | os.PathLike) -> dict[str, Any]:
+    """What the artifact folder ``directory`` holds, as a flat dict (see the module docstring).
+
+    Raises:
+        ArtifactError: no such folder, or neither ``manifest.json`` nor ``alarms.json`` in it, or an
+            unreadable manifest.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise ArtifactError(f"No artifact folder at {root}.")
+    path = root / MANIFEST
+    if not path.is_file():
+        if (root / "alarms.json").is_file():
+            return _describe_alarms(root)
+        raise ArtifactError(f"{root} is not a sameguard artifact: it holds neither {MANIFEST} nor alarms.json.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "sameguard-artifact":
+        raise ArtifactError(f"{path} is not a sameguard manifest.")
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    kind = str(manifest.get("kind"))
+    info: dict[str, Any] = {"folder": str(root), "kind": kind, "created": manifest.get("created")}
+    if kind == "victim":
+        for key in ("arch", "dataset", "image_shape", "test_accuracy", "normalisation", "training"):
+            if config.get(key) is not None:
+                info[key] = config[key]
+        info["classes"] = len(config.get("classes", []))
+        info["weights SHA-256"] = config.get("weights_sha256")
+    else:
+        params = config.get("params") if isinstance(config.get("params"), dict) else {}
+        if _has_presets(kind):
+            preset = matching_preset(kind, params)
+            info["preset"] = preset if preset is not None else "none (parameters differ from every preset)"
+        info["params"] = params
+        threshold = config.get("threshold")
+        info["threshold"] = threshold if threshold is not None else "not calibrated"
+        if config.get("calibration_fpr") is not None:
+            info["calibrated for FPR"] = config["calibration_fpr"]
+        for key in ("aux_arch", "image_shape", "num_classes", "normalisation", "fit_seconds"):
+            if config.get(key) is not None:
+                info[key] = config[key]
+        info["victim weights SHA-256"] = config.get("victim_weights_sha256")
+    info["versions"] = manifest.get("versions")
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    info["files"] = _verify_files(root, files)
+    auth = authentication_of(manifest)
+    info["authenticated"] = "no (no authentication entry in the manifest)" if auth is None else auth
+    return info
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else json.dumps(value)
+    return "-" if value is None else str(value)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """``key: value`` lines of :func:`describe_folder`'s result."""
+    width = max(len(k) for k in info)
+    return "\n".join(f"{k + ':':<{width + 1}} {_text(v)}" for k, v in info.items())
