@@ -372,7 +372,8 @@ class Guard:
         if bool(outcome.refused.any()):  # never let a refused row carry the victim's answer
             answers = answers.clone()
             answers[outcome.refused] = 1.0 / self.num_classes
-        work = batch_bits(outcome.work_bits) if bool((outcome.work_bits > 0).any()) or "pow" in outcome.actions else 0
+        work = batch_bits(outcome.work_bits, cap=self.policy.max_work_bits()) \
+            if bool((outcome.work_bits > 0).any()) or "pow" in outcome.actions else 0
         now, digests = time.time(), input_digests(x)
         decisions = []
         for i in range(len(x)):

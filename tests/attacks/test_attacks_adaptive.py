@@ -247,3 +247,19 @@ def test_cli_runs_adaptive_attacks_with_params(name, params, tiny_victim, tmp_pa
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"{name}: 30/30 queries" in out
+
+
+def test_over_keys_spreads_any_attack_and_keeps_its_queries(random_victim, pools):
+    from sameguard.attacks import over_keys
+
+    proxy, seeds = pools
+    plain_api, wide_api = Guard(random_victim, record_inputs=True, keep_decisions=0), Guard(random_victim,
+                                                                                           record_inputs=True,
+                                                                                           keep_decisions=0)
+    attack = BlendKnockoff(proxy, seeds, lam=0.5, num_seeds=10, **FAST, progress=False)
+    plain = attack.run(plain_api, 20)
+    wide = over_keys(attack, 2).run(wide_api, 20)
+    assert wide.details["per_key"] == {"knockoff-blend": 10, "knockoff-blend-key1": 10}
+    assert torch.equal(wide_api.inputs("knockoff-blend"), plain_api.inputs(plain.client)[0::2])
+    assert torch.equal(wide_api.inputs("knockoff-blend-key1"), plain_api.inputs(plain.client)[1::2])
+    assert "keys" not in plain.details  # the original attack is unchanged

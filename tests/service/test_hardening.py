@@ -196,3 +196,41 @@ def test_audit_log_refuses_a_duplicate_request_id_and_index(make_app, kit):
     app.state.sameguard.audit.append([d])
     with pytest.raises(sqlalchemy.exc.IntegrityError):
         app.state.sameguard.audit.append([d])
+
+
+def _pow_guard(victim, kit, max_bits: int = 16):
+    from sameguard.actions import ProofOfWork
+    from sameguard.guard import Guard
+
+    return Guard(victim, kit.FakeDetector(), ProofOfWork(benign_bits=4, max_bits=max_bits)).calibrate(kit.dark(100))
+
+
+def test_pow_max_bits_caps_the_cost_of_a_whole_batch(make_app, victim, kit):
+    guard = _pow_guard(victim, kit)
+    verdict = guard.protect(kit.bright(4), "alice")
+    assert [d.work_bits for d in verdict.decisions] == [16] * 4
+    assert verdict.work_bits == 16  # was 18: log2(4 * 2^16)
+    app, token = make_app(guard=_pow_guard(victim, kit))
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", json={"instances": kit.bright(4).tolist()}, headers={"X-API-Key": token})
+    assert r.status_code == 202 and r.json()["challenge"]["bits"] == 16, r.text
+
+
+def test_pow_refused_for_too_many_challenges_is_audited_with_its_reason(make_app, victim, kit):
+    from sqlalchemy import select
+
+    from sameguard.service.challenges import ChallengeIssuer
+    from sameguard.service.db import audit_log, pow_events
+
+    issuer = ChallengeIssuer(b"k" * 32, max_pending_per_client=1)
+    app, token = make_app(guard=_pow_guard(victim, kit, max_bits=8), issuer=issuer)
+    with TestClient(app) as c:
+        first = c.post("/v1/predict", json={"instances": kit.bright(1).tolist()}, headers={"X-API-Key": token})
+        second = c.post("/v1/predict", json={"instances": kit.bright(2).tolist()}, headers={"X-API-Key": token})
+    assert first.status_code == 202 and second.status_code == 429, second.text
+    rid = second.json()["request_id"]
+    with app.state.sameguard.audit.engine.connect() as conn:
+        rows = conn.execute(select(audit_log.c.idx).where(audit_log.c.request_id == rid)).scalars().all()
+        events = conn.execute(select(pow_events.c.outcome, pow_events.c.request_id)).all()
+    assert rows == [0, 1]  # the decided queries keep their rows (documented) ...
+    assert ("toomany", rid) in [tuple(e) for e in events]  # ... and the log says why they got no answer

@@ -91,6 +91,13 @@ class Policy:
         esc = "" if self.escalate is None else f", escalate=({self.escalate[0]!r}, {self.escalate[1]!r})"
         return f"Policy({self.action!r}, threshold={self.threshold!r}{esc})"
 
+    def max_work_bits(self) -> int:
+        """The most proof-of-work bits one request (one batch puzzle) may cost: the largest ``max_bits``
+        of this policy's actions (64, the puzzle's own limit, when none has one)."""
+        actions = [self.action] + ([] if self.escalate is None else [self.escalate[1]])
+        caps = [int(a.max_bits) for a in actions if isinstance(getattr(a, "max_bits", None), int)]
+        return max(caps) if caps else 64
+
     def resolve_threshold(self, detector_threshold: float | None) -> float:
         """The ``tau`` in force: this policy's, else the detector's.
 

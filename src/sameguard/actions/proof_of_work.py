@@ -23,8 +23,9 @@ spread, ``b_benign`` the most a benign query at or below that quantile pays (def
 16x more work per spread) and ``b_max`` the cap (default 26 bits). By construction at least
 ``quantile`` of the benign calibration queries cost ``<= b_benign`` bits, and the work grows
 exponentially with how far a score lies above benign traffic. A batch of ``N`` queries is one
-puzzle whose expected work is the sum of its queries' works:
-``B = ceil(log2(sum_i 2^bits_i))`` (:func:`~sameguard.actions.puzzle.batch_bits`).
+puzzle whose expected work is the sum of its queries' works, capped at ``b_max`` (the cap is per
+request, so a batch never costs more than ``b_max`` bits):
+``B = min(ceil(log2(sum_i 2^bits_i)), b_max)`` (:func:`~sameguard.actions.puzzle.batch_bits`).
 
 **After a per-client alarm** (:class:`~sameguard.alarms.ClientAlarms`) the difficulty grows with
 the client's evidence ``E`` (log10 of its test martingale, at least ``log10(1/delta)``)::

@@ -95,14 +95,18 @@ def solve(challenge: str, bits: int, *, max_attempts: int | None = None, start: 
     raise ValueError(f"No solution at {bits} bits within {max_attempts} attempts.")
 
 
-def batch_bits(bits: Sequence[int] | torch.Tensor) -> int:
-    """Difficulty of one puzzle worth the summed work of several: ``ceil(log2(sum_i 2^bits_i))``."""
+def batch_bits(bits: Sequence[int] | torch.Tensor, cap: int = MAX_BITS) -> int:
+    """Difficulty of one puzzle worth the summed work of several: ``ceil(log2(sum_i 2^bits_i))``, at most ``cap``.
+
+    ``cap`` is the most one request (one puzzle) may cost: the proof-of-work action's ``max_bits``
+    applies to the batch, not only to each image (issue 12: a batch of 4 images at 16 bits asked 18).
+    """
     values = [int(b) for b in (bits.tolist() if isinstance(bits, torch.Tensor) else bits)]
     if not values:
         return 0
     top = max(values)
     total = sum(2.0 ** (b - top) for b in values)  # scaled to avoid overflow
-    return min(math.ceil(top + math.log2(total) - 1e-12), MAX_BITS)
+    return min(math.ceil(top + math.log2(total) - 1e-12), int(cap), MAX_BITS)
 
 
 def expected_hashes(bits: int | torch.Tensor) -> float | torch.Tensor:

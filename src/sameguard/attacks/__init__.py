@@ -42,7 +42,7 @@ from .filtered import FilteredKnockoff, least_suspicious
 from .interleave import InterleaveKnockoff, interleave_schedule
 from .knockoff import KnockoffNets
 from .normal_user import NormalUser, TrafficResult
-from .wide import KeyRing, SlowAndWideKnockoff, key_names
+from .wide import KeyRing, SlowAndWideKnockoff, key_names, over_keys
 
 __all__ = [
     "ATTACKS",
@@ -68,6 +68,7 @@ __all__ = [
     "interleave_schedule",
     "key_names",
     "least_suspicious",
+    "over_keys",
     "dfme_query_cost",
     "evaluate_substitute",
     "recover_logits",

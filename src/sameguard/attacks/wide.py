@@ -19,12 +19,14 @@ unchanged over many keys. Key ``0`` is the attack's own client id; key ``i > 0``
 
 :class:`SlowAndWideKnockoff` (``knockoff-wide``) is Knockoff Nets (random policy) over a key ring;
 the keys it used and how many images each sent are in the result's ``details``. The hard-label
-variant is the same attack on a label-only API.
+variant is the same attack on a label-only API. :func:`over_keys` spreads any other attack (a
+blending or filtering one, say) over keys the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,9 +34,10 @@ from torch import nn
 from ..data import ImageDataset
 from ..prediction_api import BoundClient, BudgetExceededError
 from ..validation import check_choice, check_int
+from .base import ExtractionAttack
 from .knockoff import KnockoffNets
 
-__all__ = ["KeyRing", "SlowAndWideKnockoff", "key_names", "ROTATIONS"]
+__all__ = ["KeyRing", "SlowAndWideKnockoff", "key_names", "over_keys", "ROTATIONS"]
 
 ROTATIONS = ("round-robin", "blocks")
 
@@ -147,3 +150,23 @@ class SlowAndWideKnockoff(KnockoffNets):
         ring = KeyRing(oracle, self.keys, self.rotation, budget)
         model, details = self._random(ring, budget)  # type: ignore[arg-type]
         return model, {**details, "keys": list(ring.keys), "per_key": dict(ring.sent), "rotation": self.rotation}
+
+
+def over_keys(attack: ExtractionAttack, keys: int, rotation: str = "round-robin") -> ExtractionAttack:
+    """A shallow copy of ``attack`` whose every query goes through a :class:`KeyRing` of ``keys`` keys.
+
+    Works for any attack here (they query only through the oracle they are given). The result's
+    ``details`` gain ``keys`` (the key ids), ``per_key`` (images each sent) and ``rotation``.
+    """
+    keys = check_int(keys, "keys")
+    rotation = check_choice(rotation, "rotation", ROTATIONS)
+    wrapped = copy.copy(attack)
+    inner = type(attack)._extract.__get__(wrapped)  # bound to the copy, which run() configures
+
+    def _extract(oracle: BoundClient, budget: int) -> tuple[nn.Module, dict[str, Any]]:
+        ring = KeyRing(oracle, keys, rotation, budget)
+        model, details = inner(ring, budget)  # type: ignore[arg-type]
+        return model, {**details, "keys": list(ring.keys), "per_key": dict(ring.sent), "rotation": rotation}
+
+    wrapped._extract = _extract  # type: ignore[method-assign]
+    return wrapped

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from ..validation import check_choice, check_fraction, check_int
+from .adaptive_study import KeySweepSpec, parse_key_sweep
 
 __all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "AlarmSpec", "BenchConfig", "load_config", "PROFILES"]
 
 #: Profiles shipped with the package.
-PROFILES = ("quick", "standard", "paper")
+PROFILES = ("quick", "standard", "paper", "adaptive")
 #: The pseudo-dataset name for the held-out half of the victim dataset's train split.
 ATTACKER_HALF = "attacker-half"
 
@@ -125,6 +126,7 @@ class BenchConfig:
     detectors: tuple[DetectorSpec, ...]
     alarms: AlarmSpec | None = None
     source: str = ""
+    key_sweep: KeySweepSpec | None = None  # the slow-and-wide study (sameguard.bench.adaptive_study)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -152,7 +154,7 @@ def _parse_attacks(raw: dict[str, Any], where: str, scored: int, known: set[str]
         output = at.get("output", "probabilities")
         if output not in ("probabilities", "labels"):
             raise ValueError(f"{w}: output must be 'probabilities' or 'labels', got {output!r}.")
-        if attack_data_role(aname) == "proxy" and at.get("proxy") is None:
+        if attack_data_role(aname) in ("proxy", "proxy+seeds") and at.get("proxy") is None:
             raise ValueError(f"{w}: the {aname} attack needs a proxy image pool: set proxy = \"<dataset>\".")
         attacks.append(AttackSpec(name=aname, budget=budget, label=at.get("label", aname), proxy=at.get("proxy"),
                                   seed_data=at.get("seed_data"), output=output,
@@ -210,7 +212,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
     from ..data import available_datasets
 
     where = source
-    _unknown(raw, {"name", "datasets", "seeds", "scored_queries", "victim", "attacks", "detectors", "alarms"}, where)
+    _unknown(raw, {"name", "datasets", "seeds", "scored_queries", "victim", "attacks", "detectors", "alarms",
+                   "key_sweep"}, where)
     name = _require(raw, "name", str, where)
     datasets = tuple(_require(raw, "datasets", list, where))
     known = set(available_datasets())
@@ -236,7 +239,9 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> BenchConfig:
             raise ValueError(f"{where}: {what} labels must be unique (set label = ...), got {labels}.")
     return BenchConfig(name=name, datasets=datasets, seeds=seeds, scored_queries=scored, victim=victim,
                        attacks=tuple(attacks), detectors=tuple(detectors),
-                       alarms=_parse_alarms(raw.get("alarms"), where, detectors), source=source)
+                       alarms=_parse_alarms(raw.get("alarms"), where, detectors), source=source,
+                       key_sweep=parse_key_sweep(raw.get("key_sweep"), where, [a.label for a in attacks],
+                                                 "alarms" in raw))
 
 
 def load_config(name_or_path: str | os.PathLike) -> BenchConfig:

@@ -238,7 +238,10 @@ def write_results(records: Sequence[Mapping[str, Any]], outdir: str | os.PathLik
         writer.writeheader()
         for rec in records:
             writer.writerow(rec)
-    report = markdown_report(records, title=title, notes=notes) + "\n".join(alarm_report(alarms))
+    from .adaptive_study import key_sweep_report
+
+    report = (markdown_report(records, title=title, notes=notes) + "\n".join(alarm_report(alarms))
+              + "\n".join(key_sweep_report(alarms)))
     paths["report"].write_text(report + "\n")
     logger.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

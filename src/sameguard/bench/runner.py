@@ -143,6 +143,9 @@ def _build_attack(spec: AttackSpec, run: _Run) -> Any:
         data = (_dataset(spec.proxy, "train", run.halves, run.data_dir),)
     elif role == "seeds":
         data = (_dataset(spec.seed_data or ATTACKER_HALF, "train", run.halves, run.data_dir),)
+    elif role == "proxy+seeds":  # the adaptive attackers: a proxy pool and in-distribution images
+        data = (_dataset(spec.proxy, "train", run.halves, run.data_dir),
+                _dataset(spec.seed_data or ATTACKER_HALF, "train", run.halves, run.data_dir))
     else:
         data = ()
     kwargs = {"seed": run.seed, "device": run.device, "progress": run.progress, **spec.params}
@@ -369,6 +372,10 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if run.config.alarms is not None:
         alarms = _alarm_records(run, streams, detectors) + [_alarm_cost(run, detectors)]
         alarms += _extraction_records(run, detectors, streams)
+    if run.config.key_sweep is not None:  # the slow-and-wide study (issue 13)
+        from .adaptive_study import key_sweep_records
+
+        alarms += key_sweep_records(run, detectors, run.config.key_sweep, streams)
     return records, alarms
 
 

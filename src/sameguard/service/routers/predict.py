@@ -156,7 +156,10 @@ async def _hold_for_proof_of_work(state: ServiceState, audit: RequestAudit, clie
     try:
         challenge = state.issuer.issue(client, verdict.work_bits, payload=body, resource=resource)
     except ChallengeError as exc:
+        # The batch was decided (scored, counted in the client's evidence) and its audit rows are
+        # written: they stay, and this event says why those queries got no answer (429).
         state.metrics.pow.labels("refused_too_many").inc()
+        await audit.pow_event(client, exc.reason, request_id=audit.request_id, bits=verdict.work_bits)
         raise HTTPException(exc.status, str(exc)) from None
     state.metrics.pow.labels("issued").inc()
     await audit.pow_event(client, "issued", challenge_id=challenge.id, request_id=audit.request_id,
