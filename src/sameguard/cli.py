@@ -492,10 +492,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.config import load_config
     from .bench.runner import run_benchmark
 
+    from .bench.preflight import check_data
+
     config = load_config(args.config)
     if args.download:  # the loaders' documented switch, for every dataset the config names
         os.environ["SAMEGUARD_DOWNLOAD"] = "1"
     out = Path(args.out or f"runs/bench/{config.name}")
+    check_output_dir(out, "--out")
+    check_data(config, data_dir=args.data_dir, download=args.download)  # every split, before any training
     run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress)  # steps: stderr
     _out("")
     _out((out / "report.md").read_text())
