@@ -114,7 +114,21 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--admin-token-env", default=None, metavar="NAME",
                    help="environment variable holding the operator's token for /v1/admin (at least 16 bytes; "
                         "unset: admin routes disabled)")
+    p.add_argument("--request-rate", type=float, default=None, dest="request_rate_per_second",
+                   help="per-key requests per second, valid or not (default 20)")
+    p.add_argument("--request-burst", type=int, default=None, help="per-key burst in requests (default 40)")
+    _state(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default 1); more than 1 needs a shared --state redis://...")
     _verbose(p)
+
+
+def _state(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", default=None, dest="state_url", metavar="URL",
+                   help="where rate limits, proof-of-work challenges, key revocations and per-client alarm state "
+                        "live: memory:// (default, one process) or redis://HOST:PORT/DB (shared by every worker; "
+                        "default: $SAMEGUARD_STATE_URL)")
+    p.add_argument("--state-prefix", default=None, help="prefix of the service's Redis keys (default sameguard:)")
 
 
 def _add_keys_parser(sub: Any) -> None:
@@ -136,6 +150,7 @@ def _add_keys_parser(sub: Any) -> None:
     group.add_argument("--name", help="revoke every key of this client")
     group.add_argument("--key-id", help="revoke this key (16 hex characters from 'keys list')")
     _db(k)
+    _state(k)
     _verbose(k)
     _verbose(p)
 
@@ -180,7 +195,11 @@ def serve_main(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, rate_per_second=args.rate_per_second, rate_burst=args.rate_burst,
         pow_benign_bits=args.pow_benign_bits, pow_max_bits=args.pow_max_bits, pow_ttl_s=args.pow_ttl_s,
         calibration=args.calibration, device=args.device, torch_threads=args.torch_threads, alarms=args.alarms,
-        alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env)
+        alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env,
+        request_rate_per_second=args.request_rate_per_second, request_burst=args.request_burst,
+        state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers)
+    if settings.workers > 1:
+        return _serve_workers(settings, args.log_level)
     from ..cli_checks import check_port_free
 
     check_port_free(settings.host, settings.port)  # before the models load: one sentence, not uvicorn's exit 3
@@ -196,6 +215,43 @@ def serve_main(args: argparse.Namespace) -> int:
     _out(f"sameguard serving {settings.victim} with policy {settings.policy} (threshold {state.guard.threshold}"
          f"{alarm_text}) on http://{settings.host}:{settings.port}  (OpenAPI: /docs, /openapi.json; metrics: /metrics)")
     run_server(app, settings.host, settings.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_workers(settings: Any, log_level: str) -> int:
+    """``serve --workers N``: check the database and the shared store here, then let uvicorn start N
+    worker processes, each building the app from the same settings (passed as ``SAMEGUARD_*``
+    variables; a random proof-of-work HMAC key is drawn here when none is set, so every worker
+    signs and checks challenges with the same one)."""
+    import os
+    import secrets
+
+    from sqlalchemy import func, select
+
+    from .db import api_keys, init_db, make_engine, redact_url
+    from .server import run_workers
+    from .store import open_store, redact_store_url
+
+    open_store(settings.state_url, prefix=settings.state_prefix).close()  # fails now when Redis is unreachable
+    engine = make_engine(settings.db_url)
+    try:
+        init_db(engine)
+        with engine.connect() as conn:
+            n_keys = conn.execute(select(func.count()).select_from(api_keys)
+                                  .where(api_keys.c.revoked_at.is_(None))).scalar_one()
+    finally:
+        engine.dispose()
+    if n_keys == 0:
+        logger.warning("No active API key in the database: create one with 'sameguard keys create --name NAME "
+                       "--db %s'", redact_url(settings.db_url))
+    env = settings.to_env()
+    if settings.pow_secret is None:
+        env["SAMEGUARD_POW_SECRET"] = secrets.token_hex(32)
+    os.environ.update(env)
+    _out(f"sameguard serving {settings.victim} with policy {settings.policy} in {settings.workers} worker processes "
+         f"(state {redact_store_url(settings.state_url)}, database {redact_url(settings.db_url)}) on "
+         f"http://{settings.host}:{settings.port}")
+    run_workers(settings.host, settings.port, settings.workers, log_level=log_level)
     return 0
 
 
@@ -218,7 +274,8 @@ def keys_main(args: argparse.Namespace) -> int:
 
     engine = make_engine(_db_url(args))
     init_db(engine)
-    store = KeyStore(engine, cache_s=0)
+    shared = _shared_store(args)
+    store = KeyStore(engine, cache_s=0, store=shared)
     try:
         if args.keys_command == "create":
             record, token = store.create(args.name)
@@ -240,10 +297,26 @@ def keys_main(args: argparse.Namespace) -> int:
             n = store.revoke(name=args.name, key_id=args.key_id)
             if n == 0:
                 raise ValueError("No active key matched: check --name or --key-id with 'sameguard keys list'.")
-            _out(f"revoked {n} key(s)")
+            _out(f"revoked {n} key(s)" + (" (refused by every worker at once: the state store is shared)"
+                                          if shared is not None else ""))
     finally:
         engine.dispose()
+        if shared is not None:
+            shared.close()
     return 0
+
+
+def _shared_store(args: argparse.Namespace) -> Any:
+    """The shared state store of ``--state`` (or ``$SAMEGUARD_STATE_URL``), or ``None`` for memory or unset."""
+    import os
+
+    url = getattr(args, "state_url", None) or os.environ.get("SAMEGUARD_STATE_URL")
+    if not url or url.startswith("memory"):
+        return None
+    from .store import open_store
+
+    prefix = getattr(args, "state_prefix", None) or os.environ.get("SAMEGUARD_STATE_PREFIX") or "sameguard:"
+    return open_store(url, prefix=prefix)
 
 
 def audit_main(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import uvicorn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerThread", "run_server"]
+__all__ = ["ServerThread", "run_server", "run_workers"]
 
 
 class ServerThread:
@@ -91,3 +91,15 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: s
     """Serve ``app`` in the foreground until interrupted (one worker process: the guard's state,
     rate limits and proof-of-work challenges live in it)."""
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
+
+
+def run_workers(host: str, port: int, workers: int, log_level: str = "info") -> None:
+    """Serve with ``workers`` uvicorn worker processes sharing one socket, each building its app with
+    :func:`~sameguard.service.app.create_app` from the ``SAMEGUARD_*`` environment; until interrupted.
+
+    The state (rate limits, challenges, revocations, per-client alarms) must be in a shared store
+    (``SAMEGUARD_STATE_URL=redis://...``): :class:`~sameguard.service.settings.ServiceSettings`
+    refuses more than one worker with the in-memory store.
+    """
+    uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
+                log_level=log_level)

@@ -153,11 +153,28 @@ class ServiceSettings(BaseModel):
                 f"{self.workers} workers need a shared state store: with state_url memory:// each worker keeps its "
                 "own rate limits, proof-of-work challenges and key revocations, so N workers would let N times the "
                 "burst through, refuse solutions of challenges another worker issued and accept replays. Start "
-                "Redis and pass --state redis://HOST:6379/0 (SAMEGUARD_STATE_URL), or run one worker.")
+                "Redis and pass --state redis://HOST:6379/0 (SAMEGUARD_STATE_URL), or run one worker")
         if self.pow_benign_bits > self.pow_max_bits:
             raise ValueError(f"pow_benign_bits ({self.pow_benign_bits}) must not exceed pow_max_bits "
                              f"({self.pow_max_bits}).")
         return self
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as ``SAMEGUARD_*`` variables that :meth:`from_env` reads back to equal settings
+        (unset optional fields are left out; secrets are included: hand them only to child processes)."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+                if not value:
+                    continue
+            env[ENV_PREFIX + name.upper()] = str(value)
+        return env
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServiceSettings:

@@ -1,0 +1,157 @@
+"""Several worker processes sharing Redis (state) and one database (keys, audit), for real.
+
+Two independent service processes (``_worker_app.py``) share a Redis key prefix and a SQLite file,
+as two workers behind a load balancer do; the client alternates between them, so every check
+crosses workers on purpose: a challenge issued by one is redeemed at the other, exactly once; a
+burst of B images lets B through in all; every answered image has its audit row; a revoked key is
+refused by both at once. ``sameguard serve --workers N`` refusing the in-memory store is checked
+without starting anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("limits")
+import httpx
+import torch
+from sqlalchemy import func, select
+
+from sameguard.actions import solve
+from sameguard.service.db import audit_log, init_db, make_engine, pow_events
+from sameguard.service.keys import KeyStore
+
+WORKER = Path(__file__).with_name("_worker_app.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _workers(n: int, policy: str, env: dict[str, str]):
+    procs, urls = [], []
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SAMEGUARD_")} | env
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2] / "src"),
+                                                           full_env.get("PYTHONPATH")]))
+    try:
+        for _ in range(n):
+            port = _free_port()
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(port), policy], env=full_env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            urls.append(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 90
+        for proc, url in zip(procs, urls):
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker exited: {proc.stderr.read().decode()[-2000:]}")
+                try:
+                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError("a worker did not start within 90 s")
+                time.sleep(0.1)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _dark(n: int, seed: int) -> list:
+    """Benign images (little or no proof-of-work due)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 28, 28, generator=g) * 0.8 - 1.0).tolist()
+
+
+def _bright(n: int, seed: int) -> list:
+    """Flagged images: proof-of-work due (202)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 28, 28, generator=g) * 0.8 + 0.2).tolist()
+
+
+def test_two_workers_share_rate_limits_challenges_revocation_and_the_audit(redis_server, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = make_engine(db_url)
+    init_db(engine)
+    _, token = KeyStore(engine).create("alice")
+    burst = 24
+    env = {"SAMEGUARD_DB_URL": db_url, "SAMEGUARD_STATE_URL": redis_server.url,
+           "SAMEGUARD_STATE_PREFIX": redis_server.prefix, "SAMEGUARD_POW_SECRET": "s" * 32,
+           "SAMEGUARD_RATE_BURST": str(burst), "SAMEGUARD_RATE_PER_SECOND": "0.05",  # no refill during the test
+           "SAMEGUARD_REQUEST_BURST": "10000", "SAMEGUARD_REQUEST_RATE_PER_SECOND": "10000",
+           "SAMEGUARD_KEY_CACHE_S": "60", "SAMEGUARD_MAX_BATCH": "8"}
+    headers = {"X-API-Key": token}
+    with _workers(2, "pow", env) as urls, httpx.Client(headers=headers, timeout=30) as http:
+        # Proof-of-work across workers: issued by one, redeemed at the other, once.
+        n_pow = 6
+        for i in range(n_pow):
+            r = http.post(urls[i % 2] + "/v1/predict", json={"instances": _bright(1, i)})
+            assert r.status_code == 202, r.text
+            ch = r.json()["challenge"]
+            body = {"challenge": ch["challenge"], "signature": ch["signature"],
+                    "nonce": solve(ch["challenge"], ch["bits"])}
+            redeemed = http.post(urls[(i + 1) % 2] + "/v1/pow/redeem", json=body)
+            assert redeemed.status_code == 200, redeemed.text
+            assert len(redeemed.json()["predictions"]) == 1
+            assert [http.post(u + "/v1/pow/redeem", json=body).status_code for u in urls] == [409, 409]
+        # A concurrent burst against both workers: B images in all, not 2B.
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def send(j: int) -> None:
+            with httpx.Client(headers=headers, timeout=30) as c:
+                for k in range(5):
+                    code = c.post(urls[(j + k) % 2] + "/v1/predict", json={"instances": _dark(1, 100 + 10 * j + k)}).status_code
+                    with lock:
+                        statuses.append(code)
+
+        threads = [threading.Thread(target=send, args=(j,)) for j in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(statuses) == 40
+        answered = statuses.count(200) + statuses.count(202)  # a benign image may owe a little work
+        assert answered == burst - n_pow
+        assert statuses.count(429) == 40 - answered
+        # Revocation through the shared store: both workers refuse the key at once (key cache 60 s).
+        from sameguard.service.store import RedisServiceStore
+
+        store = RedisServiceStore(redis_server.url, prefix=redis_server.prefix)
+        assert KeyStore(engine, cache_s=0, store=store).revoke(name="alice") == 1
+        store.close()
+        assert [http.get(u + "/v1/model").status_code for u in urls] == [401, 401]
+    with engine.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(audit_log)).scalar_one()
+        requests = conn.execute(select(func.count(func.distinct(audit_log.c.request_id)))).scalar_one()
+        outcomes = dict(conn.execute(select(pow_events.c.outcome, func.count()).group_by(pow_events.c.outcome)).all())
+    engine.dispose()
+    assert rows == requests == burst  # one audit row per answered image, none lost, none twice
+    assert outcomes == {"issued": n_pow + statuses.count(202), "redeemed": n_pow, "replayed": 2 * n_pow}
+
+
+def test_serve_refuses_several_workers_with_the_in_memory_store(capsys):
+    from sameguard.cli import main
+
+    assert main(["serve", "--victim", "nowhere", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "2 workers need a shared state store" in err and "--state redis://" in err
