@@ -21,6 +21,7 @@ from . import __version__
 from .cli_checks import (OUTPUTS, check_data_dir, check_device, check_output_dir, check_output_file,
                          check_sqlite_url, comma_ints)
 from .cli_errors import run_reporting_errors
+from .cli_training import TRAINING_LOGGERS
 from .steps import STEP_LOGGER
 
 logger = logging.getLogger("sameguard.cli")
@@ -343,6 +344,8 @@ def _setup_logging(verbose: int) -> None:
     # Step lines and the CLI's messages at INFO even without -v; with -v they follow the package level.
     for name in ("sameguard.cli", STEP_LOGGER):
         logging.getLogger(name).setLevel(logging.INFO if verbose == 0 else logging.NOTSET)
+    for name in TRAINING_LOGGERS:  # raised per command by log_training_progress; reset for the next main()
+        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def _out(msg: str = "") -> None:
@@ -350,9 +353,12 @@ def _out(msg: str = "") -> None:
 
 
 def cmd_train_victim(args: argparse.Namespace) -> int:
+    from .cli_training import log_training_progress, warn_if_overwriting_victim
     from .data import load_dataset
     from .victim import train_victim
 
+    warn_if_overwriting_victim(args.out)
+    log_training_progress(args.progress)
     train = load_dataset(args.dataset, "train", data_dir=args.data_dir, download=args.download)
     test = load_dataset(args.dataset, "test", data_dir=args.data_dir, download=args.download)
     if args.max_train_samples is not None and args.max_train_samples < len(train):
@@ -398,9 +404,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .detectors.registry import fit_detector
     from .victim import Victim
 
+    from .cli_training import log_training_progress, training_subset_note, warn_if_gpu_preset_on_cpu
+
     if not 0.0 < args.holdout < 1.0:
         raise ValueError(f"--holdout must be a fraction in (0, 1), got {args.holdout}.")
     detector = _detector_from_args(args)
+    warn_if_gpu_preset_on_cpu(args.preset, args.device)
+    log_training_progress(args.progress)
     victim = Victim.load(args.victim, device=args.device)
     train = load_dataset(args.dataset or victim.dataset, "train", data_dir=args.data_dir, download=args.download)
     outlier = None
@@ -412,7 +422,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     detector.calibrate(calibration.images, args.target_fpr)
     detector.save(args.out)
-    _out(f"{type(detector).__name__} fitted on {len(fit_part)} images in {seconds:.0f} s; threshold "
+    _out(f"{type(detector).__name__} fitted on {len(fit_part)} images{training_subset_note(detector, len(fit_part))} "
+         f"in {seconds:.0f} s; threshold "
          f"{detector.threshold_:.6g} at {args.target_fpr:.2%} FPR on {len(calibration)} held-out images; "
          f"saved to {args.out}")
     return 0
@@ -480,7 +491,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .cli_training import log_training_progress, warn_if_gpu_preset_on_cpu
     from .demo import run_demo
+
+    warn_if_gpu_preset_on_cpu(args.preset, args.device)
+    log_training_progress(args.progress)
 
     run_demo(workdir=Path(args.workdir), preset=args.preset, victim_epochs=args.victim_epochs, queries=args.queries,
              train_samples=args.train_samples, seed=args.seed, data_dir=args.data_dir, download=args.download,

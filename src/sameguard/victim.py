@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Victim", "train_victim"]
 
 KIND = "victim"
+#: The input convention every victim is trained and served with (recorded in its manifest).
+NORMALISATION = "x = 2 * pixel / 255 - 1, values in [-1, 1]"
 
 
 class Victim:
@@ -37,17 +39,21 @@ class Victim:
         image_shape: ``(C, H, W)`` of its inputs.
         classes: class names, ``K`` of them.
         test_accuracy: measured accuracy on the dataset's test split, if known.
+        training: how it was trained (epochs, batch size, learning rate, momentum, weight decay,
+            schedule, augmentation, seed, training images), when known; saved in the manifest.
     """
 
     def __init__(self, model: nn.Module, *, arch: str, dataset: str, image_shape: Sequence[int],
                  classes: Sequence[str], test_accuracy: float | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 512) -> None:
+                 device: str | torch.device = "cpu", batch_size: int = 512,
+                 training: dict[str, Any] | None = None) -> None:
         self.model = model.to(device).eval()
         self.arch = arch
         self.dataset = dataset
         self.image_shape = tuple(int(s) for s in image_shape)
         self.classes = tuple(classes)
         self.test_accuracy = test_accuracy
+        self.training = None if training is None else dict(training)
         self.device = torch.device(device)
         self.batch_size = batch_size
 
@@ -83,6 +89,8 @@ class Victim:
             "image_shape": list(self.image_shape),
             "classes": list(self.classes),
             "test_accuracy": self.test_accuracy,
+            "normalisation": NORMALISATION,
+            "training": self.training,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -99,7 +107,8 @@ class Victim:
         model = build_classifier(cfg["arch"], c, h, len(cfg["classes"]))
         model.load_state_dict(parts["model"])
         return cls(model, arch=cfg["arch"], dataset=cfg["dataset"], image_shape=cfg["image_shape"],
-                   classes=cfg["classes"], test_accuracy=cfg.get("test_accuracy"), device=device)
+                   classes=cfg["classes"], test_accuracy=cfg.get("test_accuracy"), device=device,
+                   training=cfg.get("training"))
 
     def __repr__(self) -> str:
         acc = "?" if self.test_accuracy is None else f"{self.test_accuracy:.4f}"
@@ -122,8 +131,11 @@ def train_victim(train, test=None, *, arch: str = "conv3", epochs: int = 20, bat
     train_classifier(model, train.images, train.labels, epochs=epochs, batch_size=batch_size, lr=lr,
                      augment=True, hflip=train.hflip, seed=seed, device=device, progress=progress,
                      desc=f"victim {arch}")
+    training = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": 0.9, "weight_decay": 5e-4,
+                "schedule": "cosine", "augment": "random crop (4-pixel padding)" + (", horizontal flip" if train.hflip else ""),
+                "seed": seed, "train_images": len(train)}
     victim = Victim(model, arch=arch, dataset=train.name, image_shape=train.image_shape,
-                    classes=train.classes, device=device)
+                    classes=train.classes, device=device, training=training)
     if test is not None:
         victim.test_accuracy = accuracy(victim, test.images, test.labels)
         logger.info("Victim %s on %s: test accuracy %.4f", arch, train.name, victim.test_accuracy)
