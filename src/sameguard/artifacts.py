@@ -10,6 +10,11 @@ the artifact if one differs (:class:`~sameguard.api.IntegrityError`), if a liste
 ``.safetensors`` file, or if the directory holds pickle-based checkpoints (``.pt``, ``.pth``,
 ``.pkl``, ``.ckpt``...). Weights are read with :func:`safetensors.torch.load_file`, which cannot
 run code.
+
+The hashes detect corruption, not tampering. *Authentication* (an HMAC with the operator's key over
+the manifest and every file, or a digest the operator pins) is :mod:`sameguard.artifact_auth`:
+:func:`load_artifact` checks it first (and refuses an unauthenticated folder when that is required),
+and :func:`save_artifact` signs the folder when ``SAMEGUARD_ARTIFACT_KEY`` is set.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 from . import __version__
 from .api import ArtifactError, IntegrityError
+from .artifact_auth import AUTH_FILE, authenticate_folder, current_trust, sign_folder
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +119,13 @@ def save_artifact(directory: str | os.PathLike, kind: str, parts: dict[str, dict
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / MANIFEST)
+    trust = current_trust()
+    if trust.key is not None:
+        sign_folder(out, trust.key)
+    elif (out / AUTH_FILE).exists():  # the old signature no longer matches: drop it rather than leave it stale
+        (out / AUTH_FILE).unlink()
+        logger.warning("Removed the signature of %s: its content changed and no artifact key is set to re-sign it",
+                       out)
     logger.info("Saved %s artifact to %s (%s)", kind, out, ", ".join(files))
     return out
 
@@ -124,8 +137,10 @@ def load_artifact(directory: str | os.PathLike, kind: str) -> tuple[dict[str, di
         ``(parts, manifest)``: the state dicts by part name, and the whole manifest.
 
     Raises:
-        ArtifactError: missing directory or manifest, wrong kind, unsupported format, pickles.
-        IntegrityError: a file's SHA-256 differs from the manifest's.
+        ArtifactError: missing directory or manifest, wrong kind, unsupported format, pickles, or
+            not authenticated when authentication is required (:mod:`sameguard.artifact_auth`).
+        IntegrityError: a file's SHA-256 differs from the manifest's, or the folder's signature
+            does not verify under the configured key.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -139,6 +154,7 @@ def load_artifact(directory: str | os.PathLike, kind: str) -> tuple[dict[str, di
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{root} is not a sameguard artifact: {MANIFEST} is missing.")
+    authenticate_folder(root)  # the manifest and every file, before any of it is believed
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .alarm_commands import add_alarm_commands
 
     COMMANDS.update(add_alarm_commands(sub))  # alarms calibrate
+    from .artifact_commands import add_artifact_commands, add_trust_flag
+
+    COMMANDS.update(add_artifact_commands(sub))  # artifacts sign|verify|digest
+    add_trust_flag(parser)  # --require-authenticated-artifacts
 
     p = sub.add_parser("demo", help="train (or reuse) a victim and SAME on Fashion-MNIST and print detection metrics",
                        description="Train or reuse a cached Fashion-MNIST victim and SAME detector (small CPU "
@@ -601,8 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
 
     def run() -> int:
+        from .artifact_commands import trust_from_args
+
         _preflight(args)
-        return COMMANDS[args.command](args)
+        with trust_from_args(args):  # artifacts loaded by the command: signed or pinned when required
+            return COMMANDS[args.command](args)
 
     return run_reporting_errors(args.command, run, args=args, verbose=args.verbose)
 

@@ -111,6 +111,12 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--alarm-detector", action="append", default=[], metavar="NAME=DIR",
                    help="the detector folder of the alarms' scorer NAME, overriding the one recorded with the "
                         "alarms (repeatable)")
+    p.add_argument("--require-authenticated-artifacts", action="store_true", default=None,
+                   help="refuse to start unless the victim, detector and alarms folders are each signed with "
+                        "$SAMEGUARD_ARTIFACT_KEY or pinned (--artifact-digest); see 'sameguard artifacts'")
+    p.add_argument("--artifact-digest", action="append", default=[], metavar="HEX",
+                   help="pin an artifact folder's digest ('sameguard artifacts digest DIR'); repeatable "
+                        "(default: $SAMEGUARD_ARTIFACT_DIGESTS, comma-separated)")
     p.add_argument("--admin-token-env", default=None, metavar="NAME",
                    help="environment variable holding the operator's token for /v1/admin (at least 16 bytes; "
                         "unset: admin routes disabled)")
@@ -179,6 +185,13 @@ def _add_audit_parser(sub: Any) -> None:
     _verbose(p)
 
 
+def _artifact_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--require-authenticated-artifacts`` and ``--artifact-digest`` as settings (``None``: the environment's)."""
+    digests = ",".join(d.strip() for d in getattr(args, "artifact_digest", []) if d.strip())
+    return {"require_authenticated_artifacts": getattr(args, "require_authenticated_artifacts", None),
+            "artifact_digests": digests or None}
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """``sameguard serve``: load the models, open the database, listen (until interrupted)."""
     require_serve_extra()
@@ -195,7 +208,7 @@ def serve_main(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, rate_per_second=args.rate_per_second, rate_burst=args.rate_burst,
         pow_benign_bits=args.pow_benign_bits, pow_max_bits=args.pow_max_bits, pow_ttl_s=args.pow_ttl_s,
         calibration=args.calibration, device=args.device, torch_threads=args.torch_threads, alarms=args.alarms,
-        alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env,
+        alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env, **_artifact_settings(args),
         request_rate_per_second=args.request_rate_per_second, request_burst=args.request_burst,
         state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers)
     if settings.workers > 1:

@@ -62,6 +62,19 @@ def build_policy(settings: ServiceSettings) -> Policy:
 def load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
     """Load the victim and detector named in ``settings`` and build the guard (calibrating proof-of-work).
 
+    Every artifact folder (victim, detector, alarms) is loaded under ``settings.artifact_trust()``:
+    with ``require_authenticated_artifacts`` a folder that is neither signed with ``artifact_key``
+    nor pinned in ``artifact_digests`` is refused, and a signature that does not verify always is.
+    """
+    from ..artifact_auth import trusting
+
+    with trusting(settings.artifact_trust()):
+        return _load_guard(settings, store)
+
+
+def _load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
+    """:func:`load_guard` within the artifact trust.
+
     ``store``: the service's :class:`~sameguard.service.store.ServiceStore`; the per-client alarm
     state goes to its ``kv("alarms", ...)`` (in Redis, shared by every worker).
 
@@ -109,7 +122,10 @@ def load_alarms(settings: ServiceSettings, victim: Any, detector: Any, store: An
     from ..alarm_commands import read_alarm_sources
     from ..alarms import ClientAlarms
 
+    from ..artifact_auth import authenticate_folder
+
     root = Path(settings.alarms)  # type: ignore[arg-type]
+    authenticate_folder(root)  # alarms.json, detectors.json and every calibration under it
     names, recorded = read_alarm_sources(root)
     folders = {name: Path(recorded[name]) for name in names if name in recorded}
     folders.update({name: Path(folder) for name, folder in settings.alarm_detectors.items()})

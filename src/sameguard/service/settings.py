@@ -80,6 +80,11 @@ class ServiceSettings(BaseModel):
             recorded next to the alarms (``detectors.json``); as a string ``NAME=DIR[,NAME=DIR]``.
         admin_token_env: name of the environment variable that holds the operator's token for the
             ``/v1/admin`` routes (at least 16 bytes); unset: the admin routes answer 403.
+        artifact_key: HMAC key that authenticates artifact folders (``SAMEGUARD_ARTIFACT_KEY``,
+            at least 16 bytes; see :mod:`sameguard.artifact_auth`).
+        artifact_digests: pinned folder digests, comma-separated hex (``sameguard artifacts digest``).
+        require_authenticated_artifacts: refuse to start unless the victim, the detector and the
+            alarms are each signed with ``artifact_key`` or pinned.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -116,6 +121,9 @@ class ServiceSettings(BaseModel):
     alarms: Path | None = None
     alarm_detectors: dict[str, Path] = Field(default_factory=dict)
     admin_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    artifact_key: SecretStr | None = Field(None, repr=False)
+    artifact_digests: str = Field("", pattern=r"^([0-9a-fA-F]{64}(,[0-9a-fA-F]{64})*)?$")
+    require_authenticated_artifacts: bool = False
 
     @field_validator("alarm_detectors", mode="before")
     @classmethod
@@ -139,11 +147,19 @@ class ServiceSettings(BaseModel):
                              "(e.g. 64 hex characters).")
         return SecretStr(value.strip())
 
-    @field_validator("pow_secret")
+    def artifact_trust(self) -> Any:
+        """The :class:`~sameguard.artifact_auth.ArtifactTrust` that artifacts are loaded under."""
+        from ..artifact_auth import ArtifactTrust
+
+        key = self.artifact_key.get_secret_value().strip().encode() if self.artifact_key is not None else None
+        pinned = frozenset(d for d in self.artifact_digests.split(",") if d)
+        return ArtifactTrust(key=key or None, pinned=pinned, required=self.require_authenticated_artifacts)
+
+    @field_validator("pow_secret", "artifact_key")
     @classmethod
     def _secret_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and len(v.get_secret_value().encode()) < 16:
-            raise ValueError("pow_secret must be at least 16 bytes long (e.g. 64 hex characters).")
+            raise ValueError("the secret must be at least 16 bytes long (e.g. 64 hex characters).")
         return v
 
     @model_validator(mode="after")
