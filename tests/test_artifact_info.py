@@ -9,7 +9,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from sameguard.artifact_info import authentication_of, describe_folder, matching_preset
+from sameguard.artifact_info import authentication_status, describe_folder, matching_preset
 from sameguard.cli import main
 from sameguard.detectors import MSPDetector, SAME_PRESETS
 from sameguard.models import build_classifier
@@ -65,8 +65,28 @@ def test_info_of_a_folder_that_is_not_an_artifact(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "is not a sameguard artifact" in err
 
 
-def test_preset_and_authentication_hooks():
+def test_preset_matching():
     assert matching_preset("same-detector", dict(SAME_PRESETS["tiny"], alpha=0.99)) == "tiny"
     assert matching_preset("same-detector", dict(SAME_PRESETS["tiny"], mae_epochs=99)) is None
-    assert authentication_of({"config": {}}) is None
-    assert authentication_of({"authentication": {"scheme": "hmac-sha256"}}) == {"scheme": "hmac-sha256"}
+
+
+def test_authentication_status(saved, monkeypatch):
+    from sameguard.artifact_auth import DIGESTS_ENV, KEY_ENV, folder_digest, sign_folder
+
+    root, _, _ = saved
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(DIGESTS_ENV, raising=False)
+    assert authentication_status(root / "victim").startswith("no: not signed")
+    key = "k" * 32
+    sign_folder(root / "victim", key.encode())
+    assert authentication_status(root / "victim").startswith("signed (key id")
+    monkeypatch.setenv(KEY_ENV, key)
+    assert authentication_status(root / "victim").startswith("yes: its HMAC verifies")
+    info = describe_folder(root / "victim")
+    assert info["digest (to pin)"] == folder_digest(root / "victim")
+    manifest = root / "victim" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"test_accuracy": 0.75', '"test_accuracy": 0.99'))
+    assert authentication_status(root / "victim").startswith("NO:")
+    monkeypatch.delenv(KEY_ENV)
+    monkeypatch.setenv(DIGESTS_ENV, folder_digest(root / "msp"))
+    assert authentication_status(root / "msp").startswith("yes: its digest is pinned")

@@ -7,9 +7,10 @@ training hyper-parameters, the detector's preset (when its parameters are exactl
 threshold and the FPR it was calibrated for, the victim's weights SHA-256, library versions.
 :func:`format_info` prints it as ``key: value`` lines.
 
-Authentication: this module reports the manifest as it is. When a manifest carries an
-``authentication`` (or ``signature``) entry, :func:`authentication_of` passes it through unchanged;
-verifying it is the loader's job (see :mod:`sameguard.artifacts`), not ``info``'s.
+Authentication (:mod:`sameguard.artifact_auth`): :func:`authentication_status` says whether the
+folder is authentic under the trust configured in the environment (``SAMEGUARD_ARTIFACT_KEY``,
+``SAMEGUARD_ARTIFACT_DIGESTS``): its HMAC verifies, or its digest is pinned, or it is signed but no key
+is set to check it, or it is neither; ``info`` also prints the folder's digest, the value to pin.
 """
 
 from __future__ import annotations
@@ -22,20 +23,30 @@ from typing import Any
 from .api import ArtifactError
 from .artifacts import MANIFEST, sha256_file
 
-__all__ = ["describe_folder", "format_info", "authentication_of", "matching_preset"]
-
-#: Manifest keys that may carry an artifact's authentication (reported as they are).
-AUTH_KEYS = ("authentication", "signature", "hmac")
+__all__ = ["describe_folder", "format_info", "authentication_status", "matching_preset"]
 
 
-def authentication_of(manifest: dict[str, Any]) -> Any:
-    """The manifest's authentication entry as stored (``None``: the artifact is not authenticated)."""
-    for key in AUTH_KEYS:
-        if key in manifest:
-            return manifest[key]
-        if isinstance(manifest.get("config"), dict) and key in manifest["config"]:
-            return manifest["config"][key]
-    return None
+def authentication_status(directory: str | os.PathLike) -> str:
+    """Whether the folder is authentic under the environment's trust, in words (never raises for a bad signature)."""
+    from .api import IntegrityError
+    from .artifact_auth import AUTH_FILE, KEY_ENV, ArtifactTrust, authenticate_folder
+
+    root = Path(directory)
+    try:
+        how = authenticate_folder(root, ArtifactTrust.from_env(required=False))
+    except (IntegrityError, ArtifactError) as exc:
+        return f"NO: {exc}"
+    if how == "hmac":
+        return f"yes: its HMAC verifies under the key in {KEY_ENV}"
+    if how == "pinned":
+        return "yes: its digest is pinned (SAMEGUARD_ARTIFACT_DIGESTS)"
+    if (root / AUTH_FILE).is_file():
+        try:
+            key = json.loads((root / AUTH_FILE).read_text()).get("key_id", "?")
+        except (OSError, ValueError, AttributeError):
+            key = "?"
+        return f"signed (key id {key}), not checked here: set {KEY_ENV} to verify it"
+    return "no: not signed (sameguard artifacts sign) and its digest is not pinned"
 
 
 def matching_preset(kind: str, params: dict[str, Any]) -> str | None:
@@ -70,7 +81,8 @@ def _describe_alarms(root: Path) -> dict[str, Any]:
         data = json.loads((root / "alarms.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{root / 'alarms.json'} is not readable JSON ({exc}).") from None
-    info: dict[str, Any] = {"folder": str(root), "kind": "per-client alarms (sameguard alarms calibrate)"}
+    info: dict[str, Any] = {"folder": str(root), "kind": "per-client alarms (sameguard alarms calibrate)",
+                            "authenticated": authentication_status(root), "digest (to pin)": _digest(root)}
     if isinstance(data, dict):
         for key in ("delta", "mode", "stream", "scorers", "victim_weights_sha256", "min_class_size"):
             if key in data:
@@ -131,9 +143,15 @@ def describe_folder(directory: str | os.PathLike) -> dict[str, Any]:
     info["versions"] = manifest.get("versions")
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     info["files"] = _verify_files(root, files)
-    auth = authentication_of(manifest)
-    info["authenticated"] = "no (no authentication entry in the manifest)" if auth is None else auth
+    info["authenticated"] = authentication_status(root)
+    info["digest (to pin)"] = _digest(root)
     return info
+
+
+def _digest(root: Path) -> str:
+    from .artifact_auth import folder_digest
+
+    return folder_digest(root)
 
 
 def _text(value: Any) -> str:

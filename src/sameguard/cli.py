@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print what a saved artifact folder holds, from its manifest and without loading "
                                    "weights: kind, architecture, dataset, test accuracy, training hyper-parameters, "
                                    "the detector's preset, threshold and calibration FPR, the victim's weights "
-                                   "SHA-256, library versions, whether every file matches its SHA-256, and the "
-                                   "manifest's authentication entry if it has one.")
+                                   "SHA-256, library versions, whether every file matches its SHA-256, whether the "
+                                   "folder is authenticated (its HMAC verifies under $SAMEGUARD_ARTIFACT_KEY, or its "
+                                   "digest is pinned) and its digest, the value to pin.")
     p.add_argument("folders", nargs="+", metavar="DIR", help="artifact folder(s)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per folder, in a list)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
