@@ -211,11 +211,11 @@ def serve_main(args: argparse.Namespace) -> int:
         alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env, **_artifact_settings(args),
         request_rate_per_second=args.request_rate_per_second, request_burst=args.request_burst,
         state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers)
-    if settings.workers > 1:
-        return _serve_workers(settings, args.log_level)
     from ..cli_checks import check_port_free
 
     check_port_free(settings.host, settings.port)  # before the models load: one sentence, not uvicorn's exit 3
+    if settings.workers > 1:
+        return _serve_workers(settings, args.log_level)
     app = create_app(settings)
     state = app.state.sameguard
     with state.keys.engine.connect() as conn:
