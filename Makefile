@@ -21,7 +21,7 @@ TORCH_PIP_ARGS = $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sameguard-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The longer fuzzing run: Schemathesis against the live service's OpenAPI document and the decoders'
+# Hypothesis properties, with EXAMPLES examples per operation and mode (the test suite runs 15).
+fuzz: $(STAMP)
+	SAMEGUARD_FUZZ_EXAMPLES=$(or $(EXAMPLES),1000) $(BIN)/python -m pytest -q tests/service/test_fuzz_openapi.py \
+		tests/service/test_decoding_properties.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -234,3 +234,11 @@ def test_pow_refused_for_too_many_challenges_is_audited_with_its_reason(make_app
         events = conn.execute(select(pow_events.c.outcome, pow_events.c.request_id)).all()
     assert rows == [0, 1]  # the decided queries keep their rows (documented) ...
     assert ("toomany", rid) in [tuple(e) for e in events]  # ... and the log says why they got no answer
+
+
+def test_multipart_with_more_files_than_the_batch_limit_gets_413(client, kit):
+    app, c = client  # max_batch 8
+    files = [("images", (f"{i}.png", b"not a png", "image/png")) for i in range(12)]
+    r = c.post("/v1/predict", files=files)
+    assert r.status_code == 413 and "at most 8 images" in r.json()["detail"], r.text
+    assert app.state.sameguard.audit.count() == 0

@@ -92,11 +92,11 @@ def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None =
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    install_openapi(app, tuple(state.guard.image_shape))
+    install_openapi(app, tuple(state.guard.image_shape), settings.max_batch)
     return app
 
 
-def install_openapi(app: FastAPI, image_shape: tuple[int, ...]) -> None:
+def install_openapi(app: FastAPI, image_shape: tuple[int, ...], max_batch: int | None = None) -> None:
     """Complete the OpenAPI document: ``/v1/predict`` reads its body itself, so its JSON schema
     (``#/components/schemas/PredictJSON``, with examples of the served ``image_shape``) is added here."""
 
@@ -105,7 +105,7 @@ def install_openapi(app: FastAPI, image_shape: tuple[int, ...]) -> None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {})["PredictJSON"] = \
-                predict_json_schema(image_shape)
+                predict_json_schema(image_shape, max_batch)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -166,7 +166,10 @@ async def decode_multipart(request: Request, image_shape: Sequence[int],
     except (HTTPException, BodyTooLarge):
         raise  # BodyTooLarge: the middleware answers 413 with the limit
     except Exception as exc:  # noqa: BLE001 - the multipart parser raises many kinds; all mean a bad body
-        reason = str(exc) or type(exc).__name__
+        reason = str(getattr(exc, "detail", "") or exc) or type(exc).__name__
+        if reason.startswith("Too many files"):
+            raise HTTPException(413, f"The multipart body has more than {max_batch} files; this service accepts at "
+                                     f"most {max_batch} images per request.") from None
         raise HTTPException(400, f"Malformed multipart body: {reason[:200]}") from None
     files = form.getlist("images")
     output = form.get("output")

@@ -37,11 +37,29 @@ class PredictJSON(BaseModel):
         return self
 
 
-def predict_json_schema(image_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    """The JSON schema of :class:`PredictJSON` for the OpenAPI document, with two examples that a
-    model of ``image_shape`` ``(C, H, W)`` accepts (one image of zeros, as ``instances`` and as ``b64``)."""
+def predict_json_schema(image_shape: tuple[int, ...] | list[int], max_batch: int | None = None) -> dict[str, Any]:
+    """The JSON schema of :class:`PredictJSON` for the OpenAPI document, for a model of ``image_shape``
+    ``(C, H, W)``: ``instances`` is an ``(N, C, H, W)`` array of numbers in ``[-1, 1]``, ``shape`` is
+    ``[N, C, H, W]`` (``1 <= N <= max_batch``), and two examples that the model accepts (one image of
+    zeros, as ``instances`` and as ``b64``). Client generators and fuzzers get bodies the service can answer."""
     c, h, w = (int(v) for v in image_shape)
+    n_max = {} if max_batch is None else {"maxItems": int(max_batch)}
     schema = PredictJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+    pixel = {"type": "number", "minimum": -1.0, "maximum": 1.0}
+    row = {"type": "array", "items": pixel, "minItems": w, "maxItems": w}
+    plane = {"type": "array", "items": row, "minItems": h, "maxItems": h}
+    image = {"type": "array", "items": plane, "minItems": c, "maxItems": c}
+    props = schema["properties"]
+    props["instances"] = {"type": "array", "items": image, "minItems": 1, **n_max,
+                          "description": props["instances"].get("description", "")}
+    props["b64"] = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$",
+                    "description": props["b64"].get("description", "")}
+    batch = {"type": "integer", "minimum": 1, **({} if max_batch is None else {"maximum": int(max_batch)})}
+    props["shape"] = {"type": "array", "prefixItems": [batch] + [{"const": v} for v in (c, h, w)], "minItems": 4,
+                      "maxItems": 4, "description": props["shape"].get("description", "")}
+    # Exactly one encoding (the model's validator): a nested array, or base64 with its shape.
+    schema["oneOf"] = [{"required": ["instances"], "not": {"required": ["b64"]}},
+                       {"required": ["b64", "shape"], "not": {"required": ["instances"]}}]
     zeros = base64.b64encode(bytes(4 * c * h * w)).decode("ascii")
     schema["examples"] = [{"instances": [[[[0.0] * w for _ in range(h)] for _ in range(c)]]},
                           {"b64": zeros, "shape": [1, c, h, w], "dtype": "float32"}]

@@ -49,7 +49,7 @@ PREDICT_OPENAPI: dict[str, Any] = {
             "multipart/form-data": {"schema": {
                 "type": "object",
                 "properties": {
-                    "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                                "description": "PNG files of the model's height and width (grayscale or RGB)"},
                     "output": {"type": "string", "enum": ["probabilities", "labels"]},
                 },
