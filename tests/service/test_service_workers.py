@@ -1,6 +1,6 @@
 """Several worker processes sharing Redis (state) and one database (keys, audit), for real.
 
-Two independent service processes (``_worker_app.py``) share a Redis key prefix and a SQLite file,
+Two independent service processes (``_worker_app.py``) share a Redis key prefix and a PostgreSQL schema,
 as two workers behind a load balancer do; the client alternates between them, so every check
 crosses workers on purpose: a challenge issued by one is redeemed at the other, exactly once; a
 burst of B images lets B through in all; every answered image has its audit row; a revoked key is
@@ -88,8 +88,8 @@ def _bright(n: int, seed: int) -> list:
     return (torch.rand(n, 1, 28, 28, generator=g) * 0.8 + 0.2).tolist()
 
 
-def test_two_workers_share_rate_limits_challenges_revocation_and_the_audit(redis_server, tmp_path):
-    db_url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_two_workers_share_rate_limits_challenges_revocation_and_the_audit(redis_server, postgres_url):
+    db_url = postgres_url
     engine = make_engine(db_url)
     init_db(engine)
     _, token = KeyStore(engine).create("alice")

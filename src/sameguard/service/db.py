@@ -5,6 +5,11 @@ opened in WAL mode with a busy timeout so readers never block the writer) on one
 PostgreSQL (``postgresql+psycopg://user@host/db``, with the driver installed) when several
 processes or hosts write. Only SQLAlchemy Core and portable column types are used.
 
+The schema is versioned with Alembic (:mod:`sameguard.service.migrations`, version table
+``sg_alembic_version``): :func:`init_db` brings any database, including one made before the schema
+was versioned, to the newest version. A schema change is a change of the tables below plus a new
+revision file in ``migrations/versions``.
+
 Tables (all prefixed ``sg_``):
 
 * ``sg_api_keys``: ``key_id`` (public, 16 hex), ``name`` (the client), ``key_sha256`` (the
@@ -17,7 +22,7 @@ Tables (all prefixed ``sg_``):
   service's role ``INSERT`` and ``SELECT`` only.
   With per-client alarms it also holds ``evidence`` (log10 of the client's test martingale after
   the query; ``NULL`` without alarms) and ``alarmed`` (the client was alarmed when the query was
-  decided). Databases made before these two columns existed get them added by :func:`init_db`.
+  decided).
 * ``sg_pow_events``: one row per proof-of-work challenge issued or redeemed (and per refused
   redemption), with its outcome.
 * ``sg_alarm_events``: one row when a client's alarm is raised (time of the alarm, client, the
@@ -27,6 +32,9 @@ Tables (all prefixed ``sg_``):
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -45,11 +53,17 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["metadata", "api_keys", "audit_log", "pow_events", "alarm_events", "make_engine", "init_db", "redact_url"]
+__all__ = ["metadata", "api_keys", "audit_log", "pow_events", "alarm_events", "make_engine", "init_db", "redact_url",
+           "schema_version", "head_version", "VERSION_TABLE"]
+
+#: The table holding the schema version (Alembic's), named apart from a provider's own Alembic table.
+VERSION_TABLE = "sg_alembic_version"
+_MIGRATION_LOCK = 0x53474442  # pg_advisory_xact_lock key ("SGDB")
 
 metadata = MetaData()
 
@@ -116,10 +130,6 @@ alarm_events = Table(
     Column("request_id", String(64), nullable=True),
 )
 
-#: Columns added to ``sg_audit_log`` after its first release, with their portable DDL (added by :func:`init_db`).
-_ADDED_AUDIT_COLUMNS = {"evidence": "FLOAT", "alarmed": "BOOLEAN NOT NULL DEFAULT {false}",
-                        "client_request_id": "VARCHAR(64)"}
-
 _SQLITE_TRIGGERS = [
     "CREATE TRIGGER IF NOT EXISTS sg_audit_log_no_update BEFORE UPDATE ON sg_audit_log "
     "BEGIN SELECT RAISE(ABORT, 'sg_audit_log is append-only'); END",
@@ -169,26 +179,64 @@ def make_engine(url: str) -> Engine:
         raise ValueError(f"Cannot open the database {redact_url(url)}: {exc}") from None
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Add the audit columns that a database created by an earlier version lacks (``ALTER TABLE ... ADD``)."""
-    present = {c["name"] for c in inspect(engine).get_columns(audit_log.name)}
-    missing = [name for name in _ADDED_AUDIT_COLUMNS if name not in present]
-    if not missing:
-        return
-    falsy = "0" if engine.dialect.name == "sqlite" else "false"
-    with engine.begin() as conn:
-        for name in missing:
-            ddl = _ADDED_AUDIT_COLUMNS[name].format(false=falsy)
-            conn.execute(text(f"ALTER TABLE {audit_log.name} ADD COLUMN {name} {ddl}"))
-    logger.info("Added the audit-log column(s) %s", ", ".join(missing))
+def _alembic_config(conn: Any) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def schema_version(engine: Engine) -> str | None:
+    """The database's schema version (an Alembic revision id such as ``"0003"``), ``None`` when unversioned."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+
+
+def head_version() -> str:
+    """The newest schema version this sameguard knows."""
+    from alembic.script import ScriptDirectory
+
+    return str(ScriptDirectory.from_config(_alembic_config(None)).get_current_head())
+
+
+def _upgrade(conn: Any) -> None:
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    if conn.dialect.name == "postgresql":  # one migrating process at a time (workers start together)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+    cfg = _alembic_config(conn)
+    current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    if current is None and inspect(conn).has_table(audit_log.name):
+        # Made before the schema was versioned: complete the missing tables, then take it from the first
+        # version (the later steps check what is already there).
+        metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if not inspect(conn).has_table(t.name)])
+        command.stamp(cfg, "0001")
+        logger.info("Versioning an existing sameguard database from schema 0001")
+    command.upgrade(cfg, "head")
+    if conn.dialect.name == "sqlite":
+        for statement in _SQLITE_TRIGGERS:  # idempotent; kept even if a step ever rebuilds the table
+            conn.execute(text(statement))
 
 
 def init_db(engine: Engine) -> None:
-    """Create the tables (and SQLite's append-only triggers) if they do not exist; add new audit columns."""
-    metadata.create_all(engine)
-    _add_missing_columns(engine)
-    if engine.dialect.name == "sqlite":
-        with engine.begin() as conn:
-            for statement in _SQLITE_TRIGGERS:
-                conn.execute(text(statement))
-    logger.info("Database ready at %s", engine.url.render_as_string(hide_password=True))
+    """Bring the database to the newest schema version (Alembic, :mod:`sameguard.service.migrations`).
+
+    A new database gets every table (and SQLite's append-only triggers); an older one only the
+    steps it lacks; one made before the schema was versioned is recognised and upgraded. On
+    PostgreSQL an advisory lock makes workers that start together migrate one after another.
+    """
+    for attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                _upgrade(conn)
+            break
+        except OperationalError:
+            if attempt == 2 or engine.dialect.name != "sqlite":
+                raise
+            time.sleep(0.2 * (attempt + 1))  # another process was creating the same tables; look again
+    logger.info("Database ready at %s (schema %s)", engine.url.render_as_string(hide_password=True), head_version())
