@@ -17,7 +17,6 @@ import safetensors.torch
 import torch
 
 from sameguard.actions import Misinformation, Policy, ProofOfWork, Reject
-from sameguard.api import flag_scores
 from sameguard.artifacts import sha256_file
 from sameguard.guard import Guard
 
@@ -25,6 +24,8 @@ BAD = [math.nan, math.inf, -math.inf]
 
 
 def test_flag_scores_flags_every_non_finite_score():
+    from sameguard.api import flag_scores
+
     scores = torch.tensor([0.1, 0.9, *BAD], dtype=torch.float64)
     assert flag_scores(scores, 0.5).tolist() == [False, True, True, True, True]
 

@@ -98,6 +98,19 @@ def test_any_text_with_big_numbers_decodes_or_gets_a_documented_4xx(text):
     _as_served(('{"instances": %s}' % ("9" * (len(text) * 20 + 1))).encode())
 
 
+LONG_NUMBER_BODIES = ['{"instances": %s}', '{"instances": [[[[%s]]]]}', '{"instances": [[[[0.5, %s]]]]}',
+                      '{"b64": "", "shape": [1, 1, 4, %s]}', '{"b64": "", "shape": [%s, 1, 4, 3]}',
+                      '{"instances": [[[[0.0]]]], "output": %s}', '{"instances": [[[[0.0]]]], "x": {"y": [%s]}}']
+
+
+@FUZZ
+@given(st.integers(1, 6000), st.sampled_from(["", "-"]), st.sampled_from(["", ".5", "e3", ".0e-2"]),
+       st.sampled_from(LONG_NUMBER_BODIES))
+def test_numbers_of_any_length_anywhere_get_a_documented_4xx(digits, sign, tail, template):
+    """Python refuses to convert integer literals of more than 4300 digits (a ValueError): still a 4xx."""
+    _as_served((template % f"{sign}{'7' * digits}{tail}").encode())
+
+
 @FUZZ
 @given(json_values)
 def test_decode_instances_gets_only_documented_errors(instances):

@@ -15,6 +15,7 @@ mode, derandomized). The longer run is the same test with more examples::
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 
@@ -29,6 +30,7 @@ from schemathesis import GenerationMode
 from sameguard.service.schemas import PredictResponse
 
 EXAMPLES = int(os.environ.get("SAMEGUARD_FUZZ_EXAMPLES", "15"))
+logger = logging.getLogger(__name__)
 
 
 def _check(label: str, documented: set[str], response) -> None:
@@ -82,6 +84,8 @@ def test_schemathesis_fuzzes_the_live_service(make_app, kit):
             documented = set(spec["paths"][op.path][op.method.lower()]["responses"])
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 _fuzz(op, mode, documented, url, session, token, seen)
+    logger.info("requests per operation, media type and status: %s",
+                "; ".join(f"{k}: {v}" for k, v in sorted(seen.items(), key=str)))
     assert seen[("POST /v1/predict", "application/json")] > 0
     assert seen[("POST /v1/predict", "multipart/form-data")] > 0
     assert seen[("POST /v1/predict", 200)] > 0  # schema-valid bodies are answered
