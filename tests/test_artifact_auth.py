@@ -169,3 +169,20 @@ def test_service_refuses_to_start_on_a_tampered_or_unauthenticated_artifact(save
         create_app(settings(artifact_key=KEY))
     pinned = ",".join([folder_digest(saved / "victim"), folder_digest(saved / "det")])
     create_app(settings(require_authenticated_artifacts=True, artifact_digests=pinned))  # the operator pins it
+
+
+def test_a_signed_parent_folder_covers_the_artifacts_under_it(tiny_victim, tmp_path):
+    """The alarms folder: alarms.json next to calibration artifacts, signed once as a whole."""
+    root = tmp_path / "alarms"
+    tiny_victim.save(root / "calibration")
+    (root / "alarms.json").write_text('{"delta": 0.001}')
+    key = KEY.encode()
+    sign_folder(root, key)
+    with trusting(ArtifactTrust(key=key, required=True)):
+        assert authenticate_folder(root) == "hmac"
+        assert authenticate_folder(root / "calibration") == "covered"
+    with pytest.raises(ArtifactError, match="not authenticated"):  # on its own, the sub-folder is unsigned
+        authenticate_folder(root / "calibration", ArtifactTrust(key=key, required=True))
+    (root / "alarms.json").write_text('{"delta": 1e-300}')  # e.g. alarms made impossible
+    with pytest.raises(IntegrityError):
+        authenticate_folder(root, ArtifactTrust(key=key))

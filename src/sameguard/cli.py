@@ -132,9 +132,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
            test_accuracy=result.test_accuracy, device=args.device).save(args.save)
     _out(result.summary())
     if args.detector:
+        from .api import flag_scores  # NaN and infinite scores count as flagged
+
         scores = api.scores(result.client)
         flagged = "" if detector.threshold_ is None else \
-            f", {float((scores > detector.threshold_).float().mean()):.2%} above the threshold"
+            f", {float(flag_scores(scores, detector.threshold_).float().mean()):.2%} above the threshold"
         _out(f"detector scores of the {len(scores)} attack queries: mean {float(scores.mean()):.5g}{flagged}")
         if args.scores_out:
             with open(args.scores_out, "w", newline="") as fh:
@@ -456,7 +458,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.limit]]
     detector.calibrate(x, args.target_fpr)
     detector.save(args.detector)
-    _out(f"threshold {detector.threshold_:.6g} flags {float((detector.score(x) > detector.threshold_).float().mean()):.2%} "
+    from .api import flag_scores  # NaN and infinite scores count as flagged
+
+    _out(f"threshold {detector.threshold_:.6g} flags {float(flag_scores(detector.score(x), detector.threshold_).float().mean()):.2%} "
          f"of {len(x)} benign images (target {args.target_fpr:.2%}); saved to {args.detector}")
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .api import flag_scores
 from .bench.metrics import detection_metrics
 from .cache import cached_detector, cached_victim
 from .data import ImageDataset, load_dataset, uniform_noise
@@ -54,14 +55,14 @@ def _metrics_table(scores: dict[str, Any], threshold: float, echo: Callable[[str
     echo("")
     echo(header)
     echo("-" * len(header))
-    flagged_benign = float((benign.score > threshold).float().mean())
+    flagged_benign = float(flag_scores(benign.score, threshold).float().mean())
     echo(f"{BENIGN:<28} {len(benign.score):>5} {'':>7} {'':>7} {'':>7} {'':>7} {flagged_benign:>8.2%}")
     rows = []
     for name, s in scores.items():
         if name == BENIGN:
             continue
         m = detection_metrics(benign.score.numpy(), s.score.numpy())
-        flagged = float((s.score > threshold).float().mean())
+        flagged = float(flag_scores(s.score, threshold).float().mean())
         auroc_s1 = detection_metrics(benign.s1.numpy(), s.s1.numpy()).auroc
         auroc_s2 = detection_metrics(benign.s2.numpy(), s.s2.numpy()).auroc
         rows.append({"queries": name, **m.to_dict(), "flagged": flagged, "auroc_s1": auroc_s1, "auroc_s2": auroc_s2})
