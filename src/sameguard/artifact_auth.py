@@ -221,13 +221,17 @@ def authenticate_folder(directory: str | os.PathLike, trust: ArtifactTrust | Non
     if trust is _TRUST.get() and any(resolved != parent and resolved.is_relative_to(parent)
                                      for parent in _COVERED.get()):
         return "covered"
+    auth = _read_auth(root)
+    if not trust.pinned and (trust.key is None or auth is None) and not trust.required:
+        if auth is not None:
+            logger.warning("%s is signed, but %s is not set: the signature was not checked", root, KEY_ENV)
+        return "unauthenticated"  # nothing to check against: skip hashing the folder
     canonical = _canonical(root)
     digest = hashlib.sha256(canonical).hexdigest()
     if digest in trust.pinned:
         logger.info("%s is authentic: its digest %s is pinned", root, digest[:16])
         _cover(resolved, trust)
         return "pinned"
-    auth = _read_auth(root)
     if auth is not None and trust.key is not None:
         if not hmac.compare_digest(auth["key_id"].lower(), key_id(trust.key)):
             raise IntegrityError(f"{root} was signed with another key (key id {auth['key_id'][:16]!r}, the configured "
