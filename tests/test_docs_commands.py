@@ -13,9 +13,10 @@ What is checked:
 
 1. every ``--flag`` of every line exists, spelled exactly, on its sub-command (argparse would accept an
    abbreviation; the docs must not rely on one), so a renamed or removed flag fails the suite;
-2. every code-block line parses with ``sameguard.cli.build_parser()`` (types and choices included).
-   Documentation syntax is read as documentation: ``[--opt X]`` is optional text (kept), ``a|b`` is a
-   choice (the first is used), ``...`` is dropped, and capitalised placeholders (``NAME``, ``URL``,
+2. every code-block line parses with ``sameguard.cli.build_parser()`` (types and choices included),
+   except lines that elide arguments with ``...`` (``sameguard fit ... --out runs/same``: only their
+   flags are checked). Documentation syntax is read as documentation: ``[--opt X]`` is optional text
+   (kept), ``a|b`` is a choice (the first is used), and capitalised placeholders (``NAME``, ``URL``,
    ``DIR``, ``H``...) get a sample value (:data:`PLACEHOLDERS`);
 3. :data:`RUN_FOR_REAL` names the commands that are run for real, in document order, in one
    temporary folder (so ``runs/victim`` made by one line is there for the next), with the extra
@@ -163,14 +164,27 @@ def _subparsers(parser):
 
 
 def _resolve(tokens: list[str]):
-    """The sub-parser the tokens address and the sub-command path (``["keys", "create"]``)."""
-    parser, path = build_parser(), []
-    for token in tokens:
+    """``(sub-parser, sub-command path, the sub-command's own tokens, unknown options before the path)``.
+
+    Options given before the sub-command (``sameguard --require-authenticated-artifacts score ...``)
+    are checked against the parser they are given to.
+    """
+    parser, path, unknown = build_parser(), [], []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
         choices = _subparsers(parser)
+        if choices and token.startswith("-"):  # an option of this level, before its sub-command
+            action = parser._option_string_actions.get(token.split("=", 1)[0])
+            if action is None:
+                unknown.append(token.split("=", 1)[0])
+            i += 1 if action is None or action.nargs == 0 or "=" in token else 2
+            continue
         if not choices or token not in choices:
             break
         parser, path = choices[token], path + [token]
-    return parser, path
+        i += 1
+    return parser, path, tokens[i:], unknown
 
 
 def test_the_docs_have_command_lines():
@@ -180,30 +194,34 @@ def test_the_docs_have_command_lines():
 
 def unknown_flags(command: DocCommand) -> list[str]:
     """The flags of ``command`` that its sub-command does not have, spelled exactly (no abbreviations)."""
-    parser, path = _resolve(command.tokens)
+    parser, path, rest, unknown = _resolve(command.tokens)
     assert path, f"{command.where}: {command.text!r} names no sameguard command"
     known = set(parser._option_string_actions)
-    return [token.split("=", 1)[0] for token in command.tokens[len(path):]
-            if token.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?(e-?\d+)?", token)
-            and token.split("=", 1)[0] not in known]
+    return unknown + [token.split("=", 1)[0] for token in rest
+                      if token.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?(e-?\d+)?", token)
+                      and token.split("=", 1)[0] not in known]
 
 
 def test_a_renamed_or_abbreviated_flag_is_caught():
     assert unknown_flags(DocCommand("x", "sameguard bench-attacks --victim v --budget 10", False)) == ["--budget"]
     assert unknown_flags(DocCommand("x", "sameguard keys create --name a --quiet", True)) == []
     assert unknown_flags(DocCommand("x", "sameguard keys list --quiet", True)) == ["--quiet"]
+    assert unknown_flags(DocCommand("x", "sameguard --no-such-flag score --victim v", True)) == ["--no-such-flag"]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.where for c in COMMANDS])
 def test_every_flag_in_the_docs_exists(command):
-    parser, path = _resolve(command.tokens)
+    parser, path, _, _ = _resolve(command.tokens)
     unknown = unknown_flags(command)
     assert not unknown, (f"{command.where}: {' '.join(path)} has no option {', '.join(unknown)} (in {command.text!r}); "
                          f"it has {sorted(k for k in parser._option_string_actions if k.startswith('--'))}")
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if not c.inline],
-                         ids=[c.where for c in COMMANDS if not c.inline])
+#: Code lines that are whole commands: ``...`` inside ``[optional]`` text is fine, elsewhere it elides arguments.
+COMPLETE = [c for c in COMMANDS if not c.inline and "..." not in re.sub(r"\[[^\]]*\]", "", c.text.split("#", 1)[0])]
+
+
+@pytest.mark.parametrize("command", COMPLETE, ids=[c.where for c in COMPLETE])
 def test_every_code_line_parses(command):
     err = io.StringIO()
     try:

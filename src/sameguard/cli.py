@@ -292,12 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=True)
     add_attack_commands(sub)
 
+    from .bench.config import PROFILES
+
     p = sub.add_parser("bench", help="run the detection benchmark (attacks x detectors x seeds) and write a report",
                        description="Run a benchmark profile (quick, standard, paper) or a TOML config: trains or "
                                    "reuses victims, detectors and attack query sets, scores B attack queries against "
                                    "B normal-user queries per cell, and writes results.json, results.csv, report.md "
                                    "and ROC / histogram PNGs.")
-    p.add_argument("--config", default="quick", help="profile name (quick, standard, paper) or a TOML file (default quick)")
+    p.add_argument("--config", default="quick",
+                   help=f"profile name ({', '.join(PROFILES)}) or a TOML file (default quick); the format, "
+                        "every key with its type and default: src/sameguard/bench/profiles/FORMAT.md")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench/<config name>)")
     _common(p, data=True, seed=False)
 
