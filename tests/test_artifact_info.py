@@ -11,7 +11,7 @@ import torch
 
 from sameguard.artifact_info import authentication_status, describe_folder, matching_preset
 from sameguard.cli import main
-from sameguard.detectors import MSPDetector, SAME_PRESETS
+from sameguard.detectors import SAME_PRESETS, MSPDetector
 from sameguard.models import build_classifier
 from sameguard.victim import Victim
 

@@ -7,7 +7,6 @@ checks the status, that the message says what was expected, and that it is one l
 from __future__ import annotations
 
 import io
-import os
 import socket
 import sqlite3
 import subprocess

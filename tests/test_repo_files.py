@@ -29,5 +29,5 @@ def test_torch_index_is_a_make_variable():
 @pytest.mark.parametrize("path", ["sameguard.db", "sameguard.db-wal", "sameguard.db-shm", "runs/demo/x",
                                   "runs/bench/quick/report.md"])
 def test_default_outputs_are_ignored(path):
-    result = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path])
+    result = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path], check=False)
     assert result.returncode == 0, f"{path} is not ignored by .gitignore"

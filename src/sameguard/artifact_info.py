@@ -23,7 +23,7 @@ from typing import Any
 from .api import ArtifactError
 from .artifacts import MANIFEST, sha256_file
 
-__all__ = ["describe_folder", "format_info", "authentication_status", "matching_preset"]
+__all__ = ["authentication_status", "describe_folder", "format_info", "matching_preset"]
 
 
 def authentication_status(directory: str | os.PathLike) -> str:
@@ -56,9 +56,9 @@ def matching_preset(kind: str, params: dict[str, Any]) -> str | None:
     cls = next((c for c in DETECTORS.values() if getattr(c, "KIND", None) == kind), None)
     presets = getattr(cls, "PRESETS", None) or {}
     for name, values in presets.items():
-        if all(params.get(k) == v for k, v in values.items() if k in params):
-            if any(k in params for k in values):
-                return name
+        shared = [k for k in values if k in params]
+        if shared and all(params[k] == values[k] for k in shared):
+            return name
     return None
 
 

@@ -20,8 +20,16 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["check_device", "check_output_file", "check_output_dir", "check_data_dir", "check_sqlite_url",
-           "check_port_free", "comma_ints", "OUTPUTS"]
+__all__ = [
+    "OUTPUTS",
+    "check_data_dir",
+    "check_device",
+    "check_output_dir",
+    "check_output_file",
+    "check_port_free",
+    "check_sqlite_url",
+    "comma_ints",
+]
 
 #: Output paths per command, checked before the command runs: ``(attribute, "file" or "dir", flag)``.
 OUTPUTS: dict[str, tuple[tuple[str, str, str], ...]] = {
@@ -118,11 +126,12 @@ def check_sqlite_url(url: str, *, must_exist: bool) -> None:
     """
     if not url.startswith("sqlite"):
         return
-    try:
-        from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
+    try:
         database = make_url(url).database
-    except Exception:  # the service's own parser reports a malformed URL in one sentence
+    except (ArgumentError, ValueError):  # the service's own parser reports a malformed URL in one sentence
         return
     if not database or database == ":memory:" or database.startswith("file:"):
         return

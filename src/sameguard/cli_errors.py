@@ -26,8 +26,15 @@ from .api import SameguardError
 
 logger = logging.getLogger("sameguard.cli")
 
-__all__ = ["USAGE_ERROR", "INTERNAL_ERROR", "INTERRUPTED", "one_sentence", "describe_error", "run_reporting_errors",
-           "silence_stdout"]
+__all__ = [
+    "INTERNAL_ERROR",
+    "INTERRUPTED",
+    "USAGE_ERROR",
+    "describe_error",
+    "one_sentence",
+    "run_reporting_errors",
+    "silence_stdout",
+]
 
 #: Exit status of an error the user can fix (the same as argparse's usage errors).
 USAGE_ERROR = 2
@@ -53,12 +60,9 @@ def _database_error(exc: BaseException, args: argparse.Namespace | None) -> str 
     if not type(exc).__module__.startswith("sqlalchemy"):
         return None
     url = getattr(args, "db", None) or os.environ.get("SAMEGUARD_DB_URL") or "sqlite:///sameguard.db"
-    try:
-        from .service.db import redact_url
+    from .service.db import redact_url  # a SQLAlchemy error means the serve extra is installed
 
-        url = redact_url(url)
-    except Exception:  # pragma: no cover - only when the serve extra is broken
-        pass
+    url = redact_url(url)
     reason = getattr(exc, "orig", None) or exc
     return f"the database {url} could not be used ({one_sentence(str(reason)).rstrip('.')}); check --db."
 
@@ -111,7 +115,7 @@ def run_reporting_errors(command: str, action: Callable[[], int], *, args: argpa
         return INTERRUPTED
     except SystemExit:
         raise
-    except Exception as exc:  # every error is reported in one sentence; -v shows the traceback
+    except Exception as exc:  # noqa: BLE001 - every error is reported in one sentence; -v shows the traceback
         sentence, status = describe_error(exc, args)
         if verbose:
             traceback.print_exception(exc, file=sys.stderr)

@@ -22,8 +22,14 @@ from .training import show_progress
 
 logger = logging.getLogger("sameguard.cli")
 
-__all__ = ["TRAINING_LOGGERS", "log_training_progress", "warn_if_gpu_preset_on_cpu", "detectors_fitted_for",
-           "warn_if_overwriting_victim", "training_subset_note"]
+__all__ = [
+    "TRAINING_LOGGERS",
+    "detectors_fitted_for",
+    "log_training_progress",
+    "training_subset_note",
+    "warn_if_gpu_preset_on_cpu",
+    "warn_if_overwriting_victim",
+]
 
 #: Loggers whose INFO lines report training progress per epoch.
 TRAINING_LOGGERS = ("sameguard.training", "sameguard.detectors")

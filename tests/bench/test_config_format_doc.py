@@ -25,7 +25,7 @@ BASE = {"name": "t", "datasets": ["digits"], "scored_queries": 10,
 def _section(title: str) -> dict[str, str]:
     """``{key: default cell}`` of the table under the heading ``## title``."""
     text = DOC.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([a-z_]+)` \| [^|]+ \| ([^|]+) \|", text, flags=re.M)
+    rows = re.findall(r"^\| `([a-z_]+)` \| [^|]+ \| ([^|]+) \|", text, flags=re.MULTILINE)
     return {key: default.strip() for key, default in rows}
 
 
@@ -71,7 +71,7 @@ def test_documented_defaults_are_the_codes(title, spec):
             assert cell == "required" or not cell.startswith("`"), f"{title} {field.name}: no default in the code"
             continue
         if default is None:
-            assert cell.startswith("none") or cell.startswith("the ") or cell.startswith("absent"), (title, field.name)
+            assert cell.startswith(("none", "the ", "absent")), (title, field.name)
             continue
         value = tomllib.loads(f"v = {cell.strip('`')}")["v"]
         expected = list(default) if isinstance(default, tuple) else default

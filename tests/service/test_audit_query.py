@@ -12,11 +12,11 @@ import pytest
 
 pytest.importorskip("sqlalchemy")
 
-from sqlalchemy import insert  # noqa: E402
+from sqlalchemy import insert
 
-from sameguard.cli import main  # noqa: E402
-from sameguard.service.audit_query import AuditFilter, parse_time  # noqa: E402
-from sameguard.service.db import audit_log, init_db, make_engine  # noqa: E402
+from sameguard.cli import main
+from sameguard.service.audit_query import AuditFilter, parse_time
+from sameguard.service.db import audit_log, init_db, make_engine
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
@@ -85,7 +85,8 @@ def test_client_statistics(db):
 def test_export_csv_and_json_lines(db, tmp_path):
     code, out = run("audit", "--db", db, "--client", "alice", "--flagged", "--export", str(tmp_path / "rows.csv"))
     assert code == 0 and "wrote 4 audit row(s)" in out
-    rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
+    with open(tmp_path / "rows.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert [r["request_id"] for r in rows] == ["r6", "r7", "r8", "r9"]
     assert rows[0]["time"] == "2027-01-15T08:06:00.000Z" and rows[0]["flagged"] == "1"
     code, out = run("audit", "--db", db, "--client", "bob", "--export", "-")

@@ -18,7 +18,7 @@ from .config import ATTACKER_HALF, BenchConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["required_data", "check_data"]
+__all__ = ["check_data", "required_data"]
 
 #: The split of ``outlier_data`` the runner loads (kept equal to ``runner.OUTLIER_SPLIT`` by a test).
 OUTLIER_SPLIT = "test"

@@ -24,8 +24,16 @@ from sqlalchemy import Engine, inspect, select
 
 from .db import alarm_events, audit_log
 
-__all__ = ["AuditFilter", "parse_time", "iter_rows", "export_rows", "export_format", "score_stats",
-           "require_audit_log", "EXPORT_COLUMNS"]
+__all__ = [
+    "EXPORT_COLUMNS",
+    "AuditFilter",
+    "export_format",
+    "export_rows",
+    "iter_rows",
+    "parse_time",
+    "require_audit_log",
+    "score_stats",
+]
 
 #: Columns of an exported row, in order (those of ``sg_audit_log`` without the internal ``id``).
 EXPORT_COLUMNS = tuple(c.name for c in audit_log.columns if c.name != "id")
@@ -48,12 +56,12 @@ def parse_time(text: str, *, now: float | None = None, flag: str = "time") -> fl
     except ValueError:
         pass
     try:
-        moment = _dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        moment = _dt.datetime.fromisoformat(text.strip())  # Python 3.11 reads a trailing Z
     except ValueError:
         raise ValueError(f"{flag} {text!r} is not a time: give ISO 8601 (2026-11-29T12:00:00Z), UNIX seconds, "
                          "or an age such as 90m, 2h, 7d.") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=_dt.timezone.utc)
+        moment = moment.replace(tzinfo=_dt.UTC)
     return moment.timestamp()
 
 
@@ -140,7 +148,7 @@ def export_format(path: str, fmt: str | None) -> str:
 
 
 def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def export_rows(rows: Iterator[dict[str, Any]], fh: IO[str], fmt: str) -> int:
