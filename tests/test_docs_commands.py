@@ -32,6 +32,7 @@ The Python snippet of docs/service.md that writes ``shirt.png`` is run too.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import shlex
@@ -42,9 +43,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sameguard.cli import build_parser, main
+from sameguard.cli import build_parser as _build_parser
+from sameguard.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def build_parser():
+    """The CLI's parser, built once for the whole module (parsing does not change it)."""
+    return _build_parser()
+
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 #: Sample values for the placeholders the docs use in command lines.
