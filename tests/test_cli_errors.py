@@ -250,3 +250,15 @@ def test_every_option_has_a_help_text_and_no_doubled_percent():
             doubled.append(" ".join(names))
     assert not missing, f"options without help: {missing}"
     assert not doubled, f"'%%' printed in the help of: {doubled}"
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    from sameguard import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", interrupted)
+    code = main(["bench"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and err == "sameguard bench: interrupted."
