@@ -143,7 +143,8 @@ def decode_instances(instances: Any, image_shape: Sequence[int], max_batch: int)
                                  "non-numeric (e.g. true/false) or ragged values.")
     if array.ndim >= 1:
         check_batch_size(int(array.shape[0]), max_batch)
-    return array.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge number becomes inf: refused as 422 afterwards
+        return array.astype(np.float32)
 
 
 def _holds_bool(instances: Any, ndim: int) -> bool:
