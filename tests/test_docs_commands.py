@@ -62,7 +62,8 @@ PLACEHOLDERS = {"NAME": "alice", "URL": "sqlite:///sameguard.db", "DIR": "runs/v
                 "NAME=VALUE": "alpha=0.5", "PATH": "runs/x", "SPLIT": "test", "FPR": "0.01"}
 
 #: Commands run for real, with the arguments appended to make them cheap (``None``: nothing to add).
-#: The key is the command, or "command sub-command" / "fit:<detector kind>" where they differ.
+#: The key is the command, "command sub-command", "fit:<detector kind>" or "attack:<attack name>":
+#: only the detectors and attacks listed here run (others, e.g. with their own budget rules, are parsed only).
 RUN_FOR_REAL: dict[str, list[str] | None] = {
     "train-victim": ["--epochs", "1", "--max-train-samples", "300", "--no-progress"],
     "fit:same": ["--preset", "tiny", "--mae-epochs", "1", "--aux-epochs", "1", "--max-train-samples", "300",
@@ -75,7 +76,9 @@ RUN_FOR_REAL: dict[str, list[str] | None] = {
     "fit:outlier-exposure": ["--param", "epochs=1", "--max-train-samples", "300", "--no-progress"],
     "calibrate": ["--no-progress"],
     "score": None,
-    "attack": ["--budget", "40", "--epochs", "1", "--no-progress"],
+    "attack:knockoff": ["--budget", "40", "--epochs", "1", "--no-progress"],
+    "attack:jbda": ["--budget", "40", "--epochs", "1", "--no-progress"],
+    "attack:jbda-tr": ["--budget", "40", "--epochs", "1", "--no-progress"],
     "alarms calibrate": None,
     "keys create": None,
     "keys list": None,
@@ -246,6 +249,8 @@ def _run_key(tokens: list[str]) -> str:
         return f"fit:{kind}"
     if tokens[0] in ("keys", "alarms") and len(tokens) > 1:
         return f"{tokens[0]} {tokens[1]}"
+    if tokens[0] == "attack" and len(tokens) > 1:
+        return f"attack:{tokens[1]}"
     return tokens[0]
 
 
@@ -277,7 +282,7 @@ def test_cheap_doc_commands_run_for_real(workdir, capsys):
             failed.append(f"{command.where}: {command.text!r} exited {code}: {err.strip()[-500:]}")
     assert not failed, "\n".join(failed)
     # The README's walk-through and the service quick start are among what ran.
-    assert {"train-victim", "fit:same", "calibrate", "score", "attack", "keys create", "audit", "info",
+    assert {"train-victim", "fit:same", "calibrate", "score", "attack:jbda", "keys create", "audit", "info",
             "alarms calibrate"} <= set(ran), sorted(set(ran))
 
 
