@@ -262,3 +262,8 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     code = main(["bench"])
     err = capsys.readouterr().err.strip()
     assert code == 130 and err == "sameguard bench: interrupted."
+
+
+def test_bench_service_batch_sizes_in_one_sentence(capsys):
+    code, _ = run("bench-service", "--batch-sizes", "1,abc", "--victim", "/nonexistent")
+    one_error(capsys, code, "--batch-sizes takes comma-separated integers", "'1,abc'")

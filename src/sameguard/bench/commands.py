@@ -59,8 +59,12 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
+def _ints(text: str, flag: str = "--batch-sizes") -> tuple[int, ...]:
+    """``"1,64"`` -> ``(1, 64)``; a ``ValueError`` in one sentence for anything else."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers such as 1,64; got {text!r}.") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
