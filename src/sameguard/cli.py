@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"profile name ({', '.join(PROFILES)}) or a TOML file (default quick); the format, "
                         "every key with its type and default: src/sameguard/bench/profiles/FORMAT.md")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench/<config name>)")
+    p.add_argument("--rescore", action="store_true",
+                   help="score every seed again instead of reusing the results an earlier run of the same config "
+                        "saved per seed (cached victims, detectors and attack queries are reused either way)")
     _common(p, data=True, seed=False)
 
     _add_study_parser(sub)
@@ -528,7 +531,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/bench/{config.name}")
     check_output_dir(out, "--out")
     check_data(config, data_dir=args.data_dir, download=args.download)  # every split, before any training
-    run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress)  # steps: stderr
+    run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress,  # steps: stderr
+                  reuse_results=not args.rescore)
     _out("")
     _out((out / "report.md").read_text())
     _out(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.md'} and {out / 'plots'}/")

@@ -55,6 +55,7 @@ from .actions import Action, Monitor, Policy, ProofOfWork, batch_bits
 from .actions.base import ActionOutcome
 from .api import NotCalibratedError, StatefulDetector
 from .artifacts import fitted_state_sha256
+from .forward_memo import shared_forward
 from .decisions import ClientStats, Decision, QueryRefusedError, Verdict, input_digests
 from .prediction_api import (ANONYMOUS, Output, QueryLedger, check_output, victim_geometry,
                              victim_probabilities)
@@ -343,7 +344,8 @@ class Guard:
         return self.policy.resolve_threshold(detector_tau)
 
     def _decide(self, x: torch.Tensor, client: str, request_id: str) -> tuple[Verdict, torch.Tensor | None]:
-        with torch.no_grad():
+        # One request: the victim, the detector and the alarms' scorers share forward passes on x.
+        with torch.no_grad(), shared_forward():
             probs = victim_probabilities(self.victim, x, self.num_classes)
             if self.detector is None:
                 return self._verdict(x, client, request_id, probs, None, None, ActionOutcome.passthrough(probs)), None

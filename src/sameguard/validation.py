@@ -154,4 +154,6 @@ def check_images(
             f"{name} must have values in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; "
             "pixels in [0, 255] map to [-1, 1] by x = 2 * pixel / 255 - 1 (sameguard.data.to_model_range)."
         )
-    return x.clamp(-1.0, 1.0).contiguous()
+    if lo < -1.0 or hi > 1.0:  # within the tolerance: clamp (a copy); otherwise the batch itself
+        x = x.clamp(-1.0, 1.0)
+    return x.contiguous()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .artifacts import load_artifact, save_artifact, state_dict_sha256
+from .forward_memo import memoized
 from .models import build_classifier
 from .training import accuracy, predict_in_batches, resolve_device, train_classifier
 from .validation import check_images
@@ -70,7 +71,9 @@ class Victim:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """White-box access: ``(N, K)`` logits of validated images ``(N, C, H, W)`` in ``[-1, 1]``."""
         x = check_images(x, self.image_shape)
-        return predict_in_batches(self.model, x, self.batch_size, self.device)
+        # Computed once per batch within a guarded request (the guard and its scorers share it).
+        return memoized((self.model, self.batch_size, str(self.device)), x,
+                        lambda: predict_in_batches(self.model, x, self.batch_size, self.device))
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Black-box access: ``(N, K)`` class probabilities (softmax of the logits)."""

@@ -75,18 +75,36 @@ def test_protocol_and_metrics(tiny_run):
 def test_rerun_uses_the_cache_and_gives_the_same_numbers(tiny_run):
     """A second run loads victim, detectors and attack queries from the cache and scores alike."""
     config, out, records = tiny_run
-    again = run_benchmark(config, out, progress=False, echo=lambda _: None)
+    again = run_benchmark(config, out, progress=False, echo=lambda _: None, reuse_results=False)
     keys = ("auroc", "aupr", "fpr95", "substitute_accuracy", "fidelity")
     got = torch.tensor([[r[k] for k in keys] for r in again], dtype=torch.float64)
     want = torch.tensor([[r[k] for k in keys] for r in records], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_a_later_run_reuses_each_seeds_saved_results(tiny_run, monkeypatch):
+    """Finished seeds are read back (an interrupted run resumes); nothing is scored again."""
+    import sameguard.bench.runner as runner
+
+    config, out, records = tiny_run
+    saved = sorted((out / "cache").glob("results-*-seed*.json"))
+    assert len(saved) == len(config.datasets) * len(config.seeds)
+
+    def fail(run):
+        raise AssertionError("a finished seed was scored again")
+
+    want = [r for path in saved for r in json.loads(path.read_text())["records"]]  # one seed in tiny.toml
+    monkeypatch.setattr(runner, "_run_seed", fail)
+    again = run_benchmark(config, out, progress=False, echo=lambda _: None)
+    assert again == want and len(again) == len(records)
+    assert json.loads((out / "results.json").read_text())["records"] == want
+
+
 def test_steps_are_logged_with_elapsed_time(tiny_run, caplog):
     """Without ``echo``, each step is one ``sameguard.steps`` line: ``[  12.3 s] ...``."""
     config, out, _ = tiny_run
     with caplog.at_level(logging.INFO, logger=STEP_LOGGER):
-        run_benchmark(config, out, progress=False)
+        run_benchmark(config, out, progress=False, reuse_results=False)
     lines = [r.getMessage() for r in caplog.records if r.name == STEP_LOGGER]
     assert all(re.match(r"\[ *\d+\.\d s\] ", line) for line in lines), lines
     # data, victim, detectors, attacks, alarms per attack stream, alarms on benign clients,

@@ -379,13 +379,44 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return records, alarms
 
 
+def _plain_json(value: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and lists; anything else as its text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _seed_results_path(run: _Run) -> Path:
+    """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds."""
+    config = {k: v for k, v in run.config.to_dict().items() if k not in ("name", "seeds", "source")}
+    key = cache_key(kind="seed-results", config=config, dataset=run.dataset, seed=run.seed)
+    return run.cache / f"results-{run.dataset}-seed{run.seed}-{key}.json"
+
+
+def _seed_results(run: _Run, reuse: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One (dataset, seed)'s detection and alarm records: computed, or read back from an earlier run of
+    the same config (``reuse``), so that an interrupted run resumes at the first unfinished seed."""
+    path = _seed_results_path(run)
+    if reuse and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            run.echo(f"{run.where} results reused from {path}")
+            return saved["records"], saved["alarms"]
+        except (ValueError, KeyError) as exc:
+            logger.warning("Ignoring the saved results in %s: %s", path, exc)
+    records, alarms = _run_seed(run)
+    path.write_text(json.dumps({"records": records, "alarms": alarms}, default=_plain_json))
+    return records, alarms
+
+
 def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | None = None, device: str = "cpu",
-                  progress: bool | None = None, echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                  progress: bool | None = None, echo: Callable[[str], None] | None = None,
+                  reuse_results: bool = True) -> list[dict[str, Any]]:
     """Run every cell of ``config``; write results, report and plots to ``outdir``; return the records.
 
     ``echo`` receives one line per finished step (data, victim, each detector, each attack, the
     alarm study, the report); by default a :class:`~sameguard.steps.StepLog` logs it with the
-    elapsed time.
+    elapsed time. Each (dataset, seed)'s records are saved in the cache as soon as they are done;
+    with ``reuse_results`` (default) a later run of the same config reads them back instead of
+    scoring again (``False``: score again, reusing only the cached victims, detectors and attacks).
     """
     echo = echo if echo is not None else StepLog()
     out = Path(outdir)
@@ -402,7 +433,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
         echo(f"[{dataset}] data: {len(full_train)} training and {len(test)} test images")
         for seed in config.seeds:
             run = _start_run(config, dataset, seed, full_train, test, **common)
-            seed_records, seed_alarms = _run_seed(run)
+            seed_records, seed_alarms = _seed_results(run, reuse_results)
             records += seed_records
             alarms += seed_alarms
     notes = [

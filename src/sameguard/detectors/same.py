@@ -214,6 +214,9 @@ class SAMEDetector(ReconstructionDetector):
         return {**super()._term_config(), "score_mask_ratio": self.score_mask_ratio,
                 "score_masks": self.score_masks, "score_seed": self.score_seed}
 
+    def _raw_config(self) -> tuple[Any, ...]:
+        return (self.score_mask_ratio, self.score_masks, self.score_seed)
+
     def _masked_views(self) -> MaskedViews | None:
         """With ``score_mask_ratio > 0``: ``x -> (x_hats (k, N, C, H, W), masks (k, N, 1, H, W))``."""
         if self.score_mask_ratio == 0:

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..api import ArtifactError, Detector, NotCalibratedError
 from ..artifacts import load_artifact, save_artifact
+from ..forward_memo import memoized
 from ..models import build_classifier
 from ..training import predict_in_batches, resolve_device, train_classifier
 from ..validation import check_choice, check_fraction, check_images, check_int, check_optional_int, check_positive
@@ -372,11 +373,23 @@ class ReconstructionDetector(ParamsMixin, Detector):
                           t1=t1.to(torch.float32), t2=t2.to(torch.float32))
 
     def _raw_components(self, x: torch.Tensor) -> SAMEScores:
-        """SAME's raw terms of validated queries (masked when the subclass's masked scoring is on)."""
-        return reconstruction_scores(x, victim=self.victim_, reconstruct=self.reconstructor_.reconstruct,
-                                     aux=self.aux_, alpha=self.alpha, num_classes=self.num_classes_,
-                                     batch_size=self.batch_size, device=self._model_device(),
-                                     masked_views=self._masked_views())
+        """SAME's raw terms of validated queries (masked when the subclass's masked scoring is on).
+
+        Within a guarded request (:func:`~sameguard.forward_memo.shared_forward`), detectors that share
+        the same networks and raw-scoring options (e.g. SAME and its ``s2`` term, ``alpha`` apart)
+        run them once; each combines the terms with its own ``alpha``.
+        """
+        raw = memoized((type(self), self.reconstructor_, self.aux_, self.victim_, self.num_classes_, self.batch_size,
+                        self._raw_config()), x,
+                       lambda: reconstruction_scores(x, victim=self.victim_, reconstruct=self.reconstructor_.reconstruct,
+                                                     aux=self.aux_, alpha=self.alpha, num_classes=self.num_classes_,
+                                                     batch_size=self.batch_size, device=self._model_device(),
+                                                     masked_views=self._masked_views()))
+        return SAMEScores(score=self.alpha * raw.s1 + (1.0 - self.alpha) * raw.s2, s1=raw.s1, s2=raw.s2)
+
+    def _raw_config(self) -> tuple[Any, ...]:
+        """The scoring options that change the raw terms ``s1, s2`` (the subclass's masked scoring)."""
+        return ()
 
     def _terms(self, raw: SAMEScores, x: torch.Tensor,
                stats: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,7 +195,21 @@ class ConformalCalibrator:
         if labels is None:
             raise ValueError("This calibrator is class-conditional: pass labels, the victim's predicted "
                              "label of each query.")
-        labels = _as_labels(labels, n, self.num_classes_, "labels")
+        return self.checked_p_values(scores, _as_labels(labels, n, self.num_classes_, "labels"), theta)
+
+    def checked_p_values(self, scores: torch.Tensor, labels: torch.Tensor | None,
+                         theta: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`p_values` of inputs the caller has already checked: ``(N,)`` float64 CPU scores,
+        ``(N,)`` int64 CPU labels in ``[0, K)`` (or ``None`` when not class-conditional), ``(N,)``
+        float64 ``theta`` in (0, 1] (ignored unless ``smoothed``). The per-query hot path."""
+        if not self.smoothed:
+            theta = None
+        if not self.class_conditional_ or labels is None:
+            return conformal_p_values(self.pooled_, scores, theta)
+        n = scores.numel()
+        first = int(labels[0])
+        if n == 1 or bool((labels == first).all()):  # one class: no grouping needed
+            return conformal_p_values(self.reference(first), scores, theta)
         out = torch.empty(n, dtype=torch.float64)
         for label in torch.unique(labels).tolist():  # a loop over classes, not over queries
             mask = labels == label

@@ -128,6 +128,7 @@ class EvidenceMonitor:
         """
         client = check_name(client, "client")
         n = self._check_batch(scores, labels, x)
+        labels = labels.detach().to("cpu", torch.int64)
         result: list[ClientEvidence] = []
 
         def advance(old: ClientState | None) -> ClientState:
@@ -208,15 +209,22 @@ class EvidenceMonitor:
     def _advance(self, client: str, state: ClientState, scores: Mapping[str, torch.Tensor],
                  labels: torch.Tensor, x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
         thetas = self._thetas(client, state.queries, labels.numel())
-        martingales, paths = {}, {}
-        for j, (name, calibrator) in enumerate(self.calibrators.items()):
-            p = calibrator.p_values(scores[name], labels, theta=thetas[j])
-            martingales[name], paths[name] = self.martingale.update(state.martingales[name], p)
-        stream_state, stream_martingale = state.stream, state.stream_martingale
+        # One p-value row per source (detectors in name order, then the stream test), and one
+        # vectorised martingale update of all their states together.
+        rows = [calibrator.checked_p_values(scores[name].detach().to("cpu", torch.float64), labels, thetas[j])
+                for j, (name, calibrator) in enumerate(self.calibrators.items())]
+        states = [state.martingales[name] for name in self.calibrators]
+        stream_state = state.stream
         if self.stream is not None:
             stream_state, p = self.stream.update(state.stream, x, theta=thetas[-1])
-            stream_martingale, paths[STREAM_NAME] = self.martingale.update(state.stream_martingale, p)
-        path = torch.logsumexp(torch.stack(list(paths.values())), dim=0) - math.log(len(paths))
+            rows.append(p)
+            states.append(state.stream_martingale)
+        new_states, log_paths = self.martingale.update(torch.stack(states), torch.stack(rows))
+        names = list(self.calibrators) + ([STREAM_NAME] if self.stream is not None else [])
+        paths = dict(zip(names, log_paths))
+        martingales = {name: new_states[j].clone() for j, name in enumerate(self.calibrators)}
+        stream_martingale = new_states[-1].clone() if self.stream is not None else state.stream_martingale
+        path = torch.logsumexp(log_paths, dim=0) - math.log(len(names))
         alarm_query, alarm_time = state.alarm_query, state.alarm_time
         if alarm_query is None:
             crossed = torch.nonzero(path >= self.threshold_log).flatten()
@@ -253,6 +261,11 @@ class EvidenceMonitor:
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.numel() == 0:
             raise ValueError("labels must be a non-empty 1-D tensor of predicted labels, one per query.")
         n = labels.numel()
+        if torch.is_floating_point(labels) or labels.dtype == torch.bool or torch.is_complex(labels):
+            raise ValueError(f"labels must hold integer class labels, got dtype {labels.dtype}.")
+        k = min((c.num_classes_ for c in self.calibrators.values()), default=None)
+        if k is not None and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise ValueError(f"labels must be in [0, {k}), got values in [{int(labels.min())}, {int(labels.max())}].")
         for name, value in scores.items():
             if not isinstance(value, torch.Tensor) or value.shape != (n,):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -42,6 +42,23 @@ __all__ = ["StreamExchangeabilityTest", "StreamState", "stream_p_value"]
 _FORMAT = "sameguard-stream-state"
 
 
+class _Bag:
+    """Row storage with spare capacity, shared by the successive states of one client's block.
+
+    Appending a query writes one row past the rows the newest state sees, instead of copying the
+    whole bag (``O(D)`` instead of ``O(n·D)`` per query). Only the state that ends at ``length``
+    (the newest) may append in place; an older state, or one with no room left, copies into a new
+    bag, so no state ever sees its rows change.
+    """
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, rows: torch.Tensor, capacity: int) -> None:
+        self.data = torch.empty(max(capacity, rows.shape[0]), rows.shape[1], dtype=torch.float32)
+        self.data[:rows.shape[0]] = rows
+        self.length = rows.shape[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamState:
     """One client's bag for :class:`StreamExchangeabilityTest` (treat as immutable).
@@ -57,6 +74,8 @@ class StreamState:
     points: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, 0))
     nn_dist: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0))
     seen: int = 0
+    # The growable storage ``points`` is a view of (see _Bag); not part of the state's value.
+    _bag: _Bag | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_bytes(self) -> bytes:
         """safetensors bytes with a JSON header; no pickle."""
@@ -165,16 +184,23 @@ class StreamExchangeabilityTest:
             if points.shape[0] >= self.window:  # the block is full: start a new bag
                 points, dists = torch.empty(0, feats.shape[1]), torch.empty(0)
             stop = min(feats.shape[0], start + self.window - points.shape[0])
-            points, dists, p[start:stop] = self._extend(points, dists, feats[start:stop], theta[start:stop])
+            bag = state._bag if start == 0 and points is state.points else None
+            points, dists, p[start:stop], bag = self._extend(points, dists, feats[start:stop], theta[start:stop], bag)
             start = stop
-        return StreamState(points, dists, state.seen + feats.shape[0]), p
+        return StreamState(points, dists, state.seen + feats.shape[0], bag), p
 
-    def _extend(self, points: torch.Tensor, dists: torch.Tensor, new: torch.Tensor,
-                theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append ``new`` (k, D) to a bag of ``n0`` points that has room for them; k p-values."""
+    def _extend(self, points: torch.Tensor, dists: torch.Tensor, new: torch.Tensor, theta: torch.Tensor,
+                bag: _Bag | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Bag]:
+        """Append ``new`` (k, D) to a bag of ``n0`` points that has room for them; k p-values.
+
+        ``bag`` is the storage ``points`` is a view of, if any: written in place when ``points`` is
+        its newest state and it has room, else replaced by a new one with spare capacity.
+        """
         n0, k = points.shape[0], new.shape[0]
-        buf = torch.empty(n0 + k, new.shape[1], dtype=torch.float32)
-        buf[:n0] = points
+        if bag is None or bag.length != n0 or bag.data.shape[0] < n0 + k or bag.data.shape[1] != new.shape[1]:
+            bag = _Bag(points, min(self.window, max(2 * (n0 + k), 64)))
+        bag.length = n0 + k
+        buf = bag.data
         d = torch.empty(n0 + k, dtype=torch.float32)
         d[:n0] = dists
         p = torch.empty(k, dtype=torch.float64)
@@ -189,4 +215,4 @@ class StreamExchangeabilityTest:
                 d[n] = math.inf
             buf[n] = new[j]
             p[j] = stream_p_value(d[: n + 1], float(theta[j]))
-        return buf, d, p
+        return buf[:n0 + k], d, p, bag

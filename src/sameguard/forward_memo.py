@@ -1,0 +1,85 @@
+"""Share forward passes between the scorers of one guarded request.
+
+A guarded query goes through the victim (for the answer), SAME (which asks the victim again and runs
+its reconstruction model and auxiliary classifier), and, with per-client alarms, further scorers
+(SAME's ``s2`` term with the same networks, MSP and Energy on the victim's outputs). Without sharing,
+the victim runs four times and the reconstruction model twice on the same images.
+
+Inside ``with shared_forward():`` (the guard opens one per request) a model's output on a batch is
+computed once and reused by every later caller on the *same* batch; outside it nothing is cached,
+so stand-alone scoring and timing are unaffected. A cached output is reused only when
+
+* the model objects are the very same objects (compared with ``is``, and held by the cache so that
+  their ids cannot be reused), and
+* the input is the same memory seen the same way: data pointer, shape, strides, dtype, device and
+  PyTorch's version counter (bumped by every in-place change) all equal, with the input itself held
+  by the cache so that its memory cannot be freed and handed to another tensor meanwhile.
+
+The cache is per thread (the service decides requests on several threads) and is emptied when the
+outermost ``with`` ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["shared_forward", "memoized", "sharing_active"]
+
+T = TypeVar("T")
+
+_local = threading.local()
+
+
+def _signature(x: torch.Tensor) -> tuple[Any, ...]:
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+
+
+@contextmanager
+def shared_forward() -> Iterator[None]:
+    """Reuse model outputs on identical inputs until the outermost ``with`` ends (this thread only)."""
+    depth = getattr(_local, "depth", 0)
+    if depth == 0:
+        _local.entries = []
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
+        if depth == 0:
+            _local.entries = []
+
+
+def sharing_active() -> bool:
+    """Whether this thread is inside :func:`shared_forward`."""
+    return getattr(_local, "depth", 0) > 0
+
+
+def memoized(owners: tuple[object, ...], x: torch.Tensor, compute: Callable[[], T]) -> T:
+    """``compute()``, or its earlier result for the same ``owners`` and the same input ``x``.
+
+    Args:
+        owners: the objects that define the computation (the models, and any scoring option that
+            changes the result, as hashable values); compared with ``is`` for objects and ``==`` for
+            plain values.
+        x: the input tensor the result is a function of.
+        compute: the forward pass; its result must not be modified in place by callers.
+    """
+    if not sharing_active():
+        return compute()
+    signature = _signature(x)
+    for entry_owners, entry_x, entry_signature, value in _local.entries:
+        if entry_signature == signature and len(entry_owners) == len(owners) and all(
+                a is b or (_plain(a) and _plain(b) and a == b) for a, b in zip(entry_owners, owners)):
+            return value
+    value = compute()
+    _local.entries.append((owners, x, signature, value))
+    return value
+
+
+def _plain(value: object) -> bool:
+    return isinstance(value, (str, int, float, bool, tuple, type(None)))
