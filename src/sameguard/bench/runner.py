@@ -28,6 +28,7 @@ everything that determines them, so a re-run only scores.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -71,8 +72,14 @@ def _dataset(name: str, split: str, halves: dict[str, ImageDataset], data_dir: s
 
 
 def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *, seed: int, cache: Path,
-                  device: str, progress: bool | None, data_dir: str | None) -> tuple[Any, float]:
-    """Fit (or load from the cache) one detector; returns it and its fit time in seconds."""
+                  device: str, progress: bool | None, data_dir: str | None,
+                  fitted: dict[Path, tuple[Any, float]] | None = None) -> tuple[Any, float]:
+    """Fit (or load from the cache) one detector; returns it and its fit time in seconds.
+
+    ``fitted`` (cache folder -> detector, fit seconds) holds the detectors already fitted or loaded
+    in this run: an entry that differs from one of them only in scoring parameters (SAME's ``alpha``)
+    is a shallow copy sharing its networks, so a guard that uses both runs them once per request.
+    """
     detector = build_detector(spec.name, spec.params, preset=spec.preset, seed=seed, device=device, progress=progress)
     params = detector.get_params()
     # Parameters that only change scoring (SAME's alpha) share one fitted detector.
@@ -82,6 +89,12 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
                     outlier=(spec.outlier_data, OUTLIER_SPLIT), seed=seed)
     path = cache / f"detector-{spec.name}-{key}"
     can_cache = isinstance(detector, SaveableDetector)
+    if fitted is not None and path in fitted:
+        base, fit_seconds = fitted[path]
+        shared = copy.copy(base)
+        for name, value in scoring_only.items():
+            setattr(shared, name, value)
+        return shared, fit_seconds
     if can_cache and path.is_dir():
         try:
             loaded = type(detector).load(path, victim, device=device)
@@ -89,6 +102,8 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
                 setattr(loaded, name, value)
             meta = json.loads((path / "bench.json").read_text())
             logger.info("Reusing the cached %s in %s", spec.label, path)
+            if fitted is not None:
+                fitted[path] = (loaded, float(meta["fit_seconds"]))
             return loaded, float(meta["fit_seconds"])
         except (ArtifactError, FileNotFoundError, KeyError, ValueError) as exc:
             logger.warning("Ignoring the cached detector in %s: %s", path, exc)
@@ -103,6 +118,8 @@ def _fit_detector(spec: DetectorSpec, victim: Victim, fit_data: ImageDataset, *,
     if can_cache:
         detector.save(path)
         (path / "bench.json").write_text(json.dumps({"fit_seconds": fit_seconds}))
+        if fitted is not None:
+            fitted[path] = (detector, fit_seconds)
     return detector, fit_seconds
 
 
@@ -205,10 +222,11 @@ def _start_run(config: BenchConfig, dataset: str, seed: int, full_train: ImageDa
 
 def _fit_detectors(run: _Run, benign_x: torch.Tensor) -> dict[str, tuple[DetectorSpec, Any, float, np.ndarray]]:
     """Every configured detector, fitted or loaded: label -> (spec, detector, fit seconds, benign scores)."""
-    detectors = {}
+    detectors, fitted = {}, {}  # type: ignore[var-annotated]
     for spec in run.config.detectors:
         detector, fit_seconds = _fit_detector(spec, run.victim, run.fit_data, seed=run.seed, cache=run.cache,
-                                              device=run.device, progress=run.progress, data_dir=run.data_dir)
+                                              device=run.device, progress=run.progress, data_dir=run.data_dir,
+                                              fitted=fitted)
         benign_scores, _ = _timed_scores(detector, benign_x)
         detectors[spec.label] = (spec, detector, fit_seconds, benign_scores)
         run.echo(f"{run.where} detector {spec.label}: fitted ({fit_seconds:.0f} s)")
