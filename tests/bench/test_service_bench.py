@@ -36,3 +36,15 @@ def test_measure_service_rows(tmp_path):
     assert len(lines) == 4
     with pytest.raises(ValueError, match="positive"):
         measure_service(victim, None, images, settings=("off",), requests=0)
+
+
+def test_measure_service_bare_and_batched_rows(tmp_path):
+    torch.manual_seed(0)
+    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
+                    classes=[str(i) for i in range(10)])
+    detector = _MeanScore()
+    images = torch.rand(10, 1, 28, 28) * 2 - 1
+    rows = measure_service(victim, detector, images, settings=("bare", "monitor-batched"), batch_sizes=(1,),
+                           requests=6, requests_large=1, concurrency=3, workdir=tmp_path, echo=lambda _: None)
+    assert [(r.setting, r.batch, r.requests, r.errors) for r in rows] == [("bare", 1, 6, 0), ("monitor-batched", 1, 6, 0)]
+    assert "logits" not in vars(victim) and "score" not in vars(detector)  # batching undone for the next setting

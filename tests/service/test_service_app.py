@@ -150,12 +150,12 @@ def test_service_rate_limit_answers_429_with_retry_after(make_app, kit):
     app, token = make_app("monitor", rate_per_second=0.5, rate_burst=3)
     with TestClient(app) as client:
         client.headers["X-API-Key"] = token
+        r = client.post("/v1/predict", json=_b64(kit.dark(4)))  # never grantable: 413, nothing charged
+        _refused(r, 413, "burst")
         assert client.post("/v1/predict", json=_b64(kit.dark(3))).status_code == 200
-        r = client.post("/v1/predict", json=_b64(kit.dark(1)))
+        r = client.post("/v1/predict", json=_b64(kit.dark(1)))  # refused before its body is read
         _refused(r, 429, "Rate limit")
         assert int(r.headers["Retry-After"]) >= 1
-        r = client.post("/v1/predict", json=_b64(kit.dark(4)))
-        _refused(r, 413, "burst")
 
 
 def test_service_labels_only_service_refuses_probabilities(make_app, victim, kit):

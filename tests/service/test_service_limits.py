@@ -85,3 +85,15 @@ def test_the_app_runs_on_a_redis_state_store(make_app, kit, redis_server):
         client.headers["X-API-Key"] = token
         assert client.post("/v1/predict", json=_b64(kit.dark(3))).status_code == 200
         assert client.post("/v1/predict", json=_b64(kit.dark(1))).status_code == 429
+
+
+def test_refusals_come_before_the_body_is_read(make_app, kit):
+    app, token = make_app("monitor", rate_burst=2, rate_per_second=0.01)
+    with TestClient(app) as client:
+        client.headers["X-API-Key"] = token
+        assert client.post("/v1/predict", json=_b64(kit.dark(2))).status_code == 200
+        # The key's image window is empty: even a malformed body is answered 429 (it is never decoded).
+        r = client.post("/v1/predict", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 429 and "Rate limit" in r.json()["detail"]
+        assert r.headers["X-Request-ID"] == r.json()["request_id"]
+        assert client.get("/v1/model").status_code == 200  # other endpoints only count requests

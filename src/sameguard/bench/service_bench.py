@@ -45,8 +45,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "measure_attacks", "run_service_bench",
            "SERVICE_SETTINGS"]
 
-#: Service settings the latency part knows.
-SERVICE_SETTINGS = ("off", "monitor", "reject", "misinformation")
+#: Service settings the latency part knows. ``bare``: the smallest FastAPI endpoint serving the same
+#: victim (no key, no limits, no audit, no guard), the reference; ``monitor-batched``: ``monitor`` with
+#: dynamic batching of concurrent requests (:mod:`sameguard.service.batching`, as ``sameguard serve`` does).
+SERVICE_SETTINGS = ("bare", "off", "monitor", "monitor-batched", "reject", "misinformation")
+#: Dynamic batching of ``monitor-batched``: at most this many images, this long a wait.
+BENCH_BATCH_MAX, BENCH_BATCH_WAIT_S = 64, 0.002
 
 
 @dataclass(frozen=True)
@@ -134,10 +138,40 @@ def _guard_for(setting: str, victim: Any, detector: Any) -> Any:
 
     if setting == "off":
         return Guard(victim, None, "monitor", keep_decisions=0)
-    if setting not in SERVICE_SETTINGS:
+    if setting not in SERVICE_SETTINGS or setting == "bare":
         raise ValueError(f"Unknown service setting {setting!r}; choose from {SERVICE_SETTINGS}.")
+    if setting == "monitor-batched":
+        from ..service.batching import batch_guard
+
+        guard = Guard(victim, detector, "monitor", keep_decisions=0)
+        batch_guard(guard, max_batch=BENCH_BATCH_MAX, max_wait_s=BENCH_BATCH_WAIT_S)
+        return guard
     policy = Policy(Misinformation()) if setting == "misinformation" else Policy(setting)
     return Guard(victim, detector, policy, keep_decisions=0)
+
+
+def bare_app(victim: Any) -> Any:
+    """The smallest FastAPI app serving ``victim``: ``POST /v1/predict`` with ``{"b64", "shape"}`` -> probabilities.
+
+    No API key, rate limit, audit log, validation beyond the shape, or guard: the reference the
+    service's overhead is measured against.
+    """
+    import base64
+
+    import numpy as np
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        x = torch.from_numpy(np.frombuffer(base64.b64decode(body["b64"]), dtype="<f4").reshape(body["shape"]).copy())
+        probs = await run_in_threadpool(victim.predict_proba, x)
+        return {"predictions": probs.tolist()}
+
+    return app
 
 
 def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, settings: Sequence[str] = ("off", "monitor"),
@@ -165,7 +199,10 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
     base = Path(tempfile.mkdtemp(prefix="service-bench-", dir=workdir))
     payloads = {b: _payloads(images, b) for b in batch_sizes}
     for setting in settings:
-        app, token = _bench_app(setting, victim, detector, base / f"audit-{setting}.db", images, batch_sizes)
+        if setting == "bare":
+            app, token = bare_app(victim), "-"
+        else:
+            app, token = _bench_app(setting, victim, detector, base / f"audit-{setting}.db", images, batch_sizes)
         headers = {"X-API-Key": token, "content-type": "application/json"}
         with ServerThread(app) as server:
             for b in batch_sizes:
@@ -181,7 +218,11 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
                 rows.append(row)
                 echo(f"service {setting:<15} batch {b:>3}: {row.requests_per_s:7.1f} req/s, {row.images_per_s:8.1f} img/s, "
                      f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}")
-        app.state.sameguard.audit.engine.dispose()
+        if setting != "bare":
+            from ..service.batching import unbatch_guard
+
+            unbatch_guard(app.state.sameguard.guard)  # the models are shared by the next settings
+            app.state.sameguard.audit.engine.dispose()
     return rows
 
 

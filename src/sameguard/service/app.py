@@ -45,6 +45,7 @@ from ..guard import Guard
 from .challenges import ChallengeIssuer
 from .errors import install_error_handlers
 from .middleware import ServiceMiddleware
+from .ratelimit import RateLimitMiddleware
 from .routers import ROUTERS
 from .schemas import predict_json_schema
 from .settings import ServiceSettings
@@ -88,6 +89,7 @@ def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None =
     state = build_state(settings, guard=guard, issuer=issuer)
     app = FastAPI(title="sameguard", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.sameguard = state
+    app.add_middleware(RateLimitMiddleware, state=state)  # inside ServiceMiddleware: refusals get request ids
     app.add_middleware(ServiceMiddleware, max_bytes=settings.max_request_bytes, metrics=state.metrics)
     install_error_handlers(app)
     for router in ROUTERS:

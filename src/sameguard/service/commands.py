@@ -94,8 +94,8 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--threshold", type=float, default=None, help="override the detector's calibrated threshold")
     p.add_argument("--max-batch", type=int, default=None, help="most images per request (default 256)")
     p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
-    p.add_argument("--rate", type=float, default=None, dest="rate_per_second", help="per-key images per second (default 200)")
-    p.add_argument("--burst", type=int, default=None, dest="rate_burst", help="per-key burst in images (default 2000)")
+    p.add_argument("--rate", type=float, default=None, dest="rate_per_second", help="per-key images per second (default 100)")
+    p.add_argument("--burst", type=int, default=None, dest="rate_burst", help="per-key burst in images (default 512)")
     p.add_argument("--pow-benign-bits", type=int, default=None, help="bits paid at the benign p99 score (default 12)")
     p.add_argument("--pow-max-bits", type=int, default=None, help="cap on proof-of-work bits (default 26)")
     p.add_argument("--pow-ttl-s", type=float, default=None, help="seconds a proof-of-work challenge stays valid (default 120)")
@@ -126,6 +126,10 @@ def _add_serve_parser(sub: Any) -> None:
     _state(p)
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default 1); more than 1 needs a shared --state redis://...")
+    p.add_argument("--batch-max-size", type=int, default=None,
+                   help="dynamic batching: most images of concurrent requests in one forward pass (default 64)")
+    p.add_argument("--batch-max-wait-ms", type=float, default=None,
+                   help="dynamic batching: longest a request waits for others, in ms (default 2; 0 turns it off)")
     _verbose(p)
 
 
@@ -210,7 +214,8 @@ def serve_main(args: argparse.Namespace) -> int:
         calibration=args.calibration, device=args.device, torch_threads=args.torch_threads, alarms=args.alarms,
         alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env, **_artifact_settings(args),
         request_rate_per_second=args.request_rate_per_second, request_burst=args.request_burst,
-        state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers)
+        state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers,
+        batch_max_size=args.batch_max_size, batch_max_wait_ms=args.batch_max_wait_ms)
     from ..cli_checks import check_port_free
 
     check_port_free(settings.host, settings.port)  # before the models load: one sentence, not uvicorn's exit 3

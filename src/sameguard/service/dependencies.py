@@ -64,8 +64,9 @@ def require_key(request: Request, state: StateDep,
                 token: Annotated[str | None, Security(api_key_header)] = None) -> ApiKey:
     """The caller's active API key from the ``X-API-Key`` header; 401 when missing, unknown or revoked.
 
-    Every request of a known key is charged to its request limit here, before anything else is
-    read (429 when over it), so invalid requests count as much as valid ones.
+    Every request of a known key is charged to its request limit before anything else is read
+    (429 when over it), so invalid requests count as much as valid ones: by
+    :class:`~sameguard.service.ratelimit.RateLimitMiddleware`, or here when the app runs without it.
     """
     if not token:
         raise HTTPException(401, f"Missing API key: send it in the {API_KEY_HEADER} header.",
@@ -74,6 +75,8 @@ def require_key(request: Request, state: StateDep,
     if key is None:
         raise HTTPException(401, "Unknown or revoked API key.", headers={"WWW-Authenticate": "ApiKey"})
     request.state.client_name = key.name
+    if request.scope.get("state", {}).get("rate_charged"):
+        return key  # RateLimitMiddleware charged this request already
     wait = state.limiter.take_request(key.name)
     if wait > 0:
         limit = state.limiter.requests

@@ -11,13 +11,28 @@ share it) and counted by the ``limits`` package (sliding-window counters, atomic
 A refusal is HTTP 429 with ``Retry-After``; a batch larger than the image burst can never be
 granted (413). A limit of ``burst`` per ``ceil(burst / rate)`` seconds is used, i.e. at most
 ``burst`` at once and ``rate`` per second on average.
+
+Refusing must cost the server little, or a flood of refused requests slows every other key down:
+:class:`RateLimitMiddleware` charges the request limit before FastAPI routes the request or reads
+its body, and turns a prediction away at once when the key has no image left in its window; only
+what passes goes on to decoding.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
+from anyio import to_thread
+
 from .store import MemoryServiceStore, RateLimit, ServiceStore
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "RateLimitMiddleware", "KEYED_PATHS", "PREDICT_PATH"]
+
+#: Paths that take an API key (and so count against its request limit).
+KEYED_PATHS = frozenset({"/v1/predict", "/v1/pow/redeem", "/v1/model"})
+PREDICT_PATH = "/v1/predict"
 
 
 class RateLimiter:
@@ -43,3 +58,59 @@ class RateLimiter:
         """Charge ``n`` images to ``client``: 0 when granted, ``math.inf`` when ``n`` exceeds the
         burst (never grantable), else the seconds to wait (nothing charged)."""
         return self.store.hit(self.images, client, int(n))
+
+
+class RateLimitMiddleware:
+    """Pure ASGI middleware: the per-key request limit (and an empty image window) answered early.
+
+    For a request to :data:`KEYED_PATHS` with a valid ``X-API-Key``, one request is charged before
+    anything else happens; over the limit, or (for ``/v1/predict``) with no image left in the
+    key's window, the answer is 429 with ``Retry-After`` and the body is never read. Requests
+    without a valid key go on (the endpoint answers 401). ``scope["state"]["rate_charged"]`` tells
+    :func:`~sameguard.service.dependencies.require_key` not to charge again.
+
+    Args:
+        app: the ASGI app.
+        state: the :class:`~sameguard.service.state.ServiceState` (keys and limiter).
+    """
+
+    def __init__(self, app: Any, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") not in KEYED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = None
+        for name, value in scope.get("headers") or ():
+            if name == b"x-api-key":
+                token = value.decode("latin-1")
+                break
+        refusal = None if not token else await to_thread.run_sync(self._check, token, scope["path"])
+        if refusal is None:
+            if token:
+                scope.setdefault("state", {})["rate_charged"] = True
+            await self.app(scope, receive, send)
+            return
+        detail, wait = refusal
+        body = json.dumps({"detail": detail, "request_id": scope.get("state", {}).get("request_id")}).encode()
+        await send({"type": "http.response.start", "status": 429,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"retry-after", str(max(1, math.ceil(wait))).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _check(self, token: str, path: str) -> tuple[str, float] | None:
+        key = self.state.keys.verify(token)
+        if key is None:
+            return None
+        limiter: RateLimiter = self.state.limiter
+        wait = limiter.take_request(key.name)
+        if wait > 0:
+            return (f"Request rate limit exceeded for this API key ({limiter.requests.burst} requests per "
+                    f"{limiter.requests.window_s} s); retry in {wait:.2f} s.", wait)
+        if path == PREDICT_PATH and limiter.store.remaining(limiter.images, key.name) < 1:
+            wait = limiter.images.window_s / limiter.images.burst
+            return (f"Rate limit exceeded for this API key ({limiter.images.burst} images per "
+                    f"{limiter.images.window_s} s, {limiter.images.rate:g} images/s); retry in {wait:.2f} s.", wait)
+        return None

@@ -55,14 +55,21 @@ class ServiceSettings(BaseModel):
         device: torch device for the models.
         max_request_bytes: largest request body accepted (413 beyond; default 8 MiB).
         max_batch: most images per request (413 beyond; default 256).
-        rate_per_second, rate_burst: per-key image (query) limit (see :mod:`.ratelimit`).
+        rate_per_second, rate_burst: per-key image (query) limit (see :mod:`.ratelimit`; default
+            100/s, burst 512).
         request_rate_per_second, request_burst: per-key request limit, charged for every request
-            of a key, valid or not.
+            of a key, valid or not (default 20/s, burst 40). The defaults are set from the measured
+            capacity of one worker (``docs/service.md``, "Rate limits"): one key alone cannot take
+            more than a fraction of it.
         state_url: where rate limits, proof-of-work challenges, key revocations and per-client
             alarm state live: ``memory://`` (default, one process) or ``redis://HOST:PORT/DB``
             (shared by every worker and host using it).
         state_prefix: prefix of every Redis key the service writes (default ``sameguard:``).
         workers: worker processes ``sameguard serve`` starts (more than 1 needs a shared ``state_url``).
+        batch_max_size, batch_max_wait_ms: dynamic batching of concurrent requests
+            (:mod:`.batching`): at most this many images share one forward pass of the victim and
+            of the detector, and a request waits at most this long for others (``0``: off).
+            Applies to the guard the service loads itself (default 64 images, 2 ms).
         pow_benign_bits, pow_bits_per_spread, pow_max_bits, pow_quantile: the proof-of-work map
             (see :class:`~sameguard.actions.ProofOfWork`).
         pow_ttl_s: seconds a challenge stays valid (default 120).
@@ -98,13 +105,15 @@ class ServiceSettings(BaseModel):
     device: str = "cpu"
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
     max_batch: int = Field(256, gt=0)
-    rate_per_second: float = Field(200.0, gt=0)
-    rate_burst: int = Field(2000, gt=0)
+    rate_per_second: float = Field(100.0, gt=0)
+    rate_burst: int = Field(512, gt=0)
     request_rate_per_second: float = Field(20.0, gt=0)
     request_burst: int = Field(40, gt=0)
     state_url: str = Field("memory://", pattern=r"^(memory://|redis://|rediss://|unix://)", repr=False)
     state_prefix: str = Field("sameguard:", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
     workers: int = Field(1, ge=1, le=64)
+    batch_max_size: int = Field(64, ge=1, le=4096)
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     pow_benign_bits: int = Field(12, ge=0, le=64)
     pow_bits_per_spread: float = Field(4.0, gt=0)
     pow_max_bits: int = Field(26, ge=0, le=64)

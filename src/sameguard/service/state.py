@@ -61,8 +61,10 @@ def build_state(settings: ServiceSettings, *, guard: Guard | None = None,
 
     Args:
         settings: the service settings.
-        guard: a ready guard; by default loaded from ``settings.victim`` and ``settings.detector``
-            (:func:`~sameguard.service.loading.load_guard`).
+        guard: a ready guard, used as given; by default loaded from ``settings.victim`` and
+            ``settings.detector`` (:func:`~sameguard.service.loading.load_guard`) and batched
+            across concurrent requests (:func:`~sameguard.service.batching.batch_guard`, unless
+            ``settings.batch_max_wait_ms`` is 0).
         issuer: a challenge issuer; by default one keyed by ``settings.pow_secret`` (a random key
             when unset) with ``settings.pow_ttl_s``.
     """
@@ -72,6 +74,10 @@ def build_state(settings: ServiceSettings, *, guard: Guard | None = None,
         from .loading import load_guard
 
         guard = load_guard(settings, store=store)
+        if settings.batch_max_wait_ms > 0:
+            from .batching import batch_guard
+
+            batch_guard(guard, max_batch=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000)
     engine = make_engine(settings.db_url)
     init_db(engine)
     if issuer is None:

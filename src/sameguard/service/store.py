@@ -79,6 +79,9 @@ class ServiceStore(Protocol):
     def hit(self, limit: RateLimit, client: str, cost: int = 1) -> float:
         """Charge ``cost`` units of ``limit`` to ``client``: 0 when granted, else seconds to wait (nothing charged)."""
 
+    def remaining(self, limit: RateLimit, client: str) -> int:
+        """Units of ``limit`` ``client`` could take now (a look; nothing is charged)."""
+
     def hold_challenge(self, cid: str, client: str, expires_at: int, value: Any, *, now: float,
                        max_per_client: int, max_total: int) -> str | None:
         """Hold ``value`` under challenge ``cid`` until ``expires_at``, unless ``client`` (or the server)
@@ -131,6 +134,9 @@ class _LimitsMixin:
             return 0.0
         stats = self._limiter.get_window_stats(limit.item, self._limit_prefix, limit.name, client)
         return max(0.001, float(stats.reset_time) - time.time())
+
+    def remaining(self, limit: RateLimit, client: str) -> int:
+        return int(self._limiter.get_window_stats(limit.item, self._limit_prefix, limit.name, client).remaining)
 
 
 class MemoryServiceStore(_LimitsMixin):

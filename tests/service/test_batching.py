@@ -1,0 +1,141 @@
+"""Dynamic batching: concurrent requests share forward passes, and nothing else changes.
+
+Per-request results equal unbatched ones within float tolerance (a real, tiny SAME detector and
+victim), each client's accounting and decisions are its own, and a live service with batching
+writes one audit row per query.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sameguard.guard import Guard
+from sameguard.service.batching import DynamicBatcher, batch_guard, unbatch_guard
+
+
+def _concurrently(fns):
+    barrier = threading.Barrier(len(fns))
+    results, errors = [None] * len(fns), []
+
+    def run(i, fn):
+        try:
+            barrier.wait(timeout=30)
+            results[i] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return results
+
+
+def test_batcher_merges_concurrent_calls_and_hands_each_its_rows():
+    sizes = []
+
+    def fn(x):
+        sizes.append(int(x.shape[0]))
+        return x.flatten(1).sum(1) * 2
+
+    batcher = DynamicBatcher(fn, max_batch=64, max_wait_s=0.5)
+    xs = [torch.full((i + 1, 3), float(i)) for i in range(6)]
+    out = _concurrently([lambda x=x: batcher(x) for x in xs])
+    for x, y in zip(xs, out):
+        assert torch.equal(y, x.flatten(1).sum(1) * 2)
+    assert sum(sizes) == 21 and len(sizes) < 6  # fewer forward passes than calls
+    assert batcher.stats["calls"] == 6 and batcher.stats["images"] == 21
+
+
+def test_batcher_runs_large_calls_alone_and_keeps_failures_their_own():
+    calls = []
+
+    def fn(x):
+        calls.append(int(x.shape[0]))
+        if (x < 0).any():
+            raise ValueError("negative")
+        return x.sum(1)
+
+    batcher = DynamicBatcher(fn, max_batch=4, max_wait_s=0.3)
+    assert torch.equal(batcher(torch.ones(4, 2)), torch.full((4,), 2.0))  # >= max_batch: at once
+    assert calls == [4]
+    good, bad = torch.ones(1, 2), -torch.ones(1, 2)
+    barrier = threading.Barrier(2)
+    outcome = {}
+
+    def call(name, x):
+        barrier.wait()
+        try:
+            outcome[name] = batcher(x)
+        except ValueError as exc:
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", bad))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(outcome["good"], torch.full((1,), 2.0))
+    assert isinstance(outcome["bad"], ValueError)
+
+
+def test_batched_guard_gives_each_request_its_unbatched_answer_and_accounting(tiny_victim, tiny_same, fmnist_small):
+    images = fmnist_small[1].images[:24]
+    plain = Guard(tiny_victim, tiny_same, "reject")
+    expected = [plain.protect(images[3 * i:3 * i + 3], f"client{i % 3}") for i in range(8)]
+    batched = Guard(tiny_victim, tiny_same, "reject")
+    batchers = batch_guard(batched, max_batch=64, max_wait_s=0.2)
+    try:
+        got = _concurrently([lambda i=i: batched.protect(images[3 * i:3 * i + 3], f"client{i % 3}")
+                             for i in range(8)])
+    finally:
+        unbatch_guard(batched)
+    assert "logits" not in vars(tiny_victim) and "score" not in vars(tiny_same)
+    assert batchers["detector"].stats["batches"] < 8  # requests did share forward passes
+    for e, g in zip(expected, got):
+        assert torch.allclose(g.probabilities, e.probabilities, atol=1e-6)
+        assert [d.score for d in g.decisions] == pytest.approx([d.score for d in e.decisions], abs=1e-5)
+        assert g.refused.tolist() == e.refused.tolist()
+        assert [(d.client, d.index, d.input_sha256, d.action) for d in g.decisions] == \
+            [(d.client, d.index, d.input_sha256, d.action) for d in e.decisions]
+    for c in ("client0", "client1", "client2"):
+        assert batched.stats(c).queries == plain.stats(c).queries
+        assert batched.queries_used(c) == plain.queries_used(c)
+
+
+def test_live_service_with_batching_audits_every_query(make_app, kit):
+    pytest.importorskip("fastapi")
+    import httpx
+    from sqlalchemy import func, select
+
+    from sameguard.service.db import audit_log
+
+    victim = kit.make_victim(seed=5)
+    guard = Guard(victim, kit.FakeDetector(), "reject")
+    batchers = batch_guard(guard, max_batch=32, max_wait_s=0.05)
+    app, token = make_app(guard=guard, request_burst=1000, rate_burst=1000)
+    x = torch.cat([kit.dark(6), kit.bright(6)])
+    with kit.live(app) as url:
+        def one(i):
+            with httpx.Client(base_url=url, headers={"X-API-Key": token}, timeout=30) as c:
+                r = c.post("/v1/predict", json={"instances": x[i:i + 1].tolist()})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+        answers = _concurrently([lambda i=i: one(i) for i in range(12)])
+    expected = victim.predict_proba(x)
+    for i, a in enumerate(answers):
+        if i < 6:
+            assert torch.allclose(torch.tensor(a["predictions"][0]), expected[i], atol=1e-6)
+        else:
+            assert a["predictions"] == [None] and a["refused"] == [0]
+    assert batchers["victim"].stats["calls"] >= 12  # every request went through the batcher
+    engine = app.state.sameguard.audit.engine
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(audit_log)).scalar_one() == 12
+        assert conn.execute(select(func.count(func.distinct(audit_log.c.request_id)))).scalar_one() == 12
