@@ -159,18 +159,19 @@ def bare_app(victim: Any) -> Any:
     import base64
 
     import numpy as np
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
 
     app = FastAPI()
 
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Any) -> JSONResponse:
         body = await request.json()
         x = torch.from_numpy(np.frombuffer(base64.b64decode(body["b64"]), dtype="<f4").reshape(body["shape"]).copy())
         probs = await run_in_threadpool(victim.predict_proba, x)
-        return {"predictions": probs.tolist()}
+        return JSONResponse({"predictions": probs.tolist()})
 
+    app.add_route("/v1/predict", predict, methods=["POST"])  # a plain route: no parameter parsing either
     return app
 
 
