@@ -180,3 +180,11 @@ def test_redis_value_updates_are_atomic_across_processes(redis_server):
     _run(_race_increments, [(redis_server.url, redis_server.prefix, 50)] * 4)
     store = RedisServiceStore(redis_server.url, prefix=redis_server.prefix)
     assert store.kv("counts", lambda v: str(v).encode(), lambda b: int(b)).get("alice") == 200
+
+
+def test_remaining_looks_without_charging(store):
+    limit = RateLimit("img", rate=1, burst=5)
+    assert store.remaining(limit, "alice") == 5
+    assert store.hit(limit, "alice", 3) == 0
+    assert store.remaining(limit, "alice") == 2
+    assert store.remaining(limit, "alice") == 2

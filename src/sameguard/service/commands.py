@@ -94,8 +94,8 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--threshold", type=float, default=None, help="override the detector's calibrated threshold")
     p.add_argument("--max-batch", type=int, default=None, help="most images per request (default 256)")
     p.add_argument("--max-request-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
-    p.add_argument("--rate", type=float, default=None, dest="rate_per_second", help="per-key images per second (default 100)")
-    p.add_argument("--burst", type=int, default=None, dest="rate_burst", help="per-key burst in images (default 512)")
+    p.add_argument("--rate", type=float, default=None, dest="rate_per_second", help="per-key images per second (default 50)")
+    p.add_argument("--burst", type=int, default=None, dest="rate_burst", help="per-key burst in images (default 256)")
     p.add_argument("--pow-benign-bits", type=int, default=None, help="bits paid at the benign p99 score (default 12)")
     p.add_argument("--pow-max-bits", type=int, default=None, help="cap on proof-of-work bits (default 26)")
     p.add_argument("--pow-ttl-s", type=float, default=None, help="seconds a proof-of-work challenge stays valid (default 120)")
@@ -121,8 +121,8 @@ def _add_serve_parser(sub: Any) -> None:
                    help="environment variable holding the operator's token for /v1/admin (at least 16 bytes; "
                         "unset: admin routes disabled)")
     p.add_argument("--request-rate", type=float, default=None, dest="request_rate_per_second",
-                   help="per-key requests per second, valid or not (default 20)")
-    p.add_argument("--request-burst", type=int, default=None, help="per-key burst in requests (default 40)")
+                   help="per-key requests per second, valid or not (default 10)")
+    p.add_argument("--request-burst", type=int, default=None, help="per-key burst in requests (default 20)")
     _state(p)
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default 1); more than 1 needs a shared --state redis://...")

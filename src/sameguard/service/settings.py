@@ -56,9 +56,9 @@ class ServiceSettings(BaseModel):
         max_request_bytes: largest request body accepted (413 beyond; default 8 MiB).
         max_batch: most images per request (413 beyond; default 256).
         rate_per_second, rate_burst: per-key image (query) limit (see :mod:`.ratelimit`; default
-            100/s, burst 512).
+            50/s, burst 256).
         request_rate_per_second, request_burst: per-key request limit, charged for every request
-            of a key, valid or not (default 20/s, burst 40). The defaults are set from the measured
+            of a key, valid or not (default 10/s, burst 20). The defaults are set from the measured
             capacity of one worker (``docs/service.md``, "Rate limits"): one key alone cannot take
             more than a fraction of it.
         state_url: where rate limits, proof-of-work challenges, key revocations and per-client
@@ -105,10 +105,10 @@ class ServiceSettings(BaseModel):
     device: str = "cpu"
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
     max_batch: int = Field(256, gt=0)
-    rate_per_second: float = Field(100.0, gt=0)
-    rate_burst: int = Field(512, gt=0)
-    request_rate_per_second: float = Field(20.0, gt=0)
-    request_burst: int = Field(40, gt=0)
+    rate_per_second: float = Field(50.0, gt=0)
+    rate_burst: int = Field(256, gt=0)
+    request_rate_per_second: float = Field(10.0, gt=0)
+    request_burst: int = Field(20, gt=0)
     state_url: str = Field("memory://", pattern=r"^(memory://|redis://|rediss://|unix://)", repr=False)
     state_prefix: str = Field("sameguard:", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
     workers: int = Field(1, ge=1, le=64)
