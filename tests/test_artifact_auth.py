@@ -92,6 +92,18 @@ def test_a_file_added_or_removed_or_another_key_is_refused(saved, monkeypatch):
         Victim.load(saved / "victim")
 
 
+@pytest.mark.parametrize("field,value", [("key_id", "\u00e9" * 16), ("hmac", "\u00e9" * 64), ("hmac", "ab"),
+                                         ("key_id", 7)])
+def test_a_malformed_signature_is_refused_as_such(saved, field, value):
+    """Not hex (hmac.compare_digest raises TypeError on non-ASCII text) or of the wrong length: IntegrityError."""
+    path = saved / "victim" / AUTH_FILE
+    body = json.loads(path.read_text())
+    body[field] = value
+    path.write_text(json.dumps(body))
+    with pytest.raises(IntegrityError, match="is not a sameguard-folder-hmac-sha256-v1 signature"):
+        authenticate_folder(saved / "victim")
+
+
 def test_unsigned_folders_load_unless_authentication_is_required(tiny_victim, tmp_path, monkeypatch):
     tiny_victim.save(tmp_path / "victim")
     assert not (tmp_path / "victim" / AUTH_FILE).exists()

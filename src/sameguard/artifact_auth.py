@@ -42,7 +42,7 @@ from .api import ArtifactError, IntegrityError
 logger = logging.getLogger(__name__)
 
 __all__ = ["AUTH_FILE", "SCHEME", "KEY_ENV", "DIGESTS_ENV", "REQUIRE_ENV", "ArtifactTrust", "folder_digest",
-           "sign_folder", "authenticate_folder", "trusting", "current_trust", "key_id"]
+           "sign_folder", "authenticate_folder", "trusting", "current_trust", "key_id", "sha256_file"]
 
 AUTH_FILE = "sameguard-auth.json"
 SCHEME = "sameguard-folder-hmac-sha256-v1"
@@ -77,7 +77,7 @@ class ArtifactTrust:
         if self.key is not None and len(self.key) < _MIN_KEY_BYTES:
             raise ValueError(f"The artifact key ({KEY_ENV}) must be at least {_MIN_KEY_BYTES} bytes, e.g. 64 hex "
                              "characters from 'python -c \"import secrets; print(secrets.token_hex(32))\"'.")
-        bad = [d for d in self.pinned if not _is_digest(d)]
+        bad = [d for d in self.pinned if not _is_hex(d, 64)]
         if bad:
             raise ValueError(f"Pinned artifact digests must be 64 hex characters (sameguard artifacts digest DIR); "
                              f"got {len(bad)} that are not.")
@@ -95,8 +95,9 @@ class ArtifactTrust:
         return cls(key=key.encode() if key else None, pinned=pinned, required=required)
 
 
-def _is_digest(text: str) -> bool:
-    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+def _is_hex(text: object, length: int) -> bool:
+    """``text`` is a string of exactly ``length`` hex digits (what :func:`hmac.compare_digest` can compare)."""
+    return isinstance(text, str) and len(text) == length and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 _TRUST: contextvars.ContextVar[ArtifactTrust | None] = contextvars.ContextVar("sameguard_artifact_trust", default=None)
@@ -125,7 +126,8 @@ def trusting(trust: ArtifactTrust) -> Iterator[ArtifactTrust]:
         _TRUST.reset(token)
 
 
-def _file_sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (also the per-file hash of :mod:`sameguard.artifacts`' manifests)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -143,7 +145,7 @@ def _canonical(root: Path) -> bytes:
             if name == AUTH_FILE or not path.is_file():
                 continue
             rel = path.relative_to(root).as_posix()
-            entries.append(f"{rel}\0{_file_sha256(path)}\n")
+            entries.append(f"{rel}\0{sha256_file(path)}\n")
     if not entries:
         raise ArtifactError(f"{root} holds no files to authenticate.")
     return ("sameguard-folder-v1\n" + "".join(sorted(entries))).encode("utf-8")
@@ -189,8 +191,8 @@ def _read_auth(root: Path) -> dict[str, str] | None:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise IntegrityError(f"{path} is not a readable signature ({exc}); refusing {root}.") from None
-    if not isinstance(body, dict) or body.get("scheme") != SCHEME or not all(
-            isinstance(body.get(k), str) for k in ("key_id", "hmac")):
+    if (not isinstance(body, dict) or body.get("scheme") != SCHEME or not _is_hex(body.get("key_id"), 16)
+            or not _is_hex(body.get("hmac"), 64)):
         raise IntegrityError(f"{path} is not a {SCHEME} signature; refusing {root}.")
     return body
 
@@ -222,26 +224,23 @@ def authenticate_folder(directory: str | os.PathLike, trust: ArtifactTrust | Non
                                      for parent in _COVERED.get()):
         return "covered"
     auth = _read_auth(root)
-    if not trust.pinned and (trust.key is None or auth is None) and not trust.required:
-        if auth is not None:
-            logger.warning("%s is signed, but %s is not set: the signature was not checked", root, KEY_ENV)
-        return "unauthenticated"  # nothing to check against: skip hashing the folder
-    canonical = _canonical(root)
-    digest = hashlib.sha256(canonical).hexdigest()
-    if digest in trust.pinned:
-        logger.info("%s is authentic: its digest %s is pinned", root, digest[:16])
-        _cover(resolved, trust)
-        return "pinned"
-    if auth is not None and trust.key is not None:
-        if not hmac.compare_digest(auth["key_id"].lower(), key_id(trust.key)):
-            raise IntegrityError(f"{root} was signed with another key (key id {auth['key_id'][:16]!r}, the configured "
-                                 f"key's is {key_id(trust.key)!r}); refusing to load it.")
-        if not hmac.compare_digest(_mac(trust.key, canonical), auth["hmac"].lower()):
-            raise IntegrityError(f"{root} does not match its signature: its manifest or a file was changed after it "
-                                 "was signed; refusing to load it.")
-        logger.info("%s is authentic: its HMAC verifies (key id %s)", root, key_id(trust.key))
-        _cover(resolved, trust)
-        return "hmac"
+    if trust.pinned or (auth is not None and trust.key is not None):  # else nothing to check: no hashing
+        canonical = _canonical(root)
+        digest = hashlib.sha256(canonical).hexdigest()
+        if digest in trust.pinned:
+            logger.info("%s is authentic: its digest %s is pinned", root, digest[:16])
+            _cover(resolved, trust)
+            return "pinned"
+        if auth is not None and trust.key is not None:
+            if not hmac.compare_digest(auth["key_id"].lower(), key_id(trust.key)):
+                raise IntegrityError(f"{root} was signed with another key (key id {auth['key_id']!r}, the "
+                                     f"configured key's is {key_id(trust.key)!r}); refusing to load it.")
+            if not hmac.compare_digest(_mac(trust.key, canonical), auth["hmac"].lower()):
+                raise IntegrityError(f"{root} does not match its signature: its manifest or a file was changed after "
+                                     "it was signed; refusing to load it.")
+            logger.info("%s is authentic: its HMAC verifies (key id %s)", root, key_id(trust.key))
+            _cover(resolved, trust)
+            return "hmac"
     if trust.required:
         why = ("it is signed but no key is configured to check it (set " + KEY_ENV + ")" if auth is not None
                else "it is neither signed (sameguard artifacts sign) nor pinned (sameguard artifacts digest)")

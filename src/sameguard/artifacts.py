@@ -33,7 +33,7 @@ import torch
 
 from . import __version__
 from .api import ArtifactError, IntegrityError
-from .artifact_auth import AUTH_FILE, authenticate_folder, current_trust, sign_folder
+from .artifact_auth import AUTH_FILE, authenticate_folder, current_trust, sha256_file, sign_folder
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ __all__ = ["FORMAT_VERSION", "MANIFEST", "sha256_file", "save_artifact", "load_a
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar", ".joblib"}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
