@@ -59,6 +59,19 @@ def test_info_shows_a_modified_file(saved):
     assert "MODIFIED OR MISSING: model.safetensors" in describe_folder(root / "victim")["files"]
 
 
+def test_info_never_hashes_a_file_outside_the_folder(saved):
+    """A manifest may list only .safetensors files in the folder (as loading requires); info reports others."""
+    root, _, _ = saved
+    (root / "outside.safetensors").write_bytes(b"x")
+    manifest_path = root / "victim" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    from sameguard.artifacts import sha256_file
+
+    manifest["files"] = {"../outside.safetensors": sha256_file(root / "outside.safetensors")}
+    manifest_path.write_text(json.dumps(manifest))
+    assert "MODIFIED OR MISSING: ../outside.safetensors" in describe_folder(root / "victim")["files"]
+
+
 def test_info_of_a_folder_that_is_not_an_artifact(tmp_path, capsys):
     code, _ = run("info", str(tmp_path))
     err = capsys.readouterr().err.strip()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import ArtifactError
-from .artifacts import MANIFEST, sha256_file
+from .artifacts import MANIFEST, is_part_file, read_manifest, sha256_file
 
 __all__ = ["authentication_status", "describe_folder", "format_info", "matching_preset"]
 
@@ -69,8 +69,8 @@ def _has_presets(kind: str) -> bool:
 
 
 def _verify_files(root: Path, files: dict[str, str]) -> str:
-    bad = [name for name, digest in files.items()
-           if not (root / name).is_file() or sha256_file(root / name) != digest]
+    bad = [name for name, digest in files.items()  # a name outside the folder is never read (loading refuses it)
+           if not is_part_file(name) or not (root / name).is_file() or sha256_file(root / name) != digest]
     if bad:
         return f"MODIFIED OR MISSING: {', '.join(sorted(bad))} (loading will refuse it)"
     return f"{len(files)} file(s), SHA-256 verified"
@@ -111,12 +111,7 @@ def describe_folder(directory: str | os.PathLike) -> dict[str, Any]:
         if (root / "alarms.json").is_file():
             return _describe_alarms(root)
         raise ArtifactError(f"{root} is not a sameguard artifact: it holds neither {MANIFEST} nor alarms.json.")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}).") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "sameguard-artifact":
-        raise ArtifactError(f"{path} is not a sameguard manifest.")
+    manifest = read_manifest(path)
     config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
     kind = str(manifest.get("kind"))
     info: dict[str, Any] = {"folder": str(root), "kind": kind, "created": manifest.get("created")}

@@ -37,8 +37,8 @@ from .artifact_auth import AUTH_FILE, authenticate_folder, current_trust, sha256
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "sha256_file", "save_artifact", "load_artifact", "state_dict_sha256",
-           "fitted_state_sha256"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "sha256_file", "save_artifact", "load_artifact", "read_manifest",
+           "is_part_file", "state_dict_sha256", "fitted_state_sha256"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -121,6 +121,27 @@ def save_artifact(directory: str | os.PathLike, kind: str, parts: dict[str, dict
     return out
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``manifest.json`` at ``path`` (not yet checked against the files or a signature).
+
+    Raises:
+        ArtifactError: not valid JSON, or not a sameguard manifest.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "sameguard-artifact":
+        raise ArtifactError(f"{path} is not a sameguard manifest.")
+    return manifest
+
+
+def is_part_file(filename: object) -> bool:
+    """Whether a manifest may list ``filename``: a ``.safetensors`` file directly in the artifact folder."""
+    return isinstance(filename, str) and Path(filename).name == filename and filename.endswith(".safetensors")
+
+
 def load_artifact(directory: str | os.PathLike, kind: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Read and verify an artifact written by :func:`save_artifact`.
 
@@ -146,12 +167,7 @@ def load_artifact(directory: str | os.PathLike, kind: str) -> tuple[dict[str, di
     if not manifest_path.is_file():
         raise ArtifactError(f"{root} is not a sameguard artifact: {MANIFEST} is missing.")
     authenticate_folder(root)  # the manifest and every file, before any of it is believed
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "sameguard-artifact":
-        raise ArtifactError(f"{manifest_path} is not a sameguard manifest.")
+    manifest = read_manifest(manifest_path)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{root} has artifact format version {manifest.get('format_version')!r}; this sameguard "
@@ -165,7 +181,7 @@ def load_artifact(directory: str | os.PathLike, kind: str) -> tuple[dict[str, di
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for filename, expected in files.items():
         path = root / filename
-        if Path(filename).name != filename or not filename.endswith(".safetensors"):
+        if not is_part_file(filename):
             raise ArtifactError(f"{manifest_path} lists {filename!r}; only .safetensors files in the artifact are allowed.")
         if not path.is_file():
             raise ArtifactError(f"{root} is incomplete: {filename} is listed in the manifest but missing.")
