@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Action", "ActionOutcome", "ACTION_LABELS", "check_batch", "flagged_mask"]
+__all__ = ["Action", "ActionOutcome", "ACTION_LABELS", "check_batch"]
 
 #: The per-query action labels written to decisions and the audit log.
 ACTION_LABELS: tuple[str, ...] = ("allow", "reject", "misinform", "pow")
@@ -86,11 +86,6 @@ def check_batch(probs: object, scores: object, threshold: object) -> tuple[torch
         raise ValueError(f"threshold must be a number (the calibrated tau), got {threshold!r}.")
     probs = probs.detach().to("cpu", torch.float32)
     return probs, scores, float(threshold)
-
-
-def flagged_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``(N,)`` bool: ``score > threshold``; NaN and infinite scores are treated as flagged (fail closed)."""
-    return (scores > threshold) | ~torch.isfinite(scores)
 
 
 class Action(abc.ABC):

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .base import Action, ActionOutcome, check_batch, flagged_mask
+from ..api import flag_scores
+from .base import Action, ActionOutcome, check_batch
 from .misinformation import Misinformation
 from .monitor import Monitor
 from .proof_of_work import ProofOfWork
@@ -118,7 +119,7 @@ class Policy:
         if self.escalate is None:
             return outcome
         tau2, action2 = self.escalate
-        high = flagged_mask(scores64, tau2)
+        high = flag_scores(scores64, tau2)
         if not bool(high.any()):
             return outcome
         rows = torch.nonzero(high).flatten()

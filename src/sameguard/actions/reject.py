@@ -17,7 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import Action, ActionOutcome, check_batch, flagged_mask
+from ..api import flag_scores
+from .base import Action, ActionOutcome, check_batch
 
 __all__ = ["Reject"]
 
@@ -30,7 +31,7 @@ class Reject(Action):
     def apply(self, x: torch.Tensor | None, probs: torch.Tensor, scores: torch.Tensor,
               threshold: float) -> ActionOutcome:
         probs, scores, threshold = check_batch(probs, scores, threshold)
-        refused = flagged_mask(scores, threshold)
+        refused = flag_scores(scores, threshold)
         labels = tuple("reject" if r else "allow" for r in refused.tolist())
         n = probs.shape[0]
         return ActionOutcome(probabilities=probs, refused=refused, actions=labels,
