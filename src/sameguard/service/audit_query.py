@@ -50,19 +50,21 @@ def parse_time(text: str, *, now: float | None = None, flag: str = "time") -> fl
     """
     age = _AGE.match(text)
     if age:
-        return (time.time() if now is None else now) - float(age.group(1)) * _UNIT_S[age.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = _dt.datetime.fromisoformat(text.strip())  # Python 3.11 reads a trailing Z
-    except ValueError:
-        raise ValueError(f"{flag} {text!r} is not a time: give ISO 8601 (2026-11-29T12:00:00Z), UNIX seconds, "
-                         "or an age such as 90m, 2h, 7d.") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=_dt.UTC)
-    return moment.timestamp()
+        seconds = (time.time() if now is None else now) - float(age.group(1)) * _UNIT_S[age.group(2)]
+    else:
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                moment = _dt.datetime.fromisoformat(text.strip())  # Python 3.11 reads a trailing Z
+            except ValueError:
+                seconds = math.nan
+            else:
+                seconds = (moment if moment.tzinfo else moment.replace(tzinfo=_dt.UTC)).timestamp()
+    if not math.isfinite(seconds):  # nan, inf, 1e400, an age of 1e400 days
+        raise ValueError(f"{flag} {text[:64]!r} is not a time: give ISO 8601 (2026-11-29T12:00:00Z), UNIX seconds, "
+                         "or an age such as 90m, 2h, 7d.")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -86,21 +88,17 @@ class AuditFilter:
 
     def audit_where(self) -> list[Any]:
         """SQL conditions on ``sg_audit_log``."""
-        c = audit_log.c
-        where: list[Any] = []
-        if self.client is not None:
-            where.append(c.client == self.client)
+        where = self._client_and_time(audit_log.c)
         if self.flagged:
-            where.append(c.flagged.is_(True))
-        if self.since is not None:
-            where.append(c.ts >= self.since)
-        if self.until is not None:
-            where.append(c.ts < self.until)
+            where.append(audit_log.c.flagged.is_(True))
         return where
 
     def alarm_where(self) -> list[Any]:
         """SQL conditions on ``sg_alarm_events`` (the client and the time range; ``flagged`` does not apply)."""
-        c = alarm_events.c
+        return self._client_and_time(alarm_events.c)
+
+    def _client_and_time(self, c: Any) -> list[Any]:
+        """Conditions on the ``client`` and ``ts`` columns ``c.client`` and ``c.ts`` of either table."""
         where: list[Any] = []
         if self.client is not None:
             where.append(c.client == self.client)
