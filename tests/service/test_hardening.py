@@ -242,3 +242,22 @@ def test_multipart_with_more_files_than_the_batch_limit_gets_413(client, kit):
     r = c.post("/v1/predict", files=files)
     assert r.status_code == 413 and "at most 8 images" in r.json()["detail"], r.text
     assert app.state.sameguard.audit.count() == 0
+
+
+def test_a_non_ascii_pow_signature_is_refused_not_a_500(make_app, victim, kit):
+    """hmac.compare_digest raises TypeError on non-ASCII text: a signature must be refused before it."""
+    app, token = make_app(guard=_pow_guard(victim, kit, max_bits=8))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["X-API-Key"] = token
+        challenge = c.post("/v1/predict", json={"instances": kit.bright(1).tolist()}).json()["challenge"]
+        r = c.post("/v1/pow/redeem", json={"challenge": challenge["challenge"], "signature": "\u00e9" * 64,
+                                           "nonce": "0"})
+    assert r.status_code in (400, 403, 422), r.text
+
+
+def test_a_challenge_with_non_ascii_digits_is_refused_not_a_500(client):
+    """``\\d`` in a regular expression matches any Unicode digit: the challenge must be ASCII before it is signed."""
+    _, c = client
+    forged = "sg-pow-1:\u0661\u0662:1:" + "0" * 32 + ":" + "0" * 16 + ":"
+    r = c.post("/v1/pow/redeem", json={"challenge": forged, "signature": "a" * 64, "nonce": "0"})
+    assert r.status_code in (400, 403, 422), r.text

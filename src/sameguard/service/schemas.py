@@ -142,8 +142,11 @@ class RedeemRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    challenge: str = Field(max_length=256)
-    signature: str = Field(max_length=128)
+    # Printable ASCII only: a non-ASCII signature made hmac.compare_digest raise TypeError, and Unicode
+    # digits (which the challenge's ``\d`` matches) its ASCII signing raise UnicodeEncodeError: both 500s.
+    challenge: str = Field(max_length=256, pattern=r"^[\x20-\x7e]*$", description="the challenge, as issued")
+    signature: str = Field(max_length=128, pattern=r"^[\x20-\x7e]*$",
+                           description="the challenge's HMAC-SHA256 as sent with it (hex)")
     nonce: str = Field(max_length=64)
 
 
