@@ -261,3 +261,11 @@ def test_a_challenge_with_non_ascii_digits_is_refused_not_a_500(client):
     forged = "sg-pow-1:\u0661\u0662:1:" + "0" * 32 + ":" + "0" * 16 + ":"
     r = c.post("/v1/pow/redeem", json={"challenge": forged, "signature": "a" * 64, "nonce": "0"})
     assert r.status_code in (400, 403, 422), r.text
+
+
+@pytest.mark.parametrize("value,kept", [(b"abc-1_Z", "abc-1_Z"), (b"abc\n", None), (b"a" * 65, None),
+                                        (b"", None), (b"a b", None)])
+def test_only_a_well_formed_client_request_id_is_kept(value, kept):
+    from sameguard.service.middleware import client_request_id_from
+
+    assert client_request_id_from({b"x-request-id": value}) == kept

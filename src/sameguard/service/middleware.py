@@ -19,7 +19,7 @@ __all__ = ["ServiceMiddleware", "REQUEST_ID_HEADER", "BodyTooLarge"]
 REQUEST_ID_HEADER = "X-Request-ID"
 #: The response header that echoes the client's own ``X-Request-ID`` (when it sent a valid one).
 CLIENT_REQUEST_ID_HEADER = "X-Client-Request-ID"
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class BodyTooLarge(Exception):
@@ -49,7 +49,7 @@ def client_request_id_from(headers: dict[bytes, bytes]) -> str | None:
     ``X-Client-Request-ID``: a client cannot choose the id its queries are audited under.
     """
     incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-    return incoming if _REQUEST_ID_RE.match(incoming) else None
+    return incoming if _REQUEST_ID_RE.fullmatch(incoming) else None  # match() let "id\n" through (`$`)
 
 
 def declared_length(headers: dict[bytes, bytes]) -> int | None:
