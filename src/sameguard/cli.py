@@ -558,9 +558,7 @@ def cmd_same_study(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     bench_dir = Path(args.bench_dir or f"runs/bench/{config.name}")
     workdir = Path(args.workdir or bench_dir / "same-study")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise ValueError(f"The folder of --out ({out.parent}) does not exist.")
+    out = Path(args.out)  # checked before any work by _preflight (OUTPUTS["same-study"])
     if not args.report_only:
         chosen = CANDIDATES
         if args.candidates:
