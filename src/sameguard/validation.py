@@ -13,9 +13,8 @@ says what was expected and what was given. Use these everywhere instead of local
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -143,12 +142,12 @@ def check_images(
             f"{name} must have shape {expected} (channels, height, width), got {tuple(x.shape)}."
         )
     x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
+    lo, hi = (float(v) for v in torch.aminmax(x))  # one pass; NaN or +-inf anywhere shows in lo or hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise ValueError(f"{name} contains NaN or infinite values in {bad} image(s); images must be finite.")
     if not check_range:
         return x.contiguous()
-    lo, hi = float(x.min()), float(x.max())
     if lo < -1.0 - RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
         raise ValueError(
             f"{name} must have values in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; "
