@@ -42,7 +42,8 @@ from .api import ArtifactError, IntegrityError
 logger = logging.getLogger(__name__)
 
 __all__ = ["AUTH_FILE", "SCHEME", "KEY_ENV", "DIGESTS_ENV", "REQUIRE_ENV", "ArtifactTrust", "folder_digest",
-           "sign_folder", "authenticate_folder", "trusting", "current_trust", "key_id", "sha256_file"]
+           "sign_folder", "authenticate_folder", "trusting", "current_trust", "key_id", "sha256_file",
+           "read_signature"]
 
 AUTH_FILE = "sameguard-auth.json"
 SCHEME = "sameguard-folder-hmac-sha256-v1"
@@ -181,7 +182,8 @@ def sign_folder(directory: str | os.PathLike, key: bytes) -> Path:
     return root / AUTH_FILE
 
 
-def _read_auth(root: Path) -> dict[str, str] | None:
+def read_signature(root: Path) -> dict[str, str] | None:
+    """The folder's :data:`AUTH_FILE` (``None``: unsigned); :class:`IntegrityError` when it is not a valid one."""
     path = root / AUTH_FILE
     if not path.exists():
         return None
@@ -223,7 +225,7 @@ def authenticate_folder(directory: str | os.PathLike, trust: ArtifactTrust | Non
     if trust is _TRUST.get() and any(resolved != parent and resolved.is_relative_to(parent)
                                      for parent in _COVERED.get()):
         return "covered"
-    auth = _read_auth(root)
+    auth = read_signature(root)
     if trust.pinned or (auth is not None and trust.key is not None):  # else nothing to check: no hashing
         canonical = _canonical(root)
         digest = hashlib.sha256(canonical).hexdigest()

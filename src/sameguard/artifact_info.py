@@ -29,7 +29,7 @@ __all__ = ["authentication_status", "describe_folder", "format_info", "matching_
 def authentication_status(directory: str | os.PathLike) -> str:
     """Whether the folder is authentic under the environment's trust, in words (never raises for a bad signature)."""
     from .api import IntegrityError
-    from .artifact_auth import AUTH_FILE, KEY_ENV, ArtifactTrust, authenticate_folder
+    from .artifact_auth import KEY_ENV, ArtifactTrust, authenticate_folder, read_signature
 
     root = Path(directory)
     try:
@@ -40,12 +40,9 @@ def authentication_status(directory: str | os.PathLike) -> str:
         return f"yes: its HMAC verifies under the key in {KEY_ENV}"
     if how == "pinned":
         return "yes: its digest is pinned (SAMEGUARD_ARTIFACT_DIGESTS)"
-    if (root / AUTH_FILE).is_file():
-        try:
-            key = json.loads((root / AUTH_FILE).read_text()).get("key_id", "?")
-        except (OSError, ValueError, AttributeError):
-            key = "?"
-        return f"signed (key id {key}), not checked here: set {KEY_ENV} to verify it"
+    signature = read_signature(root)  # authenticate_folder has already refused a malformed one
+    if signature is not None:
+        return f"signed (key id {signature['key_id']}), not checked here: set {KEY_ENV} to verify it"
     return "no: not signed (sameguard artifacts sign) and its digest is not pinned"
 
 
