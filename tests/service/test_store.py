@@ -188,3 +188,28 @@ def test_remaining_looks_without_charging(store):
     assert store.hit(limit, "alice", 3) == 0
     assert store.remaining(limit, "alice") == 2
     assert store.remaining(limit, "alice") == 2
+
+
+def test_redis_holds_the_per_client_alarm_state_for_every_worker(redis_server, victim, kit):
+    """Two workers' alarms over one Redis: evidence gathered by one is seen, and continued, by the other."""
+    from sameguard.alarms import ClientAlarms
+    from sameguard.evidence import ClientState
+
+    detector = kit.FakeDetector(threshold=2.0)
+    benign = kit.dark(600, seed=3)
+
+    def worker_alarms():
+        kv = RedisServiceStore(redis_server.url, prefix=redis_server.prefix).kv(
+            "alarms", ClientState.to_bytes, ClientState.from_bytes)
+        return ClientAlarms.calibrate(victim, {"fake": detector}, benign, delta=1e-3, store=kv)
+
+    first, second = worker_alarms(), worker_alarms()
+    x = kit.bright(6, seed=7)
+    probs = victim.predict_proba(x)
+    first.update("mallory", x[:3], probs[:3])
+    seen = second.evidence("mallory")
+    assert seen is not None and seen.queries == 3
+    second.update("mallory", x[3:], probs[3:])
+    assert first.evidence("mallory").queries == 6
+    assert first.evidence("mallory").log_evidence == pytest.approx(second.evidence("mallory").log_evidence)
+    assert sorted(first.monitor.clients()) == ["mallory"]
