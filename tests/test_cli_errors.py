@@ -264,6 +264,10 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     assert code == 130 and err == "sameguard bench: interrupted."
 
 
-def test_bench_service_batch_sizes_in_one_sentence(capsys):
-    code, _ = run("bench-service", "--batch-sizes", "1,abc", "--victim", "/nonexistent")
-    one_error(capsys, code, "--batch-sizes takes comma-separated integers", "'1,abc'")
+@pytest.mark.parametrize("value", ["1,abc", "0,64"])
+def test_bench_service_batch_sizes_in_one_sentence(capsys, value):
+    with pytest.raises(SystemExit) as exc:  # the same argparse type as --budgets (cli_checks.comma_ints)
+        main(["bench-service", "--batch-sizes", value, "--victim", "/nonexistent"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--batch-sizes" in err and "positive integers" in err and "Traceback" not in err

@@ -14,7 +14,7 @@ def test_bench_commands_parse():
     commands = add_bench_commands(sub)
     assert set(commands) == set(BENCH_COMMANDS) == {"bench-service"}
     args = parser.parse_args(["bench-service", "--requests", "10", "--attacks", "", "--batch-sizes", "1,8"])
-    assert (args.requests, args.attacks, args.batch_sizes, args.workdir) == (10, "", "1,8", "runs/service-bench")
+    assert (args.requests, args.attacks, args.batch_sizes, args.workdir) == (10, "", [1, 8], "runs/service-bench")
 
 
 def test_cli_has_bench_service():

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..cli_checks import comma_ints
+
 __all__ = ["add_bench_commands", "bench_service_main", "BENCH_COMMANDS"]
 
 
@@ -41,7 +43,7 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("--workdir", default="runs/service-bench", help="cache for trained artifacts and the audit DB")
     p.add_argument("--requests", type=int, default=200, help="requests per setting at batch sizes up to 8 (default 200)")
     p.add_argument("--requests-large", type=int, default=30, help="requests per setting at larger batch sizes (default 30)")
-    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--batch-sizes", default="1,64", type=comma_ints, help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
     p.add_argument("--settings", default="off,monitor", help="service policies to time (default off,monitor)")
     p.add_argument("--attacks", default="knockoff,jbda", help="attacks to run in-process ('' to skip)")
@@ -59,14 +61,6 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 
 
-def _ints(text: str, flag: str = "--batch-sizes") -> tuple[int, ...]:
-    """``"1,64"`` -> ``(1, 64)``; a ``ValueError`` in one sentence for anything else."""
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers such as 1,64; got {text!r}.") from None
-
-
 def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -80,7 +74,7 @@ def bench_service_main(args: argparse.Namespace) -> int:
 
     result = run_service_bench(
         victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,
-        requests_large=args.requests_large, batch_sizes=_ints(args.batch_sizes), concurrency=args.concurrency,
+        requests_large=args.requests_large, batch_sizes=tuple(args.batch_sizes), concurrency=args.concurrency,
         settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress)
