@@ -2,8 +2,10 @@
 
 * ``sign DIR``: write ``sameguard-auth.json``, the HMAC-SHA256 of every file under ``DIR`` under the
   key in ``SAMEGUARD_ARTIFACT_KEY`` (the key is read from the environment only, never from the command line).
-* ``verify DIR``: check ``DIR`` as the service would (key, pinned digests, required or not); exit 0 when
-  it is authentic, 2 with the reason when not.
+* ``verify DIR``: check ``DIR`` as the service would (key, pinned digests, required or not) and print how
+  it is trusted (``hmac``, ``pinned`` or ``unauthenticated``); exit 0 when it would be loaded, 2 with the
+  reason when it would be refused. An unsigned folder passes unless ``--require`` (or
+  ``SAMEGUARD_REQUIRE_AUTHENTICATED_ARTIFACTS``) is given.
 * ``digest DIR``: print the folder's digest, to pin it (``SAMEGUARD_ARTIFACT_DIGESTS``, ``serve --artifact-digest``).
 """
 
