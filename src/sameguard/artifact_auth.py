@@ -10,9 +10,11 @@ artifact folder (a victim, a detector, a calibration, the per-client alarms):
   ``HMAC-SHA256(key, canonical)``; loading with the same key in ``SAMEGUARD_ARTIFACT_KEY``
   recomputes it and refuses the folder when it differs (:class:`~sameguard.api.IntegrityError`).
 * **Pinned digest**: ``sameguard artifacts digest DIR`` prints ``SHA-256(canonical)``; an operator
-  who pins it (``SAMEGUARD_ARTIFACT_DIGESTS=hex,...`` or ``serve --artifact-digest``) accepts that
-  exact content and nothing else, without any key (this also refuses a rollback to an older,
-  validly signed version).
+  who pins it (``SAMEGUARD_ARTIFACT_DIGESTS=hex,...`` or ``serve --artifact-digest``) makes that exact
+  content authentic without any key. A pin does not say which folder it is for, so it refuses nothing
+  by itself: only with authentication required is a folder that matches no pin (and no signature under
+  the key) refused. An older, validly signed version of a folder is refused only when no key is
+  configured, since a verifying HMAC is accepted whatever the pins.
 
 ``canonical`` covers **every regular file under the folder** (relative path and SHA-256, sorted),
 the manifest included, except :data:`AUTH_FILE` itself. With ``SAMEGUARD_REQUIRE_AUTHENTICATED_ARTIFACTS=1``

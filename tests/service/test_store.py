@@ -213,3 +213,22 @@ def test_redis_holds_the_per_client_alarm_state_for_every_worker(redis_server, v
     assert first.evidence("mallory").queries == 6
     assert first.evidence("mallory").log_evidence == pytest.approx(second.evidence("mallory").log_evidence)
     assert sorted(first.monitor.clients()) == ["mallory"]
+
+
+def test_redis_alarm_ledger_records_each_alarm_once_across_workers(redis_server, victim, kit):
+    from types import SimpleNamespace
+
+    from sameguard.service.alarm_log import AlarmLedger, ledger_store
+
+    evidence = SimpleNamespace(alarm_time=1000.0, alarm_query=7)
+    alarms = SimpleNamespace(evidence=lambda client: evidence)
+    decision = SimpleNamespace(alarmed=True, time=1000.0, evidence=3.5)
+    ledgers = [AlarmLedger(ledger_store(RedisServiceStore(redis_server.url, prefix=redis_server.prefix)))
+               for _ in range(2)]
+    events = [ledger.raised(alarms, "mallory", [decision], f"req{i}") for i, ledger in enumerate(ledgers)]
+    assert [e is not None for e in events] == [True, False]  # the second worker sees it recorded
+    assert ledgers[1].get("mallory").queries == 7
+    ledgers[1].cleared("mallory")
+    evidence.alarm_time = 2000.0  # a new alarm after the clearing is recorded afresh, once
+    assert ledgers[1].raised(alarms, "mallory", [decision], "req3") is not None
+    assert ledgers[0].raised(alarms, "mallory", [decision], "req4") is None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pydantic import SecretStr
 
 from ..guard import Guard
-from .alarm_log import AlarmLedger
+from .alarm_log import AlarmLedger, ledger_store
 from .audit import AuditLog
 from .challenges import ChallengeIssuer
 from .db import init_db, make_engine
@@ -96,4 +96,5 @@ def build_state(settings: ServiceSettings, *, guard: Guard | None = None,
                         keys=KeyStore(engine, cache_s=settings.key_cache_s, store=store),
                         audit=AuditLog(engine, guard.versions), issuer=issuer, limiter=limiter,
                         metrics=ServiceMetrics(), classes=list(classes) if classes is not None else None,
-                        admin_token=admin_token, store=store)
+                        admin_token=admin_token, store=store,
+                        alarm_ledger=AlarmLedger(ledger_store(store) if store.shared else None))
