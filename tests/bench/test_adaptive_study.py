@@ -69,7 +69,8 @@ def test_adaptive_profile_parses():
     config = load_config("adaptive")
     assert config.key_sweep is not None and config.alarms is not None
     assert {a.name for a in config.attacks} >= {"knockoff-blend", "knockoff-mixup", "knockoff-interleave",
-                                                 "knockoff-filtered", "knockoff-wide"}
+                                                 "knockoff-filtered"}
+    assert any(a.output == "labels" for a in config.attacks)  # a hard-label variant
 
 
 @pytest.mark.parametrize("patch, message", [
