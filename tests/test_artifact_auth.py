@@ -198,3 +198,23 @@ def test_a_signed_parent_folder_covers_the_artifacts_under_it(tiny_victim, tmp_p
     (root / "alarms.json").write_text('{"delta": 1e-300}')  # e.g. alarms made impossible
     with pytest.raises(IntegrityError):
         authenticate_folder(root, ArtifactTrust(key=key))
+
+
+def test_a_pin_refuses_an_older_signed_version_only_without_the_key_and_when_required(saved, monkeypatch):
+    """What the README promises of a pin against a rollback, and where that promise ends."""
+    old = folder_digest(saved / "victim")
+    _set_threshold(saved / "victim", 0.5)  # stands in for a newer version: re-signed, then pinned
+    sign_folder(saved / "victim", KEY.encode())
+    new = folder_digest(saved / "victim")
+    assert new != old
+    # the older version again, with its own valid signature: rolled back by whoever can write the folder
+    manifest = json.loads((saved / "victim" / "manifest.json").read_text())
+    manifest["config"].pop("threshold")
+    (saved / "victim" / "manifest.json").write_text(json.dumps(manifest))
+    sign_folder(saved / "victim", KEY.encode())
+    assert folder_digest(saved / "victim") not in (new, old)  # json.dumps re-formats it: another signed version
+    with pytest.raises(ArtifactError, match="not authenticated"):
+        authenticate_folder(saved / "victim", ArtifactTrust(pinned=frozenset({new}), required=True))
+    assert authenticate_folder(saved / "victim", ArtifactTrust(pinned=frozenset({new}))) == "unauthenticated"
+    assert authenticate_folder(saved / "victim", ArtifactTrust(key=KEY.encode(), pinned=frozenset({new}),
+                                                                required=True)) == "hmac"
