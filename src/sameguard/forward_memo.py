@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["shared_forward", "memoized", "sharing_active"]
+__all__ = ["memoized", "shared_forward", "sharing_active"]
 
 T = TypeVar("T")
 

@@ -39,7 +39,6 @@ puzzle is solved.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -53,12 +52,11 @@ import torch
 from . import __version__
 from .actions import Action, Monitor, Policy, ProofOfWork, batch_bits
 from .actions.base import ActionOutcome
-from .api import NotCalibratedError, StatefulDetector
+from .api import NotCalibratedError, StatefulDetector, flag_scores
 from .artifacts import fitted_state_sha256
-from .forward_memo import shared_forward
 from .decisions import ClientStats, Decision, QueryRefusedError, Verdict, input_digests
-from .prediction_api import (ANONYMOUS, Output, QueryLedger, check_output, victim_geometry,
-                             victim_probabilities)
+from .forward_memo import shared_forward
+from .prediction_api import ANONYMOUS, Output, QueryLedger, check_output, victim_geometry, victim_probabilities
 from .validation import check_choice, check_images, check_int, check_name
 
 if TYPE_CHECKING:
@@ -66,8 +64,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Guard", "Decision", "Verdict", "ClientStats", "QueryRefusedError", "input_digests", "ANONYMOUS",
-           "detector_scores"]
+__all__ = [
+    "ANONYMOUS",
+    "ClientStats",
+    "Decision",
+    "Guard",
+    "QueryRefusedError",
+    "Verdict",
+    "detector_scores",
+    "input_digests",
+]
 
 
 def detector_scores(detector: Any, x: torch.Tensor, client: str) -> torch.Tensor:
@@ -377,11 +383,12 @@ class Guard:
         work = batch_bits(outcome.work_bits, cap=self.policy.max_work_bits()) \
             if bool((outcome.work_bits > 0).any()) or "pow" in outcome.actions else 0
         now, digests = time.time(), input_digests(x)
+        over = None if scores is None or tau is None else flag_scores(scores, tau)  # NaN/inf: flagged
         decisions = []
         for i in range(len(x)):
             score = None if scores is None else float(scores[i])
             alarmed = alarm is not None and bool(alarm.alarmed[i])
-            flagged = alarmed or (score is not None and tau is not None and bool(not math.isfinite(score) or score > tau))
+            flagged = alarmed or (over is not None and bool(over[i]))
             decisions.append(Decision(
                 time=now, client=client, input_sha256=digests[i], score=score, threshold=tau, flagged=flagged,
                 action=outcome.actions[i], work_bits=int(outcome.work_bits[i]), request_id=request_id, index=i,

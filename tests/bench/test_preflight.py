@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 
 from sameguard.api import DatasetNotFoundError
-from sameguard.bench import runner
 from sameguard.bench.config import load_config
-from sameguard.bench.preflight import OUTLIER_SPLIT, check_data, required_data
+from sameguard.bench.preflight import check_data, required_data
 from sameguard.cli import main
 from sameguard.data.idx import write_idx
-
-
-def test_outlier_split_is_the_runners():
-    assert OUTLIER_SPLIT == runner.OUTLIER_SPLIT
 
 
 def test_paper_profile_needs_mnist_emnist_and_kmnist():

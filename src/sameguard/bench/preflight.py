@@ -2,7 +2,7 @@
 
 A profile names data in four places: ``datasets`` (the victims' data, train and test splits), each
 attack's ``proxy`` and ``seed_data`` (train splits), and each detector's ``outlier_data`` (the test
-split, see :data:`sameguard.bench.runner.OUTLIER_SPLIT`). :func:`required_data` lists them and
+split, :data:`OUTLIER_SPLIT`). :func:`required_data` lists them and
 :func:`check_data` loads each one (the loaders verify the files and cache the arrays in-process, so
 the run that follows reads nothing twice) and reports **every** missing one in one error, before
 any victim is trained: the ``paper`` profile with MNIST present and EMNIST missing fails in seconds,
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["check_data", "required_data"]
 
-#: The split of ``outlier_data`` the runner loads (kept equal to ``runner.OUTLIER_SPLIT`` by a test).
+#: The split of ``outlier_data`` the runner loads.
 OUTLIER_SPLIT = "test"
 
 

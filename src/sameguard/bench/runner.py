@@ -41,28 +41,28 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from ..actions import Policy
+from ..alarms import ClientAlarms
 from ..api import ArtifactError, SaveableDetector
 from ..attacks import NormalUser, attack_data_role, build_attack
 from ..cache import cache_key, cached_victim, preset_architecture
 from ..data import ImageDataset, load_dataset
 from ..detectors import PRADADetector, build_detector, fit_detector
-from ..actions import Policy
 from ..guard import Guard
 from ..steps import StepLog
 from ..victim import Victim
-from ..alarms import ClientAlarms
 from .alarm_study import AlarmStudy, alarm_sets
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
 from .metrics import detection_metrics
+from .preflight import OUTLIER_SPLIT
 from .report import plot_histograms, plot_roc, write_results
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_benchmark"]
 
-#: Outlier data comes from the *test* split of the named dataset, attack pools from *train* splits,
-#: so a detector never trains on the very images an attack sends.
-OUTLIER_SPLIT = "test"
+# Outlier data comes from the *test* split of the named dataset (preflight.OUTLIER_SPLIT), attack
+# pools from *train* splits, so a detector never trains on the very images an attack sends.
 
 
 def _dataset(name: str, split: str, halves: dict[str, ImageDataset], data_dir: str | None) -> ImageDataset:
