@@ -115,6 +115,16 @@ def test_unsigned_folders_load_unless_authentication_is_required(tiny_victim, tm
         Victim.load(tmp_path / "victim")
 
 
+def test_pinning_requires_authentication_of_every_folder(saved):
+    """An operator who pins a digest is refused an edited, unsigned folder without also asking for it."""
+    pinned = ArtifactTrust(pinned=frozenset({folder_digest(saved / "det")}))
+    assert pinned.required
+    assert authenticate_folder(saved / "det", pinned) == "pinned"
+    _set_threshold(saved / "det", 1e9)
+    with pytest.raises((ArtifactError, IntegrityError)):
+        authenticate_folder(saved / "det", pinned)
+
+
 def test_a_pinned_digest_authenticates_that_content_only(tiny_victim, tmp_path):
     tiny_victim.save(tmp_path / "victim")
     digest = folder_digest(tmp_path / "victim")
@@ -200,7 +210,7 @@ def test_a_signed_parent_folder_covers_the_artifacts_under_it(tiny_victim, tmp_p
         authenticate_folder(root, ArtifactTrust(key=key))
 
 
-def test_a_pin_refuses_an_older_signed_version_only_without_the_key_and_when_required(saved, monkeypatch):
+def test_a_pin_refuses_an_older_signed_version_only_without_the_key(saved, monkeypatch):
     """What the README promises of a pin against a rollback, and where that promise ends."""
     old = folder_digest(saved / "victim")
     _set_threshold(saved / "victim", 0.5)  # stands in for a newer version: re-signed, then pinned
@@ -215,6 +225,7 @@ def test_a_pin_refuses_an_older_signed_version_only_without_the_key_and_when_req
     assert folder_digest(saved / "victim") not in (new, old)  # json.dumps re-formats it: another signed version
     with pytest.raises(ArtifactError, match="not authenticated"):
         authenticate_folder(saved / "victim", ArtifactTrust(pinned=frozenset({new}), required=True))
-    assert authenticate_folder(saved / "victim", ArtifactTrust(pinned=frozenset({new}))) == "unauthenticated"
+    with pytest.raises(ArtifactError, match="not authenticated"):  # a pin turns the requirement on
+        authenticate_folder(saved / "victim", ArtifactTrust(pinned=frozenset({new})))
     assert authenticate_folder(saved / "victim", ArtifactTrust(key=KEY.encode(), pinned=frozenset({new}),
                                                                 required=True)) == "hmac"

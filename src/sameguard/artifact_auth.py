@@ -11,10 +11,10 @@ artifact folder (a victim, a detector, a calibration, the per-client alarms):
   recomputes it and refuses the folder when it differs (:class:`~sameguard.api.IntegrityError`).
 * **Pinned digest**: ``sameguard artifacts digest DIR`` prints ``SHA-256(canonical)``; an operator
   who pins it (``SAMEGUARD_ARTIFACT_DIGESTS=hex,...`` or ``serve --artifact-digest``) makes that exact
-  content authentic without any key. A pin does not say which folder it is for, so it refuses nothing
-  by itself: only with authentication required is a folder that matches no pin (and no signature under
-  the key) refused. An older, validly signed version of a folder is refused only when no key is
-  configured, since a verifying HMAC is accepted whatever the pins.
+  content authentic without any key. Pinning any digest turns the requirement on: every folder loaded
+  must then match a pin or verify under the key (an operator who pins expects an edited folder to be
+  refused). An older, validly signed version of a folder is refused only when no key is configured,
+  since a verifying HMAC is accepted whatever the pins.
 
 ``canonical`` covers **every regular file under the folder** (relative path and SHA-256, sorted),
 the manifest included, except :data:`AUTH_FILE` itself. With ``SAMEGUARD_REQUIRE_AUTHENTICATED_ARTIFACTS=1``
@@ -69,7 +69,8 @@ class ArtifactTrust:
     Attributes:
         key: the operator's HMAC key (at least 16 bytes), or ``None``. Not shown in ``repr``.
         pinned: hex SHA-256 digests (:func:`folder_digest`) accepted as authentic.
-        required: refuse folders that are neither signed with ``key`` nor pinned.
+        required: refuse folders that are neither signed with ``key`` nor pinned; always on when
+            ``pinned`` is not empty.
     """
 
     key: bytes | None = field(default=None, repr=False)
@@ -85,6 +86,7 @@ class ArtifactTrust:
             raise ValueError(f"Pinned artifact digests must be 64 hex characters (sameguard artifacts digest DIR); "
                              f"got {len(bad)} that are not.")
         object.__setattr__(self, "pinned", frozenset(d.lower() for d in self.pinned))
+        object.__setattr__(self, "required", bool(self.required or self.pinned))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, required: bool | None = None) -> ArtifactTrust:
