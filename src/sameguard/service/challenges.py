@@ -35,8 +35,9 @@ from .store import TOO_MANY_CLIENT, MemoryServiceStore, ServiceStore
 
 __all__ = ["Challenge", "ChallengeIssuer", "ChallengeError"]
 
-_CHALLENGE_RE = re.compile(
-    r"^sg-pow-1:(?P<bits>\d{1,3}):(?P<expires>\d{1,12}):(?P<id>[0-9a-f]{32}):(?P<tag>[0-9a-f]{16}):(?P<resource>[0-9a-f]{0,64})$"
+_CHALLENGE_RE = re.compile(  # ASCII digits only (\d would also match other scripts' digits)
+    r"^sg-pow-1:(?P<bits>\d{1,3}):(?P<expires>\d{1,12}):(?P<id>[0-9a-f]{32}):(?P<tag>[0-9a-f]{16}):(?P<resource>[0-9a-f]{0,64})\Z",
+    re.ASCII,
 )
 _RESOURCE_RE = re.compile(r"[0-9a-f]{0,64}")
 
@@ -225,7 +226,8 @@ class ChallengeIssuer:
         if not isinstance(challenge, str) or len(challenge) > 256 or not (m := _CHALLENGE_RE.match(challenge)):
             raise ChallengeError("malformed", "The challenge is not a proof-of-work challenge issued by this server "
                                               "(expected 'sg-pow-1:bits:expires:id:client-tag:resource').")
-        if not isinstance(signature, str) or not hmac.compare_digest(self._sign(challenge), signature.lower()):
+        if (not isinstance(signature, str) or not signature.isascii()
+                or not hmac.compare_digest(self._sign(challenge), signature.lower())):
             raise ChallengeError("forged", "The challenge's signature does not match: it was altered or not issued "
                                            "by this server.")
         if not hmac.compare_digest(m["tag"], _client_tag(client)):
