@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stdout
 
 import pytest
 import torch
 
+from _cli import run
 from sameguard.artifact_info import authentication_status, describe_folder, matching_preset
-from sameguard.cli import main
 from sameguard.detectors import SAME_PRESETS, MSPDetector
 from sameguard.models import build_classifier
 from sameguard.victim import Victim
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 @pytest.fixture

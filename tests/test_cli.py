@@ -5,22 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
 
-from sameguard.cli import COMMANDS, build_parser, main
+from _cli import run
+from sameguard.cli import COMMANDS, build_parser
 from sameguard.data import to_uint8
 from sameguard.detectors import DETECTORS
 from sameguard.imagefiles import write_pngs
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -12,24 +12,17 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _cli import run
 from sameguard.cli import build_parser, main
 from sameguard.detectors import MSPDetector
 from sameguard.models import build_classifier
 from sameguard.victim import Victim
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 def one_error(capsys, code: int, *expected: str, status: int = 2) -> str:

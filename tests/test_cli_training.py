@@ -4,24 +4,16 @@ warning before ``train-victim`` overwrites a victim that detectors were fitted f
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from contextlib import redirect_stdout
 
 import pytest
 
+from _cli import run
 from sameguard.cli import main
 from sameguard.cli_training import detectors_fitted_for, training_subset_note, warn_if_gpu_preset_on_cpu
 from sameguard.detectors import SAMEDetector
 from sameguard.victim import Victim
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")

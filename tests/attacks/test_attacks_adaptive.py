@@ -23,9 +23,7 @@ from sameguard.attacks import (
 )
 from sameguard.data import ImageDataset
 from sameguard.guard import Guard
-from sameguard.models import build_classifier
 from sameguard.prediction_api import BoundClient, BudgetExceededError
-from sameguard.victim import Victim
 
 FAST = {"epochs": 1, "batch_size": 32}
 ADAPTIVE = {
@@ -35,14 +33,6 @@ ADAPTIVE = {
     "knockoff-filtered": {"scorer": "msp", "pool_factor": 2.0, "rounds": 2, "round_epochs": 1},
     "knockoff-wide": {"keys": 3},
 }
-
-
-@pytest.fixture(scope="module")
-def random_victim() -> Victim:
-    torch.manual_seed(1234)
-    model = build_classifier("lenet5", 1, 28, 10)
-    return Victim(model, arch="lenet5", dataset="fashion-mnist", image_shape=(1, 28, 28),
-                  classes=[str(i) for i in range(10)])
 
 
 @pytest.fixture(scope="module")

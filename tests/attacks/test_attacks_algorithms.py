@@ -13,9 +13,9 @@ from sameguard.attacks.dfme import zeroth_order_gradient
 from sameguard.attacks.knockoff import _RewardState
 from sameguard.bench.substitutes import format_table, run_substitute_benchmark
 from sameguard.data import ImageDataset
+from sameguard.guard import Guard
 from sameguard.models import build_classifier
 from sameguard.models.generator import GeneratorA
-from sameguard.guard import Guard
 from sameguard.victim import Victim
 
 

@@ -16,11 +16,8 @@ from sameguard.attacks import (
     attack_data_role,
     build_attack,
 )
-from sameguard.models import build_classifier
 from sameguard.guard import Guard
 from sameguard.prediction_api import BudgetExceededError
-from sameguard.victim import Victim
-
 
 # Small settings so that each run takes well under a second.
 FAST = {
@@ -33,15 +30,6 @@ FAST = {
 #: The adaptive attackers have their own tests (test_attacks_adaptive.py).
 ADAPTIVE = {"knockoff-blend", "knockoff-mixup", "knockoff-interleave", "knockoff-filtered", "knockoff-wide"}
 CLASSIC = sorted(FAST)
-
-
-@pytest.fixture(scope="module")
-def random_victim() -> Victim:
-    """A fixed, untrained LeNet-5 (no training needed to count queries)."""
-    torch.manual_seed(1234)
-    model = build_classifier("lenet5", 1, 28, 10)
-    return Victim(model, arch="lenet5", dataset="fashion-mnist", image_shape=(1, 28, 28),
-                  classes=[str(i) for i in range(10)])
 
 
 @pytest.fixture(scope="module")

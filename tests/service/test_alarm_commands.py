@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _cli import run
 from sameguard.alarm_commands import ALARM_SOURCES_FILE
 from sameguard.alarms import ALARMS_FILE
-from sameguard.cli import main
 from sameguard.detectors import MahalanobisDetector, VarDetectDetector
 from sameguard.detectors.registry import fit_detector
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ per-client score distribution, and ``keys create --quiet``."""
 from __future__ import annotations
 
 import csv
-import io
 import json
-from contextlib import redirect_stdout
 
 import pytest
 
@@ -14,18 +12,13 @@ pytest.importorskip("sqlalchemy")
 
 from sqlalchemy import insert
 
-from sameguard.cli import main
+from _cli import run
 from sameguard.service.audit_query import AuditFilter, parse_time
 from sameguard.service.db import audit_log, init_db, make_engine
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
 
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 def _row(i: int, client: str, score: float | None, flagged: bool, ts: float) -> dict:

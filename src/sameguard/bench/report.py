@@ -224,6 +224,12 @@ def alarm_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines + extraction_report(records)
 
 
+def plain_json(value: Any) -> Any:
+    """``json.dumps`` fallback for records: numpy scalars and arrays as Python numbers and lists,
+    anything else as its text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def write_results(records: Sequence[Mapping[str, Any]], outdir: str | os.PathLike, *, title: str,
                   config: Mapping[str, Any], notes: Sequence[str] = (),
                   alarms: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
@@ -232,7 +238,7 @@ def write_results(records: Sequence[Mapping[str, Any]], outdir: str | os.PathLik
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "report": out / "report.md"}
     paths["json"].write_text(json.dumps({"config": config, "records": list(records), "alarms": list(alarms)},
-                                        indent=2, default=str) + "\n")
+                                        indent=2, default=plain_json) + "\n")
     with open(paths["csv"], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()

@@ -55,7 +55,7 @@ from .alarm_study import AlarmStudy, alarm_sets
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
 from .metrics import detection_metrics
 from .preflight import OUTLIER_SPLIT
-from .report import plot_histograms, plot_roc, write_results
+from .report import plain_json, plot_histograms, plot_roc, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -397,11 +397,6 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return records, alarms
 
 
-def _plain_json(value: Any) -> Any:
-    """numpy scalars and arrays as Python numbers and lists; anything else as its text."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
-
-
 def _seed_results_path(run: _Run) -> Path:
     """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds."""
     config = {k: v for k, v in run.config.to_dict().items() if k not in ("name", "seeds", "source")}
@@ -421,7 +416,7 @@ def _seed_results(run: _Run, reuse: bool) -> tuple[list[dict[str, Any]], list[di
         except (ValueError, KeyError) as exc:
             logger.warning("Ignoring the saved results in %s: %s", path, exc)
     records, alarms = _run_seed(run)
-    path.write_text(json.dumps({"records": records, "alarms": alarms}, default=_plain_json))
+    path.write_text(json.dumps({"records": records, "alarms": alarms}, default=plain_json))
     return records, alarms
 
 
