@@ -118,7 +118,10 @@ class FilteredKnockoff(PoolAttack):
         detector = build_detector("same", self.copy_params, preset=self.copy_preset, seed=self.seed + 1,
                                   device=self.device, progress=self.progress)
         logger.info("%s: fitting its SAME copy on %d in-distribution images", self.name, len(data))
-        return detector.fit(view, train_data=data)
+        detector.fit(view, train_data=data)
+        if detector.needs_calibration:  # sameguard's default score: terms standardised on benign images
+            detector.calibrate(data.images)
+        return detector
 
     def _score(self, x: torch.Tensor, model: nn.Module | None, same: Any) -> torch.Tensor:
         if self.scorer == "same":

@@ -227,6 +227,8 @@ def _fit_detectors(run: _Run, benign_x: torch.Tensor) -> dict[str, tuple[Detecto
         detector, fit_seconds = _fit_detector(spec, run.victim, run.fit_data, seed=run.seed, cache=run.cache,
                                               device=run.device, progress=run.progress, data_dir=run.data_dir,
                                               fitted=fitted)
+        if getattr(detector, "needs_calibration", False):  # standardised terms: benign held-out statistics
+            detector.calibrate(run.held_out.images)
         benign_scores, _ = _timed_scores(detector, benign_x)
         detectors[spec.label] = (spec, detector, fit_seconds, benign_scores)
         run.echo(f"{run.where} detector {spec.label}: fitted ({fit_seconds:.0f} s)")

@@ -6,7 +6,7 @@ state), ``white-box`` (logits, features or weights) or ``training-change`` (a mo
 """
 
 # The paper's detector
-from .same import SAME_PRESETS, SAMEDetector, SAMEScores, same_score
+from .same import AUTHORS_SCORING, DEFAULT_SCORING, SAME_PRESETS, SAMEDetector, SAMEScores, same_score
 from .same_base import ReconstructionDetector
 
 # Stateless baselines on the victim's outputs
@@ -25,7 +25,7 @@ from .vardetect import VarDetectDetector, rbf_mmd2
 # The one registry: name -> class, manifest kind -> class, build / fit / load by name
 from .registry import DETECTOR_KINDS, DETECTORS, build_detector, detector_class, fit_detector, load_detector
 
-__all__ = ["SAMEDetector", "SAMEScores", "SAME_PRESETS", "same_score", "MSPDetector", "msp_score",
+__all__ = ["SAMEDetector", "SAMEScores", "SAME_PRESETS", "AUTHORS_SCORING", "DEFAULT_SCORING", "same_score", "MSPDetector", "msp_score",
            "EnergyDetector", "energy_score", "MahalanobisDetector", "mahalanobis_score",
            "OutlierExposureDetector", "oe_loss", "ConvAESAMEDetector", "CONV_AE_SAME_PRESETS",
            "PRADADetector", "PradaState", "VarDetectDetector", "rbf_mmd2", "ReconstructionDetector",

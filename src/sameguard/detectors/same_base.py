@@ -291,6 +291,11 @@ class ReconstructionDetector(ParamsMixin, Detector):
     def is_fitted(self) -> bool:
         return self.reconstructor_ is not None and self.aux_ is not None and self.victim_ is not None
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether scoring needs :meth:`calibrate` first (``standardize`` or ``complexity`` is set)."""
+        return bool(self.standardize) or self.complexity is not None
+
     # ------------------------------------------------------------------ fitting
     def fit(self, victim: ProbabilityFn, train_data: ImageDataset) -> Self:
         """Train ``G`` on ``train_data``, then the auxiliary model on its reconstructions.
@@ -404,7 +409,7 @@ class ReconstructionDetector(ParamsMixin, Detector):
 
     def _checked_term_stats(self) -> dict[str, Any] | None:
         """``term_stats_`` when the options need it (fitted for this configuration), else ``None``."""
-        if not self.standardize and self.complexity is None:
+        if not self.needs_calibration:
             return None
         options = f"standardize={self.standardize!r}, complexity={self.complexity!r}"
         if self.term_stats_ is None:
@@ -435,7 +440,7 @@ class ReconstructionDetector(ParamsMixin, Detector):
         """
         self._check_fitted()
         self.term_stats_ = None
-        if self.standardize or self.complexity is not None:
+        if self.needs_calibration:
             x = check_images(benign_x, self.image_shape_, name="benign_x")
             self.term_stats_ = self._fit_term_stats(x, self._raw_components(x))
         return super().calibrate(benign_x, target_fpr)
