@@ -104,7 +104,8 @@ def _add_serve_parser(sub: Any) -> None:
                         "(default: the victim's dataset, test split)")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument("--log-level", default="info",
+                   help="log level of uvicorn, or of the Ray Serve replicas with --engine ray (default info)")
     p.add_argument("--alarms", default=None,
                    help="folder of per-client alarms from 'sameguard alarms calibrate': once a client's evidence "
                         "reaches 1/delta, every later query of it gets the policy's action")
@@ -130,6 +131,22 @@ def _add_serve_parser(sub: Any) -> None:
                    help="dynamic batching: most images of concurrent requests in one forward pass (default 64)")
     p.add_argument("--batch-max-wait-ms", type=float, default=None,
                    help="dynamic batching: longest a request waits for others, in ms (default 2; 0 turns it off)")
+    p.add_argument("--engine", default=None, choices=["uvicorn", "ray"],
+                   help="what serves the app: uvicorn (default) or a Ray Serve deployment (ray; "
+                        "pip install 'sameguard[ray]'), same HTTP API, state store and database")
+    p.add_argument("--ray-replicas", type=int, default=None,
+                   help="--engine ray: replicas of the deployment (default 1); more than 1 needs --state redis://...")
+    p.add_argument("--ray-max-replicas", type=int, default=None,
+                   help="--engine ray: autoscale between --ray-replicas and this many replicas on the requests "
+                        "in flight (default: no autoscaling)")
+    p.add_argument("--ray-replica-cpus", type=float, default=None,
+                   help="--engine ray: CPUs Ray reserves per replica (default 1; fractions allowed)")
+    p.add_argument("--ray-max-ongoing-requests", type=int, default=None,
+                   help="--engine ray: requests one replica handles at once, which its batcher can batch "
+                        "(default 64)")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: the Ray cluster to deploy to (auto: the one this host joined with 'ray "
+                        "start'; ray://HOST:10001); default: start a local Ray instance")
     _verbose(p)
 
 
@@ -199,6 +216,10 @@ def _artifact_settings(args: argparse.Namespace) -> dict[str, Any]:
 def serve_main(args: argparse.Namespace) -> int:
     """``sameguard serve``: load the models, open the database, listen (until interrupted)."""
     require_serve_extra()
+    if getattr(args, "engine", None) == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()  # before anything is loaded: one sentence saying what to install
     from sqlalchemy import func, select
 
     from .app import create_app
@@ -215,10 +236,17 @@ def serve_main(args: argparse.Namespace) -> int:
         alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env, **_artifact_settings(args),
         request_rate_per_second=args.request_rate_per_second, request_burst=args.request_burst,
         state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers,
-        batch_max_size=args.batch_max_size, batch_max_wait_ms=args.batch_max_wait_ms)
+        batch_max_size=args.batch_max_size, batch_max_wait_ms=args.batch_max_wait_ms,
+        engine=getattr(args, "engine", None), ray_replicas=getattr(args, "ray_replicas", None),
+        ray_max_replicas=getattr(args, "ray_max_replicas", None),
+        ray_replica_cpus=getattr(args, "ray_replica_cpus", None),
+        ray_max_ongoing_requests=getattr(args, "ray_max_ongoing_requests", None),
+        ray_address=getattr(args, "ray_address", None))
     from ..cli_checks import check_port_free
 
     check_port_free(settings.host, settings.port)  # before the models load: one sentence, not uvicorn's exit 3
+    if settings.engine == "ray":
+        return _serve_ray(settings, args.log_level)
     if settings.workers > 1:
         return _serve_workers(settings, args.log_level)
     app = create_app(settings)
@@ -244,13 +272,31 @@ def _serve_workers(settings: Any, log_level: str) -> int:
     import os
     import secrets
 
+    from .db import redact_url
+    from .server import run_workers
+    from .store import redact_store_url
+
+    _check_store_and_database(settings)
+    env = settings.to_env()
+    if settings.pow_secret is None:
+        env["SAMEGUARD_POW_SECRET"] = secrets.token_hex(32)
+    os.environ.update(env)
+    _out(f"sameguard serving {settings.victim} with policy {settings.policy} in {settings.workers} worker processes "
+         f"(state {redact_store_url(settings.state_url)}, database {redact_url(settings.db_url)}) on "
+         f"http://{settings.host}:{settings.port}")
+    run_workers(settings.host, settings.port, settings.workers, log_level=log_level)
+    return 0
+
+
+def _check_store_and_database(settings: Any) -> None:
+    """Before starting workers or replicas: reach the state store (fails now when Redis is unreachable),
+    create or upgrade the database schema once, and warn when it holds no active API key."""
     from sqlalchemy import func, select
 
     from .db import api_keys, init_db, make_engine, redact_url
-    from .server import run_workers
-    from .store import open_store, redact_store_url
+    from .store import open_store
 
-    open_store(settings.state_url, prefix=settings.state_prefix).close()  # fails now when Redis is unreachable
+    open_store(settings.state_url, prefix=settings.state_prefix).close()
     engine = make_engine(settings.db_url)
     try:
         init_db(engine)
@@ -262,14 +308,27 @@ def _serve_workers(settings: Any, log_level: str) -> int:
     if n_keys == 0:
         logger.warning("No active API key in the database: create one with 'sameguard keys create --name NAME "
                        "--db %s'", redact_url(settings.db_url))
-    env = settings.to_env()
-    if settings.pow_secret is None:
-        env["SAMEGUARD_POW_SECRET"] = secrets.token_hex(32)
-    os.environ.update(env)
-    _out(f"sameguard serving {settings.victim} with policy {settings.policy} in {settings.workers} worker processes "
-         f"(state {redact_store_url(settings.state_url)}, database {redact_url(settings.db_url)}) on "
-         f"http://{settings.host}:{settings.port}")
-    run_workers(settings.host, settings.port, settings.workers, log_level=log_level)
+
+
+def _serve_ray(settings: Any, log_level: str) -> int:
+    """``serve --engine ray``: check the state store and the database here, then deploy the service on
+    Ray Serve (:mod:`.ray_engine`) and serve until interrupted."""
+    from .db import redact_url
+    from .ray_engine import serve_with_ray
+    from .store import redact_store_url
+
+    _check_store_and_database(settings)
+    if settings.ray_max_replicas is not None and settings.ray_max_replicas > settings.ray_replicas:
+        replicas = f"{settings.ray_replicas}-{settings.ray_max_replicas} Ray Serve replicas (autoscaling)"
+    else:
+        replicas = f"{settings.ray_replicas} Ray Serve replica{'s' if settings.ray_replicas > 1 else ''}"
+
+    def ready() -> None:
+        _out(f"sameguard serving {settings.victim} with policy {settings.policy} in {replicas} (state "
+             f"{redact_store_url(settings.state_url)}, database {redact_url(settings.db_url)}) on "
+             f"http://{settings.host}:{settings.port}  (OpenAPI: /docs, /openapi.json; metrics: /metrics)")
+
+    serve_with_ray(settings, log_level=log_level, ready=ready)
     return 0
 
 

@@ -66,6 +66,17 @@ class ServiceSettings(BaseModel):
             (shared by every worker and host using it).
         state_prefix: prefix of every Redis key the service writes (default ``sameguard:``).
         workers: worker processes ``sameguard serve`` starts (more than 1 needs a shared ``state_url``).
+        engine: what serves the app: ``uvicorn`` (default; ``workers`` processes on one host) or
+            ``ray`` (a Ray Serve deployment of ``ray_replicas`` replicas, see :mod:`.ray_engine`).
+        ray_replicas: replicas of the Ray Serve deployment (more than 1 needs a shared ``state_url``);
+            with ``ray_max_replicas`` the autoscaler's lower bound.
+        ray_max_replicas: with a value above ``ray_replicas``, Ray Serve autoscales the replicas
+            between the two on the requests in flight (``None``: a fixed number).
+        ray_replica_cpus: CPUs Ray reserves for each replica (fractions allowed).
+        ray_max_ongoing_requests: requests a replica handles at once (Ray's own default, 5, would
+            leave the dynamic batcher little to batch; default 64).
+        ray_address: the Ray cluster to deploy to (``auto``: the one this host belongs to,
+            ``ray://HOST:10001``: a remote one); ``None`` starts a local Ray instance.
         batch_max_size, batch_max_wait_ms: dynamic batching of concurrent requests
             (:mod:`.batching`): at most this many images share one forward pass of the victim and
             of the detector, and a request waits at most this long for others (``0``: off).
@@ -112,6 +123,12 @@ class ServiceSettings(BaseModel):
     state_url: str = Field("memory://", pattern=r"^(memory://|redis://|rediss://|unix://)", repr=False)
     state_prefix: str = Field("sameguard:", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
     workers: int = Field(1, ge=1, le=64)
+    engine: Literal["uvicorn", "ray"] = "uvicorn"
+    ray_replicas: int = Field(1, ge=1, le=1024)
+    ray_max_replicas: int | None = Field(None, ge=1, le=1024)
+    ray_replica_cpus: float = Field(1.0, gt=0, le=512)
+    ray_max_ongoing_requests: int = Field(64, ge=1, le=100_000)
+    ray_address: str | None = Field(None, min_length=1)
     batch_max_size: int = Field(64, ge=1, le=4096)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     pow_benign_bits: int = Field(12, ge=0, le=64)
@@ -179,6 +196,21 @@ class ServiceSettings(BaseModel):
                 "own rate limits, proof-of-work challenges and key revocations, so N workers would let N times the "
                 "burst through, refuse solutions of challenges another worker issued and accept replays. Start "
                 "Redis and pass --state redis://HOST:6379/0 (SAMEGUARD_STATE_URL), or run one worker")
+        if self.engine == "ray":
+            if self.workers > 1:
+                raise ValueError(f"workers ({self.workers}) are uvicorn processes: with the ray engine set the "
+                                 "number of Ray Serve replicas instead (--ray-replicas N)")
+            if self.ray_max_replicas is not None and self.ray_max_replicas < self.ray_replicas:
+                raise ValueError(f"ray_max_replicas ({self.ray_max_replicas}) must be at least ray_replicas "
+                                 f"({self.ray_replicas}), the autoscaler's lower bound")
+            most = max(self.ray_replicas, self.ray_max_replicas or 1)
+            if most > 1 and self.state_url.startswith("memory"):
+                raise ValueError(
+                    f"{most} Ray Serve replicas need a shared state store: with state_url memory:// each replica "
+                    "keeps its own rate limits, proof-of-work challenges and key revocations, so N replicas would "
+                    "let N times the burst through, refuse solutions of challenges another replica issued and "
+                    "accept replays. Start Redis and pass --state redis://HOST:6379/0 (SAMEGUARD_STATE_URL), or "
+                    "run one replica")
         if self.pow_benign_bits > self.pow_max_bits:
             raise ValueError(f"pow_benign_bits ({self.pow_benign_bits}) must not exceed pow_max_bits "
                              f"({self.pow_max_bits}).")
