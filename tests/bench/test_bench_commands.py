@@ -20,3 +20,31 @@ def test_bench_commands_parse():
 def test_cli_has_bench_service():
     args = build_parser().parse_args(["bench-service", "--budget", "50"])
     assert (args.command, args.budget) == ("bench-service", 50)
+
+
+def test_bench_service_workers_option():
+    import pytest
+
+    from sameguard.bench.commands import worker_counts
+
+    parser = build_parser()
+    args = parser.parse_args(["bench-service", "--workers", "1,2", "--workers-state", "redis://127.0.0.1:6379/3"])
+    assert (args.workers, args.workers_state, args.workers_db, args.workers_threads) == (
+        [1, 2], "redis://127.0.0.1:6379/3", None, None)
+    assert parser.parse_args(["bench-service"]).workers == []  # no worker rows unless asked
+    assert worker_counts("") == [] and worker_counts(" 2 ") == [2]
+    for bad, message in (("0", "positive"), ("1,x", "comma-separated"), ("65", "between 1 and 64"), ("2,2", "once")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            worker_counts(bad)
+
+
+def test_bench_service_workers_errors(tmp_path):
+    import pytest
+
+    from sameguard.bench.commands import bench_service_main
+
+    parser = build_parser()
+    with pytest.raises(ValueError, match="--workers-threads"):
+        bench_service_main(parser.parse_args(["bench-service", "--workers", "2", "--workers-threads", "0"]))
+    with pytest.raises(ValueError, match="redis://"):
+        bench_service_main(parser.parse_args(["bench-service", "--workers", "2", "--workers-state", "memory://"]))

@@ -48,3 +48,57 @@ def test_measure_service_bare_and_batched_rows(tmp_path):
                            requests=6, requests_large=1, concurrency=3, workdir=tmp_path, echo=lambda _: None)
     assert [(r.setting, r.batch, r.requests, r.errors) for r in rows] == [("bare", 1, 6, 0), ("monitor-batched", 1, 6, 0)]
     assert "logits" not in vars(victim) and "score" not in vars(detector)  # batching undone for the next setting
+
+
+def _saved_models(folder):
+    """A tiny untrained victim and a barely fitted, calibrated SAME detector saved in ``folder``, as ``serve`` loads them."""
+    from sameguard.data.base import ImageDataset
+    from sameguard.detectors import SAMEDetector
+
+    torch.manual_seed(0)
+    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="fashion-mnist",
+                    image_shape=(1, 28, 28), classes=[str(i) for i in range(10)])
+    x = torch.rand(64, 1, 28, 28) * 2 - 1
+    data = ImageDataset("fashion-mnist", "train", x, torch.arange(64) % 10, tuple(str(i) for i in range(10)), False)
+    detector = SAMEDetector.from_preset("tiny", mae_epochs=1, aux_epochs=1, seed=0, progress=False).fit(victim, data)
+    detector.calibrate(x[:32], 0.05)
+    return victim.save(folder / "victim"), detector.save(folder / "same")
+
+
+def test_measure_workers_starts_serve_with_redis_and_counts_the_audit(tmp_path, redis_server, caplog):
+    import logging
+    import re
+
+    import redis
+
+    from sameguard.bench.service_bench import ServiceBenchResult, measure_workers
+
+    victim_dir, detector_dir = _saved_models(tmp_path)
+    lines: list[str] = []
+    caplog.set_level(logging.INFO, logger="sameguard.bench.service_bench")
+    rows = measure_workers(victim_dir, detector_dir, torch.rand(8, 1, 28, 28) * 2 - 1, workers=(2,),
+                           state_url=redis_server.url, requests=8, concurrency=4, workdir=tmp_path, echo=lines.append)
+    [row] = rows
+    assert (row.setting, row.workers, row.batch, row.requests, row.errors) == ("monitor-batched", 2, 1, 8, 0)
+    assert row.p99_ms >= row.p50_ms > 0 and row.answered == row.audit_rows >= 8  # every answered image audited
+    assert "serve --workers 2" in lines[0]
+    assert "monitor-batched, serve --workers 2 (Redis)" in ServiceBenchResult(latency=rows).markdown()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        [prefix] = re.findall(r"Redis keys under (sgbench:\w+:)", caplog.text)
+        assert not list(client.scan_iter(match=prefix + "*", count=1000))  # the row's keys are gone
+    finally:
+        client.close()
+
+
+def test_measure_workers_rejects_bad_arguments(tmp_path):
+    from sameguard.bench.service_bench import measure_workers, worker_threads
+
+    images = torch.zeros(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="redis://"):
+        measure_workers("v", "d", images, state_url="memory://")
+    with pytest.raises(ValueError, match="workers must be positive"):
+        measure_workers("v", "d", images, workers=(0,))
+    with pytest.raises(ValueError, match="positive"):
+        measure_workers("v", "d", images, requests=0)
+    assert (worker_threads(1, cpus=2), worker_threads(2, cpus=2), worker_threads(4, cpus=2)) == (2, 1, 1)

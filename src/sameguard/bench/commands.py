@@ -17,7 +17,22 @@ from typing import Any
 
 from ..cli_checks import comma_ints
 
-__all__ = ["add_bench_commands", "bench_service_main", "BENCH_COMMANDS"]
+__all__ = ["add_bench_commands", "bench_service_main", "BENCH_COMMANDS", "worker_counts"]
+
+#: Most worker processes a ``--workers`` row may start.
+MAX_BENCH_WORKERS = 64
+
+
+def worker_counts(text: str) -> list[int]:
+    """``"1,2"`` -> ``[1, 2]`` for ``--workers`` (``""``: no worker rows); each between 1 and 64, no repeats."""
+    if not text.strip():
+        return []
+    values = comma_ints(text)
+    if any(v > MAX_BENCH_WORKERS for v in values):
+        raise argparse.ArgumentTypeError(f"expected worker counts between 1 and {MAX_BENCH_WORKERS}, got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"each worker count once, got {text!r}")
+    return values
 
 
 def add_bench_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -58,6 +73,18 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the victim, detector, attacks and image draws (default: 0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+    p.add_argument("--workers", default=[], type=worker_counts, metavar="N,N",
+                   help="also time the real server, 'sameguard serve --workers N --state REDIS' in a child process, "
+                        "with guarded single-image requests (--requests, --concurrency clients), one row per N, e.g. "
+                        "1,2 (default: none)")
+    p.add_argument("--workers-state", default="redis://127.0.0.1:6379/0", metavar="URL",
+                   help="Redis of the --workers rows; each row uses a key prefix of its own, deleted afterwards "
+                        "(default redis://127.0.0.1:6379/0)")
+    p.add_argument("--workers-db", default=None, metavar="URL",
+                   help="keys and audit database of the --workers rows (default: a fresh SQLite file per row in "
+                        "--workdir; e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+    p.add_argument("--workers-threads", type=int, default=None,
+                   help="torch threads per worker in the --workers rows (default: the CPU cores divided by N)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 
 
@@ -72,12 +99,19 @@ def bench_service_main(args: argparse.Namespace) -> int:
     require_serve_extra()
     from .service_bench import run_service_bench
 
+    if args.workers_threads is not None and args.workers_threads < 1:
+        raise ValueError(f"--workers-threads must be a positive integer, got {args.workers_threads}.")
+    if args.workers and not args.workers_state.startswith(("redis://", "rediss://")):
+        raise ValueError(f"--workers-state must be a redis:// URL (the workers share their state there), got "
+                         f"{args.workers_state!r}.")
+
     result = run_service_bench(
         victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,
         requests_large=args.requests_large, batch_sizes=tuple(args.batch_sizes), concurrency=args.concurrency,
         settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
-        target_fpr=args.target_fpr, seed=args.seed, progress=args.progress)
+        target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
+        workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads)
     print(result.markdown(), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -17,6 +17,12 @@ on benign test images. Reported: the substitute's accuracy and fidelity on held-
 the fraction of the attack's queries flagged, and the accuracy benign users still get on other
 test images (a refused answer counts as wrong).
 
+Part 1b (**workers**, optional): the real server, ``sameguard serve --workers N --state
+redis://...`` in a child process (N uvicorn worker processes sharing one socket, rate limits and
+challenges in Redis under a key prefix of this run, deleted afterwards), is timed the same way with
+guarded (``monitor``, dynamic batching as ``serve`` does) single-image requests, for each N; the
+audit rows are counted afterwards (every answered image must have its row).
+
 Benchmarks are not tests: the numbers are measured here and now, on this machine.
 """
 
@@ -27,10 +33,15 @@ import logging
 import math
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,8 +53,8 @@ from .. import __version__
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "measure_attacks", "run_service_bench",
-           "SERVICE_SETTINGS"]
+__all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "measure_workers", "measure_attacks",
+           "run_service_bench", "SERVICE_SETTINGS", "DEFAULT_WORKERS_STATE"]
 
 #: Service settings the latency part knows. ``bare``: the smallest FastAPI endpoint serving the same
 #: victim (no key, no limits, no audit, no guard), the reference; ``monitor-batched``: ``monitor`` with
@@ -51,6 +62,8 @@ __all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "
 SERVICE_SETTINGS = ("bare", "off", "monitor", "monitor-batched", "reject", "misinformation")
 #: Dynamic batching of ``monitor-batched``: at most this many images, this long a wait.
 BENCH_BATCH_MAX, BENCH_BATCH_WAIT_S = 64, 0.002
+#: Redis of the worker rows (each row uses its own key prefix, deleted afterwards).
+DEFAULT_WORKERS_STATE = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,12 @@ class LatencyRow:
     p50_ms: float
     p99_ms: float
     errors: int
+    #: ``None``: the app in a uvicorn thread of this process; ``N``: ``sameguard serve --workers N`` (Redis state).
+    workers: int | None = None
+    #: worker rows: audit rows found for the run's client afterwards (answered images, warm-up included).
+    audit_rows: int | None = None
+    #: worker rows: images answered with 200 (warm-up included), what ``audit_rows`` must equal.
+    answered: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +125,8 @@ class ServiceBenchResult:
                       "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
-                lines.append(f"| {r.setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
+                setting = r.setting if r.workers is None else f"{r.setting}, serve --workers {r.workers} (Redis)"
+                lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
                              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} |")
             lines.append("")
         if self.attacks:
@@ -286,6 +306,151 @@ def _time_requests(url: str, headers: dict[str, str], bodies: Sequence[str], n_r
     return latencies, errors[0], time.perf_counter() - start
 
 
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop ``serve`` (SIGINT: uvicorn's supervisor stops its workers), then its process group if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("serve (pid %d) did not stop within %.0f s: killing its process group", proc.pid, timeout)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    """Wait until ``url/healthz`` answers 200; raise with the server log's tail when it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-1500:].strip()
+            raise RuntimeError(f"sameguard serve exited with code {proc.returncode} during startup: {tail}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"sameguard serve did not answer {url}/healthz within {timeout:.0f} s (log: {log_path}).")
+        time.sleep(0.2)
+
+
+def _delete_prefix(state_url: str, prefix: str) -> int:
+    """Delete every Redis key under ``prefix``; returns how many."""
+    import redis
+
+    client = redis.Redis.from_url(state_url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+        return len(keys)
+    finally:
+        client.close()
+
+
+def worker_threads(workers: int, cpus: int | None = None) -> int:
+    """Default torch threads of each of ``workers`` worker processes: the cores shared out, at least 1."""
+    return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
+
+
+def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, images: torch.Tensor, *,
+                    workers: Sequence[int] = (1, 2), state_url: str = DEFAULT_WORKERS_STATE, db_url: str | None = None,
+                    requests: int = 200, concurrency: int = 16, torch_threads: int | None = None,
+                    policy: str = "monitor", workdir: Path | None = None, startup_timeout: float = 300.0,
+                    echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
+    """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N``; one row each.
+
+    Each row starts the real server on a free port of 127.0.0.1 with the saved models, ``policy``
+    (``monitor``: every query scored), dynamic batching at ``serve``'s defaults, rate limits out of
+    the way, and a Redis key prefix of its own (``sgbench:<random>:``, its keys deleted afterwards,
+    so runs never share counters), sends ``requests`` single-image requests from ``concurrency``
+    client threads after a warm-up, stops the server and counts the audit rows of its client.
+
+    Args:
+        victim_dir, detector_dir: saved (calibrated) artifacts, as ``serve`` loads them.
+        images: ``(M, C, H, W)`` benign images to send (cycled).
+        workers: worker counts, one row each.
+        state_url: the Redis URL (``redis://HOST:PORT/DB``).
+        db_url: keys and audit database (default: a fresh SQLite file per row under ``workdir``);
+            a shared one (PostgreSQL) gets a client name of its own per row.
+        torch_threads: torch threads per worker (default :func:`worker_threads`: the cores shared out).
+        startup_timeout: seconds to wait for the workers to load the models and answer.
+    """
+    from sqlalchemy import func, select
+
+    from ..service.db import audit_log, init_db, make_engine
+    from ..service.keys import KeyStore
+
+    if requests < 1 or concurrency < 1:
+        raise ValueError("requests and concurrency must be positive integers.")
+    if not workers or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in workers):
+        raise ValueError(f"workers must be positive integers, got {list(workers)!r}.")
+    if not str(state_url).startswith(("redis://", "rediss://")):
+        raise ValueError(f"The worker rows share their state in Redis: state_url must be redis://..., got {state_url!r}.")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ImportError("The worker rows need the Redis client: pip install 'sameguard[redis]'.") from None
+    _delete_prefix(state_url, "sgbench:probe:")  # fails now, before anything starts, when Redis is unreachable
+    base = Path(tempfile.mkdtemp(prefix="service-bench-workers-", dir=workdir))
+    bodies = _payloads(images, 1)
+    rows: list[LatencyRow] = []
+    for n in workers:
+        run_id = uuid.uuid4().hex[:10]
+        prefix, client_name = f"sgbench:{run_id}:", f"bench-w{n}-{run_id}"
+        url = db_url or f"sqlite:///{base / f'audit-workers-{n}.db'}"
+        engine = make_engine(url)
+        init_db(engine)
+        _, token = KeyStore(engine, cache_s=0).create(client_name)
+        port = _free_port()
+        threads = torch_threads or worker_threads(n)
+        cmd = [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(victim_dir), "--detector",
+               str(detector_dir), "--policy", policy, "--db", url, "--host", "127.0.0.1", "--port", str(port),
+               "--workers", str(n), "--state", state_url, "--state-prefix", prefix, "--torch-threads", str(threads),
+               "--rate", "1e9", "--burst", str(10 ** 9), "--request-rate", "1e9", "--request-burst", str(10 ** 9),
+               "--log-level", "warning"]
+        env = dict(os.environ, SAMEGUARD_KEY_CACHE_S="60")
+        log_path = base / f"serve-workers-{n}.log"
+        headers = {"X-API-Key": token, "content-type": "application/json"}
+        server_url = f"http://127.0.0.1:{port}"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        warm_ok = 0
+        try:
+            _wait_healthy(server_url, proc, log_path, startup_timeout)
+            # Warm-up: enough concurrent requests that every worker has answered a few.
+            warm_lat, warm_errors, _ = _time_requests(server_url, headers, bodies, 4 * n * max(2, concurrency // 4),
+                                                      min(concurrency, 4 * n))
+            warm_ok = len(warm_lat) - warm_errors
+            latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency)
+        finally:
+            _stop(proc)
+            deleted = _delete_prefix(state_url, prefix)
+            logger.info("Deleted %d Redis keys under %s", deleted, prefix)
+        with engine.connect() as conn:
+            audit_rows = int(conn.execute(select(func.count()).select_from(audit_log)
+                                          .where(audit_log.c.client == client_name)).scalar_one())
+        engine.dispose()
+        row = LatencyRow(setting=f"{policy}-batched", batch=1, requests=requests, concurrency=concurrency, seconds=wall,
+                         requests_per_s=requests / wall, images_per_s=requests / wall,
+                         p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
+                         errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors)
+        rows.append(row)
+        echo(f"serve --workers {n} (Redis, {threads} torch thread(s) each) batch 1: {row.requests_per_s:7.1f} req/s, "
+             f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
+             f"{audit_rows}/{row.answered}")
+    return rows
+
+
 def _benign_accuracy(guard: Any, images: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> tuple[float, float]:
     """(accuracy benign users get, fraction flagged); a refused answer counts as wrong."""
     correct = flagged = 0
@@ -382,6 +547,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                       settings: Sequence[str] = ("off", "monitor"), attacks: Sequence[str] = ("knockoff", "jbda"),
                       budget: int = 1000, attack_epochs: int = 10, benign: int = 1000, target_fpr: float = 0.01,
                       knockoff_proxies: Sequence[str] = ("digits", "fashion-mnist"), seed: int = 0, progress: bool | None = None,
+                      workers: Sequence[int] = (), workers_state: str = DEFAULT_WORKERS_STATE,
+                      workers_db: str | None = None, workers_threads: int | None = None,
                       echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
     """Both parts on a Fashion-MNIST victim; returns the rows and a Markdown report.
 
@@ -391,6 +558,11 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     ``knockoff_proxies`` (dataset names, train split; scikit-learn's digits: natural
     images of another distribution; ``fashion-mnist`` is the in-distribution attacker); JBDA starts
     from 150 Fashion-MNIST training images.
+
+    ``workers``: worker counts of the rows that start the real server (:func:`measure_workers`:
+    ``sameguard serve --workers N --state workers_state``, guarded single images, ``concurrency``
+    clients, ``requests`` requests); empty (default): none. Without ``victim_dir`` / ``detector_dir``
+    the trained models are saved under ``workdir/workers-artifacts`` for the server to load.
     """
     from ..data import load_dataset
 
@@ -409,6 +581,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         "victim": getattr(victim, "arch", None), "victim_dataset": victim.dataset, "detector": type(detector).__name__,
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
+        "workers": list(workers),
     })
     with torch.no_grad():
         eval_set = test.subset(eval_idx)
@@ -417,6 +590,25 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         result.latency = measure_service(victim, detector, test.images[benign_idx[:256]], settings=settings,
                                          batch_sizes=batch_sizes, requests=requests, requests_large=requests_large,
                                          concurrency=concurrency, workdir=workdir, echo=echo)
+    if workers:
+        from ..service.store import redact_store_url
+
+        v_dir, d_dir = victim_dir, detector_dir
+        if v_dir is None or d_dir is None:  # the server loads folders: save what was trained or loaded
+            v_dir, d_dir = victim.save(workdir / "workers-artifacts" / "victim"), detector.save(
+                workdir / "workers-artifacts" / "same")
+        rows = measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=workers, state_url=workers_state,
+                               db_url=workers_db, requests=requests, concurrency=concurrency,
+                               torch_threads=workers_threads, workdir=workdir, echo=echo)
+        result.latency += rows
+        result.config.update(workers_state=redact_store_url(workers_state),
+                             workers_threads={r.workers: workers_threads or worker_threads(r.workers) for r in rows})
+        result.notes.append("'serve --workers N' rows: the real server in a child process (N uvicorn workers, rate "
+                            "limits and challenges in Redis under a key prefix of the row, deleted afterwards; torch "
+                            "threads per worker: "
+                            + ", ".join(f"{n} workers: {t}" for n, t in result.config["workers_threads"].items())
+                            + "); audit rows found / images answered: "
+                            + ", ".join(f"{r.workers} workers: {r.audit_rows}/{r.answered}" for r in rows) + ".")
     if attacks:
         train = load_dataset(victim.dataset, "train")
         seeds_set = train.take(150, seed=seed + 1)
