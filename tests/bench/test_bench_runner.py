@@ -90,14 +90,38 @@ def test_a_later_run_reuses_each_seeds_saved_results(tiny_run, monkeypatch):
     saved = sorted((out / "cache").glob("results-*-seed*.json"))
     assert len(saved) == len(config.datasets) * len(config.seeds)
 
-    def fail(run):
-        raise AssertionError("a finished seed was scored again")
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished seed was trained or scored again")
 
     want = [r for path in saved for r in json.loads(path.read_text())["records"]]  # one seed in tiny.toml
     monkeypatch.setattr(runner, "_run_seed", fail)
+    monkeypatch.setattr(runner, "_start_run", fail)  # not even the victim is trained again
     again = run_benchmark(config, out, progress=False, echo=lambda _: None)
     assert again == want and len(again) == len(records)
     assert json.loads((out / "results.json").read_text())["records"] == want
+
+
+def test_saved_seed_results_carry_to_another_output_folder(tiny_run, tmp_path, monkeypatch):
+    """The per-seed files alone, copied into another run's cache, give the same report (how finished
+    seeds of a long profile move to another machine); a corrupt file is ignored and recomputed."""
+    import shutil
+
+    import sameguard.bench.runner as runner
+
+    config, out, records = tiny_run
+    other = tmp_path / "elsewhere"
+    (other / "cache").mkdir(parents=True)
+    saved = sorted((out / "cache").glob("results-*-seed*.json"))
+    for path in saved:
+        shutil.copy(path, other / "cache" / path.name)
+    want = [r for path in saved for r in json.loads(path.read_text())["records"]]
+    monkeypatch.setattr(runner, "_start_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = run_benchmark(config, other, progress=False, echo=lambda _: None)
+    assert again == want and len(again) == len(records)
+    for path in (other / "cache").glob("results-*-seed*.json"):
+        path.write_text("{not json")
+    with pytest.raises(AssertionError, match="retrained"):  # the corrupt file is not trusted
+        run_benchmark(config, other, progress=False, echo=lambda _: None)
 
 
 def test_steps_are_logged_with_elapsed_time(tiny_run, caplog):

@@ -41,8 +41,6 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from ..actions import Policy
-from ..alarms import ClientAlarms
 from ..api import ArtifactError, SaveableDetector
 from ..attacks import NormalUser, attack_data_role, build_attack
 from ..cache import cache_key, cached_victim, preset_architecture
@@ -51,6 +49,7 @@ from ..detectors import PRADADetector, build_detector, fit_detector
 from ..guard import Guard
 from ..steps import StepLog
 from ..victim import Victim
+from .alarm_cost import alarm_guard, alternate_median_ms
 from .alarm_study import AlarmStudy, alarm_sets
 from .config import ATTACKER_HALF, AttackSpec, BenchConfig, DetectorSpec
 from .metrics import detection_metrics
@@ -300,13 +299,9 @@ def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -
     single queries before the alarm only when ``per_query_fpr`` sets SAME's threshold."""
     spec = run.config.alarms
     assert spec is not None
-    scorers = _alarm_scorers(run, detectors)
-    alarms = ClientAlarms.calibrate(run.victim, scorers, run.alarm_calibration.images, delta=spec.delta,
-                                    stream=spec.stream, seed=run.seed)
-    threshold = None if spec.per_query_fpr is not None else float("inf")
-    guard = Guard(run.victim, scorers[next(iter(scorers))], Policy(policy, threshold=threshold), alarms=alarms,
-                  output=output, keep_decisions=0, history=False)
-    return guard.calibrate(run.alarm_calibration.images, spec.per_query_fpr)  # and proof-of-work's benign bits
+    return alarm_guard(run.victim, _alarm_scorers(run, detectors), run.alarm_calibration.images, delta=spec.delta,
+                       stream=spec.stream, seed=run.seed, policy=policy, output=output,
+                       per_query_fpr=spec.per_query_fpr)
 
 
 def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -341,15 +336,7 @@ def _alarm_cost(run: _Run, detectors: dict[str, Any], n: int = 200) -> dict[str,
     plain = Guard(run.victim, next(iter(_alarm_scorers(run, detectors).values())), "monitor", keep_decisions=0,
                   history=False)
     guarded = _guard_for(run, detectors, "monitor", "probabilities")
-    times: dict[str, list[float]] = {"guard": [], "guard_with_alarms": []}
-    for guard in (plain, guarded):
-        guard.protect(x[:1], "warm-up")
-    for i in range(n):  # alternate the two guards query by query, so machine noise hits both alike
-        for name, guard in (("guard", plain), ("guard_with_alarms", guarded)):
-            start = time.perf_counter()
-            guard.protect(x[i:i + 1], "timing")
-            times[name].append(1000 * (time.perf_counter() - start))
-    times = {k: float(np.median(v)) for k, v in times.items()}  # type: ignore[misc]
+    times = alternate_median_ms({"guard": plain, "guard_with_alarms": guarded}, x)  # query by query
     run.echo(f"{run.where} cost per single-image query: {times['guard']:.2f} ms, with alarms "
              f"{times['guard_with_alarms']:.2f} ms")
     return {"dataset": run.dataset, "seed": run.seed, "kind": "cost", "delta": run.config.alarms.delta,
@@ -399,24 +386,38 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return records, alarms
 
 
-def _seed_results_path(run: _Run) -> Path:
+def _seed_results_path(config: BenchConfig, dataset: str, seed: int, cache: Path) -> Path:
     """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds."""
-    config = {k: v for k, v in run.config.to_dict().items() if k not in ("name", "seeds", "source")}
-    key = cache_key(kind="seed-results", config=config, dataset=run.dataset, seed=run.seed)
-    return run.cache / f"results-{run.dataset}-seed{run.seed}-{key}.json"
+    kept = {k: v for k, v in config.to_dict().items() if k not in ("name", "seeds", "source")}
+    key = cache_key(kind="seed-results", config=kept, dataset=dataset, seed=seed)
+    return cache / f"results-{dataset}-seed{seed}-{key}.json"
 
 
-def _seed_results(run: _Run, reuse: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _saved_seed_results(path: Path, echo: Callable[[str], None],
+                        where: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """The records an earlier run of the same config saved in ``path``, or ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        records, alarms = saved["records"], saved["alarms"]
+    except (ValueError, KeyError, TypeError) as exc:
+        logger.warning("Ignoring the saved results in %s: %s", path, exc)
+        return None
+    echo(f"{where} results reused from {path}")
+    return records, alarms
+
+
+def _seed_results(config: BenchConfig, dataset: str, seed: int, full_train: ImageDataset, test: ImageDataset,
+                  reuse: bool, **common: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One (dataset, seed)'s detection and alarm records: computed, or read back from an earlier run of
-    the same config (``reuse``), so that an interrupted run resumes at the first unfinished seed."""
-    path = _seed_results_path(run)
-    if reuse and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            run.echo(f"{run.where} results reused from {path}")
-            return saved["records"], saved["alarms"]
-        except (ValueError, KeyError) as exc:
-            logger.warning("Ignoring the saved results in %s: %s", path, exc)
+    the same config (``reuse``; then nothing is trained, not even the victim), so that an interrupted
+    run resumes at the first unfinished seed."""
+    path = _seed_results_path(config, dataset, seed, common["cache"])
+    saved = _saved_seed_results(path, common["echo"], f"[{dataset} seed {seed}]") if reuse else None
+    if saved is not None:
+        return saved
+    run = _start_run(config, dataset, seed, full_train, test, **common)
     records, alarms = _run_seed(run)
     path.write_text(json.dumps({"records": records, "alarms": alarms}, default=plain_json))
     return records, alarms
@@ -447,8 +448,7 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
         test = load_dataset(dataset, "test", data_dir=data_dir)
         echo(f"[{dataset}] data: {len(full_train)} training and {len(test)} test images")
         for seed in config.seeds:
-            run = _start_run(config, dataset, seed, full_train, test, **common)
-            seed_records, seed_alarms = _seed_results(run, reuse_results)
+            seed_records, seed_alarms = _seed_results(config, dataset, seed, full_train, test, reuse_results, **common)
             records += seed_records
             alarms += seed_alarms
     notes = [
