@@ -339,7 +339,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"sameguard serve did not answer {url}/healthz within {timeout:.0f} s (log: {log_path}).")
+            raise TimeoutError(f"sameguard serve did not answer {url}/healthz within {timeout:.0f} s (log: {log_path}; "
+                               "uvicorn restarts a worker that misses its 5 s health check while loading).")
         time.sleep(0.2)
 
 
@@ -365,7 +366,7 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
 def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, images: torch.Tensor, *,
                     workers: Sequence[int] = (1, 2), state_url: str = DEFAULT_WORKERS_STATE, db_url: str | None = None,
                     requests: int = 200, concurrency: int = 16, torch_threads: int | None = None,
-                    policy: str = "monitor", workdir: Path | None = None, startup_timeout: float = 300.0,
+                    policy: str = "monitor", workdir: Path | None = None, startup_timeout: float = 180.0,
                     echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
     """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N``; one row each.
 
