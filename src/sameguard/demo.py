@@ -97,7 +97,9 @@ def run_demo(*, workdir: Path, preset: str = "cpu", victim_epochs: int = 5, quer
     detector = cached_detector(workdir, victim, fit_data, calibration, preset=preset, seed=seed, device=device,
                                progress=progress, fresh=fresh, steps=steps)
     fit_time = f"{detector.fit_seconds_:.0f} s" if detector.fit_seconds_ is not None else "?"
-    echo(f"SAME ({preset} preset, alpha {detector.alpha}): fitted in {fit_time}, threshold {detector.threshold_:.5g} "
+    score = "standardised terms, " if detector.standardize else ""
+    echo(f"SAME ({preset} preset, {score}alpha {detector.alpha}): fitted in {fit_time}, threshold "
+         f"{detector.threshold_:.5g} "
          f"at {detector.calibration_fpr_:.0%} FPR on {len(calibration)} held-out training images")
 
     sets = _query_sets(test, queries, victim.image_shape, seed)

@@ -1,0 +1,80 @@
+"""sameguard's default SAME (issue 10): the rule's pick is the ``cpu`` preset, and it is what the
+demo, ``fit`` and the benchmark load; the authors' score stays one dictionary away."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sameguard.api import NotCalibratedError
+from sameguard.bench.config import load_config
+from sameguard.bench.same_study import CANDIDATES, SCORINGS
+from sameguard.cache import cached_detector
+from sameguard.detectors import AUTHORS_SCORING, DEFAULT_SCORING, SAME_PRESETS, SAMEDetector
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = ROOT / "src" / "sameguard" / "bench" / "profiles"
+DEFAULT_LABEL = "SAME (sameguard default)"
+
+
+def test_the_cpu_preset_is_the_choice_written_in_the_study_report():
+    """The preset equals the (fit, scoring) pair that docs/same-at-scale.md says the rule chose."""
+    report = (ROOT / "docs" / "same-at-scale.md").read_text()
+    match = re.search(r"\*\*Chosen by the rule:\*\* (.+?), scoring (.+?)\.\n", report)
+    assert match, "the study report names no choice"
+    fit, scoring = match.groups()
+    candidate = next(c for c in CANDIDATES if c.name == fit)
+    cpu = SAME_PRESETS["cpu"]
+    for key, value in {**candidate.params, **SCORINGS[scoring]}.items():
+        assert cpu.get(key) == value, key
+    assert {k: cpu[k] for k in DEFAULT_SCORING} == DEFAULT_SCORING
+
+
+def test_authors_scoring_restores_the_published_score():
+    authors = SAMEDetector.from_preset("cpu", **AUTHORS_SCORING)
+    constructor = SAMEDetector()  # the constructor's defaults are the authors' values
+    for key, value in AUTHORS_SCORING.items():
+        assert getattr(authors, key) == value == getattr(constructor, key), key
+    assert not authors.needs_calibration
+    default = SAMEDetector.from_preset("cpu")
+    assert (default.alpha, default.standardize, default.max_train_samples) == (0.5, True, None)
+    assert default.needs_calibration
+
+
+@pytest.mark.parametrize("profile", ["quick", "standard"])
+def test_benchmark_profiles_report_the_default_beside_the_authors_row(profile):
+    config = load_config(PROFILES / f"{profile}.toml")
+    rows = {d.label: d for d in config.detectors}
+    default, authors = rows[DEFAULT_LABEL], rows["SAME"]
+    assert (default.name, default.preset, default.params) == ("same", "cpu", {})
+    assert (authors.name, authors.preset) == ("same", "cpu")
+    assert {k: authors.params[k] for k in ("alpha", "standardize")} == {"alpha": 0.99, "standardize": False}
+    assert config.alarms is not None and config.alarms.combination[0] == DEFAULT_LABEL  # the guard's detector
+
+
+def test_the_demo_and_fit_default_fit_calibrate_and_score_the_default(tmp_path, tiny_victim, fmnist_small):
+    """``cached_detector`` (the demo's path, preset ``cpu`` by default) standardises on the held-out
+    images it is given, saves that, and loads it back scoring alike; unfitted terms are refused."""
+    from sameguard.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).preset == "cpu"
+    assert build_parser().parse_args(["fit", "--victim", "v", "--out", "o"]).preset in (None, "cpu")
+    train, test = fmnist_small
+    fit_part, held = train.take(600, seed=0).split_off(0.5, seed=0)
+    small = dict(mae="tiny", mae_epochs=1, mae_warmup_epochs=0.5, aux_epochs=1)
+    detector = cached_detector(tmp_path, tiny_victim, fit_part, held, preset="cpu", seed=0, device="cpu",
+                               progress=False, **small)
+    assert detector.standardize and detector.alpha == 0.5
+    stats = detector.term_stats_
+    assert stats is not None and stats["n"] == len(held)
+    scores = detector.score(test.images[:50])
+    assert torch.isfinite(scores).all()
+    again = cached_detector(tmp_path, tiny_victim, fit_part, held, preset="cpu", seed=0, device="cpu",
+                            progress=False, **small)  # from the cache: the statistics were saved
+    torch.testing.assert_close(again.score(test.images[:50]), scores, rtol=1e-4, atol=1e-5)
+    fresh = SAMEDetector.from_preset("cpu", seed=0, progress=False, **small).fit(tiny_victim, fit_part)
+    with pytest.raises(NotCalibratedError):
+        fresh.score(test.images[:5])
