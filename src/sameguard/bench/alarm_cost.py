@@ -1,0 +1,215 @@
+"""What the per-client alarms add to a single-image query through the guard, measured on its own::
+
+    python -m sameguard.bench.alarm_cost [--queries 300] [--client-history 1000] [--no-stream] [--profile]
+
+Builds the ``standard`` profile's architectures with untrained (or barely trained) weights, since
+timing does not depend on them: the victim ``conv3`` for 28x28x1 images, SAME with the ``cpu``
+preset's masked auto-encoder and its auxiliary ``conv3`` (fitted for one epoch on random images),
+and the alarms' other scorers (SAME's s2 term, MSP, Energy), calibrated on a few hundred random
+images. Then it times :meth:`~sameguard.guard.Guard.protect` on single images with SAME alone and
+with the per-client alarms (the guard the benchmark builds, :func:`alarm_guard`), alternating the
+two query by query so that machine noise hits both alike, and prints the medians in milliseconds
+and their ratio as a Markdown table; ``--profile`` adds a cProfile top list of the guard with the
+alarms.
+
+The timed client first sends ``--client-history`` earlier queries (in batches), because the stream
+test compares each query with the client's earlier ones in its current block (up to ``window`` =
+2000): its cost grows with that history. The benchmark's own figure (``bench`` records of kind
+``cost``) is measured by :func:`alternate_median_ms` too, on trained networks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import logging
+import pstats
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..actions import Policy
+from ..alarms import ClientAlarms
+from ..data import ImageDataset
+from ..detectors import build_detector, fit_detector
+from ..guard import Guard
+from ..models import build_classifier
+from ..victim import Victim
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["alarm_guard", "alternate_median_ms", "build_networks", "main", "measure"]
+
+#: The ``standard`` profile's geometry and architectures (Fashion-MNIST, ``conv3``, SAME ``cpu``).
+IMAGE_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+ARCH = "conv3"
+
+
+def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Tensor, *, delta: float,
+                stream: bool, seed: int, policy: str = "monitor", output: str = "probabilities",
+                per_query_fpr: float | None = None) -> Guard:
+    """The benchmark's protected model: per-client alarms over ``scorers`` (and the stream test),
+    calibrated on ``calibration_x``; the first scorer is also the guard's per-query detector.
+
+    Args:
+        victim: ``images -> probabilities (N, K)``.
+        scorers: label -> fitted per-query detector, in order (the first one is the guard's).
+        calibration_x: ``(M, C, H, W)`` benign images in ``[-1, 1]`` unseen by victim and scorers.
+        delta: the false-alarm bound in (0, 1).
+        stream: add the stream test of each client's own queries.
+        seed: the alarms' smoothing seed.
+        policy: the action on every query of an alarmed client (``"monitor"``: none).
+        output: ``"probabilities"`` or ``"labels"``.
+        per_query_fpr: ``None``: no per-query action before the alarm (threshold ``+inf``); else the
+            first scorer's threshold is set for this benign false-positive rate.
+    """
+    alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed)
+    threshold = None if per_query_fpr is not None else float("inf")
+    guard = Guard(victim, scorers[next(iter(scorers))], Policy(policy, threshold=threshold), alarms=alarms,
+                  output=output, keep_decisions=0, history=False)
+    return guard.calibrate(calibration_x, per_query_fpr)  # and proof-of-work's benign bits
+
+
+def alternate_median_ms(guards: Mapping[str, Guard], x: torch.Tensor, *, client: str = "timing") -> dict[str, float]:
+    """Median milliseconds per single-image :meth:`Guard.protect` of each guard on ``x``.
+
+    Each guard first answers one warm-up query (client ``"warm-up"``); then the guards take turns
+    query by query (``client``), so that machine noise hits all of them alike.
+
+    Args:
+        guards: name -> guard, in the order they take turns.
+        x: ``(n, C, H, W)`` images in ``[-1, 1]``, one query each.
+
+    Returns:
+        name -> median milliseconds.
+    """
+    times: dict[str, list[float]] = {name: [] for name in guards}
+    for guard in guards.values():
+        guard.protect(x[:1], "warm-up")
+    for i in range(len(x)):
+        for name, guard in guards.items():
+            start = time.perf_counter()
+            guard.protect(x[i:i + 1], client)
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def _random_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n, 1, 28, 28)`` float32 uniform images in ``[-1, 1]``."""
+    return torch.rand(n, *IMAGE_SHAPE, generator=generator) * 2 - 1
+
+
+def build_networks(seed: int = 0, fit_images: int = 256) -> tuple[Victim, dict[str, Any]]:
+    """The standard profile's victim and the alarms' combination of scorers, on random weights.
+
+    SAME (``cpu`` preset's MAE, auxiliary ``conv3``) is fitted for one epoch on ``fit_images``
+    random images, which fixes its architectures, and calibrated on them; SAME's s2 term shares its networks (as in the
+    benchmark), MSP and Energy read the victim's outputs.
+
+    Returns:
+        ``(victim, scorers)``: scorers in the benchmark's combination order (SAME, SAME s2, MSP, Energy).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    victim = Victim(build_classifier(ARCH, IMAGE_SHAPE[0], IMAGE_SHAPE[1], NUM_CLASSES), arch=ARCH,
+                    dataset="random", image_shape=IMAGE_SHAPE, classes=tuple(str(k) for k in range(NUM_CLASSES)))
+    data = ImageDataset("random", "train", _random_images(fit_images, generator),
+                        torch.randint(0, NUM_CLASSES, (fit_images,), generator=generator),
+                        tuple(str(k) for k in range(NUM_CLASSES)), False)
+    same = build_detector("same", {"mae_epochs": 1, "mae_warmup_epochs": 0, "aux_epochs": 1}, preset="cpu",
+                          seed=seed, device="cpu", progress=False)
+    fit_detector(same, victim, data)
+    same.calibrate(data.images, 0.01)  # the threshold, and the term statistics of presets that standardise
+    s2 = copy.copy(same)  # shares the networks, as the benchmark's SAME variants do
+    s2.alpha = 0.0
+    scorers = {"SAME": same, "SAME s2 only (alpha=0)": s2}
+    for name, label in (("msp", "MSP"), ("energy", "Energy")):
+        scorers[label] = fit_detector(build_detector(name), victim)
+    return victim, scorers
+
+
+def measure(*, queries: int = 300, stream: bool = True, client_history: int = 1000, calibration: int = 500,
+            delta: float = 1e-3, seed: int = 0, profile: bool = False) -> dict[str, Any]:
+    """Time single-image queries through the guard with SAME alone and with the alarms.
+
+    Args:
+        queries: timed queries per guard (alternated).
+        stream: include the stream test in the alarms.
+        client_history: queries the timed client sends first (in batches of 100), to both guards.
+        calibration: random images the alarms are calibrated on.
+        delta, seed: the alarms' settings.
+        profile: also profile ``queries`` more single-image queries of the guard with the alarms.
+
+    Returns:
+        ``{"ms_guard", "ms_guard_with_alarms", "ratio", "profile"}`` (``profile``: cProfile's top
+        list as text, or ``None``).
+    """
+    victim, scorers = build_networks(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    calibration_x = _random_images(calibration, generator)
+    plain = Guard(victim, scorers["SAME"], "monitor", keep_decisions=0, history=False)
+    guarded = alarm_guard(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed)
+    history = _random_images(client_history, generator)
+    for guard in (plain, guarded):
+        for start in range(0, client_history, 100):
+            guard.protect(history[start:start + 100], "timing")
+    x = _random_images(queries, generator)
+    ms = alternate_median_ms({"guard": plain, "guard_with_alarms": guarded}, x)
+    text = None
+    if profile:
+        more = _random_images(queries, generator)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for i in range(queries):
+            guarded.protect(more[i:i + 1], "timing")
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+        text = out.getvalue()
+    return {"ms_guard": ms["guard"], "ms_guard_with_alarms": ms["guard_with_alarms"],
+            "ratio": ms["guard_with_alarms"] / ms["guard"], "profile": text}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sameguard.bench.alarm_cost",
+                                description="Median ms per single-image query through the guard, SAME alone and "
+                                            "with the per-client alarms (untrained networks of the standard profile).")
+    p.add_argument("--queries", type=int, default=300, help="timed queries per guard, alternated (default 300)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the stream test (default: yes)")
+    p.add_argument("--client-history", type=int, default=1000,
+                   help="earlier queries of the timed client (default 1000: the mean bag of the stream test's "
+                        "2000-query blocks)")
+    p.add_argument("--calibration", type=int, default=500, help="random calibration images (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--profile", action="store_true", help="add a cProfile top list of the guard with the alarms")
+    args = p.parse_args(argv)
+    if args.queries < 1 or args.client_history < 0 or args.calibration < 2:
+        p.error("--queries must be >= 1, --client-history >= 0 and --calibration >= 2")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("sameguard.evidence.conformal").setLevel(logging.ERROR)  # random labels: small classes
+    r = measure(queries=args.queries, stream=args.stream, client_history=args.client_history,
+                calibration=args.calibration, seed=args.seed, profile=args.profile)
+    print(f"single-image queries, {args.queries} each, alternated; client history {args.client_history}; "
+          f"stream test {'on' if args.stream else 'off'}; torch threads {torch.get_num_threads()}\n")
+    print("| guard | median ms |\n|---|---:|")
+    print(f"| SAME alone | {r['ms_guard']:.2f} |")
+    print(f"| SAME + alarms (SAME, s2, MSP, Energy{', stream' if args.stream else ''}) | "
+          f"{r['ms_guard_with_alarms']:.2f} |")
+    print(f"| ratio | {r['ratio']:.3f} (+{100 * (r['ratio'] - 1):.1f} %) |", flush=True)
+    if r["profile"] is not None:
+        print("\n" + r["profile"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The standalone measurement of the per-client alarms' cost (``python -m sameguard.bench.alarm_cost``)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sameguard.bench import alarm_cost
+from sameguard.guard import Guard
+
+
+@pytest.fixture(scope="module")
+def networks():
+    logging.getLogger("sameguard.evidence.conformal").setLevel(logging.ERROR)
+    return alarm_cost.build_networks(seed=0, fit_images=64)
+
+
+def test_build_networks_has_the_standard_architectures_and_the_combination(networks):
+    victim, scorers = networks
+    assert (victim.arch, victim.image_shape, victim.num_classes) == ("conv3", (1, 28, 28), 10)
+    assert list(scorers) == ["SAME", "SAME s2 only (alpha=0)", "MSP", "Energy"]
+    same, s2 = scorers["SAME"], scorers["SAME s2 only (alpha=0)"]
+    assert s2.alpha == 0.0 and s2.mae_ is same.mae_ and s2.aux_ is same.aux_  # shared networks
+    assert same.mae_.config.emb_dim == 32 and same.mae_.config.patch_size == 4  # the cpu preset's "small" MAE
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    assert all(torch.isfinite(torch.as_tensor(s.score(x))).all() for s in scorers.values())
+
+
+def test_alarm_guard_is_the_benchmark_composition(networks):
+    victim, scorers = networks
+    cal = torch.rand(120, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    guard = alarm_cost.alarm_guard(victim, scorers, cal, delta=1e-3, stream=True, seed=0)
+    assert isinstance(guard, Guard) and guard.detector is scorers["SAME"]
+    assert guard.threshold == float("inf")  # no per-query action before the alarm
+    assert guard.alarms.describe()["stream"] and sorted(guard.alarms.scorers) == sorted(scorers)
+    verdict = guard.protect(cal[:2], "c")
+    assert verdict.decisions[0].evidence is not None and not verdict.refused.any()
+
+
+def test_alternate_median_ms_times_every_guard_on_every_query(networks):
+    victim, scorers = networks
+    calls: list[tuple[str, int]] = []
+
+    class Counting(Guard):
+        def protect(self, x, client="anonymous", **kw):
+            calls.append((client, len(x)))
+            return super().protect(x, client, **kw)
+
+    guards = {"a": Counting(victim, scorers["MSP"], "monitor"), "b": Counting(victim, scorers["Energy"], "monitor")}
+    ms = alarm_cost.alternate_median_ms(guards, torch.zeros(4, 1, 28, 28))
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+    assert calls[:2] == [("warm-up", 1)] * 2 and calls[2:] == [("timing", 1)] * 8
+    assert guards["a"].queries_used("timing") == 4
+
+
+def test_measure_and_cli(capsys, monkeypatch, networks):
+    monkeypatch.setattr(alarm_cost, "build_networks", lambda seed=0: networks)
+    r = alarm_cost.measure(queries=3, client_history=5, calibration=60, profile=True)
+    assert r["ms_guard"] > 0 and r["ratio"] == pytest.approx(r["ms_guard_with_alarms"] / r["ms_guard"])
+    assert "function calls" in r["profile"] and "tottime" in r["profile"]
+    assert alarm_cost.main(["--queries", "2", "--client-history", "3", "--calibration", "60", "--no-stream"]) == 0
+    out = capsys.readouterr().out
+    assert "| SAME alone |" in out and "| ratio |" in out and "stream test off" in out
