@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +178,10 @@ def deploy(settings: ServiceSettings, *, log_level: str = "info") -> Any:
     """
     from ray import serve
 
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    logging_config = {"log_level": log_level.upper(), "enable_access_log": False}
+    serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=logging_config)
     try:
-        return serve.run(build_application(settings), name=APP_NAME, route_prefix="/",
-                         logging_config={"log_level": log_level.upper(), "enable_access_log": False})
+        return serve.run(build_application(settings), name=APP_NAME, route_prefix="/", logging_config=logging_config)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(exc).__name__
@@ -189,8 +190,8 @@ def deploy(settings: ServiceSettings, *, log_level: str = "info") -> Any:
 
 def serve_with_ray(settings: ServiceSettings, *, log_level: str = "info", ready: Any = None) -> None:
     """``sameguard serve --engine ray``: join (``ray_address``) or start a local Ray instance, deploy,
-    and serve until interrupted; then delete the application (and stop Serve and Ray when they were
-    started here).
+    and serve until interrupted (Ctrl-C or ``SIGTERM``); then delete the application (and stop Serve
+    and Ray when they were started here).
 
     Args:
         settings: the service settings (``engine="ray"``).
@@ -204,16 +205,23 @@ def serve_with_ray(settings: ServiceSettings, *, log_level: str = "info", ready:
     if started:
         ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=True)
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, docker stop) stops cleanly
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         deploy(settings, log_level=log_level)
         if ready is not None:
             ready()
         try:
-            while True:
-                time.sleep(3600)
+            while not stop.wait(1.0):
+                pass
         except KeyboardInterrupt:
-            logger.info("Interrupted: deleting the Ray Serve application %s", APP_NAME)
+            pass
+        logger.info("Stopping: deleting the Ray Serve application %s", APP_NAME)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         try:
             serve.delete(APP_NAME)
         except Exception as exc:  # noqa: BLE001 - nothing more to do on the way out
