@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi")
-import httpx  # noqa: E402
-from _servers import require_module, unavailable  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
+import httpx
+from sqlalchemy import select
 
-from sameguard.service.settings import ServiceSettings  # noqa: E402
+from _servers import require_module, unavailable
+from sameguard.service.settings import ServiceSettings
 
 
 def _free_port() -> int:
@@ -205,6 +205,19 @@ def test_serve_engine_ray_without_ray_says_what_to_install(monkeypatch, capsys):
     assert main(["serve", "--engine", "ray", "--victim", "nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'sameguard[ray]'" in err, err
+
+
+def test_require_ray_refuses_a_ray_too_old(monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    from sameguard.service.commands import MissingDependencyError
+    from sameguard.service.ray_engine import require_ray
+
+    require_ray()  # the installed one is recent enough
+    monkeypatch.setattr(ray, "__version__", "2.40.0")
+    with pytest.raises(MissingDependencyError, match=r"Ray 2\.60 or newer .* found 2\.40\.0: pip install -U"):
+        require_ray()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -31,6 +31,7 @@ This module imports Ray; :func:`require_ray` says what to install when it is mis
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import signal
 import threading
@@ -55,6 +56,8 @@ __all__ = [
 
 #: The name of the Ray Serve application (``serve status``, ``serve.delete``).
 APP_NAME = "sameguard"
+#: The oldest Ray this engine runs on (replicas build their app in ``__serve_build_asgi_app__``).
+MIN_RAY = (2, 60)
 #: The extra that installs Ray Serve.
 RAY_INSTALL_HINT = "pip install 'sameguard[ray]'"
 
@@ -73,10 +76,15 @@ def require_ray() -> None:
     if importlib.util.find_spec("ray") is None:
         raise MissingDependencyError(f"--engine ray needs Ray Serve, which is not installed: {RAY_INSTALL_HINT}.")
     try:
-        import ray.serve  # noqa: F401
+        import ray.serve  # binds ray too
     except ImportError as exc:
         raise MissingDependencyError(f"--engine ray needs Ray Serve, which could not be imported ({exc}): "
-                             f"{RAY_INSTALL_HINT}.") from None
+                                     f"{RAY_INSTALL_HINT}.") from None
+    found = tuple(int(part) for part in re.findall(r"\d+", ray.__version__)[:2])
+    if found < MIN_RAY:
+        raise MissingDependencyError(f"--engine ray needs Ray {MIN_RAY[0]}.{MIN_RAY[1]} or newer (late-bound "
+                                     f"@serve.ingress apps), found {ray.__version__}: pip install -U "
+                                     "'sameguard[ray]'.")
 
 
 def _absolute(path: str | Path | None) -> str | None:
