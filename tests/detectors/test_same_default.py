@@ -44,14 +44,18 @@ def test_authors_scoring_restores_the_published_score():
     assert default.needs_calibration
 
 
-@pytest.mark.parametrize("profile", ["quick", "standard"])
+@pytest.mark.parametrize("profile", ["quick", "standard", "paper"])
 def test_benchmark_profiles_report_the_default_beside_the_authors_row(profile):
     config = load_config(PROFILES / f"{profile}.toml")
     rows = {d.label: d for d in config.detectors}
     default, authors = rows[DEFAULT_LABEL], rows["SAME"]
-    assert (default.name, default.preset, default.params) == ("same", "cpu", {})
-    assert (authors.name, authors.preset) == ("same", "cpu")
-    assert {k: authors.params[k] for k in ("alpha", "standardize")} == {"alpha": 0.99, "standardize": False}
+    built = SAMEDetector.from_preset(default.preset, **default.params)
+    assert default.name == "same" and (built.alpha, built.standardize) == (0.5, True)
+    if profile != "paper":  # the CPU profiles: exactly the cpu preset
+        assert (default.preset, default.params) == ("cpu", {})
+    assert authors.name == "same" and authors.preset == default.preset
+    assert SAMEDetector.from_preset(authors.preset, **authors.params).standardize is False
+    assert SAMEDetector.from_preset(authors.preset, **authors.params).alpha == 0.99
     assert config.alarms is not None and config.alarms.combination[0] == DEFAULT_LABEL  # the guard's detector
 
 
