@@ -155,3 +155,21 @@ def test_serve_refuses_several_workers_with_the_in_memory_store(capsys):
     assert main(["serve", "--victim", "nowhere", "--workers", "2"]) == 2
     err = capsys.readouterr().err
     assert "2 workers need a shared state store" in err and "--state redis://" in err
+
+
+def test_workers_get_time_to_load_their_models_before_uvicorns_health_check(monkeypatch):
+    """uvicorn's supervisor kills a worker that misses its health check (5 s by default); a worker
+    still importing torch and loading models on a busy machine must not be killed and restarted."""
+    import uvicorn
+
+    from sameguard.service import server
+
+    seen = {}
+
+    def fake_run(app, *, timeout_worker_healthcheck: int = 5, **kwargs):  # uvicorn >= 0.54's keyword
+        seen.update(kwargs, timeout_worker_healthcheck=timeout_worker_healthcheck)
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    server.run_workers("127.0.0.1", 8123, 2)
+    assert seen["workers"] == 2 and seen["factory"] is True
+    assert seen["timeout_worker_healthcheck"] == server.WORKER_HEALTHCHECK_SECONDS >= 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import threading
@@ -9,6 +10,9 @@ import time
 from typing import Any
 
 import uvicorn
+
+#: Seconds a worker of ``run_workers`` may take to answer uvicorn's health check (it is loading models).
+WORKER_HEALTHCHECK_SECONDS = 60
 
 logger = logging.getLogger(__name__)
 
@@ -101,5 +105,11 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info") -> 
     (``SAMEGUARD_STATE_URL=redis://...``): :class:`~sameguard.service.settings.ServiceSettings`
     refuses more than one worker with the in-memory store.
     """
+    options: dict[str, Any] = {}
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters:  # uvicorn >= 0.54
+        # A worker answers uvicorn's health check only once its app is built (torch imported, models
+        # loaded): on a busy machine that takes longer than uvicorn's 5 s default, and the supervisor
+        # would kill and restart loading workers for ever.
+        options["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_SECONDS
     uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
-                log_level=log_level)
+                log_level=log_level, **options)
