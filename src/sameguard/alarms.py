@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .api import ArtifactError, StatefulDetector
@@ -158,9 +159,11 @@ class ClientAlarms:
         ev = self.monitor.update(client, scores, probs.argmax(dim=1), x if self.monitor.stream is not None else None)
         n = len(x)
         first = ev.queries - n + 1  # 1-based index of the batch's first query in the client's stream
-        index = torch.arange(first, first + n)
-        alarmed = (index >= ev.alarm_query) if ev.alarm_query is not None else torch.zeros(n, dtype=torch.bool)
-        return AlarmUpdate(evidence=ev.log_evidence_path / _LOG10, alarmed=alarmed, client=ev)
+        alarmed = np.zeros(n, dtype=bool)
+        if ev.alarm_query is not None:
+            alarmed[max(ev.alarm_query - first, 0):] = True  # from the alarm query on (or all, latched before)
+        return AlarmUpdate(evidence=torch.from_numpy(ev.log_evidence_path.numpy() / _LOG10),
+                           alarmed=torch.from_numpy(alarmed), client=ev)
 
     # -- operators ---------------------------------------------------------------------------
     def evidence(self, client: str) -> ClientEvidence | None:

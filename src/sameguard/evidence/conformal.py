@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ..api import ArtifactError, NotFittedError
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACT_KIND", "ConformalCalibrator", "conformal_p_values"]
+__all__ = ["ARTIFACT_KIND", "ConformalCalibrator", "conformal_p_values", "conformal_p_values_array"]
 
 #: The ``kind`` of a saved calibration in its manifest.
 ARTIFACT_KIND = "conformal-calibration"
@@ -63,6 +64,29 @@ def conformal_p_values(reference: torch.Tensor, scores: torch.Tensor, theta: tor
         return (1.0 + at_least.to(torch.float64)) / (m + 1.0)
     greater = (m - below_or_equal_right).to(torch.float64)
     equal = (below_or_equal_right - below_or_equal_left).to(torch.float64)
+    return (greater + theta * (1.0 + equal)) / (m + 1.0)
+
+
+def conformal_p_values_array(reference: np.ndarray, scores: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
+    """:func:`conformal_p_values` on NumPy arrays: the same formula and the same float64 operations
+    in the same order, so the same bits (the per-request hot path, without tensor overheads).
+
+    Args:
+        reference: ``(m,)`` float64 sorted ascending, ``m >= 1``, finite.
+        scores: ``(N,)`` float64; NaN counts as ``+inf``.
+        theta: ``(N,)`` float64 in (0, 1], or ``None`` (conservative p-values).
+
+    Returns:
+        ``(N,)`` float64 p-values in (0, 1].
+    """
+    m = reference.shape[0]
+    s = np.where(np.isnan(scores), np.inf, scores)
+    left = np.searchsorted(reference, s, side="left")     # #{s_j < s}
+    right = np.searchsorted(reference, s, side="right")   # #{s_j <= s}
+    if theta is None:
+        return (1.0 + (m - left).astype(np.float64)) / (m + 1.0)
+    greater = (m - right).astype(np.float64)
+    equal = (right - left).astype(np.float64)
     return (greater + theta * (1.0 + equal)) / (m + 1.0)
 
 
@@ -216,6 +240,44 @@ class ConformalCalibrator:
             out[mask] = conformal_p_values(self.reference(label), scores[mask],
                                            None if theta is None else theta[mask])
         return out
+
+    def p_values_array(self, scores: np.ndarray, labels: np.ndarray | None, theta: np.ndarray | None) -> np.ndarray:
+        """:meth:`checked_p_values` on NumPy arrays (equal bits; the monitor's per-request path).
+
+        Args:
+            scores: ``(N,)`` float64 scores (NaN: most suspicious).
+            labels: ``(N,)`` int64 labels in ``[0, K)``, already checked, or ``None``.
+            theta: ``(N,)`` float64 smoothing uniforms in (0, 1] (ignored unless ``smoothed``).
+
+        Returns:
+            ``(N,)`` float64 p-values in (0, 1].
+        """
+        if not self.smoothed:
+            theta = None
+        refs = self._reference_arrays()
+        if not self.class_conditional_ or labels is None:
+            return conformal_p_values_array(refs[-1], scores, theta)
+        first = int(labels[0])
+        if labels.shape[0] == 1 or bool((labels == first).all()):  # one class: no grouping needed
+            return conformal_p_values_array(refs[first], scores, theta)
+        out = np.empty(scores.shape[0], dtype=np.float64)
+        for label in np.unique(labels).tolist():  # a loop over classes, not over queries
+            mask = labels == label
+            out[mask] = conformal_p_values_array(refs[label], scores[mask], None if theta is None else theta[mask])
+        return out
+
+    def _reference_arrays(self) -> list[np.ndarray]:
+        """Per class ``c`` the sorted float64 NumPy reference of :meth:`reference` (``c``), the pooled one
+        last; built once per fitted state (read-only views of the fitted tensors, no copies)."""
+        key = (id(self.pooled_), id(self.class_scores_), id(self.class_offsets_), self.min_class_size)
+        cached = getattr(self, "_arrays", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._check_fitted()
+        k = self.num_classes_ if self.class_conditional_ else 0
+        arrays = [self.reference(c).numpy() for c in range(k)] + [self.pooled_.numpy()]
+        self._arrays = (key, arrays, (self.pooled_, self.class_scores_, self.class_offsets_))  # hold the ids' owners
+        return arrays
 
     # ------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..validation import check_choice, check_fraction, check_int
 
-__all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_power_bet"]
+__all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_power_bet", "logsumexp_array"]
 
 #: Statistics offered by :class:`MixtureMartingale`.
 MODES = ("ville", "cusum", "shiryaev-roberts")
@@ -138,6 +139,39 @@ class MixtureMartingale:
             path = _shiryaev_roberts_path(state, bets)
         return path[..., -1, :].clone(), self.log_value(path)
 
+    def update_array(self, state: np.ndarray, p_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`update` on NumPy arrays without checks: the per-request path of the monitor.
+
+        Same formulas as :meth:`update`, in float64; the results agree with it to rounding (``exp`` and
+        ``log`` of NumPy and PyTorch may differ in the last bit).
+
+        Args:
+            state: ``(S, G)`` float64 log statistic per source and ``ε``.
+            p_values: ``(S, N)`` float64 p-values in [0, 1], ``N >= 1``, oldest first (not checked).
+
+        Returns:
+            ``(new_state (S, G), log_evidence (S, N))`` as in :meth:`update`.
+        """
+        log_eps, eps_minus_1 = self._bet_arrays()
+        log_p = np.log(np.clip(p_values, P_FLOOR, 1.0))[..., None]                  # (S, N, 1)
+        bets = log_eps + eps_minus_1 * log_p                                          # (S, N, G)
+        if self.mode == "ville":
+            path = state[:, None, :] + np.cumsum(bets, axis=1)
+        elif self.mode == "cusum":
+            path = _cusum_path_array(state, bets)
+        else:
+            path = _shiryaev_roberts_path_array(state, bets)
+        return path[:, -1, :].copy(), logsumexp_array(path) - math.log(self.size)
+
+    def _bet_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(log ε, ε - 1)`` as ``(G,)`` float64 arrays, computed once per grid."""
+        cached = getattr(self, "_bets", None)
+        if cached is None or cached[0] is not self.epsilons:
+            eps = self.epsilons.to(torch.float64)
+            cached = (self.epsilons, torch.log(eps).numpy(), (eps - 1.0).numpy())
+            self._bets = cached
+        return cached[1], cached[2]
+
     def _check_state(self, state: object) -> torch.Tensor:
         if not isinstance(state, torch.Tensor) or state.dim() < 1 or state.shape[-1] != self.size:
             shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
@@ -180,3 +214,29 @@ def _shiryaev_roberts_path(state: torch.Tensor, bets: torch.Tensor) -> torch.Ten
     first = torch.logaddexp(state, torch.zeros_like(state)).unsqueeze(-2)       # log(1 + R_0)
     terms = torch.cat([first, -s[..., :-1, :]], dim=-2)
     return s + terms.logcumsumexp(dim=-2)
+
+
+def logsumexp_array(x: np.ndarray) -> np.ndarray:
+    """``log Σ exp`` over the last axis of a float64 array, as :func:`torch.logsumexp` (all ``-inf``
+    gives ``-inf``, any ``+inf`` gives ``+inf``); shape ``x.shape[:-1]``."""
+    top = np.max(x, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(x - top), axis=-1)) + top[..., 0]
+
+
+def _cusum_path_array(state: np.ndarray, bets: np.ndarray) -> np.ndarray:
+    """:func:`_cusum_path` on arrays: state ``(S, G)``, bets ``(S, N, G)``, result ``(S, N, G)``."""
+    w0 = np.maximum(state, 0.0)[:, None, :]
+    s = np.cumsum(bets, axis=1)
+    running_min = np.minimum.accumulate(np.concatenate([-w0, s], axis=1), axis=1)
+    w = np.concatenate([np.zeros_like(w0), s], axis=1) - running_min
+    return bets + w[:, :-1, :]
+
+
+def _shiryaev_roberts_path_array(state: np.ndarray, bets: np.ndarray) -> np.ndarray:
+    """:func:`_shiryaev_roberts_path` on arrays: state ``(S, G)``, bets ``(S, N, G)``, result ``(S, N, G)``."""
+    s = np.cumsum(bets, axis=1)
+    first = np.logaddexp(state, 0.0)[:, None, :]
+    terms = np.concatenate([first, -s[:, :-1, :]], axis=1)
+    return s + np.logaddexp.accumulate(terms, axis=1)

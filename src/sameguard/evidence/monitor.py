@@ -26,7 +26,7 @@ import torch
 
 from ..validation import check_fraction, check_int, check_name
 from .conformal import ConformalCalibrator
-from .martingale import MixtureMartingale
+from .martingale import MixtureMartingale, logsumexp_array
 from .state import ClientState
 from .store import InMemoryStore, StateStore
 from .stream import StreamExchangeabilityTest
@@ -110,6 +110,10 @@ class EvidenceMonitor:
         self.store: StateStore = store if store is not None else InMemoryStore()
         self.stream = stream
         self.seed = check_int(seed, "seed", minimum=0)
+        self._source_names = list(self.calibrators) + ([STREAM_NAME] if stream is not None else [])
+        self._num_classes = min((c.num_classes_ for c in self.calibrators.values()), default=None)
+        #: Use the tensor path (:meth:`_advance_reference`) instead of the NumPy one; for tests.
+        self._reference = False
 
     # ------------------------------------------------------------------------------ public API
     def update(self, client: str, scores: Mapping[str, torch.Tensor], labels: torch.Tensor,
@@ -128,11 +132,19 @@ class EvidenceMonitor:
         """
         client = check_name(client, "client")
         n = self._check_batch(scores, labels, x)
-        labels = labels.detach().to("cpu", torch.int64)
+        label_array = labels.detach().to("cpu", torch.int64).numpy()
+        self._check_labels(label_array)
         result: list[ClientEvidence] = []
+        if self._reference:  # the tensor path the fast one is tested against
+            step = lambda old: self._advance_reference(client, old, scores, torch.from_numpy(label_array), x)
+        else:
+            rows = np.empty((len(self.calibrators), n), dtype=np.float64)  # scores, detectors in name order
+            for j, name in enumerate(self.calibrators):
+                rows[j] = scores[name].detach().to("cpu", torch.float64).numpy()
+            step = lambda old: self._advance(client, old, rows, label_array, x)
 
         def advance(old: ClientState | None) -> ClientState:
-            new, evidence = self._advance(client, old if old is not None else self._new_state(), scores, labels, x)
+            new, evidence = step(old if old is not None else self._new_state())
             result[:] = [evidence]  # with a retrying store the last run is the committed one
             return new
 
@@ -198,16 +210,62 @@ class EvidenceMonitor:
         so the evidence of a stream does not depend on how it was split into batches, and a batch
         costs a few vectorised integer operations.
         """
+        return torch.from_numpy(self._theta_array(client, first, n))
+
+    def _theta_array(self, client: str, first: int, n: int) -> np.ndarray:
+        """:meth:`_thetas` as a ``(S, n)`` float64 NumPy array."""
         sources = len(self.calibrators) + (self.stream is not None)
         digest = hashlib.sha256(f"{self.seed}\x00{client}".encode()).digest()
+        if n == 1:  # one query: the same arithmetic on Python integers (fewer calls than NumPy's)
+            counter = int.from_bytes(digest[:8], "little") + first * sources
+            return np.array([[1.0 - (_splitmix64_int((counter + j) & _MASK64) >> 11) * 2.0 ** -53]
+                             for j in range(sources)], dtype=np.float64)
         base = np.uint64(int.from_bytes(digest[:8], "little"))
         q = np.arange(first, first + n, dtype=np.uint64)[None, :] * np.uint64(sources)
-        counter = base + q + np.arange(sources, dtype=np.uint64)[:, None]
+        with np.errstate(over="ignore"):
+            counter = base + q + np.arange(sources, dtype=np.uint64)[:, None]
         u = (_splitmix64(counter) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53   # in [0, 1)
-        return torch.from_numpy(1.0 - u)
+        return 1.0 - u
 
-    def _advance(self, client: str, state: ClientState, scores: Mapping[str, torch.Tensor],
-                 labels: torch.Tensor, x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
+    def _advance(self, client: str, state: ClientState, scores: np.ndarray, labels: np.ndarray,
+                 x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
+        """The per-request path: :meth:`_advance_reference` on NumPy arrays, all sources at once.
+
+        Args:
+            scores: ``(D, N)`` float64 scores, one row per detector in name order.
+            labels: ``(N,)`` int64 predicted labels, checked.
+            x: ``(N, C, H, W)`` the images, for the stream test.
+        """
+        n = labels.shape[0]
+        thetas = self._theta_array(client, state.queries, n)
+        names = self._source_names
+        p = np.empty((len(names), n), dtype=np.float64)
+        states = np.empty((len(names), self.martingale.size), dtype=np.float64)
+        for j, (name, calibrator) in enumerate(self.calibrators.items()):
+            p[j] = calibrator.p_values_array(scores[j], labels, thetas[j])
+            states[j] = state.martingales[name].numpy()
+        stream_state = state.stream
+        if self.stream is not None:
+            stream_state, stream_p = self.stream.update(state.stream, x, theta=torch.from_numpy(thetas[-1]))
+            p[-1] = stream_p.numpy()
+            states[-1] = state.stream_martingale.numpy()
+        new_states, log_paths = self.martingale.update_array(states, p)
+        path = logsumexp_array(log_paths.T) - math.log(len(names))
+        alarm_query, alarm_time = state.alarm_query, state.alarm_time
+        if alarm_query is None:
+            crossed = np.flatnonzero(path >= self.threshold_log)
+            if crossed.size:
+                alarm_query, alarm_time = state.queries + int(crossed[0]) + 1, time.time()
+        own = [torch.from_numpy(row.copy()) for row in new_states]  # one storage each (safetensors)
+        new = ClientState(queries=state.queries + n, martingales=dict(zip(self.calibrators, own)),
+                          stream_martingale=own[-1] if self.stream is not None else state.stream_martingale,
+                          stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time)
+        per = dict(zip(names, log_paths[:, -1].tolist()))
+        return new, self._evidence(client, new, per, torch.from_numpy(path))
+
+    def _advance_reference(self, client: str, state: ClientState, scores: Mapping[str, torch.Tensor],
+                           labels: torch.Tensor, x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
+        """The tensor path, kept as the reference :meth:`_advance` is tested against (``_reference``)."""
         thetas = self._thetas(client, state.queries, labels.numel())
         # One p-value row per source (detectors in name order, then the stream test), and one
         # vectorised martingale update of all their states together.
@@ -244,8 +302,12 @@ class EvidenceMonitor:
 
     def _evidence(self, client: str, state: ClientState, per: dict[str, float],
                   path: torch.Tensor) -> ClientEvidence:
-        log_evidence = float(torch.logsumexp(torch.tensor(list(per.values()), dtype=torch.float64), 0)
-                             - math.log(len(per)))
+        values = list(per.values())
+        top = max(values)
+        if math.isfinite(top):
+            log_evidence = top + math.log(math.fsum(math.exp(v - top) for v in values)) - math.log(len(values))
+        else:  # every martingale at 0 (-inf, Shiryaev-Roberts' start) or one at +inf
+            log_evidence = top
         return ClientEvidence(client=client, queries=state.queries, log_evidence=log_evidence,
                               per_detector=per, alarmed=state.alarm_query is not None,
                               alarm_query=state.alarm_query, alarm_time=state.alarm_time,
@@ -263,9 +325,6 @@ class EvidenceMonitor:
         n = labels.numel()
         if torch.is_floating_point(labels) or labels.dtype == torch.bool or torch.is_complex(labels):
             raise ValueError(f"labels must hold integer class labels, got dtype {labels.dtype}.")
-        k = min((c.num_classes_ for c in self.calibrators.values()), default=None)
-        if k is not None and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(f"labels must be in [0, {k}), got values in [{int(labels.min())}, {int(labels.max())}].")
         for name, value in scores.items():
             if not isinstance(value, torch.Tensor) or value.shape != (n,):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -273,6 +332,14 @@ class EvidenceMonitor:
         if self.stream is not None and (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != n):
             raise ValueError(f"This monitor has a stream test: x must be the ({n}, C, H, W) query images.")
         return n
+
+    def _check_labels(self, labels: np.ndarray) -> None:
+        """Predicted labels ``(N,)`` int64 must lie in ``[0, K)`` for every calibrator's ``K``."""
+        k = self._num_classes
+        if k is not None:
+            low, high = (int(labels[0]),) * 2 if labels.shape[0] == 1 else (int(labels.min()), int(labels.max()))
+            if low < 0 or high >= k:
+                raise ValueError(f"labels must be in [0, {k}), got values in [{low}, {high}].")
 
 
 class _UnknownClient(Exception):
@@ -286,3 +353,14 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64_int(z: int) -> int:
+    """:func:`_splitmix64` of one integer in ``[0, 2^64)``, on Python integers (the same bits)."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)

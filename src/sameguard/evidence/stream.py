@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +41,10 @@ from .store import StateFormatError, pack, unpack
 __all__ = ["StreamExchangeabilityTest", "StreamState", "stream_p_value"]
 
 _FORMAT = "sameguard-stream-state"
+#: Unit roundoff of float32.
+_ROUNDING = 2.0 ** -24
+#: Squared norms above this skip the screening (its bound assumes no overflow in float32).
+_NORM_LIMIT = 1e30
 
 
 class _Bag:
@@ -49,14 +54,22 @@ class _Bag:
     whole bag (``O(D)`` instead of ``O(n·D)`` per query). Only the state that ends at ``length``
     (the newest) may append in place; an older state, or one with no room left, copies into a new
     bag, so no state ever sees its rows change.
+
+    Along with the rows it keeps their squared norms in float64 (``sq``, for the screened nearest
+    neighbour search of :meth:`StreamExchangeabilityTest._nearest`), filled as rows are appended.
     """
 
-    __slots__ = ("data", "length")
+    __slots__ = ("data", "length", "sq", "max_sq")
 
     def __init__(self, rows: torch.Tensor, capacity: int) -> None:
         self.data = torch.empty(max(capacity, rows.shape[0]), rows.shape[1], dtype=torch.float32)
         self.data[:rows.shape[0]] = rows
         self.length = rows.shape[0]
+        self.sq = np.empty(self.data.shape[0], dtype=np.float64)
+        as64 = self.data[:rows.shape[0]].numpy().astype(np.float64)
+        self.sq[:rows.shape[0]] = np.einsum("ij,ij->i", as64, as64)
+        #: the largest squared norm of the rows written so far (an upper bound for any prefix)
+        self.max_sq = float(self.sq[:rows.shape[0]].max()) if rows.shape[0] else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +151,8 @@ class StreamExchangeabilityTest:
         self.window = check_int(window, "window", minimum=2)
         self.metric = check_choice(metric, "metric", ("l2", "l1"))
         self.pool_size = check_optional_int(pool_size, "pool_size", minimum=1)
+        #: Compute every distance, without the screening of :meth:`_nearest` (the same results); for tests.
+        self._reference = False
 
     def initial_state(self) -> StreamState:
         """An empty bag."""
@@ -200,19 +215,72 @@ class StreamExchangeabilityTest:
         if bag is None or bag.length != n0 or bag.data.shape[0] < n0 + k or bag.data.shape[1] != new.shape[1]:
             bag = _Bag(points, min(self.window, max(2 * (n0 + k), 64)))
         bag.length = n0 + k
-        buf = bag.data
-        d = torch.empty(n0 + k, dtype=torch.float32)
-        d[:n0] = dists
-        p = torch.empty(k, dtype=torch.float64)
+        buf, buf_array, new_array = bag.data, bag.data.numpy(), new.numpy()
+        d_array = np.empty(n0 + k, dtype=np.float32)
+        d_array[:n0] = dists.numpy()
+        d = torch.from_numpy(d_array)
+        p = np.empty(k, dtype=np.float64)
         order = 2.0 if self.metric == "l2" else 1.0
+        screen = self.metric == "l2" and not self._reference and _ROUNDING * new.shape[1] < 0.01
         for j in range(k):  # sequential by definition: each p-value uses the bag up to its query
             n = n0 + j
-            if n:
+            row = new_array[j].astype(np.float64)
+            sq = float(np.dot(row, row))
+            if n and not (screen and self._nearest(bag, n, new[j], sq, d_array)):
                 dist = torch.linalg.vector_norm(buf[:n] - new[j], ord=order, dim=1)
                 d[n] = dist.min()
                 torch.minimum(d[:n], dist, out=d[:n])
-            else:
-                d[n] = math.inf
-            buf[n] = new[j]
-            p[j] = stream_p_value(d[: n + 1], float(theta[j]))
-        return buf[:n0 + k], d, p, bag
+            elif not n:
+                d_array[n] = math.inf
+            buf_array[n] = new_array[j]
+            bag.sq[n] = sq
+            bag.max_sq = max(bag.max_sq, sq)
+            d_new = d_array[n]
+            # stream_p_value(d[:n + 1], theta), on the array
+            p[j] = (int(np.count_nonzero(d_array[:n + 1] < d_new))
+                    + float(theta[j]) * int(np.count_nonzero(d_array[:n + 1] == d_new))) / (n + 1)
+        return buf[:n0 + k], d, torch.from_numpy(p), bag
+
+    def _nearest(self, bag: _Bag, n: int, new: torch.Tensor, sq: float, d: np.ndarray) -> bool:
+        """Lower ``d[:n]`` by the L2 distances of the bag's first ``n`` rows to ``new`` and set ``d[n]`` to
+        their minimum, as the reference loop does, computing exact distances for a few rows only.
+
+        One float32 matrix-vector product gives every squared distance ``|a|^2 + |b|^2 - 2 a.b`` up to a
+        rigorous rounding bound ``S`` (``γ_D = D u / (1 - D u)`` on the dot product whatever the
+        summation order, ``u = 2^-24``, taken twice over, plus the float64 sums' own rounding), and
+        each exact distance as the reference computes it lies within a relative ``ρ`` of the true one
+        (its own rounding, at most ``γ_{D+3}``, again taken twice over). Only rows that could hold the
+        minimum, or come closer than their current nearest-neighbour distance, are computed exactly,
+        with the reference's own operation (which gives a row the same bits whatever rows are computed
+        with it); every other row provably changes nothing. The result is bit for bit the reference's.
+
+        Args:
+            bag: the storage; rows ``[0, n)`` and their squared norms ``bag.sq[:n]`` are set.
+            n: the number of earlier points in the bag, ``>= 1``.
+            new: ``(D,)`` float32 the new point; ``sq`` its squared norm in float64.
+            d: ``(>= n + 1,)`` float32 nearest-neighbour distances, updated in place.
+
+        Returns:
+            ``False`` when screening would not pay (too many candidate rows) or the norms are too large
+            for the bound; nothing is changed then and the caller computes every distance.
+        """
+        if not (sq < _NORM_LIMIT and bag.max_sq < _NORM_LIMIT):
+            return False
+        dim = new.shape[0]
+        gamma_dot = _ROUNDING * dim / (1.0 - _ROUNDING * dim)
+        rho = 2.0 * _ROUNDING * (dim + 3) / (1.0 - _ROUNDING * (dim + 3))
+        slack = 4.0 * gamma_dot * math.sqrt(bag.max_sq * sq) + 4.0 * (dim + 4) * 2.0 ** -53 * (bag.max_sq + sq)
+        approx = bag.sq[:n] - 2.0 * torch.mv(bag.data[:n], new).numpy()  # + sq: added to the thresholds
+        # row i may hold the minimum iff sqrt(approx_i - S)(1 - ρ) <= min_k sqrt(approx_k + S)(1 + ρ);
+        # it may come closer than d_i iff sqrt(approx_i - S)(1 - ρ) < d_i (squares: both sides >= 0)
+        widen = ((1.0 + rho) / (1.0 - rho)) ** 2
+        for_min = approx <= (float(approx.min()) + sq + slack) * widen + slack - sq
+        d_sq = d[:n].astype(np.float64)
+        rows = np.flatnonzero(for_min | (approx < d_sq * d_sq / (1.0 - rho) ** 2 + slack - sq))
+        if rows.size > max(8, n // 8):
+            return False
+        index = torch.from_numpy(rows)
+        exact = torch.linalg.vector_norm(bag.data[:n].index_select(0, index) - new, ord=2, dim=1).numpy()
+        d[n] = exact[for_min[rows]].min()
+        d[rows] = np.minimum(d[rows], exact)
+        return True

@@ -1,0 +1,177 @@
+"""The per-request fast paths (NumPy p-values and martingales, the screened stream search) give the
+reference (tensor) paths' results: bit for bit where the same float operations run, to rounding where
+``exp`` / ``log`` implementations differ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sameguard.evidence import ConformalCalibrator, EvidenceMonitor, MixtureMartingale, StreamExchangeabilityTest
+from sameguard.evidence.conformal import conformal_p_values, conformal_p_values_array
+
+
+def _jbda_like(n: int, generator: torch.Generator, shape=(1, 28, 28)) -> torch.Tensor:
+    """Seeds, then each query a small signed step from a random earlier one, with exact repeats."""
+    out = [torch.rand(4, *shape, generator=generator) * 2 - 1]
+    have = 4
+    while have < n:
+        parent = out[0] if len(out) == 1 else torch.cat(out)
+        i = int(torch.randint(0, have, (1,), generator=generator))
+        if float(torch.rand(1, generator=generator)) < 0.1:  # a retry of an earlier query: distance 0
+            step = parent[i:i + 1].clone()
+        else:
+            sign = torch.sign(torch.randn(1, *shape, generator=generator))
+            step = (parent[i:i + 1] + 0.1 * sign).clamp(-1, 1)
+        out.append(step)
+        have += 1
+    return torch.cat(out)[:n]
+
+
+@pytest.mark.parametrize("kind", ["random", "jbda", "duplicates", "quantised"])
+@pytest.mark.parametrize("window", [2000, 37])
+def test_screened_stream_search_equals_the_reference_bit_for_bit(kind, window):
+    g = torch.Generator().manual_seed(hash((kind, window)) % 2**31)
+    n = 300
+    if kind == "random":
+        x = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+    elif kind == "jbda":
+        x = _jbda_like(n, g)
+    elif kind == "duplicates":
+        x = (torch.rand(40, 1, 28, 28, generator=g) * 2 - 1)[torch.randint(0, 40, (n,), generator=g)]
+    else:  # few grey levels: many equal distances between different pairs
+        x = torch.randint(0, 3, (n, 1, 4, 4), generator=g).float() - 1
+    theta = 1.0 - torch.rand(n, generator=g, dtype=torch.float64)
+    fast, reference = StreamExchangeabilityTest(window=window), StreamExchangeabilityTest(window=window)
+    reference._reference = True
+    states = [fast.initial_state(), reference.initial_state()]
+    start = 0
+    for size in [1, 5, 1, 1, 64, 3] * 100:  # batches of mixed sizes, across block boundaries
+        stop = min(n, start + size)
+        if start == stop:
+            break
+        outputs = [test.update(state, x[start:stop], theta=theta[start:stop])
+                   for test, state in zip((fast, reference), states)]
+        (fast_state, fast_p), (ref_state, ref_p) = outputs
+        assert torch.equal(fast_p, ref_p)
+        assert torch.equal(fast_state.nn_dist, ref_state.nn_dist) and torch.equal(fast_state.points, ref_state.points)
+        states = [fast_state, ref_state]
+        start = stop
+
+
+def test_screened_search_from_a_loaded_state_and_an_older_state():
+    g = torch.Generator().manual_seed(3)
+    x = _jbda_like(120, g)
+    theta = 1.0 - torch.rand(120, generator=g, dtype=torch.float64)
+    fast, reference = StreamExchangeabilityTest(), StreamExchangeabilityTest()
+    reference._reference = True
+    middle, _ = fast.update(fast.initial_state(), x[:60], theta=theta[:60])
+    loaded = type(middle).from_bytes(middle.to_bytes())  # no storage: the norms are rebuilt
+    ref_middle, _ = reference.update(reference.initial_state(), x[:60], theta=theta[:60])
+    _, expected = reference.update(ref_middle, x[60:], theta=theta[60:])
+    for state in (loaded, middle, middle):  # the second time from `middle`, its storage is no longer the newest
+        _, p = fast.update(state, x[60:], theta=theta[60:])
+        assert torch.equal(p, expected)
+
+
+def test_screening_steps_aside_for_huge_norms_and_l1():
+    x = torch.randn(30, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 1e16
+    theta = torch.full((30,), 0.5, dtype=torch.float64)
+    for metric in ("l2", "l1"):
+        fast, reference = StreamExchangeabilityTest(metric=metric), StreamExchangeabilityTest(metric=metric)
+        reference._reference = True
+        assert torch.equal(fast.update(fast.initial_state(), x, theta=theta)[1],
+                           reference.update(reference.initial_state(), x, theta=theta)[1])
+
+
+def test_conformal_p_values_array_equals_the_tensor_formula():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.sort(torch.randint(0, 20, (200,), generator=g).double()).values  # many ties
+    scores = torch.cat([torch.randint(-2, 23, (500,), generator=g).double(), torch.tensor([float("nan"), 1e9])])
+    theta = 1.0 - torch.rand(scores.numel(), generator=g, dtype=torch.float64)
+    for t in (theta, None):
+        expected = conformal_p_values(reference, scores, t)
+        got = conformal_p_values_array(reference.numpy(), scores.numpy(), None if t is None else t.numpy())
+        assert np.array_equal(got, expected.numpy())
+
+
+@pytest.mark.parametrize("smoothed", [True, False])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_calibrator_p_values_array_equals_checked_p_values(smoothed, labelled):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 5, (400,), generator=g)
+    labels[labels == 4] = 3  # class 4 empty: it falls back to the pooled scores
+    calibrator = ConformalCalibrator(smoothed=smoothed, min_class_size=20).fit(
+        torch.randn(400, generator=g, dtype=torch.float64), labels if labelled else None, 5)
+    for n in (1, 7, 300):
+        scores = torch.randn(n, generator=g, dtype=torch.float64)
+        query_labels = torch.randint(0, 5, (n,), generator=g)
+        theta = 1.0 - torch.rand(n, generator=g, dtype=torch.float64)
+        expected = calibrator.checked_p_values(scores, query_labels if labelled else None, theta)
+        got = calibrator.p_values_array(scores.numpy(), query_labels.numpy() if labelled else None, theta.numpy())
+        assert np.array_equal(got, expected.numpy())
+    one = torch.full((5,), 2, dtype=torch.int64)  # one class for the whole batch
+    s, t = torch.randn(5, generator=g, dtype=torch.float64), torch.full((5,), 0.3, dtype=torch.float64)
+    assert np.array_equal(calibrator.p_values_array(s.numpy(), one.numpy(), t.numpy()),
+                          calibrator.checked_p_values(s, one, t).numpy())
+
+
+@pytest.mark.parametrize("mode", ["ville", "cusum", "shiryaev-roberts"])
+def test_martingale_update_array_equals_update(mode):
+    g = torch.Generator().manual_seed(2)
+    martingale = MixtureMartingale(mode=mode)
+    state = martingale.initial_state().expand(5, -1).clone()
+    for n in (1, 1, 40, 3):
+        p = torch.rand(5, n, generator=g, dtype=torch.float64) ** 3  # mostly small: evidence grows
+        p[0, 0] = 0.0  # clipped to P_FLOOR
+        expected_state, expected_path = martingale.update(state, p)
+        got_state, got_path = martingale.update_array(state.numpy(), p.numpy())
+        np.testing.assert_allclose(got_state, expected_state.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_path, expected_path.numpy(), rtol=1e-12, atol=1e-12)
+        state = expected_state
+
+
+@pytest.mark.parametrize("mode", ["ville", "shiryaev-roberts"])
+def test_monitor_fast_path_equals_the_reference_path(mode):
+    g = torch.Generator().manual_seed(4)
+    calibrators = {name: ConformalCalibrator(min_class_size=10).fit(torch.randn(300, generator=g), torch.randint(
+        0, 3, (300,), generator=g), 3) for name in ("a", "b")}
+    monitors = [EvidenceMonitor(calibrators, delta=1e-3, martingale=MixtureMartingale(mode=mode),
+                                stream=StreamExchangeabilityTest(window=100), seed=7) for _ in range(2)]
+    monitors[1]._reference = True
+    monitors[1].stream._reference = True
+    for client, attack in (("benign", False), ("mallory", True)):
+        x = _jbda_like(250, g) if attack else torch.rand(250, 1, 28, 28, generator=g) * 2 - 1
+        shift = 1.5 if attack else 0.0
+        start = 0
+        for size in [1, 3, 1, 50, 1, 20] * 20:
+            stop = min(250, start + size)
+            if start == stop:
+                break
+            n = stop - start
+            scores = {"a": torch.randn(n, generator=g) + shift, "b": torch.randn(n, generator=g)}
+            labels = torch.randint(0, 3, (n,), generator=g)
+            fast, ref = (m.update(client, scores, labels, x[start:stop]) for m in monitors)
+            np.testing.assert_allclose(fast.log_evidence_path.numpy(), ref.log_evidence_path.numpy(),
+                                       rtol=1e-12, atol=1e-12)
+            assert fast.log_evidence == pytest.approx(ref.log_evidence, rel=1e-12, abs=1e-12)
+            assert fast.per_detector == pytest.approx(ref.per_detector, rel=1e-12, abs=1e-12)
+            assert (fast.queries, fast.alarm_query) == (ref.queries, ref.alarm_query)
+            start = stop
+        states = [m.store.get(client) for m in monitors]
+        assert torch.equal(states[0].stream.nn_dist, states[1].stream.nn_dist)
+        for name in ("a", "b"):
+            torch.testing.assert_close(states[0].martingales[name], states[1].martingales[name], rtol=1e-12, atol=1e-12)
+        assert states[0].to_bytes()  # one storage per tensor: serialisable
+    assert monitors[0].evidence("mallory").alarmed  # the JBDA-like stream with shifted scores is caught
+
+
+def test_single_query_smoothing_uniforms_equal_the_vectorised_ones():
+    calibrators = {"a": ConformalCalibrator().fit(torch.randn(50), None, 2)}
+    monitor = EvidenceMonitor(calibrators, stream=StreamExchangeabilityTest(), seed=3)
+    batch = monitor._theta_array("carol", 10, 40)
+    for i in range(40):
+        assert np.array_equal(monitor._theta_array("carol", 10 + i, 1), batch[:, i:i + 1])
+    huge = monitor._theta_array("carol", 2**62, 2)  # counters wrap around 2^64 alike
+    assert np.array_equal(monitor._theta_array("carol", 2**62 + 1, 1), huge[:, 1:])
