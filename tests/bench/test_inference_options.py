@@ -94,3 +94,12 @@ def test_main_prints_the_table_and_writes_json(tmp_path, capsys, one_thread):
     assert [(r["target"], r["variant"]) for r in data["rows"]] == [
         ("victim", "eager"), ("victim", "threads-1"), ("guard", "eager"), ("guard", "threads-1")]
     assert set(data["guard_ratio"]) == {"eager", "threads-1"}
+
+
+def test_eager_is_measured_first_whatever_the_order_given(models, one_thread):
+    victim, detector = models
+    result = measure_inference_options(victim, detector, batch_sizes=(2,), repeat=1, targets=("victim",),
+                                       variants=("threads-1", "eager"))
+    assert [r.variant for r in result.rows] == ["eager", "threads-1"]
+    threads = result.rows[1]
+    assert threads.vs_eager is not None and threads.max_abs_diff is not None  # compared with eager's, not skipped

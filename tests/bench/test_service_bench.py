@@ -106,3 +106,28 @@ def test_measure_workers_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         measure_workers("v", "d", images, requests=0)
     assert (worker_threads(1, cpus=2), worker_threads(2, cpus=2), worker_threads(4, cpus=2)) == (2, 1, 1)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_time_requests_counts_failed_connections_as_errors():
+    from sameguard.bench.service_bench import _time_requests
+
+    latencies, errors, _ = _time_requests(f"http://127.0.0.1:{_closed_port()}", {}, ["{}"], 5, 2)
+    assert (len(latencies), errors) == (5, 5)  # no thread dies on a refused connection
+
+
+def test_measure_workers_unreachable_redis_is_one_sentence_without_the_password(tmp_path):
+    from sameguard.bench.service_bench import measure_workers
+
+    with pytest.raises(ValueError, match="Cannot reach the Redis state store") as info:
+        measure_workers("v", "d", torch.zeros(2, 1, 28, 28), state_url=f"redis://:hunter2@127.0.0.1:{_closed_port()}/0",
+                        workdir=tmp_path)
+    assert "hunter2" not in str(info.value)
+    assert not list(tmp_path.iterdir())  # nothing started or written

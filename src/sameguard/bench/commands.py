@@ -102,8 +102,10 @@ def bench_service_main(args: argparse.Namespace) -> int:
     if args.workers_threads is not None and args.workers_threads < 1:
         raise ValueError(f"--workers-threads must be a positive integer, got {args.workers_threads}.")
     if args.workers and not args.workers_state.startswith(("redis://", "rediss://")):
+        from ..service.store import redact_store_url
+
         raise ValueError(f"--workers-state must be a redis:// URL (the workers share their state there), got "
-                         f"{args.workers_state!r}.")
+                         f"{redact_store_url(args.workers_state)!r}.")
 
     result = run_service_bench(
         victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,

@@ -51,6 +51,8 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..cli_checks import comma_ints
+from .commands import _names
 
 logger = logging.getLogger(__name__)
 
@@ -249,9 +251,8 @@ def _check_variants(variants: Sequence[str]) -> list[str]:
             raise ValueError(f"Unknown variant {v!r}; choose from {', '.join(DEFAULT_VARIANTS)} (or threads-N).")
         if v not in out:
             out.append(v)
-    if "eager" not in out:
-        out.insert(0, "eager")  # the reference of every ratio and difference
-    return out
+    # eager first: the reference of every ratio and difference must be measured before the others
+    return ["eager"] + [v for v in out if v != "eager"]
 
 
 def _output(target: str, value: Any) -> torch.Tensor:
@@ -366,21 +367,11 @@ def measure_inference_options(victim: Any, detector: Any, *, batch_sizes: Sequen
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _positive_ints(text: str) -> list[int]:
-    from ..cli_checks import comma_ints
-
-    return comma_ints(text)
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sameguard.bench.inference_options",
                                 description="Time the victim, SAME's scoring and the guard under inference options "
                                             "(threads, inference mode, torch.compile, ONNX Runtime); Markdown table.")
-    p.add_argument("--batch-sizes", type=_positive_ints, default=[1, 16, 64, 256],
+    p.add_argument("--batch-sizes", type=comma_ints, default=[1, 16, 64, 256],
                    help="comma-separated batch sizes (default 1,16,64,256)")
     p.add_argument("--repeat", type=int, default=20, help="timed rounds per batch size, median reported (default 20)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),

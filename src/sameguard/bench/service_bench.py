@@ -275,7 +275,8 @@ def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: 
 
 def _time_requests(url: str, headers: dict[str, str], bodies: Sequence[str], n_requests: int,
                    concurrency: int) -> tuple[list[float], int, float]:
-    """Send ``n_requests`` bodies (cycled) from ``concurrency`` threads; (latencies in s, non-200 answers, wall s)."""
+    """Send ``n_requests`` bodies (cycled) from ``concurrency`` threads; (latencies in s, non-200 answers or
+    failed requests, wall s)."""
     import httpx
 
     latencies: list[float] = []
@@ -291,11 +292,14 @@ def _time_requests(url: str, headers: dict[str, str], bodies: Sequence[str], n_r
                 if i is None:
                     return
                 t0 = time.perf_counter()
-                r = client.post("/v1/predict", content=bodies[i % len(bodies)])
+                try:
+                    ok = client.post("/v1/predict", content=bodies[i % len(bodies)]).status_code == 200
+                except httpx.HTTPError:  # a dropped connection or a timeout is an error, not a dead thread
+                    ok = False
                 dt = time.perf_counter() - t0
                 with lock:
                     latencies.append(dt)
-                    errors[0] += r.status_code != 200
+                    errors[0] += not ok
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -340,7 +344,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"sameguard serve did not answer {url}/healthz within {timeout:.0f} s (log: {log_path}; "
-                               "uvicorn restarts a worker that misses its 5 s health check while loading).")
+                               "uvicorn older than 0.54 restarts a worker that misses its 5 s health check while "
+                               "loading).")
         time.sleep(0.2)
 
 
@@ -395,13 +400,14 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         raise ValueError("requests and concurrency must be positive integers.")
     if not workers or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in workers):
         raise ValueError(f"workers must be positive integers, got {list(workers)!r}.")
+    from ..service.store import open_store, redact_store_url
+
     if not str(state_url).startswith(("redis://", "rediss://")):
-        raise ValueError(f"The worker rows share their state in Redis: state_url must be redis://..., got {state_url!r}.")
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        raise ImportError("The worker rows need the Redis client: pip install 'sameguard[redis]'.") from None
-    _delete_prefix(state_url, "sgbench:probe:")  # fails now, before anything starts, when Redis is unreachable
+        raise ValueError(f"The worker rows share their state in Redis: state_url must be redis://..., got "
+                         f"{redact_store_url(str(state_url))!r}.")
+    # Fails now, before anything starts, in one sentence (the URL without its password) when the Redis
+    # client is missing or Redis is unreachable.
+    open_store(state_url, prefix="sgbench:").close()
     base = Path(tempfile.mkdtemp(prefix="service-bench-workers-", dir=workdir))
     bodies = _payloads(images, 1)
     rows: list[LatencyRow] = []
