@@ -421,11 +421,12 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         port = _free_port()
         threads = torch_threads or worker_threads(n)
         cmd = [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(victim_dir), "--detector",
-               str(detector_dir), "--policy", policy, "--db", url, "--host", "127.0.0.1", "--port", str(port),
-               "--workers", str(n), "--state", state_url, "--state-prefix", prefix, "--torch-threads", str(threads),
+               str(detector_dir), "--policy", policy, "--host", "127.0.0.1", "--port", str(port),
+               "--workers", str(n), "--state-prefix", prefix, "--torch-threads", str(threads),
                "--rate", "1e9", "--burst", str(10 ** 9), "--request-rate", "1e9", "--request-burst", str(10 ** 9),
                "--log-level", "warning"]
-        env = dict(os.environ, SAMEGUARD_KEY_CACHE_S="60")
+        # The URLs travel in the environment, not on the command line, where ps would show their passwords.
+        env = dict(os.environ, SAMEGUARD_KEY_CACHE_S="60", SAMEGUARD_DB_URL=url, SAMEGUARD_STATE_URL=state_url)
         log_path = base / f"serve-workers-{n}.log"
         headers = {"X-API-Key": token, "content-type": "application/json"}
         server_url = f"http://127.0.0.1:{port}"
