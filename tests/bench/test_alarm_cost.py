@@ -63,3 +63,14 @@ def test_measure_and_cli(capsys, monkeypatch, networks):
     assert alarm_cost.main(["--queries", "2", "--client-history", "3", "--calibration", "60", "--no-stream"]) == 0
     out = capsys.readouterr().out
     assert "| SAME alone |" in out and "| ratio |" in out and "stream test off" in out
+
+
+def test_bad_options_are_one_sentence_and_status_2():
+    """Run as a script, a bad option is a usage error, not a traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sameguard.bench.alarm_cost", "--threads", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--threads >= 1" in done.stderr and "Traceback" not in done.stderr

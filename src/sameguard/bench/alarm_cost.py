@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="add a cProfile top list of the guard with the alarms")
     args = p.parse_args(argv)
-    if args.queries < 1 or args.client_history < 0 or args.calibration < 2:
-        p.error("--queries must be >= 1, --client-history >= 0 and --calibration >= 2")
+    if args.queries < 1 or args.client_history < 0 or args.calibration < 2 or (args.threads is not None and args.threads < 1):
+        p.error("--queries must be >= 1, --client-history >= 0, --calibration >= 2 and --threads >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -222,5 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # errors in one sentence, as the sameguard commands report them
+    from ..cli_errors import run_reporting_errors
+
+    raise SystemExit(run_reporting_errors("bench.alarm_cost", main))

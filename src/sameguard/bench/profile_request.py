@@ -102,5 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # errors in one sentence, as the sameguard commands report them
+    from ..cli_errors import run_reporting_errors
+
+    raise SystemExit(run_reporting_errors("bench.profile_request", main))
