@@ -25,7 +25,8 @@ from .vardetect import VarDetectDetector, rbf_mmd2
 # The one registry: name -> class, manifest kind -> class, build / fit / load by name
 from .registry import DETECTOR_KINDS, DETECTORS, build_detector, detector_class, fit_detector, load_detector
 
-__all__ = ["SAMEDetector", "SAMEScores", "SAME_PRESETS", "AUTHORS_SCORING", "DEFAULT_SCORING", "same_score", "MSPDetector", "msp_score",
+__all__ = ["SAMEDetector", "SAMEScores", "SAME_PRESETS", "AUTHORS_SCORING", "DEFAULT_SCORING", "same_score",
+           "MSPDetector", "msp_score",
            "EnergyDetector", "energy_score", "MahalanobisDetector", "mahalanobis_score",
            "OutlierExposureDetector", "oe_loss", "ConvAESAMEDetector", "CONV_AE_SAME_PRESETS",
            "PRADADetector", "PradaState", "VarDetectDetector", "rbf_mmd2", "ReconstructionDetector",

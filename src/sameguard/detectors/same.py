@@ -11,9 +11,9 @@ classifier ``f_A`` (same architecture as the victim) is trained on ``G``'s recon
   classes: ``nn.KLDivLoss(reduction='none')`` followed by a mean);
 * ``score = alpha * s1 + (1 - alpha) * s2`` with ``alpha = 0.99`` as in the authors' driver.
 
-Robust variants (issue 10), all off in the constructor's defaults (the authors' score): masked scoring (``score_mask_ratio``,
-``score_masks``: the MAE's own task at scoring time, error on hidden patches only), per-term
-standardisation on benign calibration data (``standardize``), log terms (``log_terms``) and an
+Robust variants (issue 10), all off in the constructor's defaults (the authors' score): masked
+scoring (``score_mask_ratio``, ``score_masks``: the MAE's own task at scoring time, error on
+hidden patches only), per-term standardisation on benign calibration data (``standardize``), log terms (``log_terms``) and an
 input-complexity correction (``complexity``, Serrà et al., ICLR 2020); see
 :class:`SAMEDetector` and :mod:`sameguard.detectors.robust_score`. The ``cpu`` preset, which ``fit``,
 ``demo`` and the benchmark's "SAME (sameguard default)" use, turns standardisation on with
