@@ -237,3 +237,24 @@ def test_serve_engine_ray_refuses_inconsistent_settings(argv, message, capsys):
     if "shared state store" in message:
         assert "--state redis://" in err
     assert re.search(r"^sameguard serve: error: ", err)
+
+
+def test_serve_on_a_ray_cluster_does_not_check_the_local_port(monkeypatch):
+    """With --ray-address the HTTP proxies run on the cluster's nodes (or are Ray's own, bound to the
+    port already): a busy local port is no reason to refuse; without it, it is."""
+    import socket
+
+    pytest.importorskip("ray")
+    from sameguard.cli import main
+    from sameguard.service import commands
+
+    started = []
+    monkeypatch.setattr(commands, "_serve_ray", lambda settings, log_level: started.append(settings) or 0)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = str(busy.getsockname()[1])
+        assert main(["serve", "--engine", "ray", "--ray-address", "auto", "--victim", "nowhere", "--port", port]) == 0
+        assert started and started[0].ray_address == "auto"
+        assert main(["serve", "--engine", "ray", "--victim", "nowhere", "--port", port]) == 2
+    assert len(started) == 1

@@ -244,7 +244,8 @@ def serve_main(args: argparse.Namespace) -> int:
         ray_address=getattr(args, "ray_address", None))
     from ..cli_checks import check_port_free
 
-    check_port_free(settings.host, settings.port)  # before the models load: one sentence, not uvicorn's exit 3
+    if not (settings.engine == "ray" and settings.ray_address):  # a Ray cluster's proxies bind on its nodes
+        check_port_free(settings.host, settings.port)  # before the models load: one sentence, not uvicorn's exit 3
     if settings.engine == "ray":
         return _serve_ray(settings, args.log_level)
     if settings.workers > 1:
