@@ -8,15 +8,18 @@ skip them silently. Override the addresses with ``SAMEGUARD_TEST_REDIS_URL`` and
 
 Each test gets its own namespace, so tests (and concurrent runs) never collide: a unique Redis key
 prefix (its keys are deleted afterwards) and a unique PostgreSQL schema (dropped afterwards).
+:func:`concurrent_statuses` is the burst of requests the multi-process tests send.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -104,3 +107,30 @@ def postgres_url() -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
     admin.dispose()
+
+
+def concurrent_statuses(clients: int, per_client: int, request: Callable[[Any, int, int], int], *,
+                        join_timeout: float, **client_options: Any) -> list[int]:
+    """Status codes of ``clients`` threads sending ``per_client`` requests each, concurrently.
+
+    Thread ``j`` opens one ``httpx.Client(**client_options)`` and calls ``request(client, j, k)`` for
+    ``k`` in ``range(per_client)``; each call returns the status code of the request it sent.
+    """
+    import httpx
+
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send(j: int) -> None:
+        with httpx.Client(**client_options) as client:
+            for k in range(per_client):
+                code = request(client, j, k)
+                with lock:
+                    statuses.append(code)
+
+    threads = [threading.Thread(target=send, args=(j,)) for j in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=join_timeout)
+    return statuses

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import socket
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ pytest.importorskip("fastapi")
 import httpx
 from sqlalchemy import select
 
-from _servers import require_module, unavailable
+from _servers import concurrent_statuses, require_module, unavailable
 from sameguard.service.settings import ServiceSettings
 
 
@@ -142,21 +141,11 @@ def test_two_replicas_share_the_rate_limit_through_redis(ray_serve, artifacts, t
                      state_prefix=redis_server.prefix, rate_burst=burst, rate_per_second=0.05, max_batch=4,
                      request_burst=10_000, request_rate_per_second=10_000), log_level="warning")
     url = f"http://127.0.0.1:{ray_serve}"
-    statuses: list[int] = []
-    lock = threading.Lock()
+    def predict(c: httpx.Client, j: int, k: int) -> int:
+        return c.post("/v1/predict", json={"instances": kit.dark(1, seed=100 + 10 * j + k).tolist()}).status_code
 
-    def send(j: int) -> None:
-        with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": token}) as c:
-            for k in range(4):
-                code = c.post("/v1/predict", json={"instances": kit.dark(1, seed=100 + 10 * j + k).tolist()}).status_code
-                with lock:
-                    statuses.append(code)
-
-    threads = [threading.Thread(target=send, args=(j,)) for j in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    statuses = concurrent_statuses(6, 4, predict, join_timeout=120, base_url=url, timeout=60,
+                                   headers={"X-API-Key": token})
     assert len(statuses) == 24
     assert statuses.count(200) == burst and statuses.count(429) == 24 - burst  # B in all across replicas, not 2B
     assert len(_audit(db)) == burst

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,9 +26,11 @@ import httpx
 import torch
 from sqlalchemy import func, select
 
+from _servers import concurrent_statuses
 from sameguard.actions import solve
 from sameguard.service.db import audit_log, init_db, make_engine, pow_events
 from sameguard.service.keys import KeyStore
+from sameguard.service.server import wait_until_healthy
 
 WORKER = Path(__file__).with_name("_worker_app.py")
 
@@ -54,17 +55,8 @@ def _workers(n: int, policy: str, env: dict[str, str]):
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 90
         for proc, url in zip(procs, urls):
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker exited: {proc.stderr.read().decode()[-2000:]}")
-                try:
-                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("a worker did not start within 90 s")
-                time.sleep(0.1)
+            wait_until_healthy(url, proc, deadline - time.monotonic(), what="a worker",
+                               exit_detail=lambda p=proc: p.stderr.read().decode()[-2000:])
         yield urls
     finally:
         for proc in procs:
@@ -114,21 +106,10 @@ def test_two_workers_share_rate_limits_challenges_revocation_and_the_audit(redis
             assert len(redeemed.json()["predictions"]) == 1
             assert [http.post(u + "/v1/pow/redeem", json=body).status_code for u in urls] == [409, 409]
         # A concurrent burst against both workers: B images in all, not 2B.
-        statuses: list[int] = []
-        lock = threading.Lock()
+        def predict(c: httpx.Client, j: int, k: int) -> int:
+            return c.post(urls[(j + k) % 2] + "/v1/predict", json={"instances": _dark(1, 100 + 10 * j + k)}).status_code
 
-        def send(j: int) -> None:
-            with httpx.Client(headers=headers, timeout=30) as c:
-                for k in range(5):
-                    code = c.post(urls[(j + k) % 2] + "/v1/predict", json={"instances": _dark(1, 100 + 10 * j + k)}).status_code
-                    with lock:
-                        statuses.append(code)
-
-        threads = [threading.Thread(target=send, args=(j,)) for j in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        statuses = concurrent_statuses(8, 5, predict, join_timeout=60, headers=headers, timeout=30)
         assert len(statuses) == 40
         answered = statuses.count(200) + statuses.count(202)  # a benign image may owe a little work
         assert answered == burst - n_pow

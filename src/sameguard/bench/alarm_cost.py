@@ -35,11 +35,10 @@ import torch
 
 from ..actions import Policy
 from ..alarms import ClientAlarms
-from ..data import ImageDataset
 from ..detectors import build_detector, fit_detector
 from ..guard import Guard
-from ..models import build_classifier
 from ..victim import Victim
+from .untrained import build_models
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ __all__ = ["alarm_guard", "alternate_median_ms", "alternate_times_ms", "build_ne
 
 #: The ``standard`` profile's geometry and architectures (Fashion-MNIST, ``conv3``, SAME ``cpu``).
 IMAGE_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
 ARCH = "conv3"
 
 
@@ -113,24 +111,14 @@ def _random_images(n: int, generator: torch.Generator) -> torch.Tensor:
 def build_networks(seed: int = 0, fit_images: int = 256) -> tuple[Victim, dict[str, Any]]:
     """The standard profile's victim and the alarms' combination of scorers, on random weights.
 
-    SAME (``cpu`` preset's MAE, auxiliary ``conv3``) is fitted for one epoch on ``fit_images``
-    random images, which fixes its architectures, and calibrated on them; SAME's s2 term shares its networks (as in the
-    benchmark), MSP and Energy read the victim's outputs.
+    SAME (``cpu`` preset's MAE, auxiliary ``conv3``) is :func:`~sameguard.bench.untrained.build_models`'
+    (one epoch on ``fit_images`` random images, which fixes its architectures); SAME's s2 term shares its
+    networks (as in the benchmark), MSP and Energy read the victim's outputs.
 
     Returns:
         ``(victim, scorers)``: scorers in the benchmark's combination order (SAME, SAME s2, MSP, Energy).
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    victim = Victim(build_classifier(ARCH, IMAGE_SHAPE[0], IMAGE_SHAPE[1], NUM_CLASSES), arch=ARCH,
-                    dataset="random", image_shape=IMAGE_SHAPE, classes=tuple(str(k) for k in range(NUM_CLASSES)))
-    data = ImageDataset("random", "train", _random_images(fit_images, generator),
-                        torch.randint(0, NUM_CLASSES, (fit_images,), generator=generator),
-                        tuple(str(k) for k in range(NUM_CLASSES)), False)
-    same = build_detector("same", {"mae_epochs": 1, "mae_warmup_epochs": 0, "aux_epochs": 1}, preset="cpu",
-                          seed=seed, device="cpu", progress=False)
-    fit_detector(same, victim, data)
-    same.calibrate(data.images, 0.01)  # the threshold, and the term statistics of presets that standardise
+    victim, same = build_models(preset="cpu", victim_arch=ARCH, seed=seed, fit_images=fit_images)
     s2 = copy.copy(same)  # shares the networks, as the benchmark's SAME variants do
     s2.alpha = 0.0
     scorers = {"SAME": same, "SAME s2 only (alpha=0)": s2}

@@ -53,6 +53,7 @@ from torch import nn
 from .. import __version__
 from ..cli_checks import comma_ints
 from .commands import _names
+from .untrained import build_models
 
 logger = logging.getLogger(__name__)
 
@@ -118,27 +119,6 @@ class InferenceOptionsResult:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def build_models(*, preset: str = "cpu", victim_arch: str = "conv3", seed: int = 0) -> tuple[Any, Any]:
-    """``(victim, detector)``: an untrained ``victim_arch`` victim on 28x28x1 images and a SAME detector
-    with ``preset``'s architecture, fitted for one epoch on 64 random images (timing only)."""
-    from ..data.base import ImageDataset
-    from ..detectors import SAMEDetector
-    from ..models import build_classifier
-    from ..victim import Victim
-
-    torch.manual_seed(seed)
-    classes = tuple(str(i) for i in range(10))
-    victim = Victim(build_classifier(victim_arch, 1, 28, 10), arch=victim_arch, dataset="fashion-mnist",
-                    image_shape=(1, 28, 28), classes=classes)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(64, 1, 28, 28, generator=g) * 2 - 1
-    data = ImageDataset("fashion-mnist", "train", x, torch.arange(64) % 10, classes, False)
-    detector = SAMEDetector.from_preset(preset, mae_epochs=1, mae_warmup_epochs=0, aux_epochs=1, seed=seed,
-                                        progress=False).fit(victim, data)
-    detector.calibrate(x[:32], 0.05)
-    return victim, detector
-
-
 class _Reconstructor:
     """Stands for the detector's MAE with another ``reconstruct`` (compiled, ONNX Runtime); the rest delegates."""
 

@@ -328,27 +328,6 @@ def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
             proc.wait(timeout=timeout)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    """Wait until ``url/healthz`` answers 200; raise with the server log's tail when it exits or times out."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-1500:].strip()
-            raise RuntimeError(f"sameguard serve exited with code {proc.returncode} during startup: {tail}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"sameguard serve did not answer {url}/healthz within {timeout:.0f} s (log: {log_path}; "
-                               "uvicorn older than 0.54 restarts a worker that misses its 5 s health check while "
-                               "loading).")
-        time.sleep(0.2)
-
-
 def _delete_prefix(state_url: str, prefix: str) -> int:
     """Delete every Redis key under ``prefix``; returns how many."""
     import redis
@@ -366,6 +345,22 @@ def _delete_prefix(state_url: str, prefix: str) -> int:
 def worker_threads(workers: int, cpus: int | None = None) -> int:
     """Default torch threads of each of ``workers`` worker processes: the cores shared out, at least 1."""
     return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
+
+
+def _start_serve_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, *, policy: str, port: int,
+                         workers: int, prefix: str, threads: int, db_url: str, state_url: str,
+                         log_path: Path) -> subprocess.Popen:
+    """``sameguard serve --workers N`` in a child process (its own session), output to ``log_path``;
+    rate limits out of the way, the database and Redis URLs in its environment, not on its command
+    line, where ``ps`` would show their passwords."""
+    cmd = [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(victim_dir), "--detector",
+           str(detector_dir), "--policy", policy, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(workers), "--state-prefix", prefix, "--torch-threads", str(threads),
+           "--rate", "1e9", "--burst", str(10 ** 9), "--request-rate", "1e9", "--request-burst", str(10 ** 9),
+           "--log-level", "warning"]
+    env = dict(os.environ, SAMEGUARD_KEY_CACHE_S="60", SAMEGUARD_DB_URL=db_url, SAMEGUARD_STATE_URL=state_url)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, images: torch.Tensor, *,
@@ -395,6 +390,7 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
 
     from ..service.db import audit_log, init_db, make_engine
     from ..service.keys import KeyStore
+    from ..service.server import wait_until_healthy
 
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be positive integers.")
@@ -420,21 +416,17 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         _, token = KeyStore(engine, cache_s=0).create(client_name)
         port = _free_port()
         threads = torch_threads or worker_threads(n)
-        cmd = [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(victim_dir), "--detector",
-               str(detector_dir), "--policy", policy, "--host", "127.0.0.1", "--port", str(port),
-               "--workers", str(n), "--state-prefix", prefix, "--torch-threads", str(threads),
-               "--rate", "1e9", "--burst", str(10 ** 9), "--request-rate", "1e9", "--request-burst", str(10 ** 9),
-               "--log-level", "warning"]
-        # The URLs travel in the environment, not on the command line, where ps would show their passwords.
-        env = dict(os.environ, SAMEGUARD_KEY_CACHE_S="60", SAMEGUARD_DB_URL=url, SAMEGUARD_STATE_URL=state_url)
         log_path = base / f"serve-workers-{n}.log"
+        proc = _start_serve_workers(victim_dir, detector_dir, policy=policy, port=port, workers=n, prefix=prefix,
+                                    threads=threads, db_url=url, state_url=state_url, log_path=log_path)
         headers = {"X-API-Key": token, "content-type": "application/json"}
         server_url = f"http://127.0.0.1:{port}"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         warm_ok = 0
         try:
-            _wait_healthy(server_url, proc, log_path, startup_timeout)
+            wait_until_healthy(server_url, proc, startup_timeout,
+                               exit_detail=lambda path=log_path: path.read_text(errors="replace")[-1500:].strip(),
+                               timeout_hint=f" (log: {log_path}; uvicorn older than 0.54 restarts a worker that "
+                                            "misses its 5 s health check while loading).")
             # Warm-up: enough concurrent requests that every worker has answered a few.
             warm_lat, warm_errors, _ = _time_requests(server_url, headers, bodies, 4 * n * max(2, concurrency // 4),
                                                       min(concurrency, 4 * n))

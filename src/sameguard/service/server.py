@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 import logging
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -16,7 +18,7 @@ WORKER_HEALTHCHECK_SECONDS = 60
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerThread", "run_server", "run_workers"]
+__all__ = ["ServerThread", "run_server", "run_workers", "wait_until_healthy"]
 
 
 class ServerThread:
@@ -113,3 +115,28 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info") -> 
         options["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_SECONDS
     uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
                 log_level=log_level, **options)
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, *,
+                       exit_detail: Callable[[], str] = lambda: "", what: str = "sameguard serve",
+                       timeout_hint: str = "") -> None:
+    """Wait until the server process ``proc`` answers ``GET url/healthz`` with 200.
+
+    Raises:
+        RuntimeError: ``proc`` exited first (the message ends with ``exit_detail()``, e.g. its log's tail).
+        TimeoutError: no answer within ``timeout`` seconds (the message ends with ``timeout_hint``).
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during startup: {exit_detail()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer {url}/healthz within {timeout:.0f} s{timeout_hint}")
+        time.sleep(0.2)
