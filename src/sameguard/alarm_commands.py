@@ -56,6 +56,10 @@ def add_alarm_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int
     p.add_argument("--mode", default="ville", choices=MODES,
                    help="ville (default: P(ever alarmed) <= delta), cusum or shiryaev-roberts (react faster to "
                         "a client that turns bad; bound the mean time to a false alarm instead)")
+    p.add_argument("--calibration-conditional", type=float, default=None, metavar="ETA",
+                   help="calibration-conditional p-values: with probability at least 1 - ETA over the draw of "
+                        "--images, the --delta bound holds for these very images (costs power: no p-value below "
+                        "about sqrt(log(K / ETA) / (2 x images per class))); default: marginal p-values")
     p.add_argument("--min-class-size", type=int, default=50,
                    help="classes with fewer calibration images share the pooled calibration (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the p-values' smoothing (default 0)")
@@ -140,15 +144,19 @@ def cmd_alarms(args: argparse.Namespace) -> int:
 
     check_fraction(args.delta, "--delta", include_low=False, include_high=False)
     check_int(args.min_class_size, "--min-class-size", minimum=1)
+    if args.calibration_conditional is not None:
+        check_fraction(args.calibration_conditional, "--calibration-conditional", include_low=False, include_high=False)
     check_choice(args.mode, "--mode", MODES)
     victim = Victim.load(args.victim, device=args.device)
     scorers = _load_scorers(args, victim)
     x, _ = read_images(args.images, victim.image_shape)
     alarms = ClientAlarms.calibrate(victim, {n: d for n, (d, _) in scorers.items()}, x, delta=args.delta,
                                     stream=args.stream, mode=args.mode, min_class_size=args.min_class_size,
-                                    seed=args.seed)
+                                    seed=args.seed, conditional=args.calibration_conditional)
     out = alarms.save(args.out)
     write_alarm_sources(out, {n: f for n, (_, f) in scorers.items()})
+    conditional = "" if args.calibration_conditional is None else \
+        f", calibration-conditional at eta {args.calibration_conditional:g}"
     print(f"alarms for {', '.join(scorers)} calibrated on {len(x)} benign images (delta {args.delta:g}, mode "
-          f"{args.mode}, stream test {'on' if args.stream else 'off'}); saved to {out}", flush=True)
+          f"{args.mode}, stream test {'on' if args.stream else 'off'}{conditional}); saved to {out}", flush=True)
     return 0

@@ -111,7 +111,7 @@ class ClientAlarms:
     def calibrate(cls, victim: Callable, scorers: Mapping[str, Any], benign_x: torch.Tensor, *,
                   delta: float = 1e-3, stream: bool | StreamExchangeabilityTest = False, mode: str = "ville",
                   store: StateStore | None = None, min_class_size: int = 50, seed: int = 0,
-                  batch_size: int = 512) -> ClientAlarms:
+                  batch_size: int = 512, conditional: float | None = None) -> ClientAlarms:
         """Calibrate every scorer on benign images and build the alarms.
 
         Args:
@@ -126,6 +126,10 @@ class ClientAlarms:
             mode: ``"ville"`` (alarm probability <= delta, ever), ``"cusum"`` or
                 ``"shiryaev-roberts"`` (react faster to a client that turns bad; they bound the mean
                 time to a false alarm instead, see :mod:`sameguard.evidence.martingale`).
+            conditional: ``eta`` in (0, 1) for calibration-conditional p-values: with probability at
+                least ``1 - eta`` over the draw of ``benign_x``, the ``delta`` bound holds given these
+                very calibration images (:class:`~sameguard.evidence.ConformalCalibrator`); ``None``
+                (default): marginal p-values, whose bound holds on average over calibration draws.
         """
         scorers = _check_scorers(scorers)
         x = check_images(benign_x, name="benign_x")
@@ -134,7 +138,8 @@ class ClientAlarms:
         calibrators = {}
         for name, scorer in scorers.items():
             scores = scores_in_batches(scorer, x, batch_size)
-            calibrators[name] = ConformalCalibrator(min_class_size=min_class_size).fit(scores, labels, k)
+            calibrators[name] = ConformalCalibrator(min_class_size=min_class_size, conditional=conditional).fit(
+                scores, labels, k)
             logger.info("Alarms: %s calibrated on %d benign images", name, len(x))
         test = stream if isinstance(stream, StreamExchangeabilityTest) else StreamExchangeabilityTest() if stream else None
         monitor = EvidenceMonitor(calibrators, delta=delta, martingale=MixtureMartingale(mode=mode), store=store,
@@ -184,8 +189,10 @@ class ClientAlarms:
         return self.monitor.forget(client)
 
     def describe(self) -> dict[str, Any]:
+        etas = {c.conditional for c in self.monitor.calibrators.values()}  # the same for all when calibrated here
         return {"delta": self.delta, "scorers": sorted(self.scorers), "stream": self.monitor.stream is not None,
-                "mode": self.monitor.martingale.mode, "threshold_log10": math.log10(1.0 / self.delta)}
+                "mode": self.monitor.martingale.mode, "threshold_log10": math.log10(1.0 / self.delta),
+                "calibration_conditional": etas.pop() if len(etas) == 1 else sorted(etas, key=str)}
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

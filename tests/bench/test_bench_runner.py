@@ -200,3 +200,37 @@ def test_alarm_config_errors(alarms, message):
     raw["alarms"] = alarms
     with pytest.raises(ValueError, match=message):
         parse_config(raw, "tiny")
+
+
+def test_alarm_recheck_repeats_the_alarm_study_on_the_cache(tiny_run, capsys, tmp_path):
+    """``python -m sameguard.bench.alarm_recheck``: with marginal p-values it reproduces the run's own alarm
+    rows from the cache, without training anything; calibration-conditional p-values are never smaller,
+    so every alarm comes no earlier and no more benign clients are alarmed; the stream test is untouched."""
+    from sameguard.bench.alarm_recheck import main, recheck_alarms
+
+    config, out, _ = tiny_run
+    cached = sorted((p, p.stat().st_mtime_ns) for p in (out / "cache").rglob("*") if p.is_file())
+    records = recheck_alarms(config, out, conditional=[None, 0.01], echo=lambda _: None)
+    assert sorted((p, p.stat().st_mtime_ns) for p in (out / "cache").rglob("*") if p.is_file()) == cached  # nothing trained
+    saved = [r for r in json.loads((out / "results.json").read_text())["alarms"] if r["kind"] in ("attack", "benign")]
+    marginal = [{k: v for k, v in r.items() if k != "calibration_conditional"} for r in records
+                if r["calibration_conditional"] is None]
+    assert marginal == saved
+    conditional = {(r["kind"], r.get("attack"), r["alarm_set"]): r for r in records if r["calibration_conditional"] == 0.01}
+    assert len(conditional) == len(saved)
+    for r in saved:
+        c = conditional[(r["kind"], r.get("attack"), r["alarm_set"])]
+        if r["kind"] == "attack":
+            later = c["alarm_query"] is None or (r["alarm_query"] is not None and c["alarm_query"] >= r["alarm_query"])
+            assert later or r["alarm_set"] == "stream test", r
+            if r["alarm_set"] == "stream test":
+                assert c["alarm_query"] == r["alarm_query"]
+        else:
+            assert c["alarmed"] <= r["alarmed"] and c["skewed_alarmed"] <= r["skewed_alarmed"]
+    assert main(["--config", str(TINY), "--bench-dir", str(out), "--calibration-conditional", "none,0.01",
+                 "--out", str(tmp_path / "recheck.md")]) == 0
+    text = capsys.readouterr().out
+    assert "## marginal p-values" in text and "## calibration-conditional p-values, eta = 0.01" in text
+    assert text.count("| combination + stream test |") == 2 and (tmp_path / "recheck.md").read_text().strip() == text.strip()
+    with pytest.raises(SystemExit):
+        main(["--config", str(TINY), "--bench-dir", str(out), "--calibration-conditional", "1.5"])

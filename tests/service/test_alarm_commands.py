@@ -50,7 +50,8 @@ def test_alarms_calibrate_writes_alarms_that_serve_loads(artifacts, tmp_path):
                                        alarms=out))
     assert guard.alarms is not None
     assert guard.alarms.describe() | {"threshold_log10": 2.0} == {
-        "delta": 0.01, "scorers": ["mahalanobis"], "stream": False, "mode": "cusum", "threshold_log10": 2.0}
+        "delta": 0.01, "scorers": ["mahalanobis"], "stream": False, "mode": "cusum", "threshold_log10": 2.0,
+        "calibration_conditional": None}
     assert guard.alarms.scorers["mahalanobis"] is guard.detector  # scored once per batch
     verdict = guard.protect(torch.zeros(2, 1, 28, 28), "alice")
     assert all(d.evidence is not None for d in verdict.decisions)
@@ -78,10 +79,30 @@ def test_two_detectors_of_one_kind_are_named_by_folder_and_folders_can_be_overri
     assert guard.alarms.describe()["stream"] is True
 
 
+def test_alarms_calibrate_calibration_conditional_is_saved_and_served(artifacts, tmp_path):
+    out = tmp_path / "alarms"
+    code, text = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",
+                     str(artifacts / "maha-a"), "--images", str(artifacts / "benign.npy"), "--out", str(out),
+                     "--min-class-size", "20", "--calibration-conditional", "0.001")
+    assert code == 0 and "calibration-conditional at eta 0.001" in text
+
+    from sameguard.service.loading import load_guard
+    from sameguard.service.settings import ServiceSettings
+
+    guard = load_guard(ServiceSettings(victim=artifacts / "victim", detector=artifacts / "maha-a", alarms=out))
+    assert guard.alarms.describe()["calibration_conditional"] == 0.001
+    calibrator = guard.alarms.monitor.calibrators["mahalanobis"]
+    # the most suspicious score gets 1/(m+1) plus its reference's margin, no less
+    m = calibrator.reference(0).numel()
+    p = calibrator.p_values(torch.full((1,), float("inf"), dtype=torch.float64), torch.tensor([0]))
+    assert p.item() == pytest.approx(1 / (m + 1) + calibrator.margin(m), abs=1e-12) and calibrator.margin(m) > 0.05
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--detector", "{root}/vardetect"], "per-client detector"),
     (["--detector", "{root}/maha-a", "--delta", "1.5"], "--delta"),
     (["--detector", "{root}/missing"], "No artifact directory"),
+    (["--detector", "{root}/maha-a", "--calibration-conditional", "0"], "--calibration-conditional"),
 ])
 def test_alarms_calibrate_errors_exit_2_with_one_sentence(artifacts, tmp_path, capsys, argv, message):
     argv = [a.format(root=artifacts) for a in argv]

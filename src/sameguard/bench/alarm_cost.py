@@ -51,7 +51,7 @@ ARCH = "conv3"
 
 def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Tensor, *, delta: float,
                 stream: bool, seed: int, policy: str = "monitor", output: str = "probabilities",
-                per_query_fpr: float | None = None) -> Guard:
+                per_query_fpr: float | None = None, conditional: float | None = None) -> Guard:
     """The benchmark's protected model: per-client alarms over ``scorers`` (and the stream test),
     calibrated on ``calibration_x``; the first scorer is also the guard's per-query detector.
 
@@ -66,8 +66,10 @@ def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Te
         output: ``"probabilities"`` or ``"labels"``.
         per_query_fpr: ``None``: no per-query action before the alarm (threshold ``+inf``); else the
             first scorer's threshold is set for this benign false-positive rate.
+        conditional: ``eta`` for calibration-conditional p-values (``None``: marginal ones).
     """
-    alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed)
+    alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed,
+                                    conditional=conditional)
     threshold = None if per_query_fpr is not None else float("inf")
     guard = Guard(victim, scorers[next(iter(scorers))], Policy(policy, threshold=threshold), alarms=alarms,
                   output=output, keep_decisions=0, history=False)

@@ -73,18 +73,19 @@ class AlarmStudy:
         sets: from :func:`alarm_sets`.
         delta: the false-alarm bound.
         seed: for client draws and the p-values' smoothing.
+        conditional: ``eta`` for calibration-conditional p-values (``None``: marginal ones).
     """
 
     def __init__(self, victim: Any, detectors: Mapping[str, Any], calibration_x: torch.Tensor,
                  sets: Mapping[str, tuple[list[str], bool]], *, delta: float = 1e-3, seed: int = 0,
-                 batch_size: int = 512) -> None:
+                 batch_size: int = 512, conditional: float | None = None) -> None:
         self.victim, self.detectors, self.sets = victim, dict(detectors), dict(sets)
         self.delta = check_fraction(delta, "delta", include_low=False, include_high=False)
         self.seed, self.batch_size = seed, batch_size
         self.num_classes = int(victim.num_classes)
         calib = self.score(calibration_x)
-        self.calibrators = {label: ConformalCalibrator().fit(calib.scores[label], calib.labels, self.num_classes)
-                            for label in self.detectors}
+        self.calibrators = {label: ConformalCalibrator(conditional=conditional).fit(
+                                calib.scores[label], calib.labels, self.num_classes) for label in self.detectors}
 
     def score(self, x: torch.Tensor) -> _Scored:
         """Every detector's scores and the victim's labels for ``x``, in batches."""

@@ -102,6 +102,8 @@ class AlarmSpec:
     query of an alarmed client, and measure what normal users still get. ``per_query_fpr``: also act on
     single queries before the alarm, at SAME's threshold for that benign false-positive rate; ``None``
     (default) acts on alarmed clients only, so normal users lose nothing to per-query false positives.
+    ``calibration_conditional``: ``eta`` for calibration-conditional p-values
+    (:class:`~sameguard.evidence.ConformalCalibrator` ``conditional``); ``None`` (default): marginal ones.
     """
 
     detectors: tuple[str, ...]
@@ -113,6 +115,7 @@ class AlarmSpec:
     stream_queries: int = 1000
     actions: tuple[str, ...] = ()
     per_query_fpr: float | None = None
+    calibration_conditional: float | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
         return None
     w = f"{where} [alarms]"
     fields = {"detectors", "combination", "stream", "delta", "benign_clients", "client_queries", "stream_queries",
-              "actions", "per_query_fpr"}
+              "actions", "per_query_fpr", "calibration_conditional"}
     _unknown(raw, fields, w)
     labels = {d.label for d in detectors}
     chosen = tuple(_require(raw, "detectors", list, w))
@@ -201,7 +204,10 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
                          actions=tuple(check_choice(a, "each of actions", ("reject", "misinformation", "pow"))
                                        for a in raw.get("actions", ())),
                          per_query_fpr=None if raw.get("per_query_fpr") is None else check_fraction(
-                             raw["per_query_fpr"], "per_query_fpr", include_low=False, include_high=False))
+                             raw["per_query_fpr"], "per_query_fpr", include_low=False, include_high=False),
+                         calibration_conditional=None if raw.get("calibration_conditional") is None else check_fraction(
+                             raw["calibration_conditional"], "calibration_conditional", include_low=False,
+                             include_high=False))
     except ValueError as exc:
         raise ValueError(f"{w}: {exc}") from None
     return spec

@@ -269,7 +269,8 @@ def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dic
     assert spec is not None
     sets = alarm_sets(spec.detectors, spec.combination, spec.stream)
     study = AlarmStudy(run.victim, {label: detectors[label][1] for label in set(spec.detectors + spec.combination)},
-                       run.alarm_calibration.images, sets, delta=spec.delta, seed=run.seed)
+                       run.alarm_calibration.images, sets, delta=spec.delta, seed=run.seed,
+                       conditional=spec.calibration_conditional)
     base = {"dataset": run.dataset, "seed": run.seed, "delta": spec.delta}
     records = []
     for label, attack in streams.items():
@@ -301,7 +302,7 @@ def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -
     assert spec is not None
     return alarm_guard(run.victim, _alarm_scorers(run, detectors), run.alarm_calibration.images, delta=spec.delta,
                        stream=spec.stream, seed=run.seed, policy=policy, output=output,
-                       per_query_fpr=spec.per_query_fpr)
+                       per_query_fpr=spec.per_query_fpr, conditional=spec.calibration_conditional)
 
 
 def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -386,9 +387,15 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return records, alarms
 
 
+#: ``[alarms]`` options added after results were saved: at ``None`` they leave a seed's key as it was.
+_LATER_ALARM_OPTIONS = ("calibration_conditional",)
+
+
 def _seed_results_path(config: BenchConfig, dataset: str, seed: int, cache: Path) -> Path:
     """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds."""
     kept = {k: v for k, v in config.to_dict().items() if k not in ("name", "seeds", "source")}
+    if kept.get("alarms") is not None:  # options added later change the key only when they are set
+        kept["alarms"] = {k: v for k, v in kept["alarms"].items() if not (k in _LATER_ALARM_OPTIONS and v is None)}
     key = cache_key(kind="seed-results", config=kept, dataset=dataset, seed=seed)
     return cache / f"results-{dataset}-seed{seed}-{key}.json"
 

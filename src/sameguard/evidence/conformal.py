@@ -10,13 +10,24 @@ calibration, ALRW chapter 4): scores such as a reconstruction error differ betwe
 benign client asking about one class only would look anomalous against pooled calibration.
 
 Caveat: one fixed calibration set makes a client's successive p-values only marginally valid and
-slightly positively dependent (Bates et al. 2023); with thousands of calibration scores per class
-the effect is small, but measure the false-alarm rate on simulated benign clients.
+slightly positively dependent (Bates et al. 2023): given the calibration set, a benign client's
+p-values are independent but not exactly uniform, so a test martingale over a long stream can drift
+upwards on an unlucky calibration draw. ``conditional=eta`` removes this (calibration-conditional
+p-values, Bates et al. 2023, section 3, with the DKW inequality of Massart 1990): each conservative
+p-value is raised by ``eps(m) = sqrt(log(R / eta) / (2 m))`` for a reference of ``m`` scores (``R``
+references in all, a union bound), capped at 1. With probability at least ``1 - eta`` over the
+calibration draw, every reference's empirical survival function is within ``eps`` of the true one,
+and then the adjusted p-value of a benign query is super-uniform *given the calibration set*: a
+benign client's martingale is a test supermartingale for this very calibration, and
+``P(ever alarmed | calibration) <= delta`` holds for every client at once. The price is power: no
+p-value falls below ``eps`` (about 0.1 with 500 scores per class), so a blatant attacker needs more
+queries before its alarm.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +37,7 @@ import torch
 
 from ..api import ArtifactError, NotFittedError
 from ..artifacts import load_artifact, save_artifact
-from ..validation import check_int
+from ..validation import check_fraction, check_int
 
 if TYPE_CHECKING:
     from typing import Self
@@ -105,6 +116,10 @@ class ConformalCalibrator:
             deterministic).
         min_class_size: smallest number of calibration scores for a class to get its own reference;
             at least 1.
+        conditional: ``None`` (default): marginal conformal p-values. ``eta`` in (0, 1):
+            calibration-conditional p-values (see the module docstring): the conservative p-value
+            plus :meth:`margin` of its reference, capped at 1, super-uniform given the calibration set
+            with probability at least ``1 - eta`` over its draw (``smoothed`` is then ignored).
 
     Attributes (after :meth:`fit`):
         num_classes_: number of classes ``K``.
@@ -114,11 +129,13 @@ class ConformalCalibrator:
         class_offsets_: ``(K + 1,)`` int64; class ``c`` is ``class_scores_[offsets[c]:offsets[c+1]]``.
     """
 
-    def __init__(self, smoothed: bool = True, min_class_size: int = 50) -> None:
+    def __init__(self, smoothed: bool = True, min_class_size: int = 50, conditional: float | None = None) -> None:
         if not isinstance(smoothed, bool):
             raise ValueError(f"smoothed must be True or False, got {smoothed!r}.")
         self.smoothed = smoothed
         self.min_class_size = check_int(min_class_size, "min_class_size", minimum=1)
+        self.conditional = None if conditional is None else check_fraction(
+            conditional, "conditional", include_low=False, include_high=False)
         self.num_classes_: int | None = None
         self.class_conditional_ = False
         self.pooled_: torch.Tensor | None = None
@@ -187,6 +204,27 @@ class ConformalCalibrator:
             return self.pooled_
         return self.class_scores_[start:stop]
 
+    def margin(self, size: int) -> float:
+        """The calibration-conditional margin ``sqrt(log(R / eta) / (2 size))`` added to the p-values of a
+        reference of ``size`` scores (``0.0`` without ``conditional``).
+
+        ``R`` counts the references a p-value can use: one per class with its own reference plus the
+        pooled one (one in all when not class-conditional); the union bound over them makes the
+        DKW bound hold for all of them at once with probability at least ``1 - eta``.
+        """
+        if self.conditional is None:
+            return 0.0
+        self._check_fitted()
+        key = (id(self.class_offsets_), self.class_conditional_, self.min_class_size)
+        cached = getattr(self, "_references", None)
+        if cached is None or cached[0] != key:
+            own = 0
+            if self.class_conditional_:
+                counts = self.class_offsets_[1:] - self.class_offsets_[:-1]
+                own = int((counts >= self.min_class_size).sum())
+            cached = self._references = (key, own + 1, self.class_offsets_)  # holds the id's owner
+        return math.sqrt(math.log(cached[1] / self.conditional) / (2.0 * size))
+
     # ---------------------------------------------------------------------------------- p-values
     def p_values(self, scores: torch.Tensor, labels: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, theta: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,7 +253,7 @@ class ConformalCalibrator:
         else:
             theta = _as_theta(theta, n)
         if not self.class_conditional_:
-            return conformal_p_values(self.pooled_, scores, theta)
+            return self.checked_p_values(scores, None, theta)
         if labels is None:
             raise ValueError("This calibrator is class-conditional: pass labels, the victim's predicted "
                              "label of each query.")
@@ -226,20 +264,30 @@ class ConformalCalibrator:
         """:meth:`p_values` of inputs the caller has already checked: ``(N,)`` float64 CPU scores,
         ``(N,)`` int64 CPU labels in ``[0, K)`` (or ``None`` when not class-conditional), ``(N,)``
         float64 ``theta`` in (0, 1] (ignored unless ``smoothed``). The per-query hot path."""
-        if not self.smoothed:
+        if not self.smoothed or self.conditional is not None:
             theta = None
         if not self.class_conditional_ or labels is None:
-            return conformal_p_values(self.pooled_, scores, theta)
+            return self._adjusted(conformal_p_values(self.pooled_, scores, theta), self.pooled_.numel())
         n = scores.numel()
         first = int(labels[0])
         if n == 1 or bool((labels == first).all()):  # one class: no grouping needed
-            return conformal_p_values(self.reference(first), scores, theta)
+            reference = self.reference(first)
+            return self._adjusted(conformal_p_values(reference, scores, theta), reference.numel())
         out = torch.empty(n, dtype=torch.float64)
         for label in torch.unique(labels).tolist():  # a loop over classes, not over queries
             mask = labels == label
-            out[mask] = conformal_p_values(self.reference(label), scores[mask],
-                                           None if theta is None else theta[mask])
+            reference = self.reference(label)
+            out[mask] = self._adjusted(conformal_p_values(reference, scores[mask], None if theta is None else theta[mask]),
+                                       reference.numel())
         return out
+
+    def _adjusted(self, p: torch.Tensor | np.ndarray, size: int) -> torch.Tensor | np.ndarray:
+        """``min(1, p + margin(size))`` with ``conditional`` (the same float64 operations for tensors and
+        arrays, so both paths give the same bits), else ``p`` itself."""
+        if self.conditional is None:
+            return p
+        margin = self.margin(size)
+        return torch.clamp(p + margin, max=1.0) if isinstance(p, torch.Tensor) else np.minimum(p + margin, 1.0)
 
     def p_values_array(self, scores: np.ndarray, labels: np.ndarray | None, theta: np.ndarray | None) -> np.ndarray:
         """:meth:`checked_p_values` on NumPy arrays (equal bits; the monitor's per-request path).
@@ -252,18 +300,20 @@ class ConformalCalibrator:
         Returns:
             ``(N,)`` float64 p-values in (0, 1].
         """
-        if not self.smoothed:
+        if not self.smoothed or self.conditional is not None:
             theta = None
         refs = self._reference_arrays()
         if not self.class_conditional_ or labels is None:
-            return conformal_p_values_array(refs[-1], scores, theta)
+            return self._adjusted(conformal_p_values_array(refs[-1], scores, theta), refs[-1].shape[0])
         first = int(labels[0])
         if labels.shape[0] == 1 or bool((labels == first).all()):  # one class: no grouping needed
-            return conformal_p_values_array(refs[first], scores, theta)
+            return self._adjusted(conformal_p_values_array(refs[first], scores, theta), refs[first].shape[0])
         out = np.empty(scores.shape[0], dtype=np.float64)
         for label in np.unique(labels).tolist():  # a loop over classes, not over queries
             mask = labels == label
-            out[mask] = conformal_p_values_array(refs[label], scores[mask], None if theta is None else theta[mask])
+            out[mask] = self._adjusted(conformal_p_values_array(refs[label], scores[mask],
+                                                                None if theta is None else theta[mask]),
+                                       refs[label].shape[0])
         return out
 
     def _reference_arrays(self) -> list[np.ndarray]:
@@ -290,13 +340,15 @@ class ConformalCalibrator:
         """JSON-serialisable hyper-parameters and fitted sizes."""
         self._check_fitted()
         return {"smoothed": self.smoothed, "min_class_size": self.min_class_size,
-                "num_classes": self.num_classes_, "class_conditional": self.class_conditional_}
+                "num_classes": self.num_classes_, "class_conditional": self.class_conditional_,
+                "conditional": self.conditional}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], config: dict[str, Any]) -> ConformalCalibrator:
         """Rebuild a fitted calibrator from :meth:`state_dict` and :meth:`config` (checked)."""
         try:
-            calibrator = cls(smoothed=config["smoothed"], min_class_size=config["min_class_size"])
+            calibrator = cls(smoothed=config["smoothed"], min_class_size=config["min_class_size"],
+                             conditional=config.get("conditional"))  # absent in calibrations saved before it
             num_classes = check_int(config["num_classes"], "num_classes", minimum=1)
             pooled, class_scores, offsets = state["pooled"], state["class_scores"], state["class_offsets"]
             class_conditional = bool(config["class_conditional"])
