@@ -48,3 +48,7 @@ def test_bench_service_workers_errors(tmp_path):
         bench_service_main(parser.parse_args(["bench-service", "--workers", "2", "--workers-threads", "0"]))
     with pytest.raises(ValueError, match="redis://"):
         bench_service_main(parser.parse_args(["bench-service", "--workers", "2", "--workers-state", "memory://"]))
+    with pytest.raises(ValueError, match="redis://"):  # the Ray rows share their state in Redis too
+        bench_service_main(parser.parse_args(["bench-service", "--ray-replicas", "1", "--workers-state", "memory://"]))
+    args = parser.parse_args(["bench-service", "--ray-replicas", "1,2"])
+    assert (args.ray_replicas, parser.parse_args(["bench-service"]).ray_replicas) == ([1, 2], [])

@@ -95,6 +95,44 @@ def test_measure_workers_starts_serve_with_redis_and_counts_the_audit(tmp_path, 
         client.close()
 
 
+def test_serve_command_per_engine_keeps_urls_off_the_command_line():
+    from sameguard.bench.service_bench import LatencyRow, ServiceBenchResult, serve_command
+
+    common = dict(policy="monitor", port=8123, workers=2, prefix="sgbench:x:", threads=1)
+    uvicorn = serve_command("v", "d", **common)
+    ray = serve_command("v", "d", engine="ray", **common)
+    assert uvicorn[uvicorn.index("--workers") + 1] == "2" and "--engine" not in uvicorn
+    assert ray[ray.index("--engine") + 1] == "ray" and ray[ray.index("--ray-replicas") + 1] == "2"
+    assert ray[ray.index("--ray-replica-cpus") + 1] == "1" and "--workers" not in ray
+    for cmd in (uvicorn, ray):
+        assert not any("://" in a for a in cmd)  # database and Redis URLs go in the environment
+        assert cmd[cmd.index("--state-prefix") + 1] == "sgbench:x:"
+    with pytest.raises(ValueError, match="engine"):
+        serve_command("v", "d", engine="gunicorn", **common)
+    row = dict(setting="monitor-batched", batch=1, requests=8, concurrency=4, seconds=1.0, requests_per_s=8.0,
+               images_per_s=8.0, p50_ms=1.0, p99_ms=2.0, errors=0, workers=2)
+    text = ServiceBenchResult(latency=[LatencyRow(**row), LatencyRow(**row, engine="ray")]).markdown()
+    assert "| monitor-batched, serve --workers 2 (Redis) |" in text
+    assert "| monitor-batched, serve --engine ray --ray-replicas 2 (Redis) |" in text
+
+
+@pytest.mark.slow  # the child process starts a local Ray instance and a Serve replica: ~30-60 s on 2 cores
+def test_measure_workers_with_ray_serve_answers_and_audits(tmp_path, redis_server):
+    from _servers import require_module
+    from sameguard.bench.service_bench import measure_workers
+
+    require_module("ray", "ray")  # skips on a user's machine without Ray; fails under CI=true
+
+    victim_dir, detector_dir = _saved_models(tmp_path)
+    lines: list[str] = []
+    [row] = measure_workers(victim_dir, detector_dir, torch.rand(8, 1, 28, 28) * 2 - 1, workers=(1,),
+                            state_url=redis_server.url, requests=8, concurrency=4, workdir=tmp_path, engine="ray",
+                            echo=lines.append, startup_timeout=240)
+    assert (row.engine, row.workers, row.requests, row.errors) == ("ray", 1, 8, 0)
+    assert row.answered == row.audit_rows >= 8  # every answered image audited, through Ray's proxy
+    assert "serve --engine ray --ray-replicas 1" in lines[0]
+
+
 def test_measure_workers_rejects_bad_arguments(tmp_path):
     from sameguard.bench.service_bench import measure_workers, worker_threads
 

@@ -85,6 +85,10 @@ def _add_bench_service_parser(sub: Any) -> None:
                         "--workdir; e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
     p.add_argument("--workers-threads", type=int, default=None,
                    help="torch threads per worker in the --workers rows (default: the CPU cores divided by N)")
+    p.add_argument("--ray-replicas", default=[], type=worker_counts, metavar="N,N",
+                   help="also time 'sameguard serve --engine ray --ray-replicas N' (a local Ray instance, one CPU "
+                        "reserved per replica, state in --workers-state, keys and audit as --workers-db), one row "
+                        "per N, like the --workers rows (default: none; needs pip install 'sameguard[ray]')")
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 
 
@@ -101,7 +105,11 @@ def bench_service_main(args: argparse.Namespace) -> int:
 
     if args.workers_threads is not None and args.workers_threads < 1:
         raise ValueError(f"--workers-threads must be a positive integer, got {args.workers_threads}.")
-    if args.workers and not args.workers_state.startswith(("redis://", "rediss://")):
+    if args.ray_replicas:
+        from ..service.ray_engine import require_ray
+
+        require_ray()  # before anything is trained: one sentence saying what to install
+    if (args.workers or args.ray_replicas) and not args.workers_state.startswith(("redis://", "rediss://")):
         from ..service.store import redact_store_url
 
         raise ValueError(f"--workers-state must be a redis:// URL (the workers share their state there), got "
@@ -113,7 +121,8 @@ def bench_service_main(args: argparse.Namespace) -> int:
         settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
-        workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads)
+        workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads,
+        ray_replicas=tuple(args.ray_replicas))
     print(result.markdown(), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

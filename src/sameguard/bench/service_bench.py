@@ -80,8 +80,11 @@ class LatencyRow:
     p50_ms: float
     p99_ms: float
     errors: int
-    #: ``None``: the app in a uvicorn thread of this process; ``N``: ``sameguard serve --workers N`` (Redis state).
+    #: ``None``: the app in a uvicorn thread of this process; ``N``: ``sameguard serve --workers N`` (Redis state),
+    #: or N Ray Serve replicas with ``engine="ray"``.
     workers: int | None = None
+    #: worker rows: ``"uvicorn"`` (``serve --workers N``) or ``"ray"`` (``serve --engine ray --ray-replicas N``).
+    engine: str = "uvicorn"
     #: worker rows: audit rows found for the run's client afterwards (answered images, warm-up included).
     audit_rows: int | None = None
     #: worker rows: images answered with 200 (warm-up included), what ``audit_rows`` must equal.
@@ -125,7 +128,7 @@ class ServiceBenchResult:
                       "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
-                setting = r.setting if r.workers is None else f"{r.setting}, serve --workers {r.workers} (Redis)"
+                setting = r.setting if r.workers is None else f"{r.setting}, {server_label(r.engine, r.workers)} (Redis)"
                 lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
                              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} |")
             lines.append("")
@@ -347,17 +350,35 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
     return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
 
 
-def _start_serve_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, *, policy: str, port: int,
-                         workers: int, prefix: str, threads: int, db_url: str, state_url: str,
-                         log_path: Path) -> subprocess.Popen:
-    """``sameguard serve --workers N`` in a child process (its own session), output to ``log_path``;
-    rate limits out of the way, the database and Redis URLs in its environment, not on its command
-    line, where ``ps`` would show their passwords."""
-    cmd = [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(victim_dir), "--detector",
-           str(detector_dir), "--policy", policy, "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers), "--state-prefix", prefix, "--torch-threads", str(threads),
-           "--rate", "1e9", "--burst", str(10 ** 9), "--request-rate", "1e9", "--request-burst", str(10 ** 9),
-           "--log-level", "warning"]
+#: How a worker row's server is started, per engine (followed by the worker or replica count).
+SERVER_OPTIONS = {"uvicorn": "serve --workers", "ray": "serve --engine ray --ray-replicas"}
+
+
+def server_label(engine: str, n: int) -> str:
+    """How a worker row's server was started, for the report."""
+    return f"{SERVER_OPTIONS[engine]} {n}"
+
+
+def serve_command(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, *, policy: str, port: int,
+                  workers: int, prefix: str, threads: int, engine: str = "uvicorn") -> list[str]:
+    """The argv of ``sameguard serve`` for one worker row: ``workers`` uvicorn workers, or as many Ray Serve
+    replicas (one CPU reserved each, on a local Ray instance) with ``engine="ray"``; rate limits out of the
+    way; no URL with a password in it (those go in the environment)."""
+    if engine not in SERVER_OPTIONS:
+        raise ValueError(f"engine must be one of {sorted(SERVER_OPTIONS)}, got {engine!r}.")
+    scale = ["--workers", str(workers)] if engine == "uvicorn" else \
+        ["--engine", "ray", "--ray-replicas", str(workers), "--ray-replica-cpus", "1"]
+    return [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(victim_dir), "--detector",
+            str(detector_dir), "--policy", policy, "--host", "127.0.0.1", "--port", str(port), *scale,
+            "--state-prefix", prefix, "--torch-threads", str(threads),
+            "--rate", "1e9", "--burst", str(10 ** 9), "--request-rate", "1e9", "--request-burst", str(10 ** 9),
+            "--log-level", "warning"]
+
+
+def _start_serve_workers(cmd: list[str], *, db_url: str, state_url: str, log_path: Path) -> subprocess.Popen:
+    """``cmd`` (:func:`serve_command`) in a child process (its own session), output to ``log_path``; the
+    database and Redis URLs in its environment, not on its command line, where ``ps`` would show their
+    passwords."""
     env = dict(os.environ, SAMEGUARD_KEY_CACHE_S="60", SAMEGUARD_DB_URL=db_url, SAMEGUARD_STATE_URL=state_url)
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -367,8 +388,9 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                     workers: Sequence[int] = (1, 2), state_url: str = DEFAULT_WORKERS_STATE, db_url: str | None = None,
                     requests: int = 200, concurrency: int = 16, torch_threads: int | None = None,
                     policy: str = "monitor", workdir: Path | None = None, startup_timeout: float = 180.0,
-                    echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
-    """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N``; one row each.
+                    engine: str = "uvicorn", echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
+    """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N``; one row each
+    (``engine="ray"``: ``serve --engine ray --ray-replicas N``, a local Ray instance started by the server).
 
     Each row starts the real server on a free port of 127.0.0.1 with the saved models, ``policy``
     (``monitor``: every query scored), dynamic batching at ``serve``'s defaults, rate limits out of
@@ -379,7 +401,7 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
     Args:
         victim_dir, detector_dir: saved (calibrated) artifacts, as ``serve`` loads them.
         images: ``(M, C, H, W)`` benign images to send (cycled).
-        workers: worker counts, one row each.
+        workers: worker (or Ray Serve replica) counts, one row each.
         state_url: the Redis URL (``redis://HOST:PORT/DB``).
         db_url: keys and audit database (default: a fresh SQLite file per row under ``workdir``);
             a shared one (PostgreSQL) gets a client name of its own per row.
@@ -410,15 +432,16 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
     for n in workers:
         run_id = uuid.uuid4().hex[:10]
         prefix, client_name = f"sgbench:{run_id}:", f"bench-w{n}-{run_id}"
-        url = db_url or f"sqlite:///{base / f'audit-workers-{n}.db'}"
-        engine = make_engine(url)
-        init_db(engine)
-        _, token = KeyStore(engine, cache_s=0).create(client_name)
+        url = db_url or f"sqlite:///{base / f'audit-{engine}-{n}.db'}"
+        database = make_engine(url)
+        init_db(database)
+        _, token = KeyStore(database, cache_s=0).create(client_name)
         port = _free_port()
         threads = torch_threads or worker_threads(n)
-        log_path = base / f"serve-workers-{n}.log"
-        proc = _start_serve_workers(victim_dir, detector_dir, policy=policy, port=port, workers=n, prefix=prefix,
-                                    threads=threads, db_url=url, state_url=state_url, log_path=log_path)
+        log_path = base / f"serve-{engine}-{n}.log"
+        cmd = serve_command(victim_dir, detector_dir, policy=policy, port=port, workers=n, prefix=prefix,
+                            threads=threads, engine=engine)
+        proc = _start_serve_workers(cmd, db_url=url, state_url=state_url, log_path=log_path)
         headers = {"X-API-Key": token, "content-type": "application/json"}
         server_url = f"http://127.0.0.1:{port}"
         warm_ok = 0
@@ -436,16 +459,17 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
             _stop(proc)
             deleted = _delete_prefix(state_url, prefix)
             logger.info("Deleted %d Redis keys under %s", deleted, prefix)
-        with engine.connect() as conn:
+        with database.connect() as conn:
             audit_rows = int(conn.execute(select(func.count()).select_from(audit_log)
                                           .where(audit_log.c.client == client_name)).scalar_one())
-        engine.dispose()
+        database.dispose()
         row = LatencyRow(setting=f"{policy}-batched", batch=1, requests=requests, concurrency=concurrency, seconds=wall,
                          requests_per_s=requests / wall, images_per_s=requests / wall,
                          p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
-                         errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors)
+                         errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors,
+                         engine=engine)
         rows.append(row)
-        echo(f"serve --workers {n} (Redis, {threads} torch thread(s) each) batch 1: {row.requests_per_s:7.1f} req/s, "
+        echo(f"{server_label(engine, n)} (Redis, {threads} torch thread(s) each) batch 1: {row.requests_per_s:7.1f} req/s, "
              f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
              f"{audit_rows}/{row.answered}")
     return rows
@@ -549,7 +573,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                       knockoff_proxies: Sequence[str] = ("digits", "fashion-mnist"), seed: int = 0, progress: bool | None = None,
                       workers: Sequence[int] = (), workers_state: str = DEFAULT_WORKERS_STATE,
                       workers_db: str | None = None, workers_threads: int | None = None,
-                      echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
+                      ray_replicas: Sequence[int] = (), echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
     """Both parts on a Fashion-MNIST victim; returns the rows and a Markdown report.
 
     ``victim_dir`` / ``detector_dir``: saved artifacts (e.g. from ``sameguard demo``'s cache); by
@@ -563,6 +587,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     ``sameguard serve --workers N --state workers_state``, guarded single images, ``concurrency``
     clients, ``requests`` requests); empty (default): none. Without ``victim_dir`` / ``detector_dir``
     the trained models are saved under ``workdir/workers-artifacts`` for the server to load.
+    ``ray_replicas``: the same rows for ``sameguard serve --engine ray --ray-replicas N``.
     """
     from ..data import load_dataset
 
@@ -581,7 +606,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         "victim": getattr(victim, "arch", None), "victim_dataset": victim.dataset, "detector": type(detector).__name__,
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
-        "workers": list(workers),
+        "workers": list(workers), "ray_replicas": list(ray_replicas),
     })
     with torch.no_grad():
         eval_set = test.subset(eval_idx)
@@ -590,25 +615,29 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         result.latency = measure_service(victim, detector, test.images[benign_idx[:256]], settings=settings,
                                          batch_sizes=batch_sizes, requests=requests, requests_large=requests_large,
                                          concurrency=concurrency, workdir=workdir, echo=echo)
-    if workers:
+    if workers or ray_replicas:
         from ..service.store import redact_store_url
 
         v_dir, d_dir = victim_dir, detector_dir
         if v_dir is None or d_dir is None:  # the server loads folders: save what was trained or loaded
             v_dir, d_dir = victim.save(workdir / "workers-artifacts" / "victim"), detector.save(
                 workdir / "workers-artifacts" / "same")
-        rows = measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=workers, state_url=workers_state,
-                               db_url=workers_db, requests=requests, concurrency=concurrency,
-                               torch_threads=workers_threads, workdir=workdir, echo=echo)
-        result.latency += rows
-        result.config.update(workers_state=redact_store_url(workers_state),
-                             workers_threads={r.workers: workers_threads or worker_threads(r.workers) for r in rows})
-        result.notes.append("'serve --workers N' rows: the real server in a child process (N uvicorn workers, rate "
-                            "limits and challenges in Redis under a key prefix of the row, deleted afterwards; torch "
-                            "threads per worker: "
-                            + ", ".join(f"{n} workers: {t}" for n, t in result.config["workers_threads"].items())
-                            + "); audit rows found / images answered: "
-                            + ", ".join(f"{r.workers} workers: {r.audit_rows}/{r.answered}" for r in rows) + ".")
+        result.config.update(workers_state=redact_store_url(workers_state))
+        for engine, counts, what in (("uvicorn", workers, "uvicorn workers"), ("ray", ray_replicas, "Ray Serve replicas")):
+            if not counts:
+                continue
+            rows = measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=counts, state_url=workers_state,
+                                   db_url=workers_db, requests=requests, concurrency=concurrency,
+                                   torch_threads=workers_threads, workdir=workdir, engine=engine, echo=echo)
+            result.latency += rows
+            threads = {r.workers: workers_threads or worker_threads(r.workers) for r in rows}
+            result.config["workers_threads" if engine == "uvicorn" else "ray_replica_threads"] = threads
+            result.notes.append(
+                f"'{SERVER_OPTIONS[engine]} N' rows: the real server in a child process (N {what}, "
+                "rate limits and challenges in Redis under a key prefix of the row, deleted afterwards; torch threads "
+                "each: " + ", ".join(f"N = {n}: {t}" for n, t in threads.items())
+                + "); audit rows found / images answered: "
+                + ", ".join(f"N = {r.workers}: {r.audit_rows}/{r.answered}" for r in rows) + ".")
     if attacks:
         train = load_dataset(victim.dataset, "train")
         seeds_set = train.take(150, seed=seed + 1)
