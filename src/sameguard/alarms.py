@@ -126,7 +126,7 @@ class ClientAlarms:
             mode: ``"ville"`` (alarm probability <= delta, ever), ``"cusum"`` or
                 ``"shiryaev-roberts"`` (react faster to a client that turns bad; they bound the mean
                 time to a false alarm instead, see :mod:`sameguard.evidence.martingale`).
-            conditional: ``eta`` in (0, 1) for calibration-conditional p-values: with probability at
+            conditional: ``eta`` in (0, 0.5] for calibration-conditional p-values: with probability at
                 least ``1 - eta`` over the draw of ``benign_x``, the ``delta`` bound holds given these
                 very calibration images (:class:`~sameguard.evidence.ConformalCalibrator`); ``None``
                 (default): marginal p-values, whose bound holds on average over calibration draws.

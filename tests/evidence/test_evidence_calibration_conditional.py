@@ -84,8 +84,8 @@ def test_calibration_saved_before_the_option_loads_as_marginal():
     assert ConformalCalibrator.from_state(calibrator.state_dict(), config).conditional is None
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0, -0.1, 2.0, float("nan"), "0.1"])
-def test_eta_must_be_in_the_open_unit_interval(eta):
+@pytest.mark.parametrize("eta", [0.0, 0.6, 1.0, -0.1, 2.0, float("nan"), "0.1"])
+def test_eta_must_be_in_zero_to_one_half(eta):
     with pytest.raises(ValueError, match="conditional"):
         ConformalCalibrator(conditional=eta)
 

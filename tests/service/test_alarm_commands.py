@@ -103,6 +103,7 @@ def test_alarms_calibrate_calibration_conditional_is_saved_and_served(artifacts,
     (["--detector", "{root}/maha-a", "--delta", "1.5"], "--delta"),
     (["--detector", "{root}/missing"], "No artifact directory"),
     (["--detector", "{root}/maha-a", "--calibration-conditional", "0"], "--calibration-conditional"),
+    (["--detector", "{root}/maha-a", "--calibration-conditional", "0.7"], "--calibration-conditional"),
 ])
 def test_alarms_calibrate_errors_exit_2_with_one_sentence(artifacts, tmp_path, capsys, argv, message):
     argv = [a.format(root=artifacts) for a in argv]

@@ -94,8 +94,8 @@ def _parse_conditional(text: str) -> list[float | None]:
             eta = float(part)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r} is neither 'none' nor a number") from None
-        if not 0.0 < eta < 1.0:
-            raise argparse.ArgumentTypeError(f"eta must be in (0, 1), got {part}")
+        if not 0.0 < eta <= 0.5:
+            raise argparse.ArgumentTypeError(f"eta must be in (0, 0.5], got {part}")
         values.append(eta)
     return values
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="standard", help="profile name or TOML file (default standard)")
     p.add_argument("--bench-dir", default=None, help="the profile's bench folder (default runs/bench/<profile>)")
     p.add_argument("--calibration-conditional", type=_parse_conditional, default=[None, 1e-3],
-                   help="comma-separated values: 'none' (marginal p-values) or eta in (0, 1) (default none,1e-3)")
+                   help="comma-separated values: 'none' (marginal p-values) or eta in (0, 0.5] (default none,1e-3)")
     p.add_argument("--seeds", type=_parse_seeds, default=None, help="comma-separated seeds (default: the profile's)")
     p.add_argument("--data-dir", default=None, help="folder holding dataset files")
     p.add_argument("--out", default=None, help="also write the Markdown to this file")

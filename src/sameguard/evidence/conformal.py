@@ -16,7 +16,8 @@ upwards on an unlucky calibration draw. ``conditional=eta`` removes this (calibr
 p-values, Bates et al. 2023, section 3, with the DKW inequality of Massart 1990): each conservative
 p-value is raised by ``eps(m) = sqrt(log(R / eta) / (2 m))`` for a reference of ``m`` scores (``R``
 references in all, a union bound), capped at 1. With probability at least ``1 - eta`` over the
-calibration draw, every reference's empirical survival function is within ``eps`` of the true one,
+calibration draw, every reference's empirical survival function is within ``eps`` of the true one
+(Massart's one-sided bound ``exp(-2 m eps^2)``, valid where it is at most 1/2: ``eta <= 1/2``),
 and then the adjusted p-value of a benign query is super-uniform *given the calibration set*: a
 benign client's martingale is a test supermartingale for this very calibration, and
 ``P(ever alarmed | calibration) <= delta`` holds for every client at once. The price is power: no
@@ -116,7 +117,7 @@ class ConformalCalibrator:
             deterministic).
         min_class_size: smallest number of calibration scores for a class to get its own reference;
             at least 1.
-        conditional: ``None`` (default): marginal conformal p-values. ``eta`` in (0, 1):
+        conditional: ``None`` (default): marginal conformal p-values. ``eta`` in (0, 0.5]:
             calibration-conditional p-values (see the module docstring): the conservative p-value
             plus :meth:`margin` of its reference, capped at 1, super-uniform given the calibration set
             with probability at least ``1 - eta`` over its draw (``smoothed`` is then ignored).
@@ -136,6 +137,8 @@ class ConformalCalibrator:
         self.min_class_size = check_int(min_class_size, "min_class_size", minimum=1)
         self.conditional = None if conditional is None else check_fraction(
             conditional, "conditional", include_low=False, include_high=False)
+        if self.conditional is not None and self.conditional > 0.5:  # Massart's bound needs eta / R <= 1/2
+            raise ValueError(f"conditional must be a number in (0, 0.5], got {conditional!r}.")
         self.num_classes_: int | None = None
         self.class_conditional_ = False
         self.pooled_: torch.Tensor | None = None
