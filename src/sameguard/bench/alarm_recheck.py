@@ -56,8 +56,8 @@ def recheck_alarms(config: BenchConfig, bench_dir: str | Path, *, conditional: S
         data_dir: folder of the dataset files.
 
     Returns:
-        The records of :func:`~sameguard.bench.runner._alarm_records`, each with its
-        ``calibration_conditional``.
+        The records of :func:`~sameguard.bench.runner._alarm_records` (each names its
+        ``calibration_conditional``).
     """
     if config.alarms is None:
         raise ValueError(f"The profile {config.name} has no [alarms] table: there is no alarm study to repeat.")
@@ -78,8 +78,7 @@ def recheck_alarms(config: BenchConfig, bench_dir: str | Path, *, conditional: S
             for eta in conditional:
                 alarms = dataclasses.replace(config.alarms, calibration_conditional=eta)
                 variant = dataclasses.replace(run, config=dataclasses.replace(subset, alarms=alarms))
-                records += [{**r, "calibration_conditional": eta}
-                            for r in _alarm_records(variant, streams, detectors)]
+                records += _alarm_records(variant, streams, detectors)
     return records
 
 

@@ -198,10 +198,12 @@ def alarm_report(records: Sequence[Mapping[str, Any]]) -> list[str]:
     if not alarms:
         return extraction_report(records)
     delta = alarms[0]["delta"]
+    eta = alarms[0].get("calibration_conditional")  # absent in records saved before the option
+    p_values = "" if eta is None else f", calibration-conditional p-values at eta = {eta:g}"
     attacks = list(dict.fromkeys(r["attack"] for r in alarms if r["kind"] == "attack"))
     sets = list(dict.fromkeys(r["alarm_set"] for r in alarms))
     length = {a: max(r["stream_length"] for r in alarms if r.get("attack") == a) for a in attacks}
-    lines = ["", f"### Per-client alarms (delta = {delta:g}): queries until alarm, median [range] over seeds", "",
+    lines = ["", f"### Per-client alarms (delta = {delta:g}{p_values}): queries until alarm, median [range] over seeds", "",
              "Attack streams are each attack's first queries in order (`> n`: not alarmed within its n queries). "
              "Calibration: one half of the test split (unseen by victim and detectors). Benign: random clients "
              "drawn from the other half, and class-skewed clients (one per class and per pair of classes); the "

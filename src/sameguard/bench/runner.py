@@ -271,7 +271,8 @@ def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dic
     study = AlarmStudy(run.victim, {label: detectors[label][1] for label in set(spec.detectors + spec.combination)},
                        run.alarm_calibration.images, sets, delta=spec.delta, seed=run.seed,
                        conditional=spec.calibration_conditional)
-    base = {"dataset": run.dataset, "seed": run.seed, "delta": spec.delta}
+    base = {"dataset": run.dataset, "seed": run.seed, "delta": spec.delta,
+            "calibration_conditional": spec.calibration_conditional}
     records = []
     for label, attack in streams.items():
         found = study.queries_until_alarm(attack["stream_tensor"])
