@@ -53,16 +53,23 @@ def test_alternate_median_ms_times_every_guard_on_every_query(networks):
     assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
     assert calls[:2] == [("warm-up", 1)] * 2 and calls[2:] == [("timing", 1)] * 8
     assert guards["a"].queries_used("timing") == 4
+    calls.clear()
+    timings = alarm_cost.alternate_timings(guards, torch.zeros(5, 1, 28, 28), client="batched", batch=2)
+    assert calls[2:] == [("batched", 2)] * 4 + [("batched", 1)] * 2  # 2 + 2 + 1 images, the guards alternating
+    assert all(len(t["wall"]) == len(t["cpu"]) == 3 for t in timings.values())
 
 
 def test_measure_and_cli(capsys, monkeypatch, networks):
     monkeypatch.setattr(alarm_cost, "build_networks", lambda seed=0: networks)
     r = alarm_cost.measure(queries=3, client_history=5, calibration=60, profile=True)
     assert r["ms_guard"] > 0 and r["ratio"] == pytest.approx(r["ms_guard_with_alarms"] / r["ms_guard"])
+    assert r["cpu_guard"] > 0 and r["cpu_ratio"] == pytest.approx(r["cpu_guard_with_alarms"] / r["cpu_guard"])
     assert "function calls" in r["profile"] and "tottime" in r["profile"]
     assert alarm_cost.main(["--queries", "2", "--client-history", "3", "--calibration", "60", "--no-stream"]) == 0
     out = capsys.readouterr().out
-    assert "| SAME alone |" in out and "| ratio |" in out and "stream test off" in out
+    assert "| SAME alone |" in out and "| ratio |" in out and "stream test off" in out and "median CPU ms" in out
+    assert alarm_cost.main(["--queries", "2", "--batch", "3", "--client-history", "3", "--calibration", "60"]) == 0
+    assert "calls of 3 images" in capsys.readouterr().out
 
 
 def test_bad_options_are_one_sentence_and_status_2():

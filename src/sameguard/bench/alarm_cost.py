@@ -9,7 +9,9 @@ and the alarms' other scorers (SAME's s2 term, MSP, Energy), calibrated on a few
 images. Then it times :meth:`~sameguard.guard.Guard.protect` on single images with SAME alone and
 with the per-client alarms (the guard the benchmark builds, :func:`alarm_guard`), alternating the
 two query by query so that machine noise hits both alike, and prints the medians in milliseconds
-and their ratio as a Markdown table (with the 10th percentiles, less sensitive to a busy machine);
+and their ratio as a Markdown table (with the 10th percentiles, less sensitive to a busy machine,
+and the medians of the process's CPU time, which other processes do not inflate: with
+``--threads 1`` the figure to compare on a shared machine);
 ``--profile`` adds a cProfile top list of the guard with the alarms.
 
 The timed client first sends ``--client-history`` earlier queries (in batches), because the stream
@@ -76,8 +78,10 @@ def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Te
     return guard.calibrate(calibration_x, per_query_fpr)  # and proof-of-work's benign bits
 
 
-def alternate_times_ms(guards: Mapping[str, Guard], x: torch.Tensor, *, client: str = "timing") -> dict[str, list[float]]:
-    """Milliseconds of each single-image :meth:`Guard.protect` of each guard on ``x``.
+def alternate_timings(guards: Mapping[str, Guard], x: torch.Tensor, *, client: str = "timing",
+                      batch: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Wall-clock and CPU milliseconds of each :meth:`Guard.protect` call of each guard on ``x``, ``batch``
+    images a call (single images by default).
 
     Each guard first answers one warm-up query (client ``"warm-up"``); then the guards take turns
     query by query (``client``), so that machine noise hits all of them alike.
@@ -85,19 +89,29 @@ def alternate_times_ms(guards: Mapping[str, Guard], x: torch.Tensor, *, client: 
     Args:
         guards: name -> guard, in the order they take turns.
         x: ``(n, C, H, W)`` images in ``[-1, 1]``, one query each.
+        batch: images per call (the last call may hold fewer).
 
     Returns:
-        name -> ``n`` wall-clock times in milliseconds, in query order.
+        name -> ``{"wall": [...], "cpu": [...]}``, one time per call in milliseconds, in order.
+        ``cpu`` is this process's CPU time (:func:`time.process_time`, all its threads): unlike the
+        wall clock it does not grow while other processes hold the cores, so on a busy machine it
+        measures the work itself (with one torch thread, exactly; with more, their spinning counts too).
     """
-    times: dict[str, list[float]] = {name: [] for name in guards}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in guards}
     for guard in guards.values():
         guard.protect(x[:1], "warm-up")
-    for i in range(len(x)):
+    for i in range(0, len(x), batch):
         for name, guard in guards.items():
-            start = time.perf_counter()
-            guard.protect(x[i:i + 1], client)
-            times[name].append(1000 * (time.perf_counter() - start))
+            wall, cpu = time.perf_counter(), time.process_time()
+            guard.protect(x[i:i + batch], client)
+            times[name]["cpu"].append(1000 * (time.process_time() - cpu))
+            times[name]["wall"].append(1000 * (time.perf_counter() - wall))
     return times
+
+
+def alternate_times_ms(guards: Mapping[str, Guard], x: torch.Tensor, *, client: str = "timing") -> dict[str, list[float]]:
+    """name -> the wall-clock milliseconds of :func:`alternate_timings`, in query order."""
+    return {name: t["wall"] for name, t in alternate_timings(guards, x, client=client).items()}
 
 
 def alternate_median_ms(guards: Mapping[str, Guard], x: torch.Tensor, *, client: str = "timing") -> dict[str, float]:
@@ -130,11 +144,12 @@ def build_networks(seed: int = 0, fit_images: int = 256) -> tuple[Victim, dict[s
 
 
 def measure(*, queries: int = 300, stream: bool = True, client_history: int = 1000, calibration: int = 500,
-            delta: float = 1e-3, seed: int = 0, profile: bool = False) -> dict[str, Any]:
-    """Time single-image queries through the guard with SAME alone and with the alarms.
+            delta: float = 1e-3, seed: int = 0, profile: bool = False, batch: int = 1) -> dict[str, Any]:
+    """Time queries through the guard with SAME alone and with the alarms.
 
     Args:
-        queries: timed queries per guard (alternated).
+        queries: timed calls per guard (alternated).
+        batch: images per call (default 1: single-image queries); times are per call.
         stream: include the stream test in the alarms.
         client_history: queries the timed client sends first (in batches of 100), to both guards.
         calibration: random images the alarms are calibrated on.
@@ -144,7 +159,9 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
     Returns:
         ``{"ms_guard", "ms_guard_with_alarms", "ratio"}`` (medians), the same for the 10th
         percentiles (``"p10_guard"``, ...: less sensitive to a busy machine, whose preemptions only
-        add time), and ``"profile"`` (cProfile's top list as text, or ``None``).
+        add time), the medians of the process's CPU time (``"cpu_guard"``, ``"cpu_guard_with_alarms"``,
+        ``"cpu_ratio"``: robust to other processes; exact with one torch thread), and ``"profile"``
+        (cProfile's top list as text, or ``None``).
     """
     victim, scorers = build_networks(seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -155,10 +172,11 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
     for guard in (plain, guarded):
         for start in range(0, client_history, 100):
             guard.protect(history[start:start + 100], "timing")
-    x = _random_images(queries, generator)
-    times = alternate_times_ms({"guard": plain, "guard_with_alarms": guarded}, x)
-    ms = {name: float(np.median(v)) for name, v in times.items()}
-    p10 = {name: float(np.percentile(v, 10)) for name, v in times.items()}
+    x = _random_images(queries * batch, generator)
+    timings = alternate_timings({"guard": plain, "guard_with_alarms": guarded}, x, batch=batch)
+    ms = {name: float(np.median(t["wall"])) for name, t in timings.items()}
+    p10 = {name: float(np.percentile(t["wall"], 10)) for name, t in timings.items()}
+    cpu = {name: float(np.median(t["cpu"])) for name, t in timings.items()}
     text = None
     if profile:
         more = _random_images(queries, generator)
@@ -173,14 +191,17 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
     return {"ms_guard": ms["guard"], "ms_guard_with_alarms": ms["guard_with_alarms"],
             "ratio": ms["guard_with_alarms"] / ms["guard"], "p10_guard": p10["guard"],
             "p10_guard_with_alarms": p10["guard_with_alarms"],
-            "p10_ratio": p10["guard_with_alarms"] / p10["guard"], "profile": text}
+            "p10_ratio": p10["guard_with_alarms"] / p10["guard"], "cpu_guard": cpu["guard"],
+            "cpu_guard_with_alarms": cpu["guard_with_alarms"], "cpu_ratio": cpu["guard_with_alarms"] / cpu["guard"],
+            "profile": text}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sameguard.bench.alarm_cost",
                                 description="Median ms per single-image query through the guard, SAME alone and "
                                             "with the per-client alarms (untrained networks of the standard profile).")
-    p.add_argument("--queries", type=int, default=300, help="timed queries per guard, alternated (default 300)")
+    p.add_argument("--queries", type=int, default=300, help="timed calls per guard, alternated (default 300)")
+    p.add_argument("--batch", type=int, default=1, help="images per call (default 1: single-image queries)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="include the stream test (default: yes)")
     p.add_argument("--client-history", type=int, default=1000,
@@ -191,22 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="add a cProfile top list of the guard with the alarms")
     args = p.parse_args(argv)
-    if args.queries < 1 or args.client_history < 0 or args.calibration < 2 or (args.threads is not None and args.threads < 1):
-        p.error("--queries must be >= 1, --client-history >= 0, --calibration >= 2 and --threads >= 1")
+    if (args.queries < 1 or args.batch < 1 or args.client_history < 0 or args.calibration < 2
+            or (args.threads is not None and args.threads < 1)):
+        p.error("--queries and --batch must be >= 1, --client-history >= 0, --calibration >= 2 and --threads >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("sameguard.evidence.conformal").setLevel(logging.ERROR)  # random labels: small classes
     r = measure(queries=args.queries, stream=args.stream, client_history=args.client_history,
-                calibration=args.calibration, seed=args.seed, profile=args.profile)
-    print(f"single-image queries, {args.queries} each, alternated; client history {args.client_history}; "
+                calibration=args.calibration, seed=args.seed, profile=args.profile, batch=args.batch)
+    what = "single-image queries" if args.batch == 1 else f"calls of {args.batch} images (times per call)"
+    print(f"{what}, {args.queries} each, alternated; client history {args.client_history}; "
           f"stream test {'on' if args.stream else 'off'}; torch threads {torch.get_num_threads()}\n")
-    print("| guard | median ms | 10th percentile ms |\n|---|---:|---:|")
-    print(f"| SAME alone | {r['ms_guard']:.2f} | {r['p10_guard']:.2f} |")
+    print("| guard | median ms | 10th percentile ms | median CPU ms |\n|---|---:|---:|---:|")
+    print(f"| SAME alone | {r['ms_guard']:.2f} | {r['p10_guard']:.2f} | {r['cpu_guard']:.2f} |")
     print(f"| SAME + alarms (SAME, s2, MSP, Energy{', stream' if args.stream else ''}) | "
-          f"{r['ms_guard_with_alarms']:.2f} | {r['p10_guard_with_alarms']:.2f} |")
+          f"{r['ms_guard_with_alarms']:.2f} | {r['p10_guard_with_alarms']:.2f} | {r['cpu_guard_with_alarms']:.2f} |")
     print(f"| ratio | {r['ratio']:.3f} (+{100 * (r['ratio'] - 1):.1f} %) | {r['p10_ratio']:.3f} "
-          f"(+{100 * (r['p10_ratio'] - 1):.1f} %) |", flush=True)
+          f"(+{100 * (r['p10_ratio'] - 1):.1f} %) | {r['cpu_ratio']:.3f} (+{100 * (r['cpu_ratio'] - 1):.1f} %) |",
+          flush=True)
     if r["profile"] is not None:
         print("\n" + r["profile"], flush=True)
     return 0
