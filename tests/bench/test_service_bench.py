@@ -143,6 +143,8 @@ def test_measure_workers_rejects_bad_arguments(tmp_path):
         measure_workers("v", "d", images, workers=(0,))
     with pytest.raises(ValueError, match="positive"):
         measure_workers("v", "d", images, requests=0)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        measure_workers("v", "d", images, engine="gunicorn")
     assert (worker_threads(1, cpus=2), worker_threads(2, cpus=2), worker_threads(4, cpus=2)) == (2, 1, 1)
 
 

@@ -418,6 +418,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         raise ValueError("requests and concurrency must be positive integers.")
     if not workers or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in workers):
         raise ValueError(f"workers must be positive integers, got {list(workers)!r}.")
+    if engine not in SERVER_OPTIONS:
+        raise ValueError(f"engine must be one of {sorted(SERVER_OPTIONS)}, got {engine!r}.")
     from ..service.store import open_store, redact_store_url
 
     if not str(state_url).startswith(("redis://", "rediss://")):
