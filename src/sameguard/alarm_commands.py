@@ -139,13 +139,13 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     """``sameguard alarms calibrate``: see the module docstring; prints one summary line."""
     from .alarms import ClientAlarms
     from .imagefiles import read_images
-    from .validation import check_choice, check_fraction, check_int
+    from .validation import check_choice, check_eta, check_fraction, check_int
     from .victim import Victim
 
     check_fraction(args.delta, "--delta", include_low=False, include_high=False)
     check_int(args.min_class_size, "--min-class-size", minimum=1)
-    if args.calibration_conditional is not None and not 0.0 < args.calibration_conditional <= 0.5:
-        raise ValueError(f"--calibration-conditional must be a number in (0, 0.5], got {args.calibration_conditional!r}.")
+    if args.calibration_conditional is not None:
+        check_eta(args.calibration_conditional, "--calibration-conditional")
     check_choice(args.mode, "--mode", MODES)
     victim = Victim.load(args.victim, device=args.device)
     scorers = _load_scorers(args, victim)

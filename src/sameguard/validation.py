@@ -28,6 +28,7 @@ __all__ = [
     "check_positive",
     "check_non_negative",
     "check_fraction",
+    "check_eta",
     "check_choice",
     "check_name",
 ]
@@ -86,6 +87,15 @@ def check_fraction(value: object, name: str, *, include_low: bool = True, includ
     if not ok:
         interval = ("[" if include_low else "(") + "0, 1" + ("]" if include_high else ")")
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_eta(value: object, name: str = "conditional") -> float:
+    """``value`` as the ``eta`` of calibration-conditional p-values (see
+    :class:`~sameguard.evidence.ConformalCalibrator`): a number in (0, 0.5], since Massart's one-sided DKW
+    bound, which their margin relies on, needs ``exp(-2 m eps^2) <= 1/2``; ``name`` names the option."""
+    if not (_is_number(value) and math.isfinite(value) and 0.0 < float(value) <= 0.5):  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a number in (0, 0.5], got {value!r}.")
     return float(value)  # type: ignore[arg-type]
 
 

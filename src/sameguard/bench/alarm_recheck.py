@@ -27,6 +27,7 @@ from typing import Any
 
 from ..data import load_dataset
 from ..steps import StepLog
+from ..validation import check_eta
 from .config import BenchConfig, load_config
 from .report import alarm_report
 from .runner import _alarm_records, _attack_queries, _fit_detectors, _start_run
@@ -90,12 +91,9 @@ def _parse_conditional(text: str) -> list[float | None]:
             values.append(None)
             continue
         try:
-            eta = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is neither 'none' nor a number") from None
-        if not 0.0 < eta <= 0.5:
-            raise argparse.ArgumentTypeError(f"eta must be in (0, 0.5], got {part}")
-        values.append(eta)
+            values.append(check_eta(float(part), "eta"))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{part!r} is neither 'none' nor a valid eta: {exc}") from None
     return values
 
 

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..validation import check_choice, check_fraction, check_int
+from ..validation import check_choice, check_eta, check_fraction, check_int
 from .adaptive_study import KeySweepSpec, parse_key_sweep
 
 __all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "AlarmSpec", "BenchConfig", "load_config", "PROFILES"]
@@ -182,16 +182,6 @@ def _parse_detectors(raw: dict[str, Any], where: str, known: set[str]) -> list[D
     return detectors
 
 
-def _eta(value: Any) -> float | None:
-    """``calibration_conditional``: ``None``, or ``eta`` in (0, 0.5] (see ConformalCalibrator)."""
-    if value is None:
-        return None
-    eta = check_fraction(value, "calibration_conditional", include_low=False, include_high=False)
-    if eta > 0.5:
-        raise ValueError(f"calibration_conditional must be a number in (0, 0.5], got {value!r}.")
-    return eta
-
-
 def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[DetectorSpec]) -> AlarmSpec | None:
     if raw is None:
         return None
@@ -215,7 +205,8 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
                                        for a in raw.get("actions", ())),
                          per_query_fpr=None if raw.get("per_query_fpr") is None else check_fraction(
                              raw["per_query_fpr"], "per_query_fpr", include_low=False, include_high=False),
-                         calibration_conditional=_eta(raw.get("calibration_conditional")))
+                         calibration_conditional=None if raw.get("calibration_conditional") is None else check_eta(
+                             raw["calibration_conditional"], "calibration_conditional"))
     except ValueError as exc:
         raise ValueError(f"{w}: {exc}") from None
     return spec

@@ -38,7 +38,7 @@ import torch
 
 from ..api import ArtifactError, NotFittedError
 from ..artifacts import load_artifact, save_artifact
-from ..validation import check_fraction, check_int
+from ..validation import check_eta, check_int
 
 if TYPE_CHECKING:
     from typing import Self
@@ -135,10 +135,7 @@ class ConformalCalibrator:
             raise ValueError(f"smoothed must be True or False, got {smoothed!r}.")
         self.smoothed = smoothed
         self.min_class_size = check_int(min_class_size, "min_class_size", minimum=1)
-        self.conditional = None if conditional is None else check_fraction(
-            conditional, "conditional", include_low=False, include_high=False)
-        if self.conditional is not None and self.conditional > 0.5:  # Massart's bound needs eta / R <= 1/2
-            raise ValueError(f"conditional must be a number in (0, 0.5], got {conditional!r}.")
+        self.conditional = None if conditional is None else check_eta(conditional)
         self.num_classes_: int | None = None
         self.class_conditional_ = False
         self.pooled_: torch.Tensor | None = None
@@ -217,16 +214,7 @@ class ConformalCalibrator:
         """
         if self.conditional is None:
             return 0.0
-        self._check_fitted()
-        key = (id(self.class_offsets_), self.class_conditional_, self.min_class_size)
-        cached = getattr(self, "_references", None)
-        if cached is None or cached[0] != key:
-            own = 0
-            if self.class_conditional_:
-                counts = self.class_offsets_[1:] - self.class_offsets_[:-1]
-                own = int((counts >= self.min_class_size).sum())
-            cached = self._references = (key, own + 1, self.class_offsets_)  # holds the id's owner
-        return math.sqrt(math.log(cached[1] / self.conditional) / (2.0 * size))
+        return math.sqrt(math.log(self._references()[1] / self.conditional) / (2.0 * size))
 
     # ---------------------------------------------------------------------------------- p-values
     def p_values(self, scores: torch.Tensor, labels: torch.Tensor | None = None,
@@ -321,16 +309,22 @@ class ConformalCalibrator:
 
     def _reference_arrays(self) -> list[np.ndarray]:
         """Per class ``c`` the sorted float64 NumPy reference of :meth:`reference` (``c``), the pooled one
-        last; built once per fitted state (read-only views of the fitted tensors, no copies)."""
+        last (read-only views of the fitted tensors, no copies)."""
+        return self._references()[0]
+
+    def _references(self) -> tuple[list[np.ndarray], int]:
+        """:meth:`_reference_arrays` and the number of distinct references they hold (the classes with
+        their own, plus the pooled one), built once per fitted state."""
         key = (id(self.pooled_), id(self.class_scores_), id(self.class_offsets_), self.min_class_size)
         cached = getattr(self, "_arrays", None)
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return cached[1], cached[2]
         self._check_fitted()
         k = self.num_classes_ if self.class_conditional_ else 0
         arrays = [self.reference(c).numpy() for c in range(k)] + [self.pooled_.numpy()]
-        self._arrays = (key, arrays, (self.pooled_, self.class_scores_, self.class_offsets_))  # hold the ids' owners
-        return arrays
+        count = 1 + k - len(self.fallback_classes())
+        self._arrays = (key, arrays, count, (self.pooled_, self.class_scores_, self.class_offsets_))  # hold the ids' owners
+        return arrays, count
 
     # ------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
