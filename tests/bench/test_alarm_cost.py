@@ -23,7 +23,7 @@ def test_build_networks_has_the_standard_architectures_and_the_combination(netwo
     assert list(scorers) == ["SAME", "SAME s2 only (alpha=0)", "MSP", "Energy"]
     same, s2 = scorers["SAME"], scorers["SAME s2 only (alpha=0)"]
     assert s2.alpha == 0.0 and s2.mae_ is same.mae_ and s2.aux_ is same.aux_  # shared networks
-    assert same.mae_.config.emb_dim == 32 and same.mae_.config.patch_size == 4  # the cpu preset's "small" MAE
+    assert same.mae_.config.emb_dim == 64 and same.mae_.config.patch_size == 4  # the cpu preset's "medium" MAE
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     assert all(torch.isfinite(torch.as_tensor(s.score(x))).all() for s in scorers.values())
 

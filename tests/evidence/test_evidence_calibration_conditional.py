@@ -149,9 +149,9 @@ def test_still_alarms_an_obvious_attacker_within_a_few_dozen_queries():
     assert log_evidence[0, -1] >= math.log(1e3) and 5 <= first <= 40
 
 
-def test_bench_config_accepts_the_option_and_leaves_saved_seed_keys_alone():
-    """The standard profile's saved seeds (docs/results/standard) stay readable: the option at its
-    default leaves the key of a seed's results as it was; set, it makes a key of its own."""
+def test_bench_config_takes_the_option_and_the_saved_standard_seeds_are_the_profiles():
+    """The standard profile sets the option, the seeds saved in docs/results/standard are exactly
+    the files it reads back, and another value of the option is another key."""
     import dataclasses
     import tomllib
     from importlib import resources
@@ -160,10 +160,12 @@ def test_bench_config_accepts_the_option_and_leaves_saved_seed_keys_alone():
     from sameguard.bench.runner import _seed_results_path
 
     standard = load_config("standard")
-    path = lambda c: _seed_results_path(c, "fashion-mnist", 0, Path("cache")).name
-    assert path(standard) == "results-fashion-mnist-seed0-02037c5ae3ae.json"
-    with_eta = dataclasses.replace(standard, alarms=dataclasses.replace(standard.alarms, calibration_conditional=1e-3))
-    assert path(with_eta) != path(standard)
+    assert standard.alarms.calibration_conditional == 1e-3
+    path = lambda c, seed: _seed_results_path(c, "fashion-mnist", seed, Path("cache")).name
+    saved = Path(__file__).resolve().parents[2] / "docs" / "results" / "standard"
+    assert sorted(p.name for p in saved.glob("results-*.json")) == sorted(path(standard, s) for s in standard.seeds)
+    marginal = dataclasses.replace(standard, alarms=dataclasses.replace(standard.alarms, calibration_conditional=None))
+    assert path(marginal, 0) != path(standard, 0)
     raw = tomllib.loads(resources.files("sameguard.bench.profiles").joinpath("standard.toml").read_text())
     raw["alarms"]["calibration_conditional"] = 1e-3
     assert parse_config(raw).alarms.calibration_conditional == 1e-3

@@ -388,15 +388,9 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return records, alarms
 
 
-#: ``[alarms]`` options added after results were saved: at ``None`` they leave a seed's key as it was.
-_LATER_ALARM_OPTIONS = ("calibration_conditional",)
-
-
 def _seed_results_path(config: BenchConfig, dataset: str, seed: int, cache: Path) -> Path:
     """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds."""
     kept = {k: v for k, v in config.to_dict().items() if k not in ("name", "seeds", "source")}
-    if kept.get("alarms") is not None:  # options added later change the key only when they are set
-        kept["alarms"] = {k: v for k, v in kept["alarms"].items() if not (k in _LATER_ALARM_OPTIONS and v is None)}
     key = cache_key(kind="seed-results", config=kept, dataset=dataset, seed=seed)
     return cache / f"results-{dataset}-seed{seed}-{key}.json"
 

@@ -66,12 +66,13 @@ AUTHORS_SCORING: dict[str, Any] = dict(alpha=0.99, standardize=False, log_terms=
 DEFAULT_SCORING: dict[str, Any] = dict(alpha=0.5, standardize=True)
 
 #: Named budgets. ``paper`` is the authors' (MAE: 500 epochs, patch 2, dim 192, depth 12/4;
-#: auxiliary: 80 epochs) with their score; ``cpu`` is sameguard's default (issue 10's rule: the
-#: width-32 MAE trained 6 epochs on every training image, :data:`DEFAULT_SCORING`), it fits
-#: Fashion-MNIST in minutes on two cores; ``tiny`` is for tests (authors' score).
+#: auxiliary: 80 epochs) with their score; ``cpu`` is sameguard's default, chosen by issue 10's
+#: rule in ``docs/same-at-scale-fits-0-4.md`` (the width-64 ``medium`` MAE trained 6 epochs on
+#: 20 000 training images, :data:`DEFAULT_SCORING`), it fits Fashion-MNIST in minutes on two cores;
+#: ``tiny`` is for tests (authors' score).
 SAME_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(mae="paper", mae_epochs=500, mae_warmup_epochs=50, aux_epochs=80),
-    "cpu": dict(mae="small", mae_epochs=6, mae_warmup_epochs=1, mae_lr=2e-3, aux_epochs=3, max_train_samples=None,
+    "cpu": dict(mae="medium", mae_epochs=6, mae_warmup_epochs=1, mae_lr=2e-3, aux_epochs=3, max_train_samples=20000,
                 **DEFAULT_SCORING),
     "tiny": dict(mae="tiny", mae_epochs=3, mae_warmup_epochs=0.5, mae_lr=3e-3, aux_epochs=2, max_train_samples=2000),
 }
@@ -99,7 +100,7 @@ class SAMEDetector(ReconstructionDetector):
     (:data:`SAME_PRESETS`).
 
     Args:
-        mae: an MAE preset name (``"paper"``, ``"small"``, ``"tiny"``) or an :class:`MAEConfig`;
+        mae: an MAE preset name (``"paper"``, ``"medium"``, ``"small"``, ``"tiny"``) or an :class:`MAEConfig`;
             a preset is sized to the training images at ``fit``.
         alpha: weight of the reconstruction term, in ``[0, 1]`` (authors' driver: 0.99).
         mae_epochs: MAE training epochs (authors: 500).
