@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 
 import torch
@@ -97,8 +98,10 @@ def test_the_guard_shares_passes_and_gives_the_same_answers_and_evidence(tiny_vi
     assert calls == {"victim": 1, "mae": 1}
 
     reference = ClientAlarms.calibrate(tiny_victim, scorers, calib, delta=1e-3, min_class_size=10, seed=0)
-    expected = reference.update("client", queries, tiny_victim(queries))  # unshared: each scorer on its own
+    # Unshared: each scorer's own score(x), outside any request (no memo, no shortcut from the victim's outputs).
+    own = {name: s.score(queries).to(torch.float64) for name, s in scorers.items()}
+    expected = reference.monitor.update("client", own, tiny_victim(queries).argmax(1))
     torch.testing.assert_close(verdict.probabilities, tiny_victim(queries))
     torch.testing.assert_close(torch.tensor([d.score for d in verdict.decisions]), tiny_same.score(queries))
     torch.testing.assert_close(torch.tensor([d.evidence for d in verdict.decisions], dtype=torch.float64),
-                               expected.evidence.to(torch.float64))
+                               expected.log_evidence_path / math.log(10))

@@ -157,10 +157,14 @@ class ClientAlarms:
             probs: ``(N, K)`` the victim's probabilities of ``x`` (their argmax selects the class).
             known: ``id(detector) -> (N,)`` scores already computed by the caller (the guard's own
                 detector), so that no detector scores a batch twice.
+
+        A scorer that reads only this victim's outputs (MSP, Energy: ``score_victim_outputs``) is
+        scored from ``probs`` (or the victim's logits) without going through its ``score(x)`` again.
         """
         known = known or {}
         with torch.no_grad():
-            scores = {name: known[id(s)] if id(s) in known else _scores(s, x) for name, s in self.scorers.items()}
+            scores = {name: known[id(s)] if id(s) in known else self._scores(s, x, probs)
+                      for name, s in self.scorers.items()}
         ev = self.monitor.update(client, scores, probs.argmax(dim=1), x if self.monitor.stream is not None else None)
         n = len(x)
         first = ev.queries - n + 1  # 1-based index of the batch's first query in the client's stream
@@ -169,6 +173,11 @@ class ClientAlarms:
             alarmed[max(ev.alarm_query - first, 0):] = True  # from the alarm query on (or all, latched before)
         return AlarmUpdate(evidence=torch.from_numpy(ev.log_evidence_path.numpy() / _LOG10),
                            alarmed=torch.from_numpy(alarmed), client=ev)
+
+    def _scores(self, scorer: Any, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        from_outputs = getattr(scorer, "score_victim_outputs", None)
+        scores = from_outputs(self.victim, x, probs) if callable(from_outputs) else None
+        return _scores(scorer, x) if scores is None else _checked_scores(scores, x)
 
     # -- operators ---------------------------------------------------------------------------
     def evidence(self, client: str) -> ClientEvidence | None:
@@ -255,7 +264,11 @@ def _num_classes(victim: Any, x: torch.Tensor) -> int:
 
 
 def _scores(scorer: Any, x: torch.Tensor) -> torch.Tensor:
-    scores = torch.as_tensor(scorer.score(x)).detach().to("cpu", torch.float64).flatten()
+    return _checked_scores(scorer.score(x), x)
+
+
+def _checked_scores(scores: Any, x: torch.Tensor) -> torch.Tensor:
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()
     if scores.numel() != len(x):
         raise ValueError(f"A scorer returned {scores.numel()} scores for {len(x)} queries.")
     return scores

@@ -44,14 +44,14 @@ def shared_forward() -> Iterator[None]:
     """Reuse model outputs on identical inputs until the outermost ``with`` ends (this thread only)."""
     depth = getattr(_local, "depth", 0)
     if depth == 0:
-        _local.entries = []
+        _local.entries = {}
     _local.depth = depth + 1
     try:
         yield
     finally:
         _local.depth = depth
         if depth == 0:
-            _local.entries = []
+            _local.entries = {}
 
 
 def sharing_active() -> bool:
@@ -71,13 +71,16 @@ def memoized(owners: tuple[object, ...], x: torch.Tensor, compute: Callable[[], 
     """
     if not sharing_active():
         return compute()
-    signature = _signature(x)
-    for entry_owners, entry_x, entry_signature, value in _local.entries:
-        if entry_signature == signature and len(entry_owners) == len(owners) and all(
-                a is b or (_plain(a) and _plain(b) and a == b) for a, b in zip(entry_owners, owners)):
-            return value
+    key = (_signature(x), tuple(("=", o) if _plain(o) else ("is", id(o)) for o in owners))
+    try:
+        entry = _local.entries.get(key)
+    except TypeError:  # an unhashable plain option (a tuple holding a list): not shared
+        return compute()
+    if entry is not None:
+        return entry[2]
     value = compute()
-    _local.entries.append((owners, x, signature, value))
+    # The entry holds the owners and the input, so that their ids and memory cannot be reused meanwhile.
+    _local.entries[key] = (owners, x, value)
     return value
 
 

@@ -132,7 +132,14 @@ def _training_batch(x: torch.Tensor, *, augment: bool, hflip: bool, generator: t
 @torch.no_grad()
 def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 512,
                        device: str | torch.device = "cpu") -> torch.Tensor:
-    """Apply ``fn`` to ``x`` in chunks of ``batch_size`` on ``device``; results concatenated on the CPU."""
+    """Apply ``fn`` to ``x`` in chunks of ``batch_size`` on ``device``; results concatenated on the CPU.
+
+    With one chunk (``len(x) <= batch_size``, every single-image request) the result is ``fn``'s own
+    output moved to the CPU, not a copy: ``fn`` must return a fresh tensor (a model's output), not a
+    view of its input or of a cached value.
+    """
+    if len(x) <= batch_size:
+        return fn(x.to(device)).cpu()
     device = torch.device(device)
     outs = [fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(outs)

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from .forward_memo import memoized, sharing_active
+
 __all__ = [
     "RANGE_TOLERANCE",
     "check_images",
@@ -132,7 +134,20 @@ def check_images(
 
     Raises:
         ValueError: with a sentence that says what was expected and what was given.
+
+    Inside :func:`~sameguard.forward_memo.shared_forward` (a guarded request) a tensor already
+    validated with the same ``image_shape`` and ``check_range`` is not checked again: the first
+    check's result is returned (the guard's victim, detector and alarm scorers all validate the
+    same batch).
     """
+    if isinstance(x, torch.Tensor) and sharing_active():
+        shape = None if image_shape is None else tuple(image_shape)
+        return memoized(("check_images", shape, check_range), x,
+                        lambda: _check_images(x, image_shape, name=name, check_range=check_range))
+    return _check_images(x, image_shape, name=name, check_range=check_range)
+
+
+def _check_images(x: object, image_shape: Sequence[int] | None, *, name: str, check_range: bool) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):

@@ -71,6 +71,25 @@ def test_energy_matches_victim_logits(baseline_victim, fmnist_tiny):
     assert torch.allclose(scores, -2.0 * torch.logsumexp(baseline_victim.logits(x) / 2.0, 1), atol=1e-5)
 
 
+def test_scores_from_the_victims_outputs_equal_score_and_only_for_that_victim(baseline_victim, fmnist_tiny):
+    """The alarms' shortcut: scores from outputs the guard already has are score(x) exactly, and a
+    detector that reads another victim (or a wrapper of this one) declines with None."""
+    import copy
+
+    _, test = fmnist_tiny
+    x = test.images[:40]
+    probs = baseline_victim.predict_proba(x)
+    other = copy.copy(baseline_victim)
+    msp, energy = MSPDetector().fit(baseline_victim), EnergyDetector(temperature=2.0).fit(baseline_victim)
+    assert torch.equal(msp.score_victim_outputs(baseline_victim, x, probs), msp.score(x))
+    assert torch.equal(energy.score_victim_outputs(baseline_victim, x, probs), energy.score(x))
+    for detector in (msp, energy):
+        assert detector.score_victim_outputs(other, x, probs) is None
+    wrapped = MSPDetector().fit(lambda b: baseline_victim.predict_proba(b))
+    assert wrapped.score_victim_outputs(baseline_victim, x, probs) is None
+    assert MSPDetector().score_victim_outputs(baseline_victim, x, probs) is None  # not fitted
+
+
 def test_msp_checks_victim_output():
     wrong = lambda x: torch.ones(len(x) + 1, 3)  # noqa: E731
     with pytest.raises(ValueError, match="victim returned shape"):

@@ -117,6 +117,25 @@ def test_calibrator_p_values_array_equals_checked_p_values(smoothed, labelled):
                           calibrator.checked_p_values(s, one, t).numpy())
 
 
+@pytest.mark.parametrize("conditional", [None, 1e-3])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_one_query_p_values_equal_the_batch_path_bit_for_bit(conditional, labelled):
+    """The single-query path (Python lists and bisect) against the tensor formula, query by query:
+    ties with the reference, below and above all of it, NaN, +-inf, a class that falls back."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    labels[labels == 3] = 2  # class 3 empty: pooled
+    reference = torch.randint(0, 15, (300,), generator=g).double()  # many ties
+    calibrator = ConformalCalibrator(min_class_size=20, conditional=conditional).fit(
+        reference, labels if labelled else None, 4)
+    scores = torch.cat([torch.arange(-2, 18).double(), torch.tensor([float("nan"), float("inf"), -float("inf"), 7.5])])
+    for i in range(scores.numel()):
+        s, label, t = scores[i:i + 1], torch.tensor([i % 4]), torch.tensor([0.25 + 0.5 * (i % 2)], dtype=torch.float64)
+        expected = calibrator.checked_p_values(s, label if labelled else None, t)
+        got = calibrator.p_values_array(s.numpy(), label.numpy() if labelled else None, t.numpy())
+        assert got.shape == (1,) and got.dtype == np.float64 and np.array_equal(got, expected.numpy()), i
+
+
 @pytest.mark.parametrize("mode", ["ville", "cusum", "shiryaev-roberts"])
 def test_martingale_update_array_equals_update(mode):
     g = torch.Generator().manual_seed(2)

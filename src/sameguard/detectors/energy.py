@@ -102,6 +102,15 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
         return self
 
     @torch.no_grad()
+    def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`score` of ``x`` when ``victim`` is the very victim whose logits this detector reads
+        (``None`` otherwise): ``victim.logits(x)`` in one call, which inside a guarded request is the
+        forward pass the guard already ran (:mod:`sameguard.forward_memo`), then the energy."""
+        if self.logits_fn_ is None or self.logits_fn_ != getattr(victim, "logits", None):
+            return None
+        return energy_score(torch.as_tensor(self.logits_fn_(x)).detach().cpu(), self.temperature)
+
+    @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 energies of ``x`` ``(N, C, H, W)`` in ``[-1, 1]``; larger = more suspicious."""
         self._check_fitted()

@@ -16,7 +16,7 @@ Reference implementation: https://github.com/hendrycks/error-detection.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -86,6 +86,14 @@ class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
         self.threshold_ = None
         self.calibration_fpr_ = None
         return self
+
+    def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`score` of ``x`` from ``probabilities``, the ``(N, K)`` outputs ``victim(x)`` a caller
+        already has (the guard), when ``victim`` is the very victim this detector reads; else ``None``.
+        The same operations as :meth:`score` on the same outputs, so the same ``(N,)`` float32 values."""
+        if self.victim_ is None or victim is not self.victim_:
+            return None
+        return msp_score(probabilities)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:

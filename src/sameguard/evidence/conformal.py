@@ -27,6 +27,7 @@ queries before its alarm.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -293,6 +294,9 @@ class ConformalCalibrator:
         """
         if not self.smoothed or self.conditional is not None:
             theta = None
+        if scores.shape[0] == 1:  # one query (a single-image request): Python floats, no NumPy call overheads
+            return np.array([self._p_value_one(float(scores[0]), None if labels is None else int(labels[0]),
+                                               None if theta is None else float(theta[0]))])
         refs = self._reference_arrays()
         if not self.class_conditional_ or labels is None:
             return self._adjusted(conformal_p_values_array(refs[-1], scores, theta), refs[-1].shape[0])
@@ -307,24 +311,41 @@ class ConformalCalibrator:
                                        refs[label].shape[0])
         return out
 
+    def _p_value_one(self, score: float, label: int | None, theta: float | None) -> float:
+        """:func:`conformal_p_values_array` (and the margin) for one score, on the cached Python list of
+        its reference: the same float64 operations in the same order, so the same bits."""
+        lists = self._references()[2]
+        ref = lists[-1] if not self.class_conditional_ or label is None else lists[label]
+        m = len(ref)
+        s = math.inf if math.isnan(score) else score
+        left, right = bisect.bisect_left(ref, s), bisect.bisect_right(ref, s)
+        if theta is None:
+            p = (1.0 + float(m - left)) / (m + 1.0)
+        else:
+            p = (float(m - right) + theta * (1.0 + float(right - left))) / (m + 1.0)
+        return p if self.conditional is None else min(p + self.margin(m), 1.0)
+
     def _reference_arrays(self) -> list[np.ndarray]:
         """Per class ``c`` the sorted float64 NumPy reference of :meth:`reference` (``c``), the pooled one
         last (read-only views of the fitted tensors, no copies)."""
         return self._references()[0]
 
-    def _references(self) -> tuple[list[np.ndarray], int]:
-        """:meth:`_reference_arrays` and the number of distinct references they hold (the classes with
-        their own, plus the pooled one), built once per fitted state."""
+    def _references(self) -> tuple[list[np.ndarray], int, list[list[float]]]:
+        """:meth:`_reference_arrays`, the number of distinct references they hold (the classes with
+        their own, plus the pooled one), and the same references as Python lists (the one-query
+        path), built once per fitted state."""
         key = (id(self.pooled_), id(self.class_scores_), id(self.class_offsets_), self.min_class_size)
         cached = getattr(self, "_arrays", None)
         if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         self._check_fitted()
         k = self.num_classes_ if self.class_conditional_ else 0
         arrays = [self.reference(c).numpy() for c in range(k)] + [self.pooled_.numpy()]
         count = 1 + k - len(self.fallback_classes())
-        self._arrays = (key, arrays, count, (self.pooled_, self.class_scores_, self.class_offsets_))  # hold the ids' owners
-        return arrays, count
+        lists = [a.tolist() for a in arrays]
+        # The owners of the ids in the key are held, so that the ids cannot be reused meanwhile.
+        self._arrays = (key, arrays, count, lists, (self.pooled_, self.class_scores_, self.class_offsets_))
+        return arrays, count, lists
 
     # ------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
