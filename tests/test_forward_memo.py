@@ -105,3 +105,24 @@ def test_the_guard_shares_passes_and_gives_the_same_answers_and_evidence(tiny_vi
     torch.testing.assert_close(torch.tensor([d.score for d in verdict.decisions]), tiny_same.score(queries))
     torch.testing.assert_close(torch.tensor([d.evidence for d in verdict.decisions], dtype=torch.float64),
                                expected.log_evidence_path / math.log(10))
+
+
+def test_images_are_validated_once_per_request_and_again_after_an_in_place_change():
+    import pytest
+
+    from sameguard.validation import check_images
+
+    x = torch.zeros(2, 1, 4, 4)
+    with shared_forward():
+        first = check_images(x, (1, 4, 4))
+        assert check_images(x, (1, 4, 4)) is first  # the second check is the first's result
+        with pytest.raises(ValueError, match=r"\(N, 3, 4, 4\)"):
+            check_images(x, (3, 4, 4))  # another expected shape is checked on its own
+        x[0, 0, 0, 0] = float("nan")  # an in-place change: checked again, and refused
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            check_images(x, (1, 4, 4))
+        y = torch.full((1, 1, 4, 4), 3.0)
+        with pytest.raises(ValueError, match=r"values in \[-1, 1\]"):
+            check_images(y, (1, 4, 4))
+        with pytest.raises(ValueError, match=r"values in \[-1, 1\]"):
+            check_images(y, (1, 4, 4))  # a refusal is never cached
