@@ -264,3 +264,28 @@ def test_bench_service_batch_sizes_in_one_sentence(capsys, value):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--batch-sizes" in err and "positive integers" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["x", "0,-1", ","])
+def test_bench_seeds_in_one_sentence(capsys, value):
+    code = main(["bench", "--config", "quick", "--seeds", value, "--detection-only"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and err.startswith("sameguard bench: error: --seeds:")
+
+
+def test_bench_seeds_and_detection_only_reach_the_runner(monkeypatch, tmp_path):
+    import sameguard.bench.preflight as preflight
+    import sameguard.bench.runner as runner
+
+    seen = {}
+
+    def fake_run(config, out, **kwargs):
+        seen.update(seeds=config.seeds, detection_only=kwargs["detection_only"])
+        (out / "report.md").write_text("report")
+
+    monkeypatch.setattr(runner, "run_benchmark", fake_run)
+    monkeypatch.setattr(preflight, "check_data", lambda *a, **k: None)
+    out = tmp_path / "bench"
+    out.mkdir()
+    assert main(["bench", "--config", "standard", "--seeds", "0,1", "--detection-only", "--out", str(out)]) == 0
+    assert seen == {"seeds": (0, 1), "detection_only": True}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -306,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", action="store_true",
                    help="score every seed again instead of reusing the results an earlier run of the same config "
                         "saved per seed (cached victims, detectors and attack queries are reused either way)")
+    p.add_argument("--seeds", default=None, metavar="N,N",
+                   help="run (or report) these seeds instead of the profile's, e.g. 0,1; the seeds are not part of "
+                        "the key of a seed's saved results")
+    p.add_argument("--detection-only", action="store_true",
+                   help="stop each seed after its detection tables: skip the per-client alarm study and the "
+                        "key sweep (the slow part); what it trains is cached for a later full run")
     _common(p, data=True, seed=False)
 
     _add_study_parser(sub)
@@ -520,19 +527,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.config import load_config
+    from .bench.config import load_config, parse_seeds
     from .bench.runner import run_benchmark
 
     from .bench.preflight import check_data
 
     config = load_config(args.config)
+    if args.seeds is not None:
+        try:
+            config = dataclasses.replace(config, seeds=parse_seeds(args.seeds))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--seeds: {exc}") from None
     if args.download:  # the loaders' documented switch, for every dataset the config names
         os.environ["SAMEGUARD_DOWNLOAD"] = "1"
     out = Path(args.out or f"runs/bench/{config.name}")
     check_output_dir(out, "--out")
     check_data(config, data_dir=args.data_dir, download=args.download)  # every split, before any training
     run_benchmark(config, out, data_dir=args.data_dir, device=args.device, progress=args.progress,  # steps: stderr
-                  reuse_results=not args.rescore)
+                  reuse_results=not args.rescore, detection_only=args.detection_only)
     _out("")
     _out((out / "report.md").read_text())
     _out(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.md'} and {out / 'plots'}/")

@@ -124,6 +124,38 @@ def test_saved_seed_results_carry_to_another_output_folder(tiny_run, tmp_path, m
         run_benchmark(config, other, progress=False, echo=lambda _: None)
 
 
+def test_detection_only_reuses_the_full_runs_cache_and_gives_its_detection_rows(tiny_run, tmp_path, monkeypatch):
+    """--detection-only: the same victim, detector and attack cache entries as a full run (nothing is
+    trained again from a full run's cache), the same detection rows, no alarm rows, results kept apart."""
+    import shutil
+
+    import sameguard.bench.runner as runner
+
+    config, out, records = tiny_run
+    other = tmp_path / "detection"
+    shutil.copytree(out / "cache", other / "cache")
+    for path in (other / "cache").glob("results-*.json"):
+        path.unlink()  # the full seed's records are gone: the detection rows must be scored again
+    monkeypatch.setattr(runner, "_build_attack", lambda *a, **k: (_ for _ in ()).throw(AssertionError("attacked")))
+    monkeypatch.setattr(runner, "_alarm_records", lambda *a, **k: (_ for _ in ()).throw(AssertionError("alarms")))
+    again = run_benchmark(config, other, progress=False, echo=lambda _: None, detection_only=True)
+    assert [(r["attack"], r["detector"]) for r in again] == [(r["attack"], r["detector"]) for r in records]
+    keys = ("auroc", "aupr", "fpr95", "substitute_accuracy")
+    got = torch.tensor([[r[k] for k in keys] for r in again], dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor([[r[k] for k in keys] for r in records], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    saved = json.loads((other / "results.json").read_text())
+    assert saved["alarms"] == [] and "Detection only" in (other / "report.md").read_text()
+    assert [p.name.startswith("results-detection-") for p in (other / "cache").glob("results-*.json")] == [True]
+    # A full seed saved in the cache serves a detection-only run as it is (its detection rows).
+    for path in (out / "cache").glob("results-digits-seed*.json"):
+        shutil.copy(path, other / "cache" / path.name)
+    for path in (other / "cache").glob("results-detection-*.json"):
+        path.unlink()
+    monkeypatch.setattr(runner, "_start_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert run_benchmark(config, other, progress=False, echo=lambda _: None, detection_only=True) == records
+
+
 def test_steps_are_logged_with_elapsed_time(tiny_run, caplog):
     """Without ``echo``, each step is one ``sameguard.steps`` line: ``[  12.3 s] ...``."""
     config, out, _ = tiny_run

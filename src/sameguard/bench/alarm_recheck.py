@@ -28,7 +28,7 @@ from typing import Any
 from ..data import load_dataset
 from ..steps import StepLog
 from ..validation import check_eta
-from .config import BenchConfig, load_config
+from .config import BenchConfig, load_config, parse_seeds
 from .report import alarm_report
 from .runner import _alarm_records, _attack_queries, _fit_detectors, _start_run
 
@@ -97,13 +97,6 @@ def _parse_conditional(text: str) -> list[float | None]:
     return values
 
 
-def _parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sameguard.bench.alarm_recheck",
                                 description="Repeat a benchmark profile's per-client alarm study on its cached models "
@@ -112,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-dir", default=None, help="the profile's bench folder (default runs/bench/<profile>)")
     p.add_argument("--calibration-conditional", type=_parse_conditional, default=[None, 1e-3],
                    help="comma-separated values: 'none' (marginal p-values) or eta in (0, 0.5] (default none,1e-3)")
-    p.add_argument("--seeds", type=_parse_seeds, default=None, help="comma-separated seeds (default: the profile's)")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="comma-separated seeds (default: the profile's)")
     p.add_argument("--data-dir", default=None, help="folder holding dataset files")
     p.add_argument("--out", default=None, help="also write the Markdown to this file")
     args = p.parse_args(argv)

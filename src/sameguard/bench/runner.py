@@ -363,8 +363,8 @@ def _benign_accuracy(run: _Run, guard: Guard, policy: str, delta: float, n: int 
             "alarmed": bool(ev is not None and ev.alarmed), "queries": len(x)}
 
 
-def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Detection records and alarm records of one (dataset, seed)."""
+def _run_seed(run: _Run, detection_only: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Detection records and alarm records of one (dataset, seed) (none with ``detection_only``)."""
     benign_api = Guard(run.victim, record_inputs=True, keep_decisions=0)
     benign_client = NormalUser(run.test, seed=run.seed + 10_000, progress=False).run(
         benign_api, run.config.scored_queries).client
@@ -378,6 +378,8 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         records += _detection_records(run, aspec, attack, detectors, benign_x)
         streams[aspec.label] = attack
     alarms = []
+    if detection_only:
+        return records, alarms
     if run.config.alarms is not None:
         alarms = _alarm_records(run, streams, detectors) + [_alarm_cost(run, detectors)]
         alarms += _extraction_records(run, detectors, streams)
@@ -388,11 +390,13 @@ def _run_seed(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return records, alarms
 
 
-def _seed_results_path(config: BenchConfig, dataset: str, seed: int, cache: Path) -> Path:
-    """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds."""
+def _seed_results_path(config: BenchConfig, dataset: str, seed: int, cache: Path, detection_only: bool = False) -> Path:
+    """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds
+    (a detection-only pass has files of its own, ``results-detection-...``, never read as a full seed)."""
     kept = {k: v for k, v in config.to_dict().items() if k not in ("name", "seeds", "source")}
-    key = cache_key(kind="seed-results", config=kept, dataset=dataset, seed=seed)
-    return cache / f"results-{dataset}-seed{seed}-{key}.json"
+    kind = "seed-results-detection" if detection_only else "seed-results"
+    key = cache_key(kind=kind, config=kept, dataset=dataset, seed=seed)
+    return cache / f"results-{'detection-' if detection_only else ''}{dataset}-seed{seed}-{key}.json"
 
 
 def _saved_seed_results(path: Path, echo: Callable[[str], None],
@@ -411,24 +415,34 @@ def _saved_seed_results(path: Path, echo: Callable[[str], None],
 
 
 def _seed_results(config: BenchConfig, dataset: str, seed: int, full_train: ImageDataset, test: ImageDataset,
-                  reuse: bool, **common: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                  reuse: bool, detection_only: bool = False,
+                  **common: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One (dataset, seed)'s detection and alarm records: computed, or read back from an earlier run of
     the same config (``reuse``; then nothing is trained, not even the victim), so that an interrupted
     run resumes at the first unfinished seed."""
-    path = _seed_results_path(config, dataset, seed, common["cache"])
+    path = _seed_results_path(config, dataset, seed, common["cache"], detection_only)
     saved = _saved_seed_results(path, common["echo"], f"[{dataset} seed {seed}]") if reuse else None
+    if saved is None and detection_only and reuse:  # a full seed's detection records are the same rows
+        full = _saved_seed_results(_seed_results_path(config, dataset, seed, common["cache"]), common["echo"],
+                                   f"[{dataset} seed {seed}]")
+        saved = None if full is None else (full[0], [])
     if saved is not None:
         return saved
     run = _start_run(config, dataset, seed, full_train, test, **common)
-    records, alarms = _run_seed(run)
+    records, alarms = _run_seed(run, detection_only)
     path.write_text(json.dumps({"records": records, "alarms": alarms}, default=plain_json))
     return records, alarms
 
 
 def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | None = None, device: str = "cpu",
                   progress: bool | None = None, echo: Callable[[str], None] | None = None,
-                  reuse_results: bool = True) -> list[dict[str, Any]]:
+                  reuse_results: bool = True, detection_only: bool = False) -> list[dict[str, Any]]:
     """Run every cell of ``config``; write results, report and plots to ``outdir``; return the records.
+
+    ``detection_only`` stops each seed after its detection rows (no ``[alarms]`` study, no key
+    sweep): the victims, detectors and attack queries it trains are the very cache entries a full
+    run of the same config reads (the attacks keep the first queries the alarm study needs), so a
+    full run afterwards starts at the alarm study. Its per-seed results are saved apart.
 
     ``echo`` receives one line per finished step (data, victim, each detector, each attack, the
     alarm study, the report); by default a :class:`~sameguard.steps.StepLog` logs it with the
@@ -450,13 +464,15 @@ def run_benchmark(config: BenchConfig, outdir: str | Path, *, data_dir: str | No
         test = load_dataset(dataset, "test", data_dir=data_dir)
         echo(f"[{dataset}] data: {len(full_train)} training and {len(test)} test images")
         for seed in config.seeds:
-            seed_records, seed_alarms = _seed_results(config, dataset, seed, full_train, test, reuse_results, **common)
+            seed_records, seed_alarms = _seed_results(config, dataset, seed, full_train, test, reuse_results,
+                                                      detection_only, **common)
             records += seed_records
             alarms += seed_alarms
     notes = [
         f"Profile `{config.name}` ({config.source}); seeds {list(config.seeds)}; B = {config.scored_queries} attack "
         f"queries (the last B each attack sent) against B normal-user queries from the test split; total run time "
-        f"{time.perf_counter() - t0:.0f} s.",
+        f"{time.perf_counter() - t0:.0f} s." + (" Detection only: the per-client alarm study was not run."
+                                                if detection_only and config.alarms is not None else ""),
         "Victim and detectors are trained on one half of the train split; the other half is the attacker's "
         "in-distribution data (JBDA seeds, the in-distribution Knockoff row).",
     ]
