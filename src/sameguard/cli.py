@@ -527,7 +527,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.config import load_config, parse_seeds
+    from .bench.config import load_config
     from .bench.runner import run_benchmark
 
     from .bench.preflight import check_data
@@ -535,7 +535,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.seeds is not None:
         try:
-            config = dataclasses.replace(config, seeds=parse_seeds(args.seeds))
+            config = dataclasses.replace(config, seeds=tuple(comma_ints(args.seeds, minimum=0)))
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"--seeds: {exc}") from None
     if args.download:  # the loaders' documented switch, for every dataset the config names

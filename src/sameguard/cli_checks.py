@@ -157,8 +157,10 @@ def check_port_free(host: str, port: int) -> None:
             raise ValueError(f"Cannot listen on {host}:{port} ({exc.strerror}); check --host and --port.") from None
 
 
-def comma_ints(text: str) -> list[int]:
-    """``"1000,4000"`` -> ``[1000, 4000]``, for ``argparse``'s ``type=``; each must be a positive integer."""
+def comma_ints(text: str, minimum: int = 1) -> list[int]:
+    """``"1000,4000"`` -> ``[1000, 4000]``, for ``argparse``'s ``type=``; each must be a positive integer
+    (at least ``minimum``: ``functools.partial(comma_ints, minimum=0)`` for seeds)."""
+    kind = "positive integers" if minimum == 1 else f"integers of at least {minimum}"
     values = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
@@ -166,10 +168,9 @@ def comma_ints(text: str) -> list[int]:
         try:
             value = int(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {item!r} in "
-                                             f"{text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected positive integers, got {value} in {text!r}")
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {item!r} in {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {value} in {text!r}")
         values.append(value)
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli_checks import comma_ints
 from ..data import load_dataset
 from ..steps import StepLog
 from ..validation import check_eta
-from .config import BenchConfig, load_config, parse_seeds
+from .config import BenchConfig, load_config
 from .report import alarm_report
 from .runner import _alarm_records, _attack_queries, _fit_detectors, _start_run
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-dir", default=None, help="the profile's bench folder (default runs/bench/<profile>)")
     p.add_argument("--calibration-conditional", type=_parse_conditional, default=[None, 1e-3],
                    help="comma-separated values: 'none' (marginal p-values) or eta in (0, 0.5] (default none,1e-3)")
-    p.add_argument("--seeds", type=parse_seeds, default=None, help="comma-separated seeds (default: the profile's)")
+    p.add_argument("--seeds", type=functools.partial(comma_ints, minimum=0), default=None, help="comma-separated seeds (default: the profile's)")
     p.add_argument("--data-dir", default=None, help="folder holding dataset files")
     p.add_argument("--out", default=None, help="also write the Markdown to this file")
     args = p.parse_args(argv)

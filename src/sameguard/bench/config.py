@@ -37,8 +37,7 @@ from typing import Any
 from ..validation import check_choice, check_eta, check_fraction, check_int
 from .adaptive_study import KeySweepSpec, parse_key_sweep
 
-__all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "AlarmSpec", "BenchConfig", "load_config", "parse_seeds",
-           "PROFILES"]
+__all__ = ["AttackSpec", "DetectorSpec", "VictimSpec", "AlarmSpec", "BenchConfig", "load_config", "PROFILES"]
 
 #: Profiles shipped with the package.
 PROFILES = ("quick", "standard", "paper", "adaptive")
@@ -267,16 +266,3 @@ def load_config(name_or_path: str | os.PathLike) -> BenchConfig:
         raise ValueError(f"{source} is not valid TOML: {exc}") from None
     return parse_config(raw, source)
 
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0,1"`` -> ``(0, 1)``: comma-separated seeds, at least one, each a non-negative integer
-    (for ``--seeds`` options; raises ``argparse.ArgumentTypeError`` with the reason)."""
-    import argparse
-
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"seeds must be one or more non-negative integers, got {text!r}")
-    return seeds

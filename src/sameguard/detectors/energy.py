@@ -108,18 +108,18 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
         forward pass the guard already ran (:mod:`sameguard.forward_memo`), then the energy."""
         if self.logits_fn_ is None or self.logits_fn_ != getattr(victim, "logits", None):
             return None
-        return energy_score(torch.as_tensor(self.logits_fn_(x)).detach().cpu(), self.temperature)
+        return self._energies(x)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 energies of ``x`` ``(N, C, H, W)`` in ``[-1, 1]``; larger = more suspicious."""
         self._check_fitted()
         x = check_images(x, self.image_shape_)
+        return predict_in_batches(self._energies, x, self.batch_size)
 
-        def batch_energy(b: torch.Tensor) -> torch.Tensor:
-            logits = torch.as_tensor(self.logits_fn_(b)).detach().cpu()
-            if logits.dim() != 2 or len(logits) != len(b):
-                raise ValueError(f"The victim's logits have shape {tuple(logits.shape)}; expected ({len(b)}, K).")
-            return energy_score(logits, self.temperature)
-
-        return predict_in_batches(batch_energy, x, self.batch_size)
+    def _energies(self, b: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` energies of one batch ``b`` from the victim's logits, their shape checked."""
+        logits = torch.as_tensor(self.logits_fn_(b)).detach().cpu()
+        if logits.dim() != 2 or len(logits) != len(b):
+            raise ValueError(f"The victim's logits have shape {tuple(logits.shape)}; expected ({len(b)}, K).")
+        return energy_score(logits, self.temperature)
