@@ -71,7 +71,7 @@ def memoized(owners: tuple[object, ...], x: torch.Tensor, compute: Callable[[], 
     """
     if not sharing_active():
         return compute()
-    key = (_signature(x), tuple(("=", o) if _plain(o) else ("is", id(o)) for o in owners))
+    key = (_signature(x), tuple([("=", o) if _plain(o) else ("is", id(o)) for o in owners]))
     try:
         entry = _local.entries.get(key)
     except TypeError:  # an unhashable plain option (a tuple holding a list): not shared

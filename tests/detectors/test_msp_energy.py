@@ -30,6 +30,13 @@ def test_energy_score_by_hand():
     assert torch.allclose(energy_score(logits[1:2], temperature=2.0), torch.tensor([-2 * (1 + math.log(2))]))
 
 
+def test_energy_at_temperature_one_is_the_general_formula_bit_for_bit():
+    logits = torch.randn(200, 10, generator=torch.Generator().manual_seed(1)) * 7
+    general = (-1.0 * torch.logsumexp(logits.double() / 1.0, dim=1)).float()
+    assert torch.equal(energy_score(logits), general)
+    assert not torch.equal(energy_score(logits, temperature=1.5), general)
+
+
 def test_energy_sign_confident_logits_are_lower():
     """Large, peaked logits (in-distribution) give lower energy than flat, small ones."""
     confident, unsure = torch.tensor([[12.0, 0.0, 0.0]]), torch.tensor([[0.1, 0.0, 0.1]])

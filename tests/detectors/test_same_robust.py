@@ -274,3 +274,38 @@ def test_sign_noise_scores_higher_than_fashion_mnist(name, tiny_same, benign_set
     assert torch.isfinite(benign).all() and torch.isfinite(attack).all()
     assert attack.median() > benign.median()
     assert auroc(benign.numpy(), attack.numpy()) > 0.85
+
+
+# ---------------------------------------------------------------------- sharing within a request
+def test_detectors_sharing_networks_and_statistics_share_terms_within_a_request(tiny_same, benign_sets, noise):
+    """SAME and its s2 variant (alpha apart, the same fitted statistics) compute the standardised terms
+    once per guarded request; a detector with other statistics gets its own; scores equal unshared ones."""
+    import copy
+
+    from sameguard.forward_memo import shared_forward
+
+    calib, _, queries = benign_sets
+    same = variant(tiny_same, standardize=True, log_terms=True, alpha=0.5).calibrate(calib, 0.05)
+    s2 = copy.copy(same)
+    s2.alpha = 0.0
+    other = copy.copy(same)
+    other.term_stats_ = dict(same.term_stats_, t2_center=same.term_stats_["t2_center"] + 1.0)
+    x = torch.cat([queries[:20], noise[:5]])
+    expected = {name: d.score(x) for name, d in (("same", same), ("s2", s2), ("other", other))}
+    calls = []
+    original = type(same)._terms
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    type(same)._terms = counting
+    try:
+        with torch.no_grad(), shared_forward():
+            got = {name: d.score(x) for name, d in (("same", same), ("s2", s2), ("other", other))}
+    finally:
+        type(same)._terms = original
+    assert calls == [same, other]  # s2 reused same's terms; other's statistics differ
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert not torch.equal(got["other"], got["s2"])

@@ -4,12 +4,15 @@ reference (tensor) paths' results: bit for bit where the same float operations r
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from sameguard.evidence import ConformalCalibrator, EvidenceMonitor, MixtureMartingale, StreamExchangeabilityTest
 from sameguard.evidence.conformal import conformal_p_values, conformal_p_values_array
+from sameguard.evidence.martingale import log_mean_exp
 
 
 def _jbda_like(n: int, generator: torch.Generator, shape=(1, 28, 28)) -> torch.Tensor:
@@ -137,6 +140,30 @@ def test_one_query_p_values_equal_the_batch_path_bit_for_bit(conditional, labell
 
 
 @pytest.mark.parametrize("mode", ["ville", "cusum", "shiryaev-roberts"])
+def test_martingale_update_one_equals_update(mode):
+    """The single-query path on Python floats, step by step from the start state (-inf for
+    Shiryaev-Roberts), through a clipped p = 0, p = 1 and a long run of small p-values."""
+    g = torch.Generator().manual_seed(5)
+    martingale = MixtureMartingale(mode=mode)
+    state = martingale.initial_state()
+    ones = state.tolist()
+    for p in [0.0, 1.0, 0.5] + (torch.rand(60, generator=g, dtype=torch.float64) ** 4).tolist():
+        state, path = martingale.update(state, torch.tensor([p], dtype=torch.float64))
+        ones, log_value = martingale.update_one(ones, p)
+        np.testing.assert_allclose(ones, state.numpy(), rtol=1e-12, atol=1e-12)
+        assert log_value == pytest.approx(float(path[-1]), rel=1e-12, abs=1e-12)
+    assert log_value > math.log(1e3)  # the small p-values built evidence
+
+
+def test_log_mean_exp_edge_cases():
+    assert log_mean_exp([0.0, 0.0]) == 0.0
+    assert log_mean_exp([math.log(3.0), math.log(1.0)]) == pytest.approx(math.log(2.0), rel=1e-15)
+    assert log_mean_exp([-math.inf, -math.inf]) == -math.inf
+    assert log_mean_exp([-math.inf, math.inf]) == math.inf
+    assert log_mean_exp([1000.0, 1000.0 - math.log(3.0)]) == pytest.approx(1000.0 + math.log(2.0 / 3.0), rel=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["ville", "cusum", "shiryaev-roberts"])
 def test_martingale_update_array_equals_update(mode):
     g = torch.Generator().manual_seed(2)
     martingale = MixtureMartingale(mode=mode)
@@ -151,7 +178,7 @@ def test_martingale_update_array_equals_update(mode):
         state = expected_state
 
 
-@pytest.mark.parametrize("mode", ["ville", "shiryaev-roberts"])
+@pytest.mark.parametrize("mode", ["ville", "cusum", "shiryaev-roberts"])
 def test_monitor_fast_path_equals_the_reference_path(mode):
     g = torch.Generator().manual_seed(4)
     calibrators = {name: ConformalCalibrator(min_class_size=10).fit(torch.randn(300, generator=g), torch.randint(

@@ -370,10 +370,13 @@ class ReconstructionDetector(ParamsMixin, Detector):
         self._check_fitted()
         x = check_images(x, self.image_shape_)
         stats = self._checked_term_stats()
-        raw = self._raw_components(x)
         if not (self.standardize or self.log_terms or self.complexity is not None):
-            return raw  # the authors' score, untouched
-        t1, t2 = self._terms(raw, x, stats)
+            return self._raw_components(x)  # the authors' score, untouched
+        raw = self._raw_terms(x)
+        # Detectors that share networks, options and fitted statistics (SAME and its s2 term, alpha
+        # apart) share the terms too within a guarded request.
+        t1, t2 = memoized((*self._raw_key(), self.standardize, self.log_terms, self.complexity, stats), x,
+                          lambda: self._terms(raw, x, stats))
         return SAMEScores(score=combine_terms(t1, t2, self.alpha), s1=raw.s1, s2=raw.s2,
                           t1=t1.to(torch.float32), t2=t2.to(torch.float32))
 
@@ -384,13 +387,22 @@ class ReconstructionDetector(ParamsMixin, Detector):
         the same networks and raw-scoring options (e.g. SAME and its ``s2`` term, ``alpha`` apart)
         run them once; each combines the terms with its own ``alpha``.
         """
-        raw = memoized((type(self), self.reconstructor_, self.aux_, self.victim_, self.num_classes_, self.batch_size,
-                        self._raw_config()), x,
-                       lambda: reconstruction_scores(x, victim=self.victim_, reconstruct=self.reconstructor_.reconstruct,
-                                                     aux=self.aux_, alpha=self.alpha, num_classes=self.num_classes_,
-                                                     batch_size=self.batch_size, device=self._model_device(),
-                                                     masked_views=self._masked_views()))
+        raw = self._raw_terms(x)
         return SAMEScores(score=self.alpha * raw.s1 + (1.0 - self.alpha) * raw.s2, s1=raw.s1, s2=raw.s2)
+
+    def _raw_terms(self, x: torch.Tensor) -> SAMEScores:
+        """The raw terms ``s1, s2`` of validated queries (``score`` is with the alpha of whichever
+        detector computed them first: read ``s1`` and ``s2`` only)."""
+        return memoized(self._raw_key(), x,
+                        lambda: reconstruction_scores(x, victim=self.victim_, reconstruct=self.reconstructor_.reconstruct,
+                                                      aux=self.aux_, alpha=self.alpha, num_classes=self.num_classes_,
+                                                      batch_size=self.batch_size, device=self._model_device(),
+                                                      masked_views=self._masked_views()))
+
+    def _raw_key(self) -> tuple[Any, ...]:
+        """What the raw terms are a function of, besides the queries (:func:`~sameguard.forward_memo.memoized`)."""
+        return (type(self), self.reconstructor_, self.aux_, self.victim_, self.num_classes_, self.batch_size,
+                self._raw_config())
 
     def _raw_config(self) -> tuple[Any, ...]:
         """The scoring options that change the raw terms ``s1, s2`` (the subclass's masked scoring)."""

@@ -292,11 +292,11 @@ class ConformalCalibrator:
         Returns:
             ``(N,)`` float64 p-values in (0, 1].
         """
+        if scores.shape[0] == 1:  # one query (a single-image request): Python floats, no NumPy call overheads
+            return np.array([self.p_value_one(float(scores[0]), None if labels is None else int(labels[0]),
+                                              None if theta is None else float(theta[0]))])
         if not self.smoothed or self.conditional is not None:
             theta = None
-        if scores.shape[0] == 1:  # one query (a single-image request): Python floats, no NumPy call overheads
-            return np.array([self._p_value_one(float(scores[0]), None if labels is None else int(labels[0]),
-                                               None if theta is None else float(theta[0]))])
         refs = self._reference_arrays()
         if not self.class_conditional_ or labels is None:
             return self._adjusted(conformal_p_values_array(refs[-1], scores, theta), refs[-1].shape[0])
@@ -310,6 +310,18 @@ class ConformalCalibrator:
                                                                 None if theta is None else theta[mask]),
                                        refs[label].shape[0])
         return out
+
+    def p_value_one(self, score: float, label: int | None, theta: float | None) -> float:
+        """:meth:`p_values_array` of one query, on Python floats (the same bits).
+
+        Args:
+            score: the query's score (NaN: most suspicious).
+            label: its label in ``[0, K)``, already checked, or ``None``.
+            theta: its smoothing uniform in (0, 1] (ignored unless ``smoothed``).
+        """
+        if not self.smoothed or self.conditional is not None:
+            theta = None
+        return self._p_value_one(score, label, theta)
 
     def _p_value_one(self, score: float, label: int | None, theta: float | None) -> float:
         """:func:`conformal_p_values_array` (and the margin) for one score, on the cached Python list of

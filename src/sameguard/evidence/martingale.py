@@ -30,7 +30,8 @@ import torch
 
 from ..validation import check_choice, check_fraction, check_int
 
-__all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_power_bet", "logsumexp_array"]
+__all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_mean_exp", "log_power_bet",
+           "logsumexp_array"]
 
 #: Statistics offered by :class:`MixtureMartingale`.
 MODES = ("ville", "cusum", "shiryaev-roberts")
@@ -163,14 +164,45 @@ class MixtureMartingale:
             path = _shiryaev_roberts_path_array(state, bets)
         return path[:, -1, :].copy(), logsumexp_array(path) - math.log(self.size)
 
+    def update_one(self, state: Sequence[float], p_value: float) -> tuple[list[float], float]:
+        """:meth:`update_array` for one source and one p-value, on Python floats: the per-query path
+        of a single-image request, where NumPy's per-call overheads outweigh ``G`` multiply-adds.
+
+        The same formulas in the same order; the results agree with :meth:`update` to rounding
+        (``math.log`` / ``math.exp`` may differ from NumPy's in the last bit).
+
+        Args:
+            state: ``G`` floats, the log statistic per ``ε``.
+            p_value: a p-value in [0, 1] (not checked).
+
+        Returns:
+            ``(new_state, log_value)``: ``G`` floats, and the log of the mixture after the p-value.
+        """
+        log_eps, eps_minus_1 = self._bet_lists()
+        log_p = math.log(min(max(p_value, P_FLOOR), 1.0))
+        if self.mode == "ville":
+            new = [s + (a + b * log_p) for s, a, b in zip(state, log_eps, eps_minus_1)]
+        elif self.mode == "cusum":  # log R_n = b_n + max(0, log R_{n-1})
+            new = [(a + b * log_p) + max(s, 0.0) for s, a, b in zip(state, log_eps, eps_minus_1)]
+        else:  # log R_n = b_n + log(1 + R_{n-1})
+            new = [(a + b * log_p) + (max(s, 0.0) + math.log1p(math.exp(-abs(s))))
+                   for s, a, b in zip(state, log_eps, eps_minus_1)]
+        return new, log_mean_exp(new)
+
     def _bet_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(log ε, ε - 1)`` as ``(G,)`` float64 arrays, computed once per grid."""
         cached = getattr(self, "_bets", None)
         if cached is None or cached[0] is not self.epsilons:
             eps = self.epsilons.to(torch.float64)
-            cached = (self.epsilons, torch.log(eps).numpy(), (eps - 1.0).numpy())
+            log_eps, eps_minus_1 = torch.log(eps).numpy(), (eps - 1.0).numpy()
+            cached = (self.epsilons, log_eps, eps_minus_1, log_eps.tolist(), eps_minus_1.tolist())
             self._bets = cached
         return cached[1], cached[2]
+
+    def _bet_lists(self) -> tuple[list[float], list[float]]:
+        """:meth:`_bet_arrays` as Python lists."""
+        self._bet_arrays()
+        return self._bets[3], self._bets[4]
 
     def _check_state(self, state: object) -> torch.Tensor:
         if not isinstance(state, torch.Tensor) or state.dim() < 1 or state.shape[-1] != self.size:
@@ -214,6 +246,15 @@ def _shiryaev_roberts_path(state: torch.Tensor, bets: torch.Tensor) -> torch.Ten
     first = torch.logaddexp(state, torch.zeros_like(state)).unsqueeze(-2)       # log(1 + R_0)
     terms = torch.cat([first, -s[..., :-1, :]], dim=-2)
     return s + terms.logcumsumexp(dim=-2)
+
+
+def log_mean_exp(values: Sequence[float]) -> float:
+    """``log((1/n) Σ exp(v))`` of ``n >= 1`` floats: the log of the average of martingales given by
+    their logs (``-inf`` when all are ``-inf``, ``+inf`` when one is)."""
+    top = max(values)
+    if not math.isfinite(top):
+        return top
+    return top + math.log(math.fsum([math.exp(v - top) for v in values])) - math.log(len(values))
 
 
 def logsumexp_array(x: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 
 from ..validation import check_fraction, check_int, check_name
 from .conformal import ConformalCalibrator
-from .martingale import MixtureMartingale, logsumexp_array
+from .martingale import MixtureMartingale, log_mean_exp, logsumexp_array
 from .state import ClientState
 from .store import InMemoryStore, StateStore
 from .stream import StreamExchangeabilityTest
@@ -137,6 +137,9 @@ class EvidenceMonitor:
         result: list[ClientEvidence] = []
         if self._reference:  # the tensor path the fast one is tested against
             step = lambda old: self._advance_reference(client, old, scores, torch.from_numpy(label_array), x)
+        elif n == 1:  # a single-image request: Python floats
+            values = [float(scores[name]) for name in self.calibrators]
+            step = lambda old: self._advance_one(client, old, values, int(label_array[0]), x)
         else:
             rows = np.empty((len(self.calibrators), n), dtype=np.float64)  # scores, detectors in name order
             for j, name in enumerate(self.calibrators):
@@ -214,18 +217,56 @@ class EvidenceMonitor:
 
     def _theta_array(self, client: str, first: int, n: int) -> np.ndarray:
         """:meth:`_thetas` as a ``(S, n)`` float64 NumPy array."""
+        if n == 1:
+            return np.array([[theta] for theta in self._theta_one(client, first)], dtype=np.float64)
         sources = len(self.calibrators) + (self.stream is not None)
         digest = hashlib.sha256(f"{self.seed}\x00{client}".encode()).digest()
-        if n == 1:  # one query: the same arithmetic on Python integers (fewer calls than NumPy's)
-            counter = int.from_bytes(digest[:8], "little") + first * sources
-            return np.array([[1.0 - (_splitmix64_int((counter + j) & _MASK64) >> 11) * 2.0 ** -53]
-                             for j in range(sources)], dtype=np.float64)
         base = np.uint64(int.from_bytes(digest[:8], "little"))
         q = np.arange(first, first + n, dtype=np.uint64)[None, :] * np.uint64(sources)
         with np.errstate(over="ignore"):
             counter = base + q + np.arange(sources, dtype=np.uint64)[:, None]
         u = (_splitmix64(counter) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53   # in [0, 1)
         return 1.0 - u
+
+    def _theta_one(self, client: str, index: int) -> list[float]:
+        """The ``S`` smoothing uniforms of the client's query ``index`` (one column of :meth:`_theta_array`),
+        by the same arithmetic on Python integers."""
+        sources = len(self.calibrators) + (self.stream is not None)
+        digest = hashlib.sha256(f"{self.seed}\x00{client}".encode()).digest()
+        counter = int.from_bytes(digest[:8], "little") + index * sources
+        return [1.0 - (_splitmix64_int((counter + j) & _MASK64) >> 11) * 2.0 ** -53 for j in range(sources)]
+
+    def _advance_one(self, client: str, state: ClientState, scores: list[float], label: int,
+                     x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
+        """:meth:`_advance` of one query on Python floats (the same formulas; equal to rounding).
+
+        Args:
+            scores: one score per detector, in name order.
+            label: the query's predicted label, checked.
+            x: ``(1, C, H, W)`` the image, for the stream test.
+        """
+        thetas = self._theta_one(client, state.queries)
+        p = [calibrator.p_value_one(score, label, theta)
+             for calibrator, score, theta in zip(self.calibrators.values(), scores, thetas)]
+        olds = [state.martingales[name].tolist() for name in self.calibrators]
+        stream_state = state.stream
+        if self.stream is not None:
+            stream_state, stream_p = self.stream.update(state.stream, x,
+                                                        theta=torch.tensor(thetas[-1:], dtype=torch.float64))
+            p.append(float(stream_p[0]))
+            olds.append(state.stream_martingale.tolist())
+        stepped = [self.martingale.update_one(old, value) for old, value in zip(olds, p)]
+        logs = [log_value for _, log_value in stepped]
+        combined = log_mean_exp(logs)
+        alarm_query, alarm_time = state.alarm_query, state.alarm_time
+        if alarm_query is None and combined >= self.threshold_log:
+            alarm_query, alarm_time = state.queries + 1, time.time()
+        own = [torch.tensor(new_state, dtype=torch.float64) for new_state, _ in stepped]
+        new = ClientState(queries=state.queries + 1, martingales=dict(zip(self.calibrators, own)),
+                          stream_martingale=own[-1] if self.stream is not None else state.stream_martingale,
+                          stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time)
+        per = dict(zip(self._source_names, logs))
+        return new, self._evidence(client, new, per, torch.tensor([combined], dtype=torch.float64), combined)
 
     def _advance(self, client: str, state: ClientState, scores: np.ndarray, labels: np.ndarray,
                  x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
@@ -300,14 +341,12 @@ class EvidenceMonitor:
             per[STREAM_NAME] = float(self.martingale.log_value(state.stream_martingale))
         return per
 
-    def _evidence(self, client: str, state: ClientState, per: dict[str, float],
-                  path: torch.Tensor) -> ClientEvidence:
-        values = list(per.values())
-        top = max(values)
-        if math.isfinite(top):
-            log_evidence = top + math.log(math.fsum(math.exp(v - top) for v in values)) - math.log(len(values))
-        else:  # every martingale at 0 (-inf, Shiryaev-Roberts' start) or one at +inf
-            log_evidence = top
+    def _evidence(self, client: str, state: ClientState, per: dict[str, float], path: torch.Tensor,
+                  log_evidence: float | None = None) -> ClientEvidence:
+        """The client's evidence; ``log_evidence`` is the mean of ``per`` in log space when not given
+        (-inf when every martingale is at 0, Shiryaev-Roberts' start; +inf when one is infinite)."""
+        if log_evidence is None:
+            log_evidence = log_mean_exp(list(per.values()))
         return ClientEvidence(client=client, queries=state.queries, log_evidence=log_evidence,
                               per_detector=per, alarmed=state.alarm_query is not None,
                               alarm_query=state.alarm_query, alarm_time=state.alarm_time,
