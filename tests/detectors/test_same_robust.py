@@ -3,6 +3,7 @@ scoring, standardisation and complexity fitted on benign calibration data only, 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from sameguard.detectors import ConvAESAMEDetector, SAMEDetector, same_score
 from sameguard.detectors.complexity import compressed_bits_per_pixel
 from sameguard.detectors.robust_score import LOG_EPS, MAD_TO_STD
 from sameguard.detectors.same import scoring_mask_noise
+from sameguard.forward_memo import shared_forward
 
 ROBUST_DEFAULTS = dict(standardize=False, log_terms=False, complexity=None, score_mask_ratio=0.0, score_masks=1,
                        score_seed=0)
@@ -280,10 +282,6 @@ def test_sign_noise_scores_higher_than_fashion_mnist(name, tiny_same, benign_set
 def test_detectors_sharing_networks_and_statistics_share_terms_within_a_request(tiny_same, benign_sets, noise):
     """SAME and its s2 variant (alpha apart, the same fitted statistics) compute the standardised terms
     once per guarded request; a detector with other statistics gets its own; scores equal unshared ones."""
-    import copy
-
-    from sameguard.forward_memo import shared_forward
-
     calib, _, queries = benign_sets
     same = variant(tiny_same, standardize=True, log_terms=True, alpha=0.5).calibrate(calib, 0.05)
     s2 = copy.copy(same)
@@ -306,6 +304,6 @@ def test_detectors_sharing_networks_and_statistics_share_terms_within_a_request(
     finally:
         type(same)._terms = original
     assert calls == [same, other]  # s2 reused same's terms; other's statistics differ
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+    for name, scores in expected.items():
+        assert torch.equal(got[name], scores), name
     assert not torch.equal(got["other"], got["s2"])
