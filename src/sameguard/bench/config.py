@@ -265,4 +265,3 @@ def load_config(name_or_path: str | os.PathLike) -> BenchConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{source} is not valid TOML: {exc}") from None
     return parse_config(raw, source)
-

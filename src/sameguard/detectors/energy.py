@@ -54,8 +54,6 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     if z.dim() != 2 or z.shape[1] < 1:
         raise ValueError(f"logits must have shape (N, K), got {tuple(z.shape)}.")
     z = z.to(torch.float64)
-    if temperature == 1.0:  # the same bits without the two no-op operations (x / 1 and -1 * x are exact)
-        return torch.logsumexp(z, dim=1).neg_().to(torch.float32)
     return (-temperature * torch.logsumexp(z / temperature, dim=1)).to(torch.float32)
 
 

@@ -375,7 +375,7 @@ class ReconstructionDetector(ParamsMixin, Detector):
         raw = self._raw_terms(x)
         # Detectors that share networks, options and fitted statistics (SAME and its s2 term, alpha
         # apart) share the terms too within a guarded request.
-        t1, t2 = memoized((*self._raw_key(), self.standardize, self.log_terms, self.complexity, stats), x,
+        t1, t2 = memoized((*self._raw_key(), self.standardize, *self._term_config().values(), stats), x,
                           lambda: self._terms(raw, x, stats))
         return SAMEScores(score=combine_terms(t1, t2, self.alpha), s1=raw.s1, s2=raw.s2,
                           t1=t1.to(torch.float32), t2=t2.to(torch.float32))

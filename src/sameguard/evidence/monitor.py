@@ -29,7 +29,7 @@ from .conformal import ConformalCalibrator
 from .martingale import MixtureMartingale, log_mean_exp, logsumexp_array
 from .state import ClientState
 from .store import InMemoryStore, StateStore
-from .stream import StreamExchangeabilityTest
+from .stream import StreamExchangeabilityTest, StreamState
 
 logger = logging.getLogger(__name__)
 
@@ -261,10 +261,8 @@ class EvidenceMonitor:
         alarm_query, alarm_time = state.alarm_query, state.alarm_time
         if alarm_query is None and combined >= self.threshold_log:
             alarm_query, alarm_time = state.queries + 1, time.time()
-        own = [torch.tensor(new_state, dtype=torch.float64) for new_state, _ in stepped]
-        new = ClientState(queries=state.queries + 1, martingales=dict(zip(self.calibrators, own)),
-                          stream_martingale=own[-1] if self.stream is not None else state.stream_martingale,
-                          stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time)
+        new = self._next_state(state, 1, [torch.tensor(new_state, dtype=torch.float64) for new_state, _ in stepped],
+                               stream_state, alarm_query, alarm_time)
         per = dict(zip(self._source_names, logs))
         return new, self._evidence(client, new, per, torch.tensor([combined], dtype=torch.float64), combined)
 
@@ -298,11 +296,17 @@ class EvidenceMonitor:
             if crossed.size:
                 alarm_query, alarm_time = state.queries + int(crossed[0]) + 1, time.time()
         own = [torch.from_numpy(row.copy()) for row in new_states]  # one storage each (safetensors)
-        new = ClientState(queries=state.queries + n, martingales=dict(zip(self.calibrators, own)),
-                          stream_martingale=own[-1] if self.stream is not None else state.stream_martingale,
-                          stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time)
+        new = self._next_state(state, n, own, stream_state, alarm_query, alarm_time)
         per = dict(zip(names, log_paths[:, -1].tolist()))
         return new, self._evidence(client, new, per, torch.from_numpy(path))
+
+    def _next_state(self, state: ClientState, n: int, own: list[torch.Tensor], stream_state: StreamState | None,
+                    alarm_query: int | None, alarm_time: float | None) -> ClientState:
+        """The client's state after ``n`` more queries: ``own`` holds the new ``(G,)`` martingale states, one
+        per source (detectors in name order, then the stream test), each with a storage of its own."""
+        return ClientState(queries=state.queries + n, martingales=dict(zip(self.calibrators, own)),
+                           stream_martingale=own[-1] if self.stream is not None else state.stream_martingale,
+                           stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time)
 
     def _advance_reference(self, client: str, state: ClientState, scores: Mapping[str, torch.Tensor],
                            labels: torch.Tensor, x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
