@@ -50,6 +50,20 @@ def test_measure_service_bare_and_batched_rows(tmp_path):
     assert "logits" not in vars(victim) and "score" not in vars(detector)  # batching undone for the next setting
 
 
+def test_measure_service_compiled_row_runs_on_compiled_copies(tmp_path, monkeypatch):
+    from sameguard.bench import service_bench
+
+    monkeypatch.setattr(service_bench, "COMPILE_BACKEND", "eager")  # inductor's compilation: minutes here
+    torch.manual_seed(0)
+    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
+                    classes=[str(i) for i in range(10)])
+    images = torch.rand(10, 1, 28, 28) * 2 - 1
+    rows = measure_service(victim, _MeanScore(), images, settings=("monitor-batched-compiled",), batch_sizes=(1,),
+                           requests=6, requests_large=1, concurrency=3, workdir=tmp_path, echo=lambda _: None)
+    assert [(r.setting, r.batch, r.requests, r.errors) for r in rows] == [("monitor-batched-compiled", 1, 6, 0)]
+    assert victim.model._compiled_call_impl is None  # the copies were compiled, the next settings run eager
+
+
 def _saved_models(folder):
     """A tiny untrained victim and a barely fitted, calibrated SAME detector saved in ``folder``, as ``serve`` loads them."""
     from sameguard.data.base import ImageDataset
@@ -107,6 +121,7 @@ def test_serve_command_per_engine_keeps_urls_off_the_command_line():
     for cmd in (uvicorn, ray):
         assert not any("://" in a for a in cmd)  # database and Redis URLs go in the environment
         assert cmd[cmd.index("--state-prefix") + 1] == "sgbench:x:"
+    assert "--compile" not in uvicorn and serve_command("v", "d", compile=True, **common)[-1] == "--compile"
     with pytest.raises(ValueError, match="engine"):
         serve_command("v", "d", engine="gunicorn", **common)
     row = dict(setting="monitor-batched", batch=1, requests=8, concurrency=4, seconds=1.0, requests_per_s=8.0,
@@ -114,6 +129,8 @@ def test_serve_command_per_engine_keeps_urls_off_the_command_line():
     text = ServiceBenchResult(latency=[LatencyRow(**row), LatencyRow(**row, engine="ray")]).markdown()
     assert "| monitor-batched, serve --workers 2 (Redis) |" in text
     assert "| monitor-batched, serve --engine ray --ray-replicas 2 (Redis) |" in text
+    assert "| monitor-batched, serve --workers 2 --compile (Redis) |" in \
+        ServiceBenchResult(latency=[LatencyRow(**row, compiled=True)]).markdown()
 
 
 @pytest.mark.slow  # the child process starts a local Ray instance and a Serve replica: ~30-60 s on 2 cores

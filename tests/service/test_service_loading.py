@@ -29,6 +29,11 @@ def test_service_settings_from_env_and_validation():
         ServiceSettings.from_env({}, pow_benign_bits=30, pow_max_bits=20)
     with pytest.raises(ValueError, match="16 bytes"):
         ServiceSettings.from_env({"SAMEGUARD_POW_SECRET": "short"})
+    s = ServiceSettings.from_env({"SAMEGUARD_COMPILE": "true"})
+    assert s.compile is True and s.compile_backend == "inductor" and not ServiceSettings().compile
+    assert ServiceSettings.from_env(s.to_env()) == s  # what serve --workers hands its workers
+    with pytest.raises(ValueError, match="compile_backend"):
+        ServiceSettings.from_env({}, compile_backend="in ductor; rm")
 
 
 def test_service_commands_parse():
@@ -39,6 +44,9 @@ def test_service_commands_parse():
     args = parser.parse_args(["serve", "--victim", "v", "--detector", "d", "--policy", "pow", "--db", "sqlite://",
                               "--port", "8123", "--rate", "5", "--burst", "50"])
     assert (args.policy, args.port, args.rate_per_second, args.rate_burst) == ("pow", 8123, 5.0, 50)
+    assert args.compile is None and args.compile_backend is None  # unset: the environment's or the default
+    args = parser.parse_args(["serve", "--compile", "--compile-backend", "aot_eager"])
+    assert args.compile is True and args.compile_backend == "aot_eager"
     args = parser.parse_args(["keys", "create", "--name", "alice", "--db", "sqlite:///k.db"])
     assert (args.keys_command, args.name) == ("create", "alice")
     args = parser.parse_args(["audit", "--db", "sqlite:///k.db", "--json"])
@@ -84,3 +92,9 @@ def test_service_load_guard_from_saved_same_artifacts(tmp_path, kit):
     with pytest.raises(ValueError, match="not calibrated"):
         load_guard(ServiceSettings(victim=tmp_path / "victim", detector=tmp_path / "same2", policy="reject"))
     torch.testing.assert_close(guard.victim.predict_proba(held_out.images[:2]), victim.predict_proba(held_out.images[:2]))
+    # serve --compile: the same guard, its networks compiled in place at load (warmed up), the same answers
+    compiled = load_guard(settings.model_copy(update={"compile": True, "compile_backend": "eager"}))
+    assert compiled.victim.model._compiled_call_impl is not None
+    assert compiled.detector.aux_._compiled_call_impl is not None
+    assert compiled.versions["detector_sha256"] == guard.versions["detector_sha256"]
+    torch.testing.assert_close(compiled.detector.score(held_out.images[:3]), guard.detector.score(held_out.images[:3]))

@@ -89,6 +89,9 @@ def _add_bench_service_parser(sub: Any) -> None:
                    help="also time 'sameguard serve --engine ray --ray-replicas N' (a local Ray instance, one CPU "
                         "reserved per replica, state in --workers-state, keys and audit as --workers-db), one row "
                         "per N, like the --workers rows (default: none; needs pip install 'sameguard[ray]')")
+    p.add_argument("--workers-compile", action="store_true",
+                   help="time each --workers / --ray-replicas row a second time with 'serve --compile' (networks "
+                        "compiled at start-up, minutes per row; needs a C compiler)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="show the library's log (-vv for debug)")
 
 
@@ -122,7 +125,7 @@ def bench_service_main(args: argparse.Namespace) -> int:
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
         workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads,
-        ray_replicas=tuple(args.ray_replicas))
+        ray_replicas=tuple(args.ray_replicas), workers_compile=args.workers_compile)
     print(result.markdown(), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -28,6 +28,7 @@ Benchmarks are not tests: the numbers are measured here and now, on this machine
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -59,9 +60,13 @@ __all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "
 #: Service settings the latency part knows. ``bare``: the smallest FastAPI endpoint serving the same
 #: victim (no key, no limits, no audit, no guard), the reference; ``monitor-batched``: ``monitor`` with
 #: dynamic batching of concurrent requests (:mod:`sameguard.service.batching`, as ``sameguard serve`` does).
-SERVICE_SETTINGS = ("bare", "off", "monitor", "monitor-batched", "reject", "misinformation")
+#: ``monitor-batched-compiled``: ``monitor-batched`` on copies of the models whose networks are compiled
+#: (:func:`sameguard.compilation.compile_networks`, as ``sameguard serve --compile`` does), before the timing.
+SERVICE_SETTINGS = ("bare", "off", "monitor", "monitor-batched", "monitor-batched-compiled", "reject", "misinformation")
 #: Dynamic batching of ``monitor-batched``: at most this many images, this long a wait.
 BENCH_BATCH_MAX, BENCH_BATCH_WAIT_S = 64, 0.002
+#: ``torch.compile`` backend of ``monitor-batched-compiled`` (``serve --compile``'s default).
+COMPILE_BACKEND = "inductor"
 #: Redis of the worker rows (each row uses its own key prefix, deleted afterwards).
 DEFAULT_WORKERS_STATE = "redis://127.0.0.1:6379/0"
 
@@ -89,6 +94,8 @@ class LatencyRow:
     audit_rows: int | None = None
     #: worker rows: images answered with 200 (warm-up included), what ``audit_rows`` must equal.
     answered: int | None = None
+    #: worker rows: the server ran with ``--compile`` (networks compiled at start-up).
+    compiled: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,8 @@ class ServiceBenchResult:
                       "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
-                setting = r.setting if r.workers is None else f"{r.setting}, {server_label(r.engine, r.workers)} (Redis)"
+                setting = r.setting if r.workers is None else \
+                    f"{r.setting}, {server_label(r.engine, r.workers, r.compiled)} (Redis)"
                 lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
                              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} |")
             lines.append("")
@@ -163,9 +171,14 @@ def _guard_for(setting: str, victim: Any, detector: Any) -> Any:
         return Guard(victim, None, "monitor", keep_decisions=0)
     if setting not in SERVICE_SETTINGS or setting == "bare":
         raise ValueError(f"Unknown service setting {setting!r}; choose from {SERVICE_SETTINGS}.")
-    if setting == "monitor-batched":
+    if setting in ("monitor-batched", "monitor-batched-compiled"):
         from ..service.batching import batch_guard
 
+        if setting == "monitor-batched-compiled":  # on copies: the next settings run the eager models
+            from ..compilation import compile_networks
+
+            victim, detector = copy.deepcopy((victim, detector))  # one copy: the detector's victim is the copy
+            compile_networks(victim, [detector], backend=COMPILE_BACKEND)
         guard = Guard(victim, detector, "monitor", keep_decisions=0)
         batch_guard(guard, max_batch=BENCH_BATCH_MAX, max_wait_s=BENCH_BATCH_WAIT_S)
         return guard
@@ -354,16 +367,16 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
 SERVER_OPTIONS = {"uvicorn": "serve --workers", "ray": "serve --engine ray --ray-replicas"}
 
 
-def server_label(engine: str, n: int) -> str:
+def server_label(engine: str, n: int, compiled: bool = False) -> str:
     """How a worker row's server was started, for the report."""
-    return f"{SERVER_OPTIONS[engine]} {n}"
+    return f"{SERVER_OPTIONS[engine]} {n}" + (" --compile" if compiled else "")
 
 
 def serve_command(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, *, policy: str, port: int,
-                  workers: int, prefix: str, threads: int, engine: str = "uvicorn") -> list[str]:
+                  workers: int, prefix: str, threads: int, engine: str = "uvicorn", compile: bool = False) -> list[str]:
     """The argv of ``sameguard serve`` for one worker row: ``workers`` uvicorn workers, or as many Ray Serve
     replicas (one CPU reserved each, on a local Ray instance) with ``engine="ray"``; rate limits out of the
-    way; no URL with a password in it (those go in the environment)."""
+    way; no URL with a password in it (those go in the environment). ``compile``: ``serve --compile``."""
     if engine not in SERVER_OPTIONS:
         raise ValueError(f"engine must be one of {sorted(SERVER_OPTIONS)}, got {engine!r}.")
     scale = ["--workers", str(workers)] if engine == "uvicorn" else \
@@ -372,7 +385,7 @@ def serve_command(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike
             str(detector_dir), "--policy", policy, "--host", "127.0.0.1", "--port", str(port), *scale,
             "--state-prefix", prefix, "--torch-threads", str(threads),
             "--rate", "1e9", "--burst", str(10 ** 9), "--request-rate", "1e9", "--request-burst", str(10 ** 9),
-            "--log-level", "warning"]
+            "--log-level", "warning", *(["--compile"] if compile else [])]
 
 
 def _start_serve_workers(cmd: list[str], *, db_url: str, state_url: str, log_path: Path) -> subprocess.Popen:
@@ -388,7 +401,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                     workers: Sequence[int] = (1, 2), state_url: str = DEFAULT_WORKERS_STATE, db_url: str | None = None,
                     requests: int = 200, concurrency: int = 16, torch_threads: int | None = None,
                     policy: str = "monitor", workdir: Path | None = None, startup_timeout: float = 180.0,
-                    engine: str = "uvicorn", echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
+                    engine: str = "uvicorn", compile: bool = False,
+                    echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
     """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N``; one row each
     (``engine="ray"``: ``serve --engine ray --ray-replicas N``, a local Ray instance started by the server).
 
@@ -406,7 +420,9 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         db_url: keys and audit database (default: a fresh SQLite file per row under ``workdir``);
             a shared one (PostgreSQL) gets a client name of its own per row.
         torch_threads: torch threads per worker (default :func:`worker_threads`: the cores shared out).
-        startup_timeout: seconds to wait for the workers to load the models and answer.
+        startup_timeout: seconds to wait for the workers to load the models and answer (at least 900
+            with ``compile``).
+        compile: start the server with ``--compile`` (networks compiled at start-up, before the timing).
     """
     from sqlalchemy import func, select
 
@@ -442,13 +458,13 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         threads = torch_threads or worker_threads(n)
         log_path = base / f"serve-{engine}-{n}.log"
         cmd = serve_command(victim_dir, detector_dir, policy=policy, port=port, workers=n, prefix=prefix,
-                            threads=threads, engine=engine)
+                            threads=threads, engine=engine, compile=compile)
         proc = _start_serve_workers(cmd, db_url=url, state_url=state_url, log_path=log_path)
         headers = {"X-API-Key": token, "content-type": "application/json"}
         server_url = f"http://127.0.0.1:{port}"
         warm_ok = 0
         try:
-            wait_until_healthy(server_url, proc, startup_timeout,
+            wait_until_healthy(server_url, proc, max(startup_timeout, 900.0) if compile else startup_timeout,
                                exit_detail=lambda path=log_path: path.read_text(errors="replace")[-1500:].strip(),
                                timeout_hint=f" (log: {log_path}; uvicorn older than 0.54 restarts a worker that "
                                             "misses its 5 s health check while loading).")
@@ -469,9 +485,9 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                          requests_per_s=requests / wall, images_per_s=requests / wall,
                          p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
                          errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors,
-                         engine=engine)
+                         engine=engine, compiled=compile)
         rows.append(row)
-        echo(f"{server_label(engine, n)} (Redis, {threads} torch thread(s) each) batch 1: {row.requests_per_s:7.1f} req/s, "
+        echo(f"{server_label(engine, n, compile)} (Redis, {threads} torch thread(s) each) batch 1: {row.requests_per_s:7.1f} req/s, "
              f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
              f"{audit_rows}/{row.answered}")
     return rows
@@ -575,7 +591,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                       knockoff_proxies: Sequence[str] = ("digits", "fashion-mnist"), seed: int = 0, progress: bool | None = None,
                       workers: Sequence[int] = (), workers_state: str = DEFAULT_WORKERS_STATE,
                       workers_db: str | None = None, workers_threads: int | None = None,
-                      ray_replicas: Sequence[int] = (), echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
+                      ray_replicas: Sequence[int] = (), workers_compile: bool = False,
+                      echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
     """Both parts on a Fashion-MNIST victim; returns the rows and a Markdown report.
 
     ``victim_dir`` / ``detector_dir``: saved artifacts (e.g. from ``sameguard demo``'s cache); by
@@ -590,6 +607,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     clients, ``requests`` requests); empty (default): none. Without ``victim_dir`` / ``detector_dir``
     the trained models are saved under ``workdir/workers-artifacts`` for the server to load.
     ``ray_replicas``: the same rows for ``sameguard serve --engine ray --ray-replicas N``.
+    ``workers_compile``: each of those rows a second time with ``serve ... --compile``.
     """
     from ..data import load_dataset
 
@@ -608,7 +626,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         "victim": getattr(victim, "arch", None), "victim_dataset": victim.dataset, "detector": type(detector).__name__,
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
-        "workers": list(workers), "ray_replicas": list(ray_replicas),
+        "workers": list(workers), "ray_replicas": list(ray_replicas), "workers_compile": workers_compile,
     })
     with torch.no_grad():
         eval_set = test.subset(eval_idx)
@@ -628,9 +646,12 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         for engine, counts, what in (("uvicorn", workers, "uvicorn workers"), ("ray", ray_replicas, "Ray Serve replicas")):
             if not counts:
                 continue
-            rows = measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=counts, state_url=workers_state,
-                                   db_url=workers_db, requests=requests, concurrency=concurrency,
-                                   torch_threads=workers_threads, workdir=workdir, engine=engine, echo=echo)
+            rows = []
+            for compile in (False, True) if workers_compile else (False,):
+                rows += measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=counts,
+                                        state_url=workers_state, db_url=workers_db, requests=requests,
+                                        concurrency=concurrency, torch_threads=workers_threads, workdir=workdir,
+                                        engine=engine, compile=compile, echo=echo)
             result.latency += rows
             threads = {r.workers: workers_threads or worker_threads(r.workers) for r in rows}
             result.config["workers_threads" if engine == "uvicorn" else "ray_replica_threads"] = threads
@@ -639,7 +660,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                 "rate limits and challenges in Redis under a key prefix of the row, deleted afterwards; torch threads "
                 "each: " + ", ".join(f"N = {n}: {t}" for n, t in threads.items())
                 + "); audit rows found / images answered: "
-                + ", ".join(f"N = {r.workers}: {r.audit_rows}/{r.answered}" for r in rows) + ".")
+                + ", ".join(f"N = {r.workers}{' --compile' if r.compiled else ''}: {r.audit_rows}/{r.answered}"
+                            for r in rows) + ".")
     if attacks:
         train = load_dataset(victim.dataset, "train")
         seeds_set = train.take(150, seed=seed + 1)

@@ -91,6 +91,10 @@ def _load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
         if settings.alarms is not None:
             raise ValueError("Per-client alarms need a detector to score queries: use a policy other than 'off'.")
         logger.warning("Serving the victim with policy 'off': queries are logged but not scored.")
+        if settings.compile:
+            from ..compilation import compile_networks
+
+            compile_networks(victim, backend=settings.compile_backend)
         return Guard(victim, None, policy, output=settings.output, keep_decisions=0)
     if settings.detector is None:
         raise ValueError(f"The {settings.policy!r} policy needs a detector: pass --detector DIR.")
@@ -100,6 +104,11 @@ def _load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
                          "--threshold.")
     alarms = None if settings.alarms is None else load_alarms(settings, victim, detector, store=store)
     guard = Guard(victim, detector, policy, alarms=alarms, output=settings.output, keep_decisions=0)
+    if settings.compile:  # after loading: the calibrations' weight checks are done, the hashes unchanged anyway
+        from ..compilation import compile_networks
+
+        compile_networks(victim, [detector, *([] if alarms is None else alarms.scorers.values())],
+                         backend=settings.compile_backend)
     if isinstance(policy.action, ProofOfWork):
         benign = load_calibration_images(settings.calibration, victim, settings.calibration_limit)
         guard.calibrate(benign)

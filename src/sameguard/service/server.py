@@ -15,6 +15,8 @@ import uvicorn
 
 #: Seconds a worker of ``run_workers`` may take to answer uvicorn's health check (it is loading models).
 WORKER_HEALTHCHECK_SECONDS = 60
+#: The same with ``serve --compile``: compiling the networks at start-up takes minutes on a busy 2-core machine.
+COMPILE_HEALTHCHECK_SECONDS = 900
 
 logger = logging.getLogger(__name__)
 
@@ -99,20 +101,22 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: s
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
 
 
-def run_workers(host: str, port: int, workers: int, log_level: str = "info") -> None:
+def run_workers(host: str, port: int, workers: int, log_level: str = "info", *,
+                healthcheck_s: float = WORKER_HEALTHCHECK_SECONDS) -> None:
     """Serve with ``workers`` uvicorn worker processes sharing one socket, each building its app with
     :func:`~sameguard.service.app.create_app` from the ``SAMEGUARD_*`` environment; until interrupted.
 
     The state (rate limits, challenges, revocations, per-client alarms) must be in a shared store
     (``SAMEGUARD_STATE_URL=redis://...``): :class:`~sameguard.service.settings.ServiceSettings`
-    refuses more than one worker with the in-memory store.
+    refuses more than one worker with the in-memory store. ``healthcheck_s``: how long a starting
+    worker may take to answer uvicorn's health check (uvicorn 0.54 or newer).
     """
     options: dict[str, Any] = {}
     if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters:  # uvicorn >= 0.54
         # A worker answers uvicorn's health check only once its app is built (torch imported, models
         # loaded): on a busy machine that takes longer than uvicorn's 5 s default, and the supervisor
         # would kill and restart loading workers for ever.
-        options["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_SECONDS
+        options["timeout_worker_healthcheck"] = healthcheck_s
     uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
                 log_level=log_level, **options)
 

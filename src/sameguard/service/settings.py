@@ -92,6 +92,10 @@ class ServiceSettings(BaseModel):
         key_cache_s: seconds a verified key is cached (revocation delay; default 5).
         host, port: where ``sameguard serve`` listens (default 127.0.0.1:8000).
         torch_threads: torch intra-op threads (``None``: torch's default).
+        compile: compile the victim's and the detectors' networks with ``torch.compile`` at start-up
+            (:mod:`sameguard.compilation`; needs a C compiler with the default backend, and tens of
+            seconds per worker before it answers).
+        compile_backend: ``torch.compile``'s backend (default ``inductor``).
         alarms: folder of per-client alarms (``sameguard alarms calibrate``); once a client's
             evidence reaches ``1/delta`` every later query of it gets the policy's action.
         alarm_detectors: scorer name -> detector folder, overriding (or completing) the folders
@@ -144,6 +148,8 @@ class ServiceSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     torch_threads: int | None = Field(None, gt=0)
+    compile: bool = False
+    compile_backend: str = Field("inductor", pattern=r"^[A-Za-z0-9_]{1,64}$")
     alarms: Path | None = None
     alarm_detectors: dict[str, Path] = Field(default_factory=dict)
     admin_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
