@@ -37,6 +37,22 @@ def test_energy_at_temperature_one_is_the_general_formula_bit_for_bit():
     assert not torch.equal(energy_score(logits, temperature=1.5), general)
 
 
+def test_energy_of_one_row_on_python_floats_equals_the_batch_formula():
+    logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(2)) * 7
+    special = torch.tensor([[1.0, math.inf, 2.0], [-math.inf] * 3, [math.nan, 1.0, 0.0], [1e30, -1e30, 5.0]])
+    for t in (1.0, 0.3):
+        batch = energy_score(logits, temperature=t)  # several rows: torch.logsumexp
+        rows = torch.cat([energy_score(logits[i:i + 1], temperature=t) for i in range(len(logits))])
+        assert rows.dtype == torch.float32 and rows.shape == (300,)
+        torch.testing.assert_close(rows, batch, rtol=1e-6, atol=0)  # float64 sums in another order
+        for row in special:
+            one, general = energy_score(row[None], temperature=t), (-t * torch.logsumexp(row[None].double() / t, 1)).float()
+            assert torch.equal(one, general) or (one.isnan().all() and general.isnan().all())
+    grad = logits[:1].clone().requires_grad_(True)  # a gradient wanted: the tensor path
+    energy_score(grad).sum().backward()
+    torch.testing.assert_close(grad.grad, -torch.softmax(logits[:1], 1))
+
+
 def test_energy_sign_confident_logits_are_lower():
     """Large, peaked logits (in-distribution) give lower energy than flat, small ones."""
     confident, unsure = torch.tensor([[12.0, 0.0, 0.0]]), torch.tensor([[0.1, 0.0, 0.1]])
