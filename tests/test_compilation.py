@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from sameguard.artifacts import fitted_state_sha256
-from sameguard.compilation import compile_networks, fitted_networks
+from sameguard.artifacts import fitted_networks, fitted_state_sha256
+from sameguard.compilation import compile_networks
 from sameguard.detectors import MSPDetector
 
 

@@ -55,22 +55,29 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def fitted_networks(obj: object) -> dict[str, torch.nn.Module]:
+    """``obj``'s fitted networks, attribute name -> module, in name order: the attributes ending in
+    ``_`` (the fitted-state convention of the detectors) that are :class:`torch.nn.Module`."""
+    names = sorted(vars(obj)) if hasattr(obj, "__dict__") else []
+    return {name: value for name in names
+            if name.endswith("_") and isinstance(value := getattr(obj, name), torch.nn.Module)}
+
+
 def fitted_state_sha256(obj: object) -> str | None:
-    """SHA-256 over the state dicts of ``obj``'s fitted networks (attributes ending in ``_``).
+    """SHA-256 over the state dicts of ``obj``'s fitted networks (:func:`fitted_networks`).
 
     Identifies a fitted detector by its weights (e.g. for the guard's version record and to tie a
     calibration to the detector it was made for); ``None`` when ``obj`` holds no fitted network
     (MSP, Energy: they are defined by the victim alone).
     """
+    networks = fitted_networks(obj)
+    if not networks:
+        return None
     digest = hashlib.sha256(type(obj).__name__.encode())
-    found = False
-    for name in sorted(vars(obj)) if hasattr(obj, "__dict__") else []:
-        value = getattr(obj, name)
-        if name.endswith("_") and isinstance(value, torch.nn.Module):
-            digest.update(name.encode())
-            digest.update(state_dict_sha256(value.state_dict()).encode())
-            found = True
-    return digest.hexdigest() if found else None
+    for name, module in networks.items():
+        digest.update(name.encode())
+        digest.update(state_dict_sha256(module.state_dict()).encode())
+    return digest.hexdigest()
 
 
 def save_artifact(directory: str | os.PathLike, kind: str, parts: dict[str, dict[str, torch.Tensor]],

@@ -13,10 +13,12 @@ convolutions set sizes 2-15 apart from larger ones, so the default warm-up, batc
 compiles three graphs per network that serve every batch size (checked up to 300 with
 ``TORCH_LOGS=recompiles``: no further compilation).
 
-Measured in ``docs/service.md`` ("Inference options"): the inductor backend saves 14-22 % of SAME's
-and the guard's time in process from batch 1 to 256, and compiling costs tens of seconds per process
-at start-up (it needs a C compiler). Outputs differ from eager ones by float rounding only
-(``python -m sameguard.bench.inference_options`` reports the largest difference, below 1e-6 there).
+Measured (``docs/service.md``, "Inference options"): in process, at fixed batch sizes, the inductor
+backend saves 14-22 % of SAME's and the guard's time; in the service on two CPU cores, behind dynamic
+batching and beside the client threads, the compiled workers answered fewer requests than the eager
+ones (0.45-0.88x), so ``serve`` compiles only when asked. Compiling costs tens of seconds to minutes
+per process at start-up and needs a C compiler. Outputs differ from eager ones by float rounding
+only (``python -m sameguard.bench.inference_options`` reports the largest difference).
 """
 
 from __future__ import annotations
@@ -29,22 +31,11 @@ from typing import Any
 import torch
 
 from .api import StatefulDetector
+from .artifacts import fitted_networks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compile_networks", "fitted_networks"]
-
-
-def fitted_networks(obj: Any) -> dict[str, torch.nn.Module]:
-    """``obj``'s fitted networks: attribute name -> module, for the attributes ending in ``_`` that are
-    :class:`torch.nn.Module` (the convention of the detectors, as in
-    :func:`~sameguard.artifacts.fitted_state_sha256`)."""
-    found = {}
-    for name in sorted(vars(obj)) if hasattr(obj, "__dict__") else []:
-        value = getattr(obj, name)
-        if name.endswith("_") and isinstance(value, torch.nn.Module):
-            found[name] = value
-    return found
+__all__ = ["compile_networks"]
 
 
 def compile_networks(victim: Any, detectors: Iterable[Any] = (), *, backend: str = "inductor",
@@ -62,7 +53,7 @@ def compile_networks(victim: Any, detectors: Iterable[Any] = (), *, backend: str
             victim's shape).
 
     Returns:
-        What was compiled, e.g. ``["victim.model", "SAMEDetector.reconstructor_", "SAMEDetector.aux_"]``.
+        What was compiled, e.g. ``["victim.model", "SAMEDetector.aux_", "SAMEDetector.reconstructor_"]``.
 
     Raises:
         ValueError: ``victim`` has no network or a warm-up batch size is not positive.

@@ -46,7 +46,8 @@ def test_energy_of_one_row_on_python_floats_equals_the_batch_formula():
         assert rows.dtype == torch.float32 and rows.shape == (300,)
         torch.testing.assert_close(rows, batch, rtol=1e-6, atol=0)  # float64 sums in another order
         for row in special:
-            one, general = energy_score(row[None], temperature=t), (-t * torch.logsumexp(row[None].double() / t, 1)).float()
+            one = energy_score(row[None], temperature=t)
+            general = (-t * torch.logsumexp(row[None].double() / t, 1)).float()
             assert torch.equal(one, general) or (one.isnan().all() and general.isnan().all())
     grad = logits[:1].clone().requires_grad_(True)  # a gradient wanted: the tensor path
     energy_score(grad).sum().backward()

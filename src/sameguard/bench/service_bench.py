@@ -487,8 +487,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                          errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors,
                          engine=engine, compiled=compile)
         rows.append(row)
-        echo(f"{server_label(engine, n, compile)} (Redis, {threads} torch thread(s) each) batch 1: {row.requests_per_s:7.1f} req/s, "
-             f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
+        echo(f"{server_label(engine, n, compile)} (Redis, {threads} torch thread(s) each) batch 1: "
+             f"{row.requests_per_s:7.1f} req/s, p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
              f"{audit_rows}/{row.answered}")
     return rows
 

@@ -262,8 +262,8 @@ class EvidenceMonitor:
         if alarm_query is None and combined >= self.threshold_log:
             alarm_query, alarm_time = state.queries + 1, time.time()
         # torch.from_numpy(np.array(...)): the same float64 values as torch.tensor(...), at a third of its cost
-        new = self._next_state(state, 1, [torch.from_numpy(np.array(new_state, dtype=np.float64)) for new_state, _ in stepped],
-                               stream_state, alarm_query, alarm_time)
+        own = [torch.from_numpy(np.array(new_state, dtype=np.float64)) for new_state, _ in stepped]
+        new = self._next_state(state, 1, own, stream_state, alarm_query, alarm_time)
         per = dict(zip(self._source_names, logs))
         return new, self._evidence(client, new, per, torch.from_numpy(np.array([combined], dtype=np.float64)), combined)
 
