@@ -53,6 +53,9 @@ def add_alarm_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int
                                                               "(default 1e-3)")
     p.add_argument("--stream", action="store_true", help="add the stream test of each client's own queries "
                                                           "(JBDA-style attacks)")
+    p.add_argument("--stream-pool-size", type=int, default=None, metavar="S",
+                   help="with --stream: compare images average-pooled to S x S (a fraction of the memory and time "
+                        "per query; the p-values stay valid); default: every pixel")
     p.add_argument("--mode", default="ville", choices=MODES,
                    help="ville (default: P(ever alarmed) <= delta), cusum or shiryaev-roberts (react faster to "
                         "a client that turns bad; bound the mean time to a false alarm instead)")
@@ -138,6 +141,7 @@ def _load_scorers(args: argparse.Namespace, victim: Any) -> dict[str, tuple[Any,
 def cmd_alarms(args: argparse.Namespace) -> int:
     """``sameguard alarms calibrate``: see the module docstring; prints one summary line."""
     from .alarms import ClientAlarms
+    from .evidence import StreamExchangeabilityTest
     from .imagefiles import read_images
     from .validation import check_choice, check_eta, check_fraction, check_int
     from .victim import Victim
@@ -147,11 +151,16 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     if args.calibration_conditional is not None:
         check_eta(args.calibration_conditional, "--calibration-conditional")
     check_choice(args.mode, "--mode", MODES)
+    if args.stream_pool_size is not None:
+        check_int(args.stream_pool_size, "--stream-pool-size", minimum=1)
+        if not args.stream:
+            raise ValueError("--stream-pool-size sets the stream test's pooling: add --stream.")
     victim = Victim.load(args.victim, device=args.device)
     scorers = _load_scorers(args, victim)
     x, _ = read_images(args.images, victim.image_shape)
     alarms = ClientAlarms.calibrate(victim, {n: d for n, (d, _) in scorers.items()}, x, delta=args.delta,
-                                    stream=args.stream, mode=args.mode, min_class_size=args.min_class_size,
+                                    stream=StreamExchangeabilityTest(pool_size=args.stream_pool_size) if args.stream
+                                    else None, mode=args.mode, min_class_size=args.min_class_size,
                                     seed=args.seed, conditional=args.calibration_conditional)
     out = alarms.save(args.out)
     write_alarm_sources(out, {n: f for n, (_, f) in scorers.items()})

@@ -244,12 +244,23 @@ def test_alarm_recheck_repeats_the_alarm_study_on_the_cache(tiny_run, capsys, tm
 
     config, out, _ = tiny_run
     cached = sorted((p, p.stat().st_mtime_ns) for p in (out / "cache").rglob("*") if p.is_file())
-    records = recheck_alarms(config, out, conditional=[None, 0.01], echo=lambda _: None)
+    records = recheck_alarms(config, out, conditional=[None, 0.01], stream_pool_size=[None, 7], echo=lambda _: None)
+    pooled = [r for r in records if r["stream_pool_size"] == 7]
+    records = [r for r in records if r["stream_pool_size"] is None]
     assert sorted((p, p.stat().st_mtime_ns) for p in (out / "cache").rglob("*") if p.is_file()) == cached  # nothing trained
     saved = [r for r in json.loads((out / "results.json").read_text())["alarms"] if r["kind"] in ("attack", "benign")]
     assert [r for r in records if r["calibration_conditional"] is None] == saved
     conditional = {(r["kind"], r.get("attack"), r["alarm_set"]): r for r in records if r["calibration_conditional"] == 0.01}
     assert len(conditional) == len(saved)
+    # The stream test on pooled images: the other alarm sets exactly as before, every benign count within bounds
+    full = {(r["kind"], r.get("attack"), r["alarm_set"], r["calibration_conditional"]): r for r in records}
+    assert len(pooled) == len(records)
+    for r in pooled:
+        before = full[(r["kind"], r.get("attack"), r["alarm_set"], r["calibration_conditional"])]
+        if "stream" not in r["alarm_set"]:
+            assert {**r, "stream_pool_size": None} == before
+        elif r["kind"] == "benign":
+            assert r["clients"] == before["clients"]
     for r in saved:
         c = conditional[(r["kind"], r.get("attack"), r["alarm_set"])]
         if r["kind"] == "attack":
@@ -265,5 +276,10 @@ def test_alarm_recheck_repeats_the_alarm_study_on_the_cache(tiny_run, capsys, tm
     assert "## marginal p-values" in text and "## calibration-conditional p-values, eta = 0.01" in text
     assert "### Per-client alarms (delta = 0.001, calibration-conditional p-values at eta = 0.01)" in text
     assert text.count("| combination + stream test |") == 2 and (tmp_path / "recheck.md").read_text().strip() == text.strip()
+    assert main(["--config", str(TINY), "--bench-dir", str(out), "--calibration-conditional", "none",
+                 "--stream-pool-size", "none,7"]) == 0
+    assert "## marginal p-values; stream test on images pooled to 7x7" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--config", str(TINY), "--bench-dir", str(out), "--stream-pool-size", "0"])
     with pytest.raises(SystemExit):
         main(["--config", str(TINY), "--bench-dir", str(out), "--calibration-conditional", "1.5"])

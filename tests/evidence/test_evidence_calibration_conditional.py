@@ -175,3 +175,11 @@ def test_bench_config_takes_the_option_and_the_saved_standard_seeds_are_the_prof
     raw["alarms"]["calibration_conditional"] = 1.5
     with pytest.raises(ValueError, match="calibration_conditional"):
         parse_config(raw)
+    raw["alarms"]["calibration_conditional"] = 1e-3
+    raw["alarms"]["stream_pool_size"] = 14  # another stream test: another key; unset, the saved seeds' key
+    pooled = parse_config(raw)
+    assert pooled.alarms.stream_pool_size == 14 and standard.alarms.stream_pool_size is None
+    assert path(pooled, 0) != path(standard, 0)
+    raw["alarms"]["stream_pool_size"] = 0
+    with pytest.raises(ValueError, match="stream_pool_size"):
+        parse_config(raw)

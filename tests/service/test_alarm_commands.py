@@ -79,6 +79,24 @@ def test_two_detectors_of_one_kind_are_named_by_folder_and_folders_can_be_overri
     assert guard.alarms.describe()["stream"] is True
 
 
+def test_alarms_calibrate_stream_pool_size_is_saved_and_served(artifacts, tmp_path, capsys):
+    out = tmp_path / "alarms"
+    code, text = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",
+                     str(artifacts / "maha-a"), "--images", str(artifacts / "benign.npy"), "--out", str(out),
+                     "--min-class-size", "20", "--stream", "--stream-pool-size", "7")
+    assert code == 0 and "stream test on" in text
+
+    from sameguard.service.loading import load_guard
+    from sameguard.service.settings import ServiceSettings
+
+    guard = load_guard(ServiceSettings(victim=artifacts / "victim", detector=artifacts / "maha-a", alarms=out))
+    assert guard.alarms.monitor.stream.pool_size == 7
+    code, text = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",
+                     str(artifacts / "maha-a"), "--images", str(artifacts / "benign.npy"), "--out", str(out),
+                     "--stream-pool-size", "7")
+    assert code != 0 and "add --stream" in capsys.readouterr().err
+
+
 def test_alarms_calibrate_calibration_conditional_is_saved_and_served(artifacts, tmp_path):
     out = tmp_path / "alarms"
     code, text = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",

@@ -38,6 +38,7 @@ import torch
 from ..actions import Policy
 from ..alarms import ClientAlarms
 from ..detectors import build_detector, fit_detector
+from ..evidence import StreamExchangeabilityTest
 from ..guard import Guard
 from ..victim import Victim
 from .untrained import build_models
@@ -53,7 +54,8 @@ ARCH = "conv3"
 
 def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Tensor, *, delta: float,
                 stream: bool, seed: int, policy: str = "monitor", output: str = "probabilities",
-                per_query_fpr: float | None = None, conditional: float | None = None) -> Guard:
+                per_query_fpr: float | None = None, conditional: float | None = None,
+                stream_pool_size: int | None = None) -> Guard:
     """The benchmark's protected model: per-client alarms over ``scorers`` (and the stream test),
     calibrated on ``calibration_x``; the first scorer is also the guard's per-query detector.
 
@@ -69,8 +71,10 @@ def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Te
         per_query_fpr: ``None``: no per-query action before the alarm (threshold ``+inf``); else the
             first scorer's threshold is set for this benign false-positive rate.
         conditional: ``eta`` for calibration-conditional p-values (``None``: marginal ones).
+        stream_pool_size: the stream test's ``pool_size`` (``None``: every pixel).
     """
-    alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed,
+    test = StreamExchangeabilityTest(pool_size=stream_pool_size) if stream else None
+    alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta, stream=test, seed=seed,
                                     conditional=conditional)
     threshold = None if per_query_fpr is not None else float("inf")
     guard = Guard(victim, scorers[next(iter(scorers))], Policy(policy, threshold=threshold), alarms=alarms,
@@ -144,7 +148,8 @@ def build_networks(seed: int = 0, fit_images: int = 256) -> tuple[Victim, dict[s
 
 
 def measure(*, queries: int = 300, stream: bool = True, client_history: int = 1000, calibration: int = 500,
-            delta: float = 1e-3, seed: int = 0, profile: bool = False, batch: int = 1) -> dict[str, Any]:
+            delta: float = 1e-3, seed: int = 0, profile: bool = False, batch: int = 1,
+            stream_pool_size: int | None = None) -> dict[str, Any]:
     """Time queries through the guard with SAME alone and with the alarms.
 
     Args:
@@ -155,6 +160,7 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
         calibration: random images the alarms are calibrated on.
         delta, seed: the alarms' settings.
         profile: also profile ``queries`` more single-image queries of the guard with the alarms.
+        stream_pool_size: the stream test's ``pool_size`` (``None``: every pixel).
 
     Returns:
         ``{"ms_guard", "ms_guard_with_alarms", "ratio"}`` (medians), the same for the 10th
@@ -167,7 +173,8 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
     generator = torch.Generator().manual_seed(seed + 1)
     calibration_x = _random_images(calibration, generator)
     plain = Guard(victim, scorers["SAME"], "monitor", keep_decisions=0, history=False)
-    guarded = alarm_guard(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed)
+    guarded = alarm_guard(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed,
+                          stream_pool_size=stream_pool_size)
     history = _random_images(client_history, generator)
     for guard in (plain, guarded):
         for start in range(0, client_history, 100):
@@ -208,22 +215,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="earlier queries of the timed client (default 1000: the mean bag of the stream test's "
                         "2000-query blocks)")
     p.add_argument("--calibration", type=int, default=500, help="random calibration images (default 500)")
+    p.add_argument("--stream-pool-size", type=int, default=None,
+                   help="the stream test compares images average-pooled to this size (default: every pixel)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="add a cProfile top list of the guard with the alarms")
     args = p.parse_args(argv)
     if (args.queries < 1 or args.batch < 1 or args.client_history < 0 or args.calibration < 2
-            or (args.threads is not None and args.threads < 1)):
-        p.error("--queries and --batch must be >= 1, --client-history >= 0, --calibration >= 2 and --threads >= 1")
+            or (args.threads is not None and args.threads < 1)
+            or (args.stream_pool_size is not None and args.stream_pool_size < 1)):
+        p.error("--queries and --batch must be >= 1, --client-history >= 0, --calibration >= 2, --threads >= 1 "
+                "and --stream-pool-size >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("sameguard.evidence.conformal").setLevel(logging.ERROR)  # random labels: small classes
     r = measure(queries=args.queries, stream=args.stream, client_history=args.client_history,
-                calibration=args.calibration, seed=args.seed, profile=args.profile, batch=args.batch)
+                calibration=args.calibration, seed=args.seed, profile=args.profile, batch=args.batch,
+                stream_pool_size=args.stream_pool_size)
+    stream_text = "off" if not args.stream else "on" if args.stream_pool_size is None else \
+        f"on, images pooled to {args.stream_pool_size}x{args.stream_pool_size}"
     what = "single-image queries" if args.batch == 1 else f"calls of {args.batch} images (times per call)"
     print(f"{what}, {args.queries} each, alternated; client history {args.client_history}; "
-          f"stream test {'on' if args.stream else 'off'}; torch threads {torch.get_num_threads()}\n")
+          f"stream test {stream_text}; torch threads {torch.get_num_threads()}\n")
     print("| guard | median ms | 10th percentile ms | median CPU ms |\n|---|---:|---:|---:|")
     print(f"| SAME alone | {r['ms_guard']:.2f} | {r['p10_guard']:.2f} | {r['cpu_guard']:.2f} |")
     print(f"| SAME + alarms (SAME, s2, MSP, Energy{', stream' if args.stream else ''}) | "

@@ -13,7 +13,9 @@ hours a cold seed takes). Nothing it needs is trained if the cache holds it; wha
 trained as ``bench`` would (slow). Only the detectors the ``[alarms]`` table names are loaded.
 
 Options it varies: ``calibration_conditional`` (``none`` for the marginal p-values, or ``eta`` for
-calibration-conditional ones, see :class:`~sameguard.evidence.ConformalCalibrator`).
+calibration-conditional ones, see :class:`~sameguard.evidence.ConformalCalibrator`) and
+``stream_pool_size`` (``none`` for every pixel, or the size the stream test pools images to, see
+:class:`~sameguard.evidence.StreamExchangeabilityTest`); every combination of the values given runs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def _alarm_only(config: BenchConfig) -> BenchConfig:
 
 
 def recheck_alarms(config: BenchConfig, bench_dir: str | Path, *, conditional: Sequence[float | None],
+                   stream_pool_size: Sequence[int | None] = (None,),
                    seeds: Sequence[int] | None = None, data_dir: str | None = None,
                    echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The alarm study's records (kinds ``attack`` and ``benign``) per seed and per option value.
@@ -55,17 +58,18 @@ def recheck_alarms(config: BenchConfig, bench_dir: str | Path, *, conditional: S
         config: a benchmark profile with an ``[alarms]`` table.
         bench_dir: that profile's ``bench`` output folder; its ``cache`` is read (and completed).
         conditional: values of ``calibration_conditional`` to run (``None``: marginal p-values).
+        stream_pool_size: values of ``stream_pool_size`` to run (``None``: every pixel).
         seeds: the seeds (default: the profile's).
         data_dir: folder of the dataset files.
 
     Returns:
         The records of :func:`~sameguard.bench.runner._alarm_records` (each names its
-        ``calibration_conditional``).
+        ``calibration_conditional`` and ``stream_pool_size``).
     """
     if config.alarms is None:
         raise ValueError(f"The profile {config.name} has no [alarms] table: there is no alarm study to repeat.")
-    if not conditional:
-        raise ValueError("Give at least one value of calibration_conditional to run.")
+    if not conditional or not stream_pool_size:
+        raise ValueError("Give at least one value of calibration_conditional and of stream_pool_size to run.")
     echo = echo if echo is not None else StepLog()
     subset = _alarm_only(config)
     common = {"cache": Path(bench_dir) / "cache", "plots": Path(bench_dir) / "plots", "data_dir": data_dir,
@@ -79,9 +83,10 @@ def recheck_alarms(config: BenchConfig, bench_dir: str | Path, *, conditional: S
             detectors = _fit_detectors(run, run.alarm_benign.images[:64])  # the benign scores are not used here
             streams = {aspec.label: _attack_queries(aspec, run) for aspec in config.attacks}
             for eta in conditional:
-                alarms = dataclasses.replace(config.alarms, calibration_conditional=eta)
-                variant = dataclasses.replace(run, config=dataclasses.replace(subset, alarms=alarms))
-                records += _alarm_records(variant, streams, detectors)
+                for pool in stream_pool_size:
+                    alarms = dataclasses.replace(config.alarms, calibration_conditional=eta, stream_pool_size=pool)
+                    variant = dataclasses.replace(run, config=dataclasses.replace(subset, alarms=alarms))
+                    records += _alarm_records(variant, streams, detectors)
     return records
 
 
@@ -99,6 +104,19 @@ def _parse_conditional(text: str) -> list[float | None]:
     return values
 
 
+def _parse_pool_sizes(text: str) -> list[int | None]:
+    values: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in ("none", "full"):
+            values.append(None)
+        elif part.isdigit() and int(part) >= 1:
+            values.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"{part!r} is neither 'none' nor a positive image size.")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sameguard.bench.alarm_recheck",
                                 description="Repeat a benchmark profile's per-client alarm study on its cached models "
@@ -107,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-dir", default=None, help="the profile's bench folder (default runs/bench/<profile>)")
     p.add_argument("--calibration-conditional", type=_parse_conditional, default=[None, 1e-3],
                    help="comma-separated values: 'none' (marginal p-values) or eta in (0, 0.5] (default none,1e-3)")
+    p.add_argument("--stream-pool-size", type=_parse_pool_sizes, default=[None],
+                   help="comma-separated values: 'none' (every pixel) or the size the stream test pools images "
+                        "to (default none)")
     p.add_argument("--seeds", type=functools.partial(comma_ints, minimum=0), default=None, help="comma-separated seeds (default: the profile's)")
     p.add_argument("--data-dir", default=None, help="folder holding dataset files")
     p.add_argument("--out", default=None, help="also write the Markdown to this file")
@@ -115,13 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sameguard.evidence.monitor").setLevel(logging.ERROR)  # one line per alarmed client
     config = load_config(args.config)
     bench_dir = Path(args.bench_dir or Path("runs") / "bench" / config.name)
-    records = recheck_alarms(config, bench_dir, conditional=args.calibration_conditional, seeds=args.seeds,
-                             data_dir=args.data_dir)
+    records = recheck_alarms(config, bench_dir, conditional=args.calibration_conditional,
+                             stream_pool_size=args.stream_pool_size, seeds=args.seeds, data_dir=args.data_dir)
     lines = [f"# Per-client alarms of `{config.name}` on its cached models, seeds "
              f"{sorted({r['seed'] for r in records})}", ""]
     for eta in args.calibration_conditional:
-        name = "marginal p-values" if eta is None else f"calibration-conditional p-values, eta = {eta:g}"
-        lines += [f"## {name}"] + alarm_report([r for r in records if r["calibration_conditional"] == eta]) + [""]
+        for pool in args.stream_pool_size:
+            name = "marginal p-values" if eta is None else f"calibration-conditional p-values, eta = {eta:g}"
+            name += "" if pool is None else f"; stream test on images pooled to {pool}x{pool}"
+            chosen = [r for r in records if r["calibration_conditional"] == eta and r["stream_pool_size"] == pool]
+            lines += [f"## {name}"] + alarm_report(chosen) + [""]
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:

@@ -74,12 +74,15 @@ class AlarmStudy:
         delta: the false-alarm bound.
         seed: for client draws and the p-values' smoothing.
         conditional: ``eta`` for calibration-conditional p-values (``None``: marginal ones).
+        stream_pool_size: the stream test's ``pool_size`` (``None``: every pixel).
     """
 
     def __init__(self, victim: Any, detectors: Mapping[str, Any], calibration_x: torch.Tensor,
                  sets: Mapping[str, tuple[list[str], bool]], *, delta: float = 1e-3, seed: int = 0,
-                 batch_size: int = 512, conditional: float | None = None) -> None:
+                 batch_size: int = 512, conditional: float | None = None,
+                 stream_pool_size: int | None = None) -> None:
         self.victim, self.detectors, self.sets = victim, dict(detectors), dict(sets)
+        self.stream_pool_size = stream_pool_size
         self.delta = check_fraction(delta, "delta", include_low=False, include_high=False)
         self.seed, self.batch_size = seed, batch_size
         self.num_classes = int(victim.num_classes)
@@ -97,7 +100,7 @@ class AlarmStudy:
         labels, stream = self.sets[name]
         return EvidenceMonitor({label: self.calibrators[label] for label in labels}, delta=self.delta,
                                martingale=MixtureMartingale(), seed=self.seed,
-                               stream=StreamExchangeabilityTest() if stream else None)
+                               stream=StreamExchangeabilityTest(pool_size=self.stream_pool_size) if stream else None)
 
     def _alarm_query(self, monitor: EvidenceMonitor, name: str, data: _Scored, index: torch.Tensor,
                      client: str) -> int | None:

@@ -104,6 +104,8 @@ class AlarmSpec:
     (default) acts on alarmed clients only, so normal users lose nothing to per-query false positives.
     ``calibration_conditional``: ``eta`` for calibration-conditional p-values
     (:class:`~sameguard.evidence.ConformalCalibrator` ``conditional``); ``None`` (default): marginal ones.
+    ``stream_pool_size``: the stream test compares images average-pooled to this size
+    (:class:`~sameguard.evidence.StreamExchangeabilityTest` ``pool_size``); ``None`` (default): every pixel.
     """
 
     detectors: tuple[str, ...]
@@ -116,6 +118,7 @@ class AlarmSpec:
     actions: tuple[str, ...] = ()
     per_query_fpr: float | None = None
     calibration_conditional: float | None = None
+    stream_pool_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,7 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
         return None
     w = f"{where} [alarms]"
     fields = {"detectors", "combination", "stream", "delta", "benign_clients", "client_queries", "stream_queries",
-              "actions", "per_query_fpr", "calibration_conditional"}
+              "actions", "per_query_fpr", "calibration_conditional", "stream_pool_size"}
     _unknown(raw, fields, w)
     labels = {d.label for d in detectors}
     chosen = tuple(_require(raw, "detectors", list, w))
@@ -206,7 +209,9 @@ def _parse_alarms(raw: dict[str, Any] | None, where: str, detectors: list[Detect
                          per_query_fpr=None if raw.get("per_query_fpr") is None else check_fraction(
                              raw["per_query_fpr"], "per_query_fpr", include_low=False, include_high=False),
                          calibration_conditional=None if raw.get("calibration_conditional") is None else check_eta(
-                             raw["calibration_conditional"], "calibration_conditional"))
+                             raw["calibration_conditional"], "calibration_conditional"),
+                         stream_pool_size=None if raw.get("stream_pool_size") is None else check_int(
+                             raw["stream_pool_size"], "stream_pool_size"))
     except ValueError as exc:
         raise ValueError(f"{w}: {exc}") from None
     return spec

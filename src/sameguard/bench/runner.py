@@ -270,9 +270,9 @@ def _alarm_records(run: _Run, streams: dict[str, dict[str, Any]], detectors: dic
     sets = alarm_sets(spec.detectors, spec.combination, spec.stream)
     study = AlarmStudy(run.victim, {label: detectors[label][1] for label in set(spec.detectors + spec.combination)},
                        run.alarm_calibration.images, sets, delta=spec.delta, seed=run.seed,
-                       conditional=spec.calibration_conditional)
+                       conditional=spec.calibration_conditional, stream_pool_size=spec.stream_pool_size)
     base = {"dataset": run.dataset, "seed": run.seed, "delta": spec.delta,
-            "calibration_conditional": spec.calibration_conditional}
+            "calibration_conditional": spec.calibration_conditional, "stream_pool_size": spec.stream_pool_size}
     records = []
     for label, attack in streams.items():
         found = study.queries_until_alarm(attack["stream_tensor"])
@@ -303,7 +303,8 @@ def _guard_for(run: _Run, detectors: dict[str, Any], policy: str, output: str) -
     assert spec is not None
     return alarm_guard(run.victim, _alarm_scorers(run, detectors), run.alarm_calibration.images, delta=spec.delta,
                        stream=spec.stream, seed=run.seed, policy=policy, output=output,
-                       per_query_fpr=spec.per_query_fpr, conditional=spec.calibration_conditional)
+                       per_query_fpr=spec.per_query_fpr, conditional=spec.calibration_conditional,
+                       stream_pool_size=spec.stream_pool_size)
 
 
 def _extraction_records(run: _Run, detectors: dict[str, Any], plain: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -394,6 +395,8 @@ def _seed_results_path(config: BenchConfig, dataset: str, seed: int, cache: Path
     """Where one (dataset, seed)'s records are kept: keyed by everything in the config but its seeds
     (a detection-only pass has files of its own, ``results-detection-...``, never read as a full seed)."""
     kept = {k: v for k, v in config.to_dict().items() if k not in ("name", "seeds", "source")}
+    if kept.get("alarms") and kept["alarms"].get("stream_pool_size") is None:
+        del kept["alarms"]["stream_pool_size"]  # the default: the keys of runs saved before the option stay valid
     kind = "seed-results-detection" if detection_only else "seed-results"
     key = cache_key(kind=kind, config=kept, dataset=dataset, seed=seed)
     return cache / f"results-{'detection-' if detection_only else ''}{dataset}-seed{seed}-{key}.json"
