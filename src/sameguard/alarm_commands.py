@@ -54,8 +54,8 @@ def add_alarm_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int
     p.add_argument("--stream", action="store_true", help="add the stream test of each client's own queries "
                                                           "(JBDA-style attacks)")
     p.add_argument("--stream-pool-size", type=int, default=None, metavar="S",
-                   help="with --stream: compare images average-pooled to S x S (a fraction of the memory and time "
-                        "per query; the p-values stay valid); default: every pixel")
+                   help="with --stream: compare images average-pooled to S x S (a fraction of the memory per "
+                        "client, a little less time per query; the p-values stay valid); default: every pixel")
     p.add_argument("--mode", default="ville", choices=MODES,
                    help="ville (default: P(ever alarmed) <= delta), cusum or shiryaev-roberts (react faster to "
                         "a client that turns bad; bound the mean time to a false alarm instead)")
