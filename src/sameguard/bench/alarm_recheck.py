@@ -31,7 +31,7 @@ from typing import Any
 from ..cli_checks import comma_ints
 from ..data import load_dataset
 from ..steps import StepLog
-from ..validation import check_eta
+from ..validation import check_eta, check_int
 from .config import BenchConfig, load_config
 from .report import alarm_report
 from .runner import _alarm_records, _attack_queries, _fit_detectors, _start_run
@@ -90,31 +90,26 @@ def recheck_alarms(config: BenchConfig, bench_dir: str | Path, *, conditional: S
     return records
 
 
-def _parse_conditional(text: str) -> list[float | None]:
-    values: list[float | None] = []
+def _comma_values(text: str, none: tuple[str, ...], parse: Callable[[str], Any], what: str) -> list[Any]:
+    """Comma-separated option values: a word of ``none`` is ``None``, anything else goes through ``parse``
+    (a ``ValueError`` becomes argparse's error, naming ``what`` was expected)."""
+    values = []
     for part in text.split(","):
         part = part.strip().lower()
-        if part in ("none", "marginal"):
-            values.append(None)
-            continue
         try:
-            values.append(check_eta(float(part), "eta"))
+            values.append(None if part in none else parse(part))
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{part!r} is neither 'none' nor a valid eta: {exc}") from None
+            raise argparse.ArgumentTypeError(f"{part!r} is neither 'none' nor {what}: {exc}") from None
     return values
+
+
+def _parse_conditional(text: str) -> list[float | None]:
+    return _comma_values(text, ("none", "marginal"), lambda v: check_eta(float(v), "eta"), "a valid eta")
 
 
 def _parse_pool_sizes(text: str) -> list[int | None]:
-    values: list[int | None] = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part in ("none", "full"):
-            values.append(None)
-        elif part.isdigit() and int(part) >= 1:
-            values.append(int(part))
-        else:
-            raise argparse.ArgumentTypeError(f"{part!r} is neither 'none' nor a positive image size.")
-    return values
+    return _comma_values(text, ("none", "full"), lambda v: check_int(int(v), "the size", minimum=1),
+                         "a positive image size")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -420,15 +420,15 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         db_url: keys and audit database (default: a fresh SQLite file per row under ``workdir``);
             a shared one (PostgreSQL) gets a client name of its own per row.
         torch_threads: torch threads per worker (default :func:`worker_threads`: the cores shared out).
-        startup_timeout: seconds to wait for the workers to load the models and answer (at least 900
-            with ``compile``).
+        startup_timeout: seconds to wait for the workers to load the models and answer (with ``compile``
+            at least the server's own allowance, ``COMPILE_HEALTHCHECK_SECONDS``).
         compile: start the server with ``--compile`` (networks compiled at start-up, before the timing).
     """
     from sqlalchemy import func, select
 
     from ..service.db import audit_log, init_db, make_engine
     from ..service.keys import KeyStore
-    from ..service.server import wait_until_healthy
+    from ..service.server import COMPILE_HEALTHCHECK_SECONDS, wait_until_healthy
 
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be positive integers.")
@@ -464,7 +464,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         server_url = f"http://127.0.0.1:{port}"
         warm_ok = 0
         try:
-            wait_until_healthy(server_url, proc, max(startup_timeout, 900.0) if compile else startup_timeout,
+            wait_until_healthy(server_url, proc,
+                               max(startup_timeout, COMPILE_HEALTHCHECK_SECONDS) if compile else startup_timeout,
                                exit_detail=lambda path=log_path: path.read_text(errors="replace")[-1500:].strip(),
                                timeout_hint=f" (log: {log_path}; uvicorn older than 0.54 restarts a worker that "
                                             "misses its 5 s health check while loading).")

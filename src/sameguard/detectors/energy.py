@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..api import Detector
+from ..evidence.martingale import logsumexp_list
 from ..training import predict_in_batches
 from ..validation import check_images, check_int, check_positive
 from .victim_output import VictimOutputArtifact
@@ -58,21 +59,11 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     if z.shape[0] == 1 and not z.requires_grad and z.device.type == "cpu":
         # A guarded single-image request: the same formula on Python floats (float64), a few
         # microseconds instead of several tensor operations' dispatch; equal to rounding
-        energy = -temperature * _logsumexp_row([v / temperature for v in z[0].tolist()])
+        values = [v / temperature for v in z[0].tolist()]
+        energy = math.nan if any(math.isnan(v) for v in values) else -temperature * logsumexp_list(values)
         return torch.from_numpy(np.array([energy], dtype=np.float32))
     z = z.to(torch.float64)
     return (-temperature * torch.logsumexp(z / temperature, dim=1)).to(torch.float32)
-
-
-def _logsumexp_row(values: list[float]) -> float:
-    """``log Σ exp`` of a non-empty list of floats as :func:`torch.logsumexp` (NaN if any is NaN,
-    ``+inf`` if any is, ``-inf`` if all are)."""
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    top = max(values)
-    if not math.isfinite(top):
-        return top
-    return top + math.log(math.fsum([math.exp(v - top) for v in values]))
 
 
 class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):

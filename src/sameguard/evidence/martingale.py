@@ -31,7 +31,7 @@ import torch
 from ..validation import check_choice, check_fraction, check_int
 
 __all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_mean_exp", "log_power_bet",
-           "logsumexp_array"]
+           "logsumexp_array", "logsumexp_list"]
 
 #: Statistics offered by :class:`MixtureMartingale`.
 MODES = ("ville", "cusum", "shiryaev-roberts")
@@ -248,13 +248,19 @@ def _shiryaev_roberts_path(state: torch.Tensor, bets: torch.Tensor) -> torch.Ten
     return s + terms.logcumsumexp(dim=-2)
 
 
-def log_mean_exp(values: Sequence[float]) -> float:
-    """``log((1/n) Σ exp(v))`` of ``n >= 1`` floats: the log of the average of martingales given by
-    their logs (``-inf`` when all are ``-inf``, ``+inf`` when one is)."""
+def logsumexp_list(values: Sequence[float]) -> float:
+    """``log Σ exp(v)`` of ``n >= 1`` floats other than NaN, on Python floats (``-inf`` when all are
+    ``-inf``, ``+inf`` when one is)."""
     top = max(values)
     if not math.isfinite(top):
         return top
-    return top + math.log(math.fsum([math.exp(v - top) for v in values])) - math.log(len(values))
+    return top + math.log(math.fsum([math.exp(v - top) for v in values]))
+
+
+def log_mean_exp(values: Sequence[float]) -> float:
+    """``log((1/n) Σ exp(v))`` of ``n >= 1`` floats: the log of the average of martingales given by
+    their logs (``-inf`` when all are ``-inf``, ``+inf`` when one is)."""
+    return logsumexp_list(values) - math.log(len(values))
 
 
 def logsumexp_array(x: np.ndarray) -> np.ndarray:

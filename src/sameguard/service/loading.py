@@ -91,10 +91,7 @@ def _load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
         if settings.alarms is not None:
             raise ValueError("Per-client alarms need a detector to score queries: use a policy other than 'off'.")
         logger.warning("Serving the victim with policy 'off': queries are logged but not scored.")
-        if settings.compile:
-            from ..compilation import compile_networks
-
-            compile_networks(victim, backend=settings.compile_backend)
+        _compile_if_asked(settings, victim, [])
         return Guard(victim, None, policy, output=settings.output, keep_decisions=0)
     if settings.detector is None:
         raise ValueError(f"The {settings.policy!r} policy needs a detector: pass --detector DIR.")
@@ -104,16 +101,21 @@ def _load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
                          "--threshold.")
     alarms = None if settings.alarms is None else load_alarms(settings, victim, detector, store=store)
     guard = Guard(victim, detector, policy, alarms=alarms, output=settings.output, keep_decisions=0)
-    if settings.compile:  # after loading: the calibrations' weight checks are done, the hashes unchanged anyway
-        from ..compilation import compile_networks
-
-        compile_networks(victim, [detector, *([] if alarms is None else alarms.scorers.values())],
-                         backend=settings.compile_backend)
+    # after loading: the calibrations' weight checks are done (the hashes would be unchanged anyway)
+    _compile_if_asked(settings, victim, [detector, *([] if alarms is None else alarms.scorers.values())])
     if isinstance(policy.action, ProofOfWork):
         benign = load_calibration_images(settings.calibration, victim, settings.calibration_limit)
         guard.calibrate(benign)
         logger.info("Proof-of-work calibration: %s", policy.action.calibration_)
     return guard
+
+
+def _compile_if_asked(settings: ServiceSettings, victim: Any, detectors: list[Any]) -> None:
+    """``serve --compile``: the victim's and the detectors' networks compiled in place and warmed up."""
+    if settings.compile:
+        from ..compilation import compile_networks
+
+        compile_networks(victim, detectors, backend=settings.compile_backend)
 
 
 def load_alarms(settings: ServiceSettings, victim: Any, detector: Any, store: Any = None) -> Any:
