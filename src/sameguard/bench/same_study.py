@@ -77,6 +77,8 @@ def _mae(patch: int, width: int, depth: int, decoder_depth: int, heads: int) -> 
                      encoder_heads=heads, decoder_depth=decoder_depth, decoder_heads=heads)
 
 
+#: The score variants of the scaling sweep's fits (names in :data:`SCORINGS`).
+_SWEEP = ("authors", "s2 only", "standardised, alpha 0.5", "masked (r 0.75, 1 mask)")
 #: The training subset of the study's reference fit. Every candidate names its MAE and its subset, so
 #: the study measures the same fits whatever the ``cpu`` preset (the overrides' base) becomes.
 _20K = 20000
@@ -90,6 +92,21 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("authors' MAE (w192, p2, 12/4), 1 ep, 2k", {"mae": "paper", "mae_epochs": 1, "mae_warmup_epochs": 0.1,
                                                           "max_train_samples": 2000},
               scorings=("authors", "s2 only", "masked (r 0.75, 1 mask)")),
+    # The scaling sweep (candidates 6 to 13): one axis at a time around the fits above, scored with the
+    # authors' formula, its s2 term, the default's standardised terms and masked scoring.
+    Candidate("w16, p4, 6 ep, 20k", {"mae": _mae(4, 16, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate("w128, p4, 6 ep, 20k", {"mae": _mae(4, 128, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate("w64, p4, 2/1 blocks, 6 ep, 20k", {"mae": _mae(4, 64, 2, 1, 4), "max_train_samples": _20K},
+              scorings=_SWEEP),
+    Candidate("w64, p4, 8/4 blocks, 6 ep, 20k", {"mae": _mae(4, 64, 8, 4, 4), "max_train_samples": _20K},
+              scorings=_SWEEP),
+    Candidate("w32, p4, 6 ep, 5k", {"mae": "small", "max_train_samples": 5000}, scorings=_SWEEP),
+    Candidate("w32, p4, 3 ep, 20k", {"mae": "small", "mae_epochs": 3, "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate("w32, p4, 24 ep, 20k", {"mae": "small", "mae_epochs": 24, "max_train_samples": _20K},
+              scorings=_SWEEP),
+    Candidate("authors' MAE (w192, p2, 12/4), 2 ep, 10k", {"mae": "paper", "mae_epochs": 2, "mae_warmup_epochs": 0.2,
+                                                           "max_train_samples": 10000},
+              scorings=("authors", "s2 only", "standardised, alpha 0.5", "masked (r 0.75, 1 mask)")),
 )
 
 #: Scoring variants (scoring-only parameters of :class:`~sameguard.detectors.SAMEDetector`).
