@@ -266,11 +266,36 @@ def test_bench_service_batch_sizes_in_one_sentence(capsys, value):
     assert err.count("\n") == 0 and "--batch-sizes" in err and "positive integers" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["bench", "same-study"])
 @pytest.mark.parametrize("value", ["x", "0,-1", ","])
-def test_bench_seeds_in_one_sentence(capsys, value):
-    code = main(["bench", "--config", "quick", "--seeds", value, "--detection-only"])
+def test_bench_seeds_in_one_sentence(capsys, tmp_path, command, value):
+    code = main([command, "--config", "quick", "--seeds", value] + (
+        ["--detection-only"] if command == "bench" else ["--out", str(tmp_path / "study.md")]))
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.count("\n") == 0 and err.startswith("sameguard bench: error: --seeds:")
+    assert code == 2 and err.count("\n") == 0 and err.startswith(f"sameguard {command}: error: --seeds:")
+
+
+def test_same_study_seeds_reach_the_study(monkeypatch, tmp_path):
+    import sameguard.bench.same_study as same_study
+    import sameguard.bench.same_study_report as report
+
+    seen = {}
+
+    def fake_study(config, bench_dir, workdir, **kwargs):
+        seen.update(seeds=config.seeds, candidates=[c.name for c in kwargs["candidates"]])
+
+    def fake_report(study_json, out, *, command, notes=None):
+        seen["command"] = command
+        out.write_text("report")
+        return out
+
+    monkeypatch.setattr(same_study, "run_study", fake_study)
+    monkeypatch.setattr(report, "write_study_report", fake_report)
+    out = tmp_path / "study.md"
+    assert main(["same-study", "--config", "quick", "--candidates", "0,1", "--seeds", "1,2", "--out", str(out),
+                 "--workdir", str(tmp_path / "work")]) == 0
+    assert seen == {"seeds": (1, 2), "candidates": [c.name for c in same_study.CANDIDATES[:2]],
+                    "command": "sameguard same-study --config quick --candidates 0,1 --seeds 1,2"}
 
 
 def test_bench_seeds_and_detection_only_reach_the_runner(monkeypatch, tmp_path):

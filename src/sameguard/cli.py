@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -235,6 +236,9 @@ def _add_study_parser(sub) -> None:
     p.add_argument("--candidates", default=None, help="comma-separated subset of the fits, by position (e.g. 0,1)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from an existing study.json")
     p.add_argument("--notes", default=None, help="a Markdown file appended to the report (the reading of the run)")
+    p.add_argument("--seeds", default=None, metavar="N,N",
+                   help="run these seeds instead of the profile's, e.g. 0,1,2 (fits, victims and attack queries of a "
+                        "seed already run are reused from the cache; the report gives mean ± std over the seeds)")
     _common(p, data=True, seed=False)
 
 
@@ -526,18 +530,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_seeds(config: Any, seeds: str | None) -> Any:
+    """``config`` with the seeds of a ``--seeds N,N`` option (unchanged when ``None``)."""
+    if seeds is None:
+        return config
+    try:
+        return dataclasses.replace(config, seeds=tuple(comma_ints(seeds, minimum=0)))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--seeds: {exc}") from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.config import load_config
     from .bench.runner import run_benchmark
 
     from .bench.preflight import check_data
 
-    config = load_config(args.config)
-    if args.seeds is not None:
-        try:
-            config = dataclasses.replace(config, seeds=tuple(comma_ints(args.seeds, minimum=0)))
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"--seeds: {exc}") from None
+    config = _with_seeds(load_config(args.config), args.seeds)
     if args.download:  # the loaders' documented switch, for every dataset the config names
         os.environ["SAMEGUARD_DOWNLOAD"] = "1"
     out = Path(args.out or f"runs/bench/{config.name}")
@@ -567,7 +576,7 @@ def cmd_same_study(args: argparse.Namespace) -> int:
     from .bench.same_study import CANDIDATES, run_study
     from .bench.same_study_report import write_study_report
 
-    config = load_config(args.config)
+    config = _with_seeds(load_config(args.config), args.seeds)
     bench_dir = Path(args.bench_dir or f"runs/bench/{config.name}")
     workdir = Path(args.workdir or bench_dir / "same-study")
     out = Path(args.out)  # checked before any work by _preflight (OUTPUTS["same-study"])
@@ -584,7 +593,8 @@ def cmd_same_study(args: argparse.Namespace) -> int:
     elif not (workdir / "study.json").is_file():
         raise ValueError(f"--report-only needs {workdir / 'study.json'} from an earlier run.")
     command = " ".join(["sameguard same-study", f"--config {args.config}"]
-                       + ([f"--candidates {args.candidates}"] if args.candidates else []))
+                       + ([f"--candidates {args.candidates}"] if args.candidates else [])
+                       + ([f"--seeds {args.seeds}"] if args.seeds else []))
     if args.notes is not None and not Path(args.notes).is_file():
         raise ValueError(f"--notes {args.notes} is not a file.")
     write_study_report(workdir / "study.json", out, command=command, notes=args.notes)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from sameguard.bench.config import load_config
-from sameguard.bench.same_study import AUTHORS, CPU, MAX_FIT_SECONDS, Candidate, choose_default, run_study
-from sameguard.bench.same_study_report import write_study_report
+from sameguard.bench.same_study import (AUTHORS, CPU, MAX_FIT_SECONDS, SCALING_AXES, Candidate, choose_default,
+                                        run_study)
+from sameguard.bench.same_study_report import (PAPER_EPOCHS, compute_trends, paper_fit_seconds, plot_axes,
+                                               trend_table, write_study_report)
 
 TINY = Path(__file__).with_name("tiny.toml")
 
@@ -55,3 +58,54 @@ def test_tiny_study_end_to_end(tmp_path, fmnist_small):
     text = out.read_text()
     assert "Chosen by the rule" in text and "| MSP | msp |" in text
     assert (tmp_path / "same-at-scale.png").is_file()
+
+
+def _trend_records(aurocs_by_seconds, msp=0.8, attack="a"):
+    recs = [record("MSP", "msp", 0.5, 0.5, fit=0.0, attack=msp)]
+    recs += [record(f"fit {t}", AUTHORS, 0.5, 0.5, fit=t, attack=y) for t, y in aurocs_by_seconds]
+    for r in recs:
+        r["attacks"] = {attack: r["attacks"]["a"], "in-distribution (sanity)": 0.5}
+    return recs
+
+
+def test_trend_is_a_log_linear_fit_with_the_crossing():
+    # AUROC 50, 60, 70 % at 10, 100, 1000 s: +10 points per tenfold; MSP 80 % is met at 10^4 s
+    trends = compute_trends(_trend_records([(10.0, 0.5), (100.0, 0.6), (1000.0, 0.7)]), AUTHORS)
+    assert set(trends) == {"a"}  # the sanity row has no trend
+    t = trends["a"]
+    assert t["n"] == 3 and t["slope"] == pytest.approx(10.0) and t["r"] == pytest.approx(1.0)
+    assert t["msp"] == pytest.approx(80.0) and t["reach_seconds"] == pytest.approx(1e4, rel=1e-9)
+    assert math.isnan(t["paper"])  # no run of the authors' MAE
+
+
+@pytest.mark.parametrize("points, reach", [
+    ([(10.0, 0.7), (100.0, 0.6), (1000.0, 0.5)], math.inf),     # falling with compute: never
+    ([(10.0, 0.9), (100.0, 0.85), (1000.0, 0.95)], 0.0),        # above MSP at every fit: already
+])
+def test_trend_never_and_already(points, reach):
+    assert compute_trends(_trend_records(points), AUTHORS)["a"]["reach_seconds"] == reach
+
+
+def test_trend_needs_three_fits_and_msp():
+    assert compute_trends(_trend_records([(10.0, 0.5), (100.0, 0.6)]), AUTHORS) == {}
+    assert compute_trends(_trend_records([(10.0, 0.5), (100.0, 0.6), (1e3, 0.7)])[1:], AUTHORS) == {}
+
+
+def test_trend_extrapolates_to_the_authors_schedule():
+    name, image_epochs = SCALING_AXES["the authors' MAE: image-epochs"][-1]
+    recs = _trend_records([(10.0, 0.5), (100.0, 0.6)])
+    recs.append({**record(name, AUTHORS, 0.5, 0.5, fit=1000.0, attack=0.7), "defender_images": 400})
+    recs[-1]["attacks"] = {"a": 0.7, "in-distribution (sanity)": 0.5}
+    seconds = 1000.0 / image_epochs * PAPER_EPOCHS * 400
+    assert paper_fit_seconds(recs) == pytest.approx(seconds)
+    assert compute_trends(recs, AUTHORS)["a"]["paper"] == pytest.approx(50.0 + 10.0 * (math.log10(seconds) - 1))
+    assert any("authors' schedule" in line for line in trend_table(recs, [AUTHORS]))
+
+
+def test_axes_plot_needs_two_fits_on_an_axis(tmp_path):
+    axis = next(iter(SCALING_AXES.values()))
+    recs = [record("MSP", "msp", 0.5, 0.5, fit=0.0)]
+    recs.append(record(axis[0][0], AUTHORS, 0.5, 0.6))
+    assert plot_axes(recs, tmp_path / "one.png") is None
+    recs.append(record(axis[1][0], AUTHORS, 0.6, 0.7))
+    assert plot_axes(recs, tmp_path / "two.png") == tmp_path / "two.png" and (tmp_path / "two.png").stat().st_size > 0

@@ -46,7 +46,7 @@ from .validation_anomalies import validation_anomalies
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Candidate", "CANDIDATES", "SCORINGS", "run_study", "choose_default", "MAX_FIT_SECONDS",
+__all__ = ["Candidate", "CANDIDATES", "SCALING_AXES", "SCORINGS", "run_study", "choose_default", "MAX_FIT_SECONDS",
            "MAX_COST_RATIO", "AUTHORS"]
 
 #: A fit may take at most this long on the 2-core machine to be chosen (issue 10: 15 minutes).
@@ -82,32 +82,44 @@ _SWEEP = ("authors", "s2 only", "standardised, alpha 0.5", "masked (r 0.75, 1 ma
 #: The training subset of the study's reference fit. Every candidate names its MAE and its subset, so
 #: the study measures the same fits whatever the ``cpu`` preset (the overrides' base) becomes.
 _20K = 20000
+#: The candidates' names (the scaling axes refer to them).
+_W64, _12EP, _ALL, _P2 = "w64, p4, 6 ep, 20k", "w32, p4, 12 ep, 20k", "w32, p4, 6 ep, all", "w32, p2, 6 ep, 20k"
+_AUTHORS_1, _AUTHORS_2 = "authors' MAE (w192, p2, 12/4), 1 ep, 2k", "authors' MAE (w192, p2, 12/4), 2 ep, 10k"
+_W16, _W128 = "w16, p4, 6 ep, 20k", "w128, p4, 6 ep, 20k"
+_SHALLOW, _DEEP = "w64, p4, 2/1 blocks, 6 ep, 20k", "w64, p4, 8/4 blocks, 6 ep, 20k"
+_5K, _3EP, _24EP = "w32, p4, 6 ep, 5k", "w32, p4, 3 ep, 20k", "w32, p4, 24 ep, 20k"
 #: The fits of the study (28x28 grey victims), from the old ``cpu`` preset up to the authors' architecture.
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate(CPU, {"mae": "small", "max_train_samples": _20K}),
-    Candidate("w64, p4, 6 ep, 20k", {"mae": "medium", "max_train_samples": _20K}),
-    Candidate("w32, p4, 12 ep, 20k", {"mae": "small", "mae_epochs": 12, "max_train_samples": _20K}),
-    Candidate("w32, p4, 6 ep, all", {"mae": "small", "max_train_samples": None}),
-    Candidate("w32, p2, 6 ep, 20k", {"mae": _mae(2, 32, 4, 2, 4), "max_train_samples": _20K}),
-    Candidate("authors' MAE (w192, p2, 12/4), 1 ep, 2k", {"mae": "paper", "mae_epochs": 1, "mae_warmup_epochs": 0.1,
-                                                          "max_train_samples": 2000},
+    Candidate(_W64, {"mae": "medium", "max_train_samples": _20K}),
+    Candidate(_12EP, {"mae": "small", "mae_epochs": 12, "max_train_samples": _20K}),
+    Candidate(_ALL, {"mae": "small", "max_train_samples": None}),
+    Candidate(_P2, {"mae": _mae(2, 32, 4, 2, 4), "max_train_samples": _20K}),
+    Candidate(_AUTHORS_1, {"mae": "paper", "mae_epochs": 1, "mae_warmup_epochs": 0.1, "max_train_samples": 2000},
               scorings=("authors", "s2 only", "masked (r 0.75, 1 mask)")),
-    # The scaling sweep (candidates 6 to 13): one axis at a time around the fits above, scored with the
-    # authors' formula, its s2 term, the default's standardised terms and masked scoring.
-    Candidate("w16, p4, 6 ep, 20k", {"mae": _mae(4, 16, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate("w128, p4, 6 ep, 20k", {"mae": _mae(4, 128, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate("w64, p4, 2/1 blocks, 6 ep, 20k", {"mae": _mae(4, 64, 2, 1, 4), "max_train_samples": _20K},
+    # The scaling sweep (candidates 6 to 13): one factor at a time around the fits above (SCALING_AXES),
+    # scored with the authors' formula, its s2 term, the default's standardised terms and masked scoring.
+    Candidate(_W16, {"mae": _mae(4, 16, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate(_W128, {"mae": _mae(4, 128, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate(_SHALLOW, {"mae": _mae(4, 64, 2, 1, 4), "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate(_DEEP, {"mae": _mae(4, 64, 8, 4, 4), "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate(_5K, {"mae": "small", "max_train_samples": 5000}, scorings=_SWEEP),
+    Candidate(_3EP, {"mae": "small", "mae_epochs": 3, "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate(_24EP, {"mae": "small", "mae_epochs": 24, "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate(_AUTHORS_2, {"mae": "paper", "mae_epochs": 2, "mae_warmup_epochs": 0.2, "max_train_samples": 10000},
               scorings=_SWEEP),
-    Candidate("w64, p4, 8/4 blocks, 6 ep, 20k", {"mae": _mae(4, 64, 8, 4, 4), "max_train_samples": _20K},
-              scorings=_SWEEP),
-    Candidate("w32, p4, 6 ep, 5k", {"mae": "small", "max_train_samples": 5000}, scorings=_SWEEP),
-    Candidate("w32, p4, 3 ep, 20k", {"mae": "small", "mae_epochs": 3, "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate("w32, p4, 24 ep, 20k", {"mae": "small", "mae_epochs": 24, "max_train_samples": _20K},
-              scorings=_SWEEP),
-    Candidate("authors' MAE (w192, p2, 12/4), 2 ep, 10k", {"mae": "paper", "mae_epochs": 2, "mae_warmup_epochs": 0.2,
-                                                           "max_train_samples": 10000},
-              scorings=("authors", "s2 only", "standardised, alpha 0.5", "masked (r 0.75, 1 mask)")),
 )
+
+#: The scaling study's axes: axis -> ``(fit, value)`` pairs that differ from each other in that factor
+#: only (``None`` for the training images: every image of the defender's fit split).
+SCALING_AXES: dict[str, tuple[tuple[str, float | None], ...]] = {
+    "MAE width (patch 4, 4+2 blocks)": ((_W16, 16), (CPU, 32), (_W64, 64), (_W128, 128)),
+    "MAE blocks, encoder + decoder (width 64)": ((_SHALLOW, 3), (_W64, 6), (_DEEP, 12)),
+    "patch size (width 32)": ((_P2, 2), (CPU, 4)),
+    "MAE training epochs (width 32)": ((_3EP, 3), (CPU, 6), (_12EP, 12), (_24EP, 24)),
+    "training images (width 32)": ((_5K, 5000), (CPU, _20K), (_ALL, None)),
+    "the authors' MAE: image-epochs": ((_AUTHORS_1, 2000), (_AUTHORS_2, 20000)),
+}
 
 #: Scoring variants (scoring-only parameters of :class:`~sameguard.detectors.SAMEDetector`).
 _MASK1 = {"score_mask_ratio": 0.75, "score_masks": 1}
@@ -185,7 +197,8 @@ def _study_seed(run: _Run, config: BenchConfig, candidates: Sequence[Candidate],
                 scorings: dict[str, dict[str, Any]], echo: Callable[[str], None],
                 save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
     sets = _image_sets(run, config)
-    base = {"dataset": run.dataset, "seed": run.seed, "victim_accuracy": run.victim.test_accuracy}
+    base = {"dataset": run.dataset, "seed": run.seed, "victim_accuracy": run.victim.test_accuracy,
+            "defender_images": len(run.fit_data)}
     msp = MSPDetector().fit(run.victim)
     records = [{**base, "candidate": "MSP", "scoring": "msp", "fit_seconds": 0.0, "parameters": 0,
                 **_evaluate(msp, sets)}]

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .same_study import AUTHORS, MAX_COST_RATIO, MAX_FIT_SECONDS, choose_default
+from .same_study import AUTHORS, MAX_COST_RATIO, MAX_FIT_SECONDS, SCALING_AXES, choose_default
 from .validation_anomalies import VALIDATION_KINDS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_study_report", "study_tables"]
+__all__ = ["write_study_report", "study_tables", "compute_trends", "trend_table", "plot_axes", "paper_fit_seconds",
+           "PAPER_EPOCHS"]
+
+#: The authors' MAE training schedule (epochs), for the fit time the trends extrapolate to.
+PAPER_EPOCHS = 500
 
 
 def _groups(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
@@ -98,6 +103,135 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
     return Path(path)
 
 
+def _mean_fit(rs: Sequence[Mapping[str, Any]]) -> float:
+    return float(np.mean([r["fit_seconds"] for r in rs]))
+
+
+def _axis_points(groups: dict[tuple[str, str], list[Mapping[str, Any]]], axis: str, scoring: str,
+                 value_of: Callable[[Sequence[Mapping[str, Any]]], float]) -> list[tuple[float, float]]:
+    """``(axis value, value_of(records))`` of the axis's fits that were run with ``scoring``, in axis order."""
+    points = []
+    for cand, x in SCALING_AXES[axis]:
+        rs = groups.get((cand, scoring))
+        if rs:
+            points.append((float(x if x is not None else rs[0].get("defender_images", np.nan)), value_of(rs)))
+    return sorted(p for p in points if np.isfinite(p[0]))
+
+
+def plot_axes(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, scoring: str = AUTHORS) -> Path | None:
+    """One panel per scaling axis (:data:`SCALING_AXES`): AUROC per attack and the validation anomalies'
+    worst case against the factor, MSP dashed; ``None`` when no axis has two fits with ``scoring``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(records)
+    attacks = list(records[0]["attacks"])
+    series = {a: (lambda rs, a=a: 100 * float(np.mean([r["attacks"][a] for r in rs]))) for a in attacks}
+    series["validation, worst kind"] = lambda rs: 100 * float(np.mean([r["validation_min"] for r in rs]))
+    axes = [a for a in SCALING_AXES if len(_axis_points(groups, a, scoring, _mean_fit)) >= 2]
+    if not axes:
+        return None
+    cols = min(3, len(axes))
+    rows = -(-len(axes) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    msp = groups.get(("MSP", "msp"))
+    for ax, axis in zip(grid.flat, axes):
+        for label, value_of in series.items():
+            pts = _axis_points(groups, axis, scoring, value_of)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            if msp and label in attacks:
+                ax.axhline(value_of(msp), color=line.get_color(), linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ticks = [p[0] for p in _axis_points(groups, axis, scoring, _mean_fit)]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(axis, fontsize=8)
+        ax.set_ylim(0, 102)
+        ax.tick_params(labelsize=7)
+    for ax in list(grid.flat)[len(axes):]:
+        ax.axis("off")
+    grid.flat[0].set_ylabel("AUROC % (dashed: MSP)")
+    grid.flat[0].legend(fontsize=6)
+    fig.suptitle(f"SAME ({scoring} scoring), one factor at a time", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def paper_fit_seconds(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """The authors' schedule (:data:`PAPER_EPOCHS` epochs on every defender image) on this machine, by the
+    fit time per image-epoch of the study's largest run of the authors' MAE (``None`` without one)."""
+    groups = _groups(records)
+    for cand, image_epochs in reversed(SCALING_AXES["the authors' MAE: image-epochs"]):
+        rs = next((v for (c, _), v in groups.items() if c == cand), None)
+        if rs and image_epochs and "defender_images" in rs[0]:
+            return _mean_fit(rs) / image_epochs * PAPER_EPOCHS * rs[0]["defender_images"]
+    return None
+
+
+def compute_trends(records: Sequence[Mapping[str, Any]], scoring: str) -> dict[str, dict[str, float]]:
+    """Per attack (but the in-distribution sanity check), a least-squares line of AUROC (%) against log10(fit seconds) over every SAME fit
+    scored with ``scoring``: ``slope`` (points per tenfold fit time), ``r`` (Pearson), ``n`` (fits),
+    ``msp`` (MSP's AUROC), ``reach_seconds`` (the fit time where the line meets MSP; ``inf`` when it
+    slopes away or is flat, ``0`` when the line is at or above MSP everywhere measured) and ``paper``
+    (the line at :func:`paper_fit_seconds`; NaN without it). Fewer than 3 fits give no trend (empty).
+
+    A crude, explicit extrapolation across architectures and budgets: fit time stands for compute.
+    """
+    groups = _groups(records)
+    fits = [(rs, _mean_fit(rs)) for (cand, sc), rs in groups.items() if sc == scoring and cand != "MSP"]
+    fits = [(rs, t) for rs, t in fits if t > 0]
+    msp = groups.get(("MSP", "msp"))
+    if len(fits) < 3 or not msp:
+        return {}
+    x = np.log10([t for _, t in fits])
+    paper = paper_fit_seconds(records)
+    out = {}
+    for attack in (a for a in records[0]["attacks"] if "sanity" not in a):  # not the in-distribution check
+        y = np.array([100 * np.mean([r["attacks"][attack] for r in rs]) for rs, _ in fits])
+        slope, intercept = np.polyfit(x, y, 1)
+        target = 100 * float(np.mean([r["attacks"][attack] for r in msp]))
+        if (y >= target).all():
+            reach = 0.0
+        elif slope <= 1e-9:
+            reach = math.inf
+        else:
+            reach = float(10 ** ((target - intercept) / slope))
+        r = float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
+        out[attack] = {"slope": float(slope), "r": r, "n": len(fits), "msp": target, "reach_seconds": reach,
+                       "paper": float(slope * math.log10(paper) + intercept) if paper else float("nan")}
+    return out
+
+
+def _seconds(s: float) -> str:
+    if s == 0:
+        return "already"
+    if not math.isfinite(s):
+        return "never (flat or falling)"
+    return f"{s:.0f} s" if s < 1e5 else f"{s:.1e} s ({s / 86400 / 365:.1g} years)" if s > 3e7 else f"{s:.1e} s"
+
+
+def trend_table(records: Sequence[Mapping[str, Any]], scorings: Sequence[str]) -> list[str]:
+    """Markdown lines: :func:`compute_trends` per scoring and attack."""
+    paper = paper_fit_seconds(records)
+    lines = ["| scoring | attack | fits | points per 10x fit time | r | MSP | fit time to reach MSP on the line | "
+             "the line at the authors' schedule |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for scoring in scorings:
+        for attack, t in compute_trends(records, scoring).items():
+            at_paper = f"{t['paper']:.1f}" if math.isfinite(t["paper"]) else "n/a"
+            lines.append(f"| {scoring} | {attack} | {t['n']} | {t['slope']:+.1f} | {t['r']:.2f} | {t['msp']:.1f} | "
+                         f"{_seconds(t['reach_seconds'])} | {at_paper} |")
+    if len(lines) == 2:
+        return []
+    note = (f"The authors' schedule ({PAPER_EPOCHS} epochs of their MAE on every defender image) would take about "
+            f"{paper:.1e} s of fit time on this machine, by the study's largest run of their MAE."
+            if paper else "No run of the authors' MAE with a known training set: no estimate of their schedule's fit time.")
+    return [*lines, "", note]
+
+
 def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *, command: str,
                        notes: str | os.PathLike | None = None) -> Path:
     """Write the Markdown report (tables + the plot next to it) from a ``study.json``; the Markdown
@@ -112,6 +246,16 @@ def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *,
     if chosen and chosen[1] != AUTHORS:
         extra = plot_scaling(records, out.with_name(out.stem + "-chosen.png"), scoring=chosen[1])
         plots.append(f"![AUROC against fit time, the chosen scoring]({extra.name})")
+    axes_plot = plot_axes(records, out.with_name(out.stem + "-axes.png"))
+    if axes_plot is not None:
+        plots.append(f"![One factor at a time, authors' scoring]({axes_plot.name})")
+    if chosen and chosen[1] != AUTHORS:
+        extra = plot_axes(records, out.with_name(out.stem + "-axes-chosen.png"), scoring=chosen[1])
+        if extra is not None:
+            plots.append(f"![One factor at a time, the chosen scoring]({extra.name})")
+    trends = trend_table(records, list(dict.fromkeys(r["scoring"] for r in records if r["candidate"] != "MSP")))
+    if trends:
+        tables = [*tables, "", "### AUROC against fit time: a log-linear trend over the fits", "", *trends]
     seeds = sorted({r["seed"] for r in records})
     text = [f"# SAME at CPU scale (profile `{data['profile']}`, seeds {seeds})", "",
             f"Produced by `{command}`.", "",
