@@ -74,13 +74,15 @@ def test_trend_is_a_log_linear_fit_with_the_crossing():
     assert set(trends) == {"a"}  # the sanity row has no trend
     t = trends["a"]
     assert t["n"] == 3 and t["slope"] == pytest.approx(10.0) and t["r"] == pytest.approx(1.0)
-    assert t["msp"] == pytest.approx(80.0) and t["reach_seconds"] == pytest.approx(1e4, rel=1e-9)
+    assert t["msp"] == pytest.approx(80.0) and t["best"] == pytest.approx(70.0)
+    assert t["reach_seconds"] == pytest.approx(1e4, rel=1e-9)
     assert math.isnan(t["paper"])  # no run of the authors' MAE
 
 
 @pytest.mark.parametrize("points, reach", [
     ([(10.0, 0.7), (100.0, 0.6), (1000.0, 0.5)], math.inf),     # falling with compute: never
-    ([(10.0, 0.9), (100.0, 0.85), (1000.0, 0.95)], 0.0),        # above MSP at every fit: already
+    ([(10.0, 0.9), (100.0, 0.85), (1000.0, 0.95)], 0.0),        # above MSP at the longest fit: reached
+    ([(10.0, 0.9), (100.0, 0.8), (1000.0, 0.7)], math.inf),     # above MSP once, falling below it: never
 ])
 def test_trend_never_and_already(points, reach):
     assert compute_trends(_trend_records(points), AUTHORS)["a"]["reach_seconds"] == reach
