@@ -68,13 +68,18 @@ def _trend_records(aurocs_by_seconds, msp=0.8, attack="a"):
     return recs
 
 
-def test_trend_is_a_log_linear_fit_with_the_crossing():
-    # AUROC 50, 60, 70 % at 10, 100, 1000 s: +10 points per tenfold; MSP 80 % is met at 10^4 s
-    trends = compute_trends(_trend_records([(10.0, 0.5), (100.0, 0.6), (1000.0, 0.7)]), AUTHORS)
+def _sig(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def test_trend_is_a_log_odds_line_with_the_crossing():
+    # log-odds 0, 1, 2 at 10, 100, 1000 s: +1 per tenfold; MSP at log-odds 3 is met at 10^4 s
+    trends = compute_trends(_trend_records([(10.0, _sig(0)), (100.0, _sig(1)), (1000.0, _sig(2))], msp=_sig(3)),
+                            AUTHORS)
     assert set(trends) == {"a"}  # the sanity row has no trend
     t = trends["a"]
-    assert t["n"] == 3 and t["slope"] == pytest.approx(10.0) and t["r"] == pytest.approx(1.0)
-    assert t["msp"] == pytest.approx(80.0) and t["best"] == pytest.approx(70.0)
+    assert t["n"] == 3 and t["slope"] == pytest.approx(1.0) and t["r"] == pytest.approx(1.0)
+    assert t["msp"] == pytest.approx(100 * _sig(3)) and t["best"] == pytest.approx(100 * _sig(2))
     assert t["reach_seconds"] == pytest.approx(1e4, rel=1e-9)
     assert math.isnan(t["paper"])  # no run of the authors' MAE
 
@@ -84,8 +89,17 @@ def test_trend_is_a_log_linear_fit_with_the_crossing():
     ([(10.0, 0.9), (100.0, 0.85), (1000.0, 0.95)], 0.0),        # above MSP at the longest fit: reached
     ([(10.0, 0.9), (100.0, 0.8), (1000.0, 0.7)], math.inf),     # above MSP once, falling below it: never
 ])
-def test_trend_never_and_already(points, reach):
+def test_trend_never_and_reached(points, reach):
     assert compute_trends(_trend_records(points), AUTHORS)["a"]["reach_seconds"] == reach
+
+
+def test_trend_stays_a_probability_far_out():
+    name, image_epochs = SCALING_AXES["the authors' MAE: image-epochs"][-1]
+    # steep and falling: a straight line in AUROC would go far below 0 at the authors' schedule
+    recs = _trend_records([(10.0, 0.99), (100.0, 0.9)])
+    recs.append({**record(name, AUTHORS, 0.5, 0.5, fit=1000.0), "defender_images": 1000})
+    recs[-1]["attacks"] = {"a": 0.4, "in-distribution (sanity)": 0.5}
+    assert 0.0 <= compute_trends(recs, AUTHORS)["a"]["paper"] < 5.0
 
 
 def test_trend_needs_three_fits_and_msp():
@@ -95,12 +109,13 @@ def test_trend_needs_three_fits_and_msp():
 
 def test_trend_extrapolates_to_the_authors_schedule():
     name, image_epochs = SCALING_AXES["the authors' MAE: image-epochs"][-1]
-    recs = _trend_records([(10.0, 0.5), (100.0, 0.6)])
-    recs.append({**record(name, AUTHORS, 0.5, 0.5, fit=1000.0, attack=0.7), "defender_images": 400})
-    recs[-1]["attacks"] = {"a": 0.7, "in-distribution (sanity)": 0.5}
+    recs = _trend_records([(10.0, _sig(0)), (100.0, _sig(0.5))])
+    recs.append({**record(name, AUTHORS, 0.5, 0.5, fit=1000.0), "defender_images": 400})
+    recs[-1]["attacks"] = {"a": _sig(1.0), "in-distribution (sanity)": 0.5}
     seconds = 1000.0 / image_epochs * PAPER_EPOCHS * 400
     assert paper_fit_seconds(recs) == pytest.approx(seconds)
-    assert compute_trends(recs, AUTHORS)["a"]["paper"] == pytest.approx(50.0 + 10.0 * (math.log10(seconds) - 1))
+    expected = 100 * _sig(0.5 * (math.log10(seconds) - 1))
+    assert compute_trends(recs, AUTHORS)["a"]["paper"] == pytest.approx(expected)
     assert any("authors' schedule" in line for line in trend_table(recs, [AUTHORS]))
 
 

@@ -172,13 +172,30 @@ def paper_fit_seconds(records: Sequence[Mapping[str, Any]]) -> float | None:
     return None
 
 
+#: AUROCs are clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP] before their log-odds are taken.
+LOGIT_CLIP = 0.005
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(p, LOGIT_CLIP, 1.0 - LOGIT_CLIP)
+    return np.log(p / (1.0 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 def compute_trends(records: Sequence[Mapping[str, Any]], scoring: str) -> dict[str, dict[str, float]]:
-    """Per attack (but the in-distribution sanity check), a least-squares line of AUROC (%) against log10(fit seconds) over every SAME fit
-    scored with ``scoring``: ``slope`` (points per tenfold fit time), ``r`` (Pearson), ``n`` (fits),
-    ``msp`` (MSP's AUROC), ``best`` (the best fit's AUROC), ``reach_seconds`` (the fit time where the line
-    meets MSP: ``0`` when it is at or above MSP at the longest fit measured, ``inf`` when it is below
-    there and flat or falling) and ``paper``
-    (the line at :func:`paper_fit_seconds`; NaN without it). Fewer than 3 fits give no trend (empty).
+    """Per attack (but the in-distribution sanity check), a least-squares line of the AUROC's log-odds
+    against log10(fit seconds) over every SAME fit scored with ``scoring`` (log-odds, so that the line
+    stays within 0-100 % when extrapolated).
+
+    Returns:
+        attack -> ``slope`` (log-odds per tenfold fit time), ``r`` (Pearson, on the same scales),
+        ``n`` (fits), ``msp`` and ``best`` (MSP's and the best fit's AUROC, %), ``reach_seconds`` (the fit
+        time where the line meets MSP: ``0`` when it is at or above MSP at the longest fit measured,
+        ``inf`` when it is below there and flat or falling) and ``paper`` (the line at
+        :func:`paper_fit_seconds`, %; NaN without it). Fewer than 3 fits (or no MSP) give ``{}``.
 
     A crude, explicit extrapolation across architectures and budgets: fit time stands for compute.
     """
@@ -192,19 +209,20 @@ def compute_trends(records: Sequence[Mapping[str, Any]], scoring: str) -> dict[s
     paper = paper_fit_seconds(records)
     out = {}
     for attack in (a for a in records[0]["attacks"] if "sanity" not in a):  # not the in-distribution check
-        y = np.array([100 * np.mean([r["attacks"][attack] for r in rs]) for rs, _ in fits])
+        auroc = np.array([np.mean([r["attacks"][attack] for r in rs]) for rs, _ in fits])
+        y = _logit(auroc)
         slope, intercept = np.polyfit(x, y, 1)
-        target = 100 * float(np.mean([r["attacks"][attack] for r in msp]))
-        if slope * x.max() + intercept >= target:
+        target = float(np.mean([r["attacks"][attack] for r in msp]))
+        if slope * x.max() + intercept >= _logit(target):
             reach = 0.0
         elif slope <= 1e-9:
             reach = math.inf
         else:
-            reach = float(10 ** ((target - intercept) / slope))
+            reach = float(10 ** ((_logit(target) - intercept) / slope))
         r = float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
-        out[attack] = {"slope": float(slope), "r": r, "n": len(fits), "msp": target, "reach_seconds": reach,
-                       "best": float(y.max()),
-                       "paper": float(slope * math.log10(paper) + intercept) if paper else float("nan")}
+        out[attack] = {"slope": float(slope), "r": r, "n": len(fits), "msp": 100 * target, "reach_seconds": reach,
+                       "best": float(100 * auroc.max()),
+                       "paper": 100 * _sigmoid(slope * math.log10(paper) + intercept) if paper else float("nan")}
     return out
 
 
@@ -219,12 +237,12 @@ def _seconds(s: float) -> str:
 def trend_table(records: Sequence[Mapping[str, Any]], scorings: Sequence[str]) -> list[str]:
     """Markdown lines: :func:`compute_trends` per scoring and attack."""
     paper = paper_fit_seconds(records)
-    lines = ["| scoring | attack | fits | best fit | MSP | points per 10x fit time | r | fit time to reach MSP on the "
-             "line | the line at the authors' schedule |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| scoring | attack | fits | best fit | MSP | log-odds per 10x fit time | r | fit time to reach MSP on "
+             "the line | the line at the authors' schedule |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for scoring in scorings:
         for attack, t in compute_trends(records, scoring).items():
             at_paper = f"{t['paper']:.1f}" if math.isfinite(t["paper"]) else "n/a"
-            lines.append(f"| {scoring} | {attack} | {t['n']} | {t['best']:.1f} | {t['msp']:.1f} | {t['slope']:+.1f} | "
+            lines.append(f"| {scoring} | {attack} | {t['n']} | {t['best']:.1f} | {t['msp']:.1f} | {t['slope']:+.2f} | "
                          f"{t['r']:.2f} | {_seconds(t['reach_seconds'])} | {at_paper} |")
     if len(lines) == 2:
         return []
