@@ -46,7 +46,8 @@ from .validation_anomalies import validation_anomalies
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Candidate", "CANDIDATES", "SCALING_AXES", "SCORINGS", "run_study", "choose_default", "MAX_FIT_SECONDS",
+__all__ = ["Candidate", "CANDIDATES", "SCALING_AXES", "SCORINGS", "SWEEP_SCORINGS", "run_study", "choose_default",
+           "MAX_FIT_SECONDS",
            "MAX_COST_RATIO", "AUTHORS"]
 
 #: A fit may take at most this long on the 2-core machine to be chosen (issue 10: 15 minutes).
@@ -78,7 +79,7 @@ def _mae(patch: int, width: int, depth: int, decoder_depth: int, heads: int) -> 
 
 
 #: The score variants of the scaling sweep's fits (names in :data:`SCORINGS`).
-_SWEEP = ("authors", "s2 only", "standardised, alpha 0.5", "masked (r 0.75, 1 mask)")
+SWEEP_SCORINGS = ("authors", "s2 only", "standardised, alpha 0.5", "masked (r 0.75, 1 mask)")
 #: The training subset of the study's reference fit. Every candidate names its MAE and its subset, so
 #: the study measures the same fits whatever the ``cpu`` preset (the overrides' base) becomes.
 _20K = 20000
@@ -99,15 +100,15 @@ CANDIDATES: tuple[Candidate, ...] = (
               scorings=("authors", "s2 only", "masked (r 0.75, 1 mask)")),
     # The scaling sweep (candidates 6 to 13): one factor at a time around the fits above (SCALING_AXES),
     # scored with the authors' formula, its s2 term, the default's standardised terms and masked scoring.
-    Candidate(_W16, {"mae": _mae(4, 16, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate(_W128, {"mae": _mae(4, 128, 4, 2, 4), "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate(_SHALLOW, {"mae": _mae(4, 64, 2, 1, 4), "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate(_DEEP, {"mae": _mae(4, 64, 8, 4, 4), "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate(_5K, {"mae": "small", "max_train_samples": 5000}, scorings=_SWEEP),
-    Candidate(_3EP, {"mae": "small", "mae_epochs": 3, "max_train_samples": _20K}, scorings=_SWEEP),
-    Candidate(_24EP, {"mae": "small", "mae_epochs": 24, "max_train_samples": _20K}, scorings=_SWEEP),
+    Candidate(_W16, {"mae": _mae(4, 16, 4, 2, 4), "max_train_samples": _20K}, scorings=SWEEP_SCORINGS),
+    Candidate(_W128, {"mae": _mae(4, 128, 4, 2, 4), "max_train_samples": _20K}, scorings=SWEEP_SCORINGS),
+    Candidate(_SHALLOW, {"mae": _mae(4, 64, 2, 1, 4), "max_train_samples": _20K}, scorings=SWEEP_SCORINGS),
+    Candidate(_DEEP, {"mae": _mae(4, 64, 8, 4, 4), "max_train_samples": _20K}, scorings=SWEEP_SCORINGS),
+    Candidate(_5K, {"mae": "small", "max_train_samples": 5000}, scorings=SWEEP_SCORINGS),
+    Candidate(_3EP, {"mae": "small", "mae_epochs": 3, "max_train_samples": _20K}, scorings=SWEEP_SCORINGS),
+    Candidate(_24EP, {"mae": "small", "mae_epochs": 24, "max_train_samples": _20K}, scorings=SWEEP_SCORINGS),
     Candidate(_AUTHORS_2, {"mae": "paper", "mae_epochs": 2, "mae_warmup_epochs": 0.2, "max_train_samples": 10000},
-              scorings=_SWEEP),
+              scorings=SWEEP_SCORINGS),
 )
 
 #: The scaling study's axes: axis -> ``(fit, value)`` pairs that differ from each other in that factor

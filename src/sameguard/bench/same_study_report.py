@@ -6,13 +6,14 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .same_study import AUTHORS, MAX_COST_RATIO, MAX_FIT_SECONDS, SCALING_AXES, choose_default
+from .same_study import AUTHORS, MAX_COST_RATIO, MAX_FIT_SECONDS, SCALING_AXES, SWEEP_SCORINGS, choose_default
 from .validation_anomalies import VALIDATION_KINDS
 
 logger = logging.getLogger(__name__)
@@ -266,16 +267,16 @@ def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *,
     if chosen and chosen[1] != AUTHORS:
         extra = plot_scaling(records, out.with_name(out.stem + "-chosen.png"), scoring=chosen[1])
         plots.append(f"![AUROC against fit time, the chosen scoring]({extra.name})")
-    axes_plot = plot_axes(records, out.with_name(out.stem + "-axes.png"))
-    if axes_plot is not None:
-        plots.append(f"![One factor at a time, authors' scoring]({axes_plot.name})")
-    if chosen and chosen[1] != AUTHORS:
-        extra = plot_axes(records, out.with_name(out.stem + "-axes-chosen.png"), scoring=chosen[1])
-        if extra is not None:
-            plots.append(f"![One factor at a time, the chosen scoring]({extra.name})")
-    trends = trend_table(records, list(dict.fromkeys(r["scoring"] for r in records if r["candidate"] != "MSP")))
+    # One factor at a time, and the trend over fit time: the scaling sweep's scorings (and the chosen one).
+    scorings = [*SWEEP_SCORINGS, *([chosen[1]] if chosen and chosen[1] not in SWEEP_SCORINGS else [])]
+    for scoring in scorings:
+        slug = re.sub(r"[^a-z0-9]+", "-", scoring.lower()).strip("-")
+        axes_plot = plot_axes(records, out.with_name(f"{out.stem}-axes-{slug}.png"), scoring=scoring)
+        if axes_plot is not None:
+            plots.append(f"![One factor at a time, {scoring} scoring]({axes_plot.name})")
+    trends = trend_table(records, scorings)
     if trends:
-        tables = [*tables, "", "### AUROC against fit time: a log-linear trend over the fits", "", *trends]
+        tables = [*tables, "", "### AUROC against fit time: a line in log-odds over the fits", "", *trends]
     seeds = sorted({r["seed"] for r in records})
     text = [f"# SAME at CPU scale (profile `{data['profile']}`, seeds {seeds})", "",
             f"Produced by `{command}`.", "",
