@@ -47,8 +47,7 @@ from .validation_anomalies import validation_anomalies
 logger = logging.getLogger(__name__)
 
 __all__ = ["Candidate", "CANDIDATES", "SCALING_AXES", "SCORINGS", "SWEEP_SCORINGS", "run_study", "choose_default",
-           "MAX_FIT_SECONDS",
-           "MAX_COST_RATIO", "AUTHORS"]
+           "MAX_FIT_SECONDS", "MAX_COST_RATIO", "AUTHORS"]
 
 #: A fit may take at most this long on the 2-core machine to be chosen (issue 10: 15 minutes).
 MAX_FIT_SECONDS = 15 * 60.0
