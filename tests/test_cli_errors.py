@@ -295,7 +295,7 @@ def test_same_study_seeds_reach_the_study(monkeypatch, tmp_path):
     assert main(["same-study", "--config", "quick", "--candidates", "0,1", "--seeds", "1,2", "--out", str(out),
                  "--workdir", str(tmp_path / "work")]) == 0
     assert seen == {"seeds": (1, 2), "candidates": [c.name for c in same_study.CANDIDATES[:2]],
-                    "command": "sameguard same-study --config quick --candidates 0,1 --seeds 1,2"}
+                    "command": f"sameguard same-study --config quick --candidates 0,1 --seeds 1,2 --out {out}"}
 
 
 def test_bench_seeds_and_detection_only_reach_the_runner(monkeypatch, tmp_path):

@@ -219,6 +219,10 @@ def add_detector_commands(sub) -> None:
     _common(p)
 
 
+#: ``same-study``'s default report.
+STUDY_REPORT = "docs/same-at-scale.md"
+
+
 def _add_study_parser(sub) -> None:
     """``same-study``: SAME's scaling study and the rule that picks its default."""
     p = sub.add_parser("same-study", help="SAME's scaling study and score variants; picks the default by a fixed rule",
@@ -231,7 +235,7 @@ def _add_study_parser(sub) -> None:
     p.add_argument("--config", default="quick", help="benchmark profile whose victim and attacks are used (default quick)")
     p.add_argument("--bench-dir", default=None, help="that profile's benchmark folder, whose cache is reused "
                                                      "(default: runs/bench/<profile>)")
-    p.add_argument("--out", default="docs/same-at-scale.md", help="the Markdown report (default docs/same-at-scale.md)")
+    p.add_argument("--out", default=STUDY_REPORT, help=f"the Markdown report (default {STUDY_REPORT})")
     p.add_argument("--workdir", default=None, help="where study.json is written (default: <bench-dir>/same-study)")
     p.add_argument("--candidates", default=None, help="comma-separated subset of the fits, by position (e.g. 0,1)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from an existing study.json")
@@ -594,7 +598,8 @@ def cmd_same_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--report-only needs {workdir / 'study.json'} from an earlier run.")
     command = " ".join(["sameguard same-study", f"--config {args.config}"]
                        + ([f"--candidates {args.candidates}"] if args.candidates else [])
-                       + ([f"--seeds {args.seeds}"] if args.seeds else []))
+                       + ([f"--seeds {args.seeds}"] if args.seeds else [])
+                       + ([f"--out {args.out}"] if args.out != STUDY_REPORT else []))
     if args.notes is not None and not Path(args.notes).is_file():
         raise ValueError(f"--notes {args.notes} is not a file.")
     write_study_report(workdir / "study.json", out, command=command, notes=args.notes)

@@ -102,6 +102,14 @@ def test_trend_stays_a_probability_far_out():
     assert 0.0 <= compute_trends(recs, AUTHORS)["a"]["paper"] < 5.0
 
 
+def test_trend_target_is_the_goal_when_above_msp():
+    points = [(10.0, _sig(0)), (100.0, _sig(1)), (1000.0, _sig(2))]
+    t = compute_trends(_trend_records(points, msp=_sig(-1)), AUTHORS, {"a": _sig(4)})["a"]
+    assert t["target"] == pytest.approx(100 * _sig(4)) and t["reach_seconds"] == pytest.approx(1e5, rel=1e-9)
+    t = compute_trends(_trend_records(points, msp=_sig(3)), AUTHORS, {"a": _sig(-1)})["a"]
+    assert t["target"] == pytest.approx(100 * _sig(3)) and t["reach_seconds"] == pytest.approx(1e4, rel=1e-9)
+
+
 def test_trend_needs_three_fits_and_msp():
     assert compute_trends(_trend_records([(10.0, 0.5), (100.0, 0.6)]), AUTHORS) == {}
     assert compute_trends(_trend_records([(10.0, 0.5), (100.0, 0.6), (1e3, 0.7)])[1:], AUTHORS) == {}

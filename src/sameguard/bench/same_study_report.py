@@ -19,7 +19,7 @@ from .validation_anomalies import VALIDATION_KINDS
 logger = logging.getLogger(__name__)
 
 __all__ = ["write_study_report", "study_tables", "compute_trends", "trend_table", "plot_axes", "paper_fit_seconds",
-           "PAPER_EPOCHS"]
+           "PAPER_EPOCHS", "GOALS"]
 
 #: The authors' MAE training schedule (epochs), for the fit time the trends extrapolate to.
 PAPER_EPOCHS = 500
@@ -186,17 +186,23 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
-def compute_trends(records: Sequence[Mapping[str, Any]], scoring: str) -> dict[str, dict[str, float]]:
+#: Issue 10's goals for the default SAME, AUROC per attack label (on top of "at or above MSP").
+GOALS: dict[str, float] = {"Knockoff (digits proxy)": 0.95, "DFME": 0.95, "JBDA": 0.80, "JBDA-TR": 0.80}
+
+
+def compute_trends(records: Sequence[Mapping[str, Any]], scoring: str,
+                   goals: Mapping[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Per attack (but the in-distribution sanity check), a least-squares line of the AUROC's log-odds
     against log10(fit seconds) over every SAME fit scored with ``scoring`` (log-odds, so that the line
     stays within 0-100 % when extrapolated).
 
     Returns:
         attack -> ``slope`` (log-odds per tenfold fit time), ``r`` (Pearson, on the same scales),
-        ``n`` (fits), ``msp`` and ``best`` (MSP's and the best fit's AUROC, %), ``reach_seconds`` (the fit
-        time where the line meets MSP: ``0`` when it is at or above MSP at the longest fit measured,
-        ``inf`` when it is below there and flat or falling) and ``paper`` (the line at
-        :func:`paper_fit_seconds`, %; NaN without it). Fewer than 3 fits (or no MSP) give ``{}``.
+        ``n`` (fits), ``msp`` and ``best`` (MSP's and the best fit's AUROC, %), ``target`` (%: MSP's AUROC,
+        or the attack's goal in ``goals`` (AUROC in [0, 1] per attack label) when higher),
+        ``reach_seconds`` (the fit time where the line meets the target: ``0`` when it is at or above it
+        at the longest fit measured, ``inf`` when it is below there and flat or falling) and ``paper``
+        (the line at :func:`paper_fit_seconds`, %; NaN without it). Fewer than 3 fits (or no MSP) give ``{}``.
 
     A crude, explicit extrapolation across architectures and budgets: fit time stands for compute.
     """
@@ -213,7 +219,8 @@ def compute_trends(records: Sequence[Mapping[str, Any]], scoring: str) -> dict[s
         auroc = np.array([np.mean([r["attacks"][attack] for r in rs]) for rs, _ in fits])
         y = _logit(auroc)
         slope, intercept = np.polyfit(x, y, 1)
-        target = float(np.mean([r["attacks"][attack] for r in msp]))
+        msp_auroc = float(np.mean([r["attacks"][attack] for r in msp]))
+        target = max(msp_auroc, (goals or {}).get(attack, 0.0))
         if slope * x.max() + intercept >= _logit(target):
             reach = 0.0
         elif slope <= 1e-9:
@@ -221,7 +228,8 @@ def compute_trends(records: Sequence[Mapping[str, Any]], scoring: str) -> dict[s
         else:
             reach = float(10 ** ((_logit(target) - intercept) / slope))
         r = float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
-        out[attack] = {"slope": float(slope), "r": r, "n": len(fits), "msp": 100 * target, "reach_seconds": reach,
+        out[attack] = {"slope": float(slope), "r": r, "n": len(fits), "msp": 100 * msp_auroc,
+                       "target": 100 * target, "reach_seconds": reach,
                        "best": float(100 * auroc.max()),
                        "paper": 100 * _sigmoid(slope * math.log10(paper) + intercept) if paper else float("nan")}
     return out
@@ -236,21 +244,23 @@ def _seconds(s: float) -> str:
 
 
 def trend_table(records: Sequence[Mapping[str, Any]], scorings: Sequence[str]) -> list[str]:
-    """Markdown lines: :func:`compute_trends` per scoring and attack."""
+    """Markdown lines: :func:`compute_trends` per scoring and attack, against MSP and issue 10's :data:`GOALS`."""
     paper = paper_fit_seconds(records)
-    lines = ["| scoring | attack | fits | best fit | MSP | log-odds per 10x fit time | r | fit time to reach MSP on "
-             "the line | the line at the authors' schedule |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| scoring | attack | fits | best fit | MSP | target | log-odds per 10x fit time | r | fit time to reach "
+             "the target on the line | the line at the authors' schedule |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for scoring in scorings:
-        for attack, t in compute_trends(records, scoring).items():
+        for attack, t in compute_trends(records, scoring, GOALS).items():
             at_paper = f"{t['paper']:.1f}" if math.isfinite(t["paper"]) else "n/a"
-            lines.append(f"| {scoring} | {attack} | {t['n']} | {t['best']:.1f} | {t['msp']:.1f} | {t['slope']:+.2f} | "
-                         f"{t['r']:.2f} | {_seconds(t['reach_seconds'])} | {at_paper} |")
+            lines.append(f"| {scoring} | {attack} | {t['n']} | {t['best']:.1f} | {t['msp']:.1f} | {t['target']:.1f} | "
+                         f"{t['slope']:+.2f} | {t['r']:.2f} | {_seconds(t['reach_seconds'])} | {at_paper} |")
     if len(lines) == 2:
         return []
     note = (f"The authors' schedule ({PAPER_EPOCHS} epochs of their MAE on every defender image) would take about "
             f"{paper:.1e} s of fit time on this machine, by the study's largest run of their MAE."
             if paper else "No run of the authors' MAE with a known training set: no estimate of their schedule's fit time.")
-    return [*lines, "", note]
+    return [*lines, "", "The target is MSP's AUROC, or issue 10's goal for the attack when higher (95 % on Knockoff "
+            "and DFME, 80 % on JBDA and JBDA-TR). " + note]
 
 
 def write_study_report(study_json: str | os.PathLike, out: str | os.PathLike, *, command: str,
