@@ -141,7 +141,7 @@ def _load_scorers(args: argparse.Namespace, victim: Any) -> dict[str, tuple[Any,
 def cmd_alarms(args: argparse.Namespace) -> int:
     """``sameguard alarms calibrate``: see the module docstring; prints one summary line."""
     from .alarms import ClientAlarms
-    from .evidence import StreamExchangeabilityTest
+    from .evidence import stream_test
     from .imagefiles import read_images
     from .validation import check_choice, check_eta, check_fraction, check_int
     from .victim import Victim
@@ -159,8 +159,7 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     scorers = _load_scorers(args, victim)
     x, _ = read_images(args.images, victim.image_shape)
     alarms = ClientAlarms.calibrate(victim, {n: d for n, (d, _) in scorers.items()}, x, delta=args.delta,
-                                    stream=StreamExchangeabilityTest(pool_size=args.stream_pool_size) if args.stream
-                                    else None, mode=args.mode, min_class_size=args.min_class_size,
+                                    stream=stream_test(args.stream, args.stream_pool_size), mode=args.mode, min_class_size=args.min_class_size,
                                     seed=args.seed, conditional=args.calibration_conditional)
     out = alarms.save(args.out)
     write_alarm_sources(out, {n: f for n, (_, f) in scorers.items()})

@@ -42,7 +42,7 @@ import torch
 from .api import ArtifactError, StatefulDetector
 from .artifacts import fitted_state_sha256
 from .evidence import (ClientEvidence, ConformalCalibrator, EvidenceMonitor, MixtureMartingale, StateStore,
-                       StreamExchangeabilityTest)
+                       StreamExchangeabilityTest, stream_test)
 from .prediction_api import victim_probabilities
 from .validation import check_choice, check_fraction, check_images, check_name
 
@@ -141,7 +141,7 @@ class ClientAlarms:
             calibrators[name] = ConformalCalibrator(min_class_size=min_class_size, conditional=conditional).fit(
                 scores, labels, k)
             logger.info("Alarms: %s calibrated on %d benign images", name, len(x))
-        test = stream if isinstance(stream, StreamExchangeabilityTest) else StreamExchangeabilityTest() if stream else None
+        test = stream_test(stream)
         monitor = EvidenceMonitor(calibrators, delta=delta, martingale=MixtureMartingale(mode=mode), store=store,
                                   stream=test, seed=seed)
         return cls(monitor, scorers, victim)

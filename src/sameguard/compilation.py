@@ -35,10 +35,13 @@ from .artifacts import fitted_networks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compile_networks"]
+__all__ = ["DEFAULT_BACKEND", "compile_networks"]
+
+#: ``torch.compile``'s backend unless one is named (``serve --compile-backend``).
+DEFAULT_BACKEND = "inductor"
 
 
-def compile_networks(victim: Any, detectors: Iterable[Any] = (), *, backend: str = "inductor",
+def compile_networks(victim: Any, detectors: Iterable[Any] = (), *, backend: str = DEFAULT_BACKEND,
                      warm_up_batches: Sequence[int] = (1, 2, 64)) -> list[str]:
     """Compile the victim's network and the detectors' fitted networks in place, then warm them up.
 

@@ -38,7 +38,7 @@ import torch
 from ..actions import Policy
 from ..alarms import ClientAlarms
 from ..detectors import build_detector, fit_detector
-from ..evidence import StreamExchangeabilityTest
+from ..evidence import stream_test
 from ..guard import Guard
 from ..victim import Victim
 from .untrained import build_models
@@ -73,8 +73,8 @@ def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Te
         conditional: ``eta`` for calibration-conditional p-values (``None``: marginal ones).
         stream_pool_size: the stream test's ``pool_size`` (``None``: every pixel).
     """
-    test = StreamExchangeabilityTest(pool_size=stream_pool_size) if stream else None
-    alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta, stream=test, seed=seed,
+    alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta,
+                                    stream=stream_test(stream, stream_pool_size), seed=seed,
                                     conditional=conditional)
     threshold = None if per_query_fpr is not None else float("inf")
     guard = Guard(victim, scorers[next(iter(scorers))], Policy(policy, threshold=threshold), alarms=alarms,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..data import ImageDataset
-from ..evidence import ConformalCalibrator, EvidenceMonitor, MixtureMartingale, StreamExchangeabilityTest
+from ..evidence import ConformalCalibrator, EvidenceMonitor, MixtureMartingale, stream_test
 from ..alarms import predicted_labels, scores_in_batches
 from ..validation import check_fraction, check_int
 
@@ -100,7 +100,7 @@ class AlarmStudy:
         labels, stream = self.sets[name]
         return EvidenceMonitor({label: self.calibrators[label] for label in labels}, delta=self.delta,
                                martingale=MixtureMartingale(), seed=self.seed,
-                               stream=StreamExchangeabilityTest(pool_size=self.stream_pool_size) if stream else None)
+                               stream=stream_test(stream, self.stream_pool_size))
 
     def _alarm_query(self, monitor: EvidenceMonitor, name: str, data: _Scored, index: torch.Tensor,
                      client: str) -> int | None:

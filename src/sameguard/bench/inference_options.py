@@ -52,6 +52,7 @@ from torch import nn
 
 from .. import __version__
 from ..cli_checks import comma_ints
+from ..compilation import DEFAULT_BACKEND
 from .commands import _names
 from .untrained import build_models
 
@@ -180,7 +181,7 @@ def _swap_models(victim: Any, detector: Any, wrap_victim: Callable[[nn.Module], 
     return v, d
 
 
-def _variant_models(variant: str, victim: Any, detector: Any, *, compile_backend: str = "inductor") -> tuple[Any, Any]:
+def _variant_models(variant: str, victim: Any, detector: Any, *, compile_backend: str = DEFAULT_BACKEND) -> tuple[Any, Any]:
     """The (victim, detector) a variant runs; raises with a one-line reason when it cannot."""
     if variant == "compile":
         return _swap_models(victim, detector, lambda m: torch.compile(m, backend=compile_backend),
@@ -247,7 +248,7 @@ def _short(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- measuring
 def measure_inference_options(victim: Any, detector: Any, *, batch_sizes: Sequence[int] = (1, 16, 64, 256),
                               repeat: int = 20, variants: Sequence[str] = DEFAULT_VARIANTS,
-                              targets: Sequence[str] = TARGETS, ratio_batch: int = 256, compile_backend: str = "inductor",
+                              targets: Sequence[str] = TARGETS, ratio_batch: int = 256, compile_backend: str = DEFAULT_BACKEND,
                               seed: int = 0, echo: Callable[[str], None] = logger.info) -> InferenceOptionsResult:
     """Time every (target, variant) at every batch size (see the module docstring).
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..compilation import DEFAULT_BACKEND
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ __all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "
 SERVICE_SETTINGS = ("bare", "off", "monitor", "monitor-batched", "monitor-batched-compiled", "reject", "misinformation")
 #: Dynamic batching of ``monitor-batched``: at most this many images, this long a wait.
 BENCH_BATCH_MAX, BENCH_BATCH_WAIT_S = 64, 0.002
-#: ``torch.compile`` backend of ``monitor-batched-compiled`` (``serve --compile``'s default).
-COMPILE_BACKEND = "inductor"
+#: ``torch.compile`` backend of ``monitor-batched-compiled``: ``serve --compile``'s default.
+COMPILE_BACKEND = DEFAULT_BACKEND
 #: Redis of the worker rows (each row uses its own key prefix, deleted afterwards).
 DEFAULT_WORKERS_STATE = "redis://127.0.0.1:6379/0"
 

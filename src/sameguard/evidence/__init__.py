@@ -18,7 +18,7 @@ from .martingale import MODES, MixtureMartingale, default_epsilons, log_power_be
 from .monitor import STREAM_NAME, ClientEvidence, EvidenceMonitor
 from .state import ClientState
 from .store import InMemoryStore, StateFormatError, StateStore
-from .stream import StreamExchangeabilityTest, StreamState, stream_p_value
+from .stream import StreamExchangeabilityTest, StreamState, stream_p_value, stream_test
 
 __all__ = [
     "MODES",
@@ -37,4 +37,5 @@ __all__ = [
     "default_epsilons",
     "log_power_bet",
     "stream_p_value",
+    "stream_test",
 ]

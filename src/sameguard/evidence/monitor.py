@@ -252,7 +252,7 @@ class EvidenceMonitor:
         stream_state = state.stream
         if self.stream is not None:
             stream_state, stream_p = self.stream.update(
-                state.stream, x, theta=torch.from_numpy(np.array(thetas[-1:], dtype=np.float64)))
+                state.stream, x, theta=_float64(thetas[-1:]))
             p.append(float(stream_p[0]))
             olds.append(state.stream_martingale.tolist())
         stepped = [self.martingale.update_one(old, value) for old, value in zip(olds, p)]
@@ -261,11 +261,10 @@ class EvidenceMonitor:
         alarm_query, alarm_time = state.alarm_query, state.alarm_time
         if alarm_query is None and combined >= self.threshold_log:
             alarm_query, alarm_time = state.queries + 1, time.time()
-        # torch.from_numpy(np.array(...)): the same float64 values as torch.tensor(...), at a third of its cost
-        own = [torch.from_numpy(np.array(new_state, dtype=np.float64)) for new_state, _ in stepped]
+        own = [_float64(new_state) for new_state, _ in stepped]
         new = self._next_state(state, 1, own, stream_state, alarm_query, alarm_time)
         per = dict(zip(self._source_names, logs))
-        return new, self._evidence(client, new, per, torch.from_numpy(np.array([combined], dtype=np.float64)), combined)
+        return new, self._evidence(client, new, per, _float64([combined]), combined)
 
     def _advance(self, client: str, state: ClientState, scores: np.ndarray, labels: np.ndarray,
                  x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
@@ -384,6 +383,12 @@ class EvidenceMonitor:
             low, high = (int(labels[0]),) * 2 if labels.shape[0] == 1 else (int(labels.min()), int(labels.max()))
             if low < 0 or high >= k:
                 raise ValueError(f"labels must be in [0, {k}), got values in [{low}, {high}].")
+
+
+def _float64(values: list[float]) -> torch.Tensor:
+    """``(n,)`` float64 tensor of Python floats: the values of ``torch.tensor(values, dtype=torch.float64)``
+    at a third of its cost."""
+    return torch.from_numpy(np.array(values, dtype=np.float64))
 
 
 class _UnknownClient(Exception):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..validation import check_choice, check_images, check_int, check_optional_int
 from .store import StateFormatError, pack, unpack
 
-__all__ = ["StreamExchangeabilityTest", "StreamState", "stream_p_value"]
+__all__ = ["StreamExchangeabilityTest", "StreamState", "stream_p_value", "stream_test"]
 
 _FORMAT = "sameguard-stream-state"
 #: Unit roundoff of float32.
@@ -284,3 +284,12 @@ class StreamExchangeabilityTest:
         d[n] = exact[for_min[rows]].min()
         d[rows] = np.minimum(d[rows], exact)
         return True
+
+
+def stream_test(stream: bool | StreamExchangeabilityTest,
+                pool_size: int | None = None) -> StreamExchangeabilityTest | None:
+    """The stream test a setting asks for: ``stream`` itself when it is one, a new test comparing images
+    pooled to ``pool_size`` (``None``: every pixel) when it is ``True``, none when it is ``False``."""
+    if isinstance(stream, StreamExchangeabilityTest):
+        return stream
+    return StreamExchangeabilityTest(pool_size=pool_size) if stream else None
