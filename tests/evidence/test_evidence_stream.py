@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sameguard.evidence import MixtureMartingale, StreamExchangeabilityTest, StreamState, stream_p_value
+from sameguard.evidence import MixtureMartingale, StreamExchangeabilityTest, StreamState, stream_p_value, stream_test
 from sameguard.evidence.store import StateFormatError
 
 logger = logging.getLogger(__name__)
@@ -183,3 +183,12 @@ def test_update_validation():
         test.update(state, torch.full((1, 1, 2, 2), math.nan))
     with pytest.raises(ValueError, match="StreamState"):
         test.update(None, torch.zeros(1, 1, 2, 2))
+
+
+def test_stream_test_builds_what_a_setting_asks_for():
+    given = StreamExchangeabilityTest(window=10)
+    assert stream_test(given, pool_size=7) is given  # a test is used as given
+    assert stream_test(False, pool_size=7) is None
+    built = stream_test(True, pool_size=7)
+    assert isinstance(built, StreamExchangeabilityTest) and built.pool_size == 7
+    assert stream_test(True).pool_size is None
