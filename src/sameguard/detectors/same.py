@@ -16,8 +16,9 @@ scoring (``score_mask_ratio``, ``score_masks``: the MAE's own task at scoring ti
 hidden patches only), per-term standardisation on benign calibration data (``standardize``), log terms (``log_terms``) and an
 input-complexity correction (``complexity``, Serrà et al., ICLR 2020); see
 :class:`SAMEDetector` and :mod:`sameguard.detectors.robust_score`. The ``cpu`` preset, which ``fit``,
-``demo`` and the benchmark's "SAME (sameguard default)" use, turns standardisation on with
-``alpha = 0.5`` (:data:`DEFAULT_SCORING`); :data:`AUTHORS_SCORING` restores the published score.
+``demo`` and the benchmark's "SAME (sameguard default)" use, is the rule's pick of the scaling
+sweep since 0.3.0: the ``shallow`` MAE with the authors' own score (:data:`DEFAULT_SCORING` equals
+:data:`AUTHORS_SCORING`, which restores the published score over any preset).
 
 Larger scores are more suspicious. The victim is used only through its output probabilities,
 no outlier data and no query history are needed, and the victim is not changed.
@@ -59,20 +60,21 @@ __all__ = ["SAMEDetector", "SAMEScores", "same_score", "reconstruction_scores", 
 AUTHORS_SCORING: dict[str, Any] = dict(alpha=0.99, standardize=False, log_terms=False, complexity=None,
                                        score_mask_ratio=0.0)
 
-#: sameguard's default score (issue 10), chosen by a rule fixed before the run on validation
-#: anomalies that come from none of the benchmark's attack pools (``docs/same-at-scale.md``):
-#: each term in benign standard units (median / MAD on the held-out calibration images), then
-#: weighted half and half. Needs :meth:`calibrate` before :meth:`score`.
-DEFAULT_SCORING: dict[str, Any] = dict(alpha=0.5, standardize=True)
+#: sameguard's default score (issue 10), chosen with its fit by a rule fixed before the run on
+#: validation anomalies that come from none of the benchmark's attack pools: since 0.3.0 the
+#: authors' own formula (the scaling sweep's pick, ``docs/same-at-scale-sweep.md``, confirmed by a
+#: second run). 0.2.0's default, each term in benign standard units then weighted half and half, is
+#: ``dict(alpha=0.5, standardize=True)`` (needs :meth:`calibrate` before :meth:`score`).
+DEFAULT_SCORING: dict[str, Any] = dict(AUTHORS_SCORING)
 
 #: Named budgets. ``paper`` is the authors' (MAE: 500 epochs, patch 2, dim 192, depth 12/4;
 #: auxiliary: 80 epochs) with their score; ``cpu`` is sameguard's default, chosen by issue 10's
-#: rule in ``docs/same-at-scale-fits-0-4.md`` (the width-64 ``medium`` MAE trained 6 epochs on
-#: 20 000 training images, :data:`DEFAULT_SCORING`), it fits Fashion-MNIST in minutes on two cores;
+#: rule in ``docs/same-at-scale-sweep.md`` (the width-64 ``shallow`` MAE, 2+1 blocks, trained 6 epochs
+#: on 20 000 training images, :data:`DEFAULT_SCORING`), it fits Fashion-MNIST in minutes on two cores;
 #: ``tiny`` is for tests (authors' score).
 SAME_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(mae="paper", mae_epochs=500, mae_warmup_epochs=50, aux_epochs=80),
-    "cpu": dict(mae="medium", mae_epochs=6, mae_warmup_epochs=1, mae_lr=2e-3, aux_epochs=3, max_train_samples=20000,
+    "cpu": dict(mae="shallow", mae_epochs=6, mae_warmup_epochs=1, mae_lr=2e-3, aux_epochs=3, max_train_samples=20000,
                 **DEFAULT_SCORING),
     "tiny": dict(mae="tiny", mae_epochs=3, mae_warmup_epochs=0.5, mae_lr=3e-3, aux_epochs=2, max_train_samples=2000),
 }
@@ -100,7 +102,7 @@ class SAMEDetector(ReconstructionDetector):
     (:data:`SAME_PRESETS`).
 
     Args:
-        mae: an MAE preset name (``"paper"``, ``"medium"``, ``"small"``, ``"tiny"``) or an :class:`MAEConfig`;
+        mae: an MAE preset name (``"paper"``, ``"medium"``, ``"shallow"``, ``"small"``, ``"tiny"``) or an :class:`MAEConfig`;
             a preset is sized to the training images at ``fit``.
         alpha: weight of the reconstruction term, in ``[0, 1]`` (authors' driver: 0.99).
         mae_epochs: MAE training epochs (authors: 500).

@@ -75,11 +75,13 @@ class MAEConfig:
 
 
 #: Named configurations. ``paper`` is the authors' (patch 2, dim 192, depth 12/4, 3 heads,
-#: about 7.2 M parameters); ``medium`` (width 64, about 0.3 M parameters, the ``cpu`` SAME preset's)
-#: and ``small`` (width 32) train in minutes on two CPU cores; ``tiny`` is for tests.
+#: about 7.2 M parameters); ``medium`` (width 64, 4+2 blocks, about 0.3 M parameters), ``shallow``
+#: (width 64, 2+1 blocks, about 0.16 M parameters, the ``cpu`` SAME preset's since 0.3.0) and ``small``
+#: (width 32) train in minutes on two CPU cores; ``tiny`` is for tests.
 MAE_PRESETS: dict[str, dict] = {
     "paper": dict(patch_size=2, emb_dim=192, encoder_depth=12, encoder_heads=3, decoder_depth=4, decoder_heads=3),
     "medium": dict(patch_size=4, emb_dim=64, encoder_depth=4, encoder_heads=4, decoder_depth=2, decoder_heads=4),
+    "shallow": dict(patch_size=4, emb_dim=64, encoder_depth=2, encoder_heads=4, decoder_depth=1, decoder_heads=4),
     "small": dict(patch_size=4, emb_dim=32, encoder_depth=4, encoder_heads=4, decoder_depth=2, decoder_heads=4),
     "tiny": dict(patch_size=7, emb_dim=32, encoder_depth=1, encoder_heads=2, decoder_depth=1, decoder_heads=2),
 }
