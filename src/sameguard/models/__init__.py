@@ -43,7 +43,7 @@ def build_classifier(arch: str, in_channels: int, image_size: int, num_classes: 
 
 
 def mae_config(preset: str, image_size: int, in_channels: int, **overrides) -> MAEConfig:
-    """An :class:`MAEConfig` from a named preset (``paper``, ``small``, ``tiny``) and overrides."""
+    """An :class:`MAEConfig` from a named preset (a key of :data:`MAE_PRESETS`) and overrides."""
     try:
         base = dict(MAE_PRESETS[preset])
     except KeyError:
