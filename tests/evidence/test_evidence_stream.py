@@ -53,7 +53,7 @@ def test_hand_made_stream():
         (4 + t[4]) / 5,        # d = [0.5, 1, 1, 0.5, 9]
     ])
     torch.testing.assert_close(p, expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(state.nn_dist, torch.tensor([0.5, 1, 1, 0.5, 9]))
+    torch.testing.assert_close(state.nn_dist, torch.tensor([0.5, 1, 1, 0.5, 9], dtype=torch.float64))
     assert state.seen == 5
 
 

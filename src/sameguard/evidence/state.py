@@ -56,7 +56,8 @@ class ClientState:
             martingales = {name: tensors[f"martingale/{name}"] for name in header["detectors"]}
             stream = None
             if header["stream_seen"] is not None:
-                stream = StreamState(tensors["stream/points"], tensors["stream/nn_dist"], header["stream_seen"])
+                stream = StreamState(tensors["stream/points"].to(torch.float32),
+                                     tensors["stream/nn_dist"].to(torch.float64), header["stream_seen"])
             return cls(queries=header["queries"], martingales=martingales,
                        stream_martingale=tensors.get("stream_martingale"), stream=stream,
                        alarm_query=header["alarm_query"], alarm_time=header["alarm_time"])
