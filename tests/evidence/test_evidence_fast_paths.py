@@ -184,19 +184,22 @@ def test_one_query_p_values_equal_the_batch_path_bit_for_bit(conditional, labell
 
 
 @pytest.mark.parametrize("mode", ["ville", "cusum", "shiryaev-roberts"])
-def test_martingale_update_one_equals_update(mode):
-    """The single-query path on Python floats, step by step from the start state (-inf for
-    Shiryaev-Roberts), through a clipped p = 0, p = 1 and a long run of small p-values."""
+def test_martingale_advance_one_query_at_a_time_equals_update(mode):
+    """The compiled per-request step, one p-value at a time from the start state (-inf for
+    Shiryaev-Roberts), through a clipped p = 0, p = 1 and a long run of small p-values; its combination
+    is the log mean of the sources' mixtures."""
     g = torch.Generator().manual_seed(5)
     martingale = MixtureMartingale(mode=mode)
-    state = martingale.initial_state()
-    ones = state.tolist()
+    state = martingale.initial_state().expand(2, -1).clone()
+    array = state.numpy().copy()
     for p in [0.0, 1.0, 0.5] + (torch.rand(60, generator=g, dtype=torch.float64) ** 4).tolist():
-        state, path = martingale.update(state, torch.tensor([p], dtype=torch.float64))
-        ones, log_value = martingale.update_one(ones, p)
-        np.testing.assert_allclose(ones, state.numpy(), rtol=1e-12, atol=1e-12)
-        assert log_value == pytest.approx(float(path[-1]), rel=1e-12, abs=1e-12)
-    assert log_value > math.log(1e3)  # the small p-values built evidence
+        pair = torch.tensor([[p], [min(1.0, 2 * p)]], dtype=torch.float64)
+        state, path = martingale.update(state, pair)
+        array, log_paths, combined = martingale.advance(array, pair.numpy())
+        np.testing.assert_allclose(array, state.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(log_paths, path.numpy(), rtol=1e-12, atol=1e-12)
+        assert combined[0] == pytest.approx(log_mean_exp(path[:, 0].tolist()), rel=1e-12, abs=1e-12)
+    assert combined[0] > math.log(1e3)  # the small p-values built evidence
 
 
 def test_log_mean_exp_edge_cases():
@@ -256,11 +259,46 @@ def test_monitor_fast_path_equals_the_reference_path(mode):
     assert monitors[0].evidence("mallory").alarmed  # the JBDA-like stream with shifted scores is caught
 
 
-def test_single_query_smoothing_uniforms_equal_the_vectorised_ones():
+def test_compiled_smoothing_uniforms_equal_the_vectorised_ones():
+    from sameguard.evidence.monitor import _client_base
+    from sameguard.evidence.monitor_kernel import p_values
+
     calibrators = {"a": ConformalCalibrator().fit(torch.randn(50), None, 2)}
     monitor = EvidenceMonitor(calibrators, stream=StreamExchangeabilityTest(), seed=3)
     batch = monitor._theta_array("carol", 10, 40)
+    for first, n in ((10, 40), (10, 1), (25, 3), (2**62, 2)):  # counters wrap around 2^64 alike
+        thetas, p = np.empty((2, n)), np.empty((2, n))
+        p_values(np.zeros((1, n)), np.zeros(n, dtype=np.int64), np.uint64(_client_base(3, "carol")), first, thetas, p,
+                 *monitor._packed_references())
+        assert np.array_equal(thetas, monitor._theta_array("carol", first, n))
     for i in range(40):
         assert np.array_equal(monitor._theta_array("carol", 10 + i, 1), batch[:, i:i + 1])
     huge = monitor._theta_array("carol", 2**62, 2)  # counters wrap around 2^64 alike
     assert np.array_equal(monitor._theta_array("carol", 2**62 + 1, 1), huge[:, 1:])
+
+
+@pytest.mark.parametrize("config", [
+    {"smoothed": True}, {"smoothed": False}, {"conditional": 1e-3}, {"smoothed": True, "min_class_size": 120},
+    {"smoothed": True, "labels": False}])
+def test_compiled_p_values_equal_the_calibrators(config):
+    """Class-conditional or pooled, smoothed, conservative or calibration-conditional, with classes that
+    fall back to the pooled scores, ties and NaN: the compiled p-values are the calibrator's bits."""
+    from sameguard.evidence.monitor_kernel import pack_references, p_values
+
+    config = dict(config)
+    labelled = config.pop("labels", True)
+    g = torch.Generator().manual_seed(zlib.crc32(repr(config).encode()))
+    labels = torch.randint(0, 4, (400,), generator=g)
+    labels[labels == 3] = torch.randint(0, 3, (int((labels == 3).sum()),), generator=g)[0]  # class 3: empty
+    scores = torch.randint(0, 30, (400,), generator=g).double()  # many ties
+    calibrators = [ConformalCalibrator(**config).fit(scores + shift, labels if labelled else None, 4)
+                   for shift in (0.0, 0.5)]
+    queries = torch.cat([torch.randint(-3, 35, (200,), generator=g).double(), torch.tensor([math.nan, 1e9])])
+    query_labels = torch.randint(0, 4, (queries.numel(),), generator=g)
+    n = queries.numel()
+    thetas, p = np.empty((3, n)), np.empty((3, n))  # a third source (a stream test) gets a uniform only
+    rows = np.stack([queries.numpy(), queries.numpy() * 1.5])
+    p_values(rows, query_labels.numpy(), np.uint64(12345), 7, thetas, p, *pack_references(calibrators, 4))
+    for j, calibrator in enumerate(calibrators):
+        expected = calibrator.p_values_array(rows[j], query_labels.numpy() if labelled else None, thetas[j])
+        assert np.array_equal(p[j], expected)

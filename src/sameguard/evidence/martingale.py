@@ -22,7 +22,9 @@ then averaged over the grid:
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +33,7 @@ import torch
 from ..validation import check_choice, check_fraction, check_int
 
 __all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_mean_exp", "log_power_bet",
-           "logsumexp_array", "logsumexp_list"]
+           "logsumexp_list"]
 
 #: Statistics offered by :class:`MixtureMartingale`.
 MODES = ("ville", "cusum", "shiryaev-roberts")
@@ -141,68 +143,45 @@ class MixtureMartingale:
         return path[..., -1, :].clone(), self.log_value(path)
 
     def update_array(self, state: np.ndarray, p_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`update` on NumPy arrays without checks: the per-request path of the monitor.
+        """:meth:`update` on NumPy arrays without checks: ``advance(state, p_values)[:2]``."""
+        new, log_paths, _ = self.advance(state, p_values)
+        return new, log_paths
 
-        Same formulas as :meth:`update`, in float64; the results agree with it to rounding (``exp`` and
-        ``log`` of NumPy and PyTorch may differ in the last bit).
+    def advance(self, state: np.ndarray, p_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`update` of several sources on NumPy arrays, without checks, plus their combination: the
+        per-request path of the monitor, one compiled call
+        (:func:`~sameguard.evidence.martingale_kernel.advance`).
+
+        Same formulas as :meth:`update`, in float64, one p-value after another; the results agree with it
+        to rounding (``exp`` and ``log`` may differ in the last bit, and :meth:`update` sums the bets
+        before adding them to the state).
 
         Args:
             state: ``(S, G)`` float64 log statistic per source and ``ε``.
             p_values: ``(S, N)`` float64 p-values in [0, 1], ``N >= 1``, oldest first (not checked).
 
         Returns:
-            ``(new_state (S, G), log_evidence (S, N))`` as in :meth:`update`.
+            ``(new_state (S, G), log_evidence (S, N), combined (N,))``: the first two as in :meth:`update`,
+            and the log of the average of the ``S`` mixtures after each p-value.
         """
+        kernel = _kernel()
         log_eps, eps_minus_1 = self._bet_arrays()
-        log_p = np.log(np.clip(p_values, P_FLOOR, 1.0))[..., None]                  # (S, N, 1)
-        bets = log_eps + eps_minus_1 * log_p                                          # (S, N, G)
-        if self.mode == "ville":
-            path = state[:, None, :] + np.cumsum(bets, axis=1)
-        elif self.mode == "cusum":
-            path = _cusum_path_array(state, bets)
-        else:
-            path = _shiryaev_roberts_path_array(state, bets)
-        return path[:, -1, :].copy(), logsumexp_array(path) - math.log(self.size)
-
-    def update_one(self, state: Sequence[float], p_value: float) -> tuple[list[float], float]:
-        """:meth:`update_array` for one source and one p-value, on Python floats: the per-query path
-        of a single-image request, where NumPy's per-call overheads outweigh ``G`` multiply-adds.
-
-        The same formulas in the same order; the results agree with :meth:`update` to rounding
-        (``math.log`` / ``math.exp`` may differ from NumPy's in the last bit).
-
-        Args:
-            state: ``G`` floats, the log statistic per ``ε``.
-            p_value: a p-value in [0, 1] (not checked).
-
-        Returns:
-            ``(new_state, log_value)``: ``G`` floats, and the log of the mixture after the p-value.
-        """
-        log_eps, eps_minus_1 = self._bet_lists()
-        log_p = math.log(min(max(p_value, P_FLOOR), 1.0))
-        if self.mode == "ville":
-            new = [s + (a + b * log_p) for s, a, b in zip(state, log_eps, eps_minus_1)]
-        elif self.mode == "cusum":  # log R_n = b_n + max(0, log R_{n-1})
-            new = [(a + b * log_p) + max(s, 0.0) for s, a, b in zip(state, log_eps, eps_minus_1)]
-        else:  # log R_n = b_n + log(1 + R_{n-1})
-            new = [(a + b * log_p) + (max(s, 0.0) + math.log1p(math.exp(-abs(s))))
-                   for s, a, b in zip(state, log_eps, eps_minus_1)]
-        return new, log_mean_exp(new)
+        sources, n = p_values.shape
+        new = np.empty((sources, self.size), dtype=np.float64)
+        log_paths = np.empty((sources, n), dtype=np.float64)
+        combined = np.empty(n, dtype=np.float64)
+        kernel.advance(np.ascontiguousarray(state, dtype=np.float64), np.ascontiguousarray(p_values, dtype=np.float64),
+                       log_eps, eps_minus_1, kernel.MODE_CODES[self.mode], P_FLOOR, new, log_paths, combined)
+        return new, log_paths, combined
 
     def _bet_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(log ε, ε - 1)`` as ``(G,)`` float64 arrays, computed once per grid."""
         cached = getattr(self, "_bets", None)
         if cached is None or cached[0] is not self.epsilons:
             eps = self.epsilons.to(torch.float64)
-            log_eps, eps_minus_1 = torch.log(eps).numpy(), (eps - 1.0).numpy()
-            cached = (self.epsilons, log_eps, eps_minus_1, log_eps.tolist(), eps_minus_1.tolist())
+            cached = (self.epsilons, torch.log(eps).numpy(), (eps - 1.0).numpy())
             self._bets = cached
         return cached[1], cached[2]
-
-    def _bet_lists(self) -> tuple[list[float], list[float]]:
-        """:meth:`_bet_arrays` as Python lists."""
-        self._bet_arrays()
-        return self._bets[3], self._bets[4]
 
     def _check_state(self, state: object) -> torch.Tensor:
         if not isinstance(state, torch.Tensor) or state.dim() < 1 or state.shape[-1] != self.size:
@@ -248,6 +227,14 @@ def _shiryaev_roberts_path(state: torch.Tensor, bets: torch.Tensor) -> torch.Ten
     return s + terms.logcumsumexp(dim=-2)
 
 
+@functools.cache
+def _kernel() -> types.ModuleType:
+    """:mod:`~sameguard.evidence.martingale_kernel`, imported on first use (``import numba`` takes a while)."""
+    from . import martingale_kernel
+
+    return martingale_kernel
+
+
 def logsumexp_list(values: Sequence[float]) -> float:
     """``log Σ exp(v)`` of ``n >= 1`` floats other than NaN, on Python floats (``-inf`` when all are
     ``-inf``, ``+inf`` when one is)."""
@@ -261,29 +248,3 @@ def log_mean_exp(values: Sequence[float]) -> float:
     """``log((1/n) Σ exp(v))`` of ``n >= 1`` floats: the log of the average of martingales given by
     their logs (``-inf`` when all are ``-inf``, ``+inf`` when one is)."""
     return logsumexp_list(values) - math.log(len(values))
-
-
-def logsumexp_array(x: np.ndarray) -> np.ndarray:
-    """``log Σ exp`` over the last axis of a float64 array, as :func:`torch.logsumexp` (all ``-inf``
-    gives ``-inf``, any ``+inf`` gives ``+inf``); shape ``x.shape[:-1]``."""
-    top = np.max(x, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.sum(np.exp(x - top), axis=-1)) + top[..., 0]
-
-
-def _cusum_path_array(state: np.ndarray, bets: np.ndarray) -> np.ndarray:
-    """:func:`_cusum_path` on arrays: state ``(S, G)``, bets ``(S, N, G)``, result ``(S, N, G)``."""
-    w0 = np.maximum(state, 0.0)[:, None, :]
-    s = np.cumsum(bets, axis=1)
-    running_min = np.minimum.accumulate(np.concatenate([-w0, s], axis=1), axis=1)
-    w = np.concatenate([np.zeros_like(w0), s], axis=1) - running_min
-    return bets + w[:, :-1, :]
-
-
-def _shiryaev_roberts_path_array(state: np.ndarray, bets: np.ndarray) -> np.ndarray:
-    """:func:`_shiryaev_roberts_path` on arrays: state ``(S, G)``, bets ``(S, N, G)``, result ``(S, N, G)``."""
-    s = np.cumsum(bets, axis=1)
-    first = np.logaddexp(state, 0.0)[:, None, :]
-    terms = np.concatenate([first, -s[:, :-1, :]], axis=1)
-    return s + np.logaddexp.accumulate(terms, axis=1)

@@ -15,10 +15,12 @@ queries before a false alarm). See ``reference/sequential.md`` for the assumptio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import time
+import types
 from collections.abc import Mapping
 
 import numpy as np
@@ -26,7 +28,7 @@ import torch
 
 from ..validation import check_fraction, check_int, check_name
 from .conformal import ConformalCalibrator
-from .martingale import MixtureMartingale, log_mean_exp, logsumexp_array
+from .martingale import MixtureMartingale, log_mean_exp
 from .state import ClientState
 from .store import InMemoryStore, StateStore
 from .stream import StreamExchangeabilityTest, StreamState
@@ -137,13 +139,13 @@ class EvidenceMonitor:
         result: list[ClientEvidence] = []
         if self._reference:  # the tensor path the fast one is tested against
             step = lambda old: self._advance_reference(client, old, scores, torch.from_numpy(label_array), x)
-        elif n == 1:  # a single-image request: Python floats
-            values = [float(scores[name]) for name in self.calibrators]
-            step = lambda old: self._advance_one(client, old, values, int(label_array[0]), x)
         else:
-            rows = np.empty((len(self.calibrators), n), dtype=np.float64)  # scores, detectors in name order
-            for j, name in enumerate(self.calibrators):
-                rows[j] = scores[name].detach().to("cpu", torch.float64).numpy()
+            if n == 1:  # a single-image request: Python floats
+                rows = np.array([[float(scores[name])] for name in self.calibrators], dtype=np.float64)
+            else:  # scores, detectors in name order
+                rows = np.empty((len(self.calibrators), n), dtype=np.float64)
+                for j, name in enumerate(self.calibrators):
+                    rows[j] = scores[name].detach().to("cpu", torch.float64).numpy()
             step = lambda old: self._advance(client, old, rows, label_array, x)
 
         def advance(old: ClientState | None) -> ClientState:
@@ -217,58 +219,19 @@ class EvidenceMonitor:
 
     def _theta_array(self, client: str, first: int, n: int) -> np.ndarray:
         """:meth:`_thetas` as a ``(S, n)`` float64 NumPy array."""
-        if n == 1:
-            return np.array([[theta] for theta in self._theta_one(client, first)], dtype=np.float64)
         sources = len(self.calibrators) + (self.stream is not None)
-        digest = hashlib.sha256(f"{self.seed}\x00{client}".encode()).digest()
-        base = np.uint64(int.from_bytes(digest[:8], "little"))
+        base = np.uint64(_client_base(self.seed, client))
         q = np.arange(first, first + n, dtype=np.uint64)[None, :] * np.uint64(sources)
         with np.errstate(over="ignore"):
             counter = base + q + np.arange(sources, dtype=np.uint64)[:, None]
         u = (_splitmix64(counter) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53   # in [0, 1)
         return 1.0 - u
 
-    def _theta_one(self, client: str, index: int) -> list[float]:
-        """The ``S`` smoothing uniforms of the client's query ``index`` (one column of :meth:`_theta_array`),
-        by the same arithmetic on Python integers."""
-        sources = len(self.calibrators) + (self.stream is not None)
-        digest = hashlib.sha256(f"{self.seed}\x00{client}".encode()).digest()
-        counter = int.from_bytes(digest[:8], "little") + index * sources
-        return [1.0 - (_splitmix64_int((counter + j) & _MASK64) >> 11) * 2.0 ** -53 for j in range(sources)]
-
-    def _advance_one(self, client: str, state: ClientState, scores: list[float], label: int,
-                     x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
-        """:meth:`_advance` of one query on Python floats (the same formulas; equal to rounding).
-
-        Args:
-            scores: one score per detector, in name order.
-            label: the query's predicted label, checked.
-            x: ``(1, C, H, W)`` the image, for the stream test.
-        """
-        thetas = self._theta_one(client, state.queries)
-        p = [calibrator.p_value_one(score, label, theta)
-             for calibrator, score, theta in zip(self.calibrators.values(), scores, thetas)]
-        olds = [state.martingales[name].tolist() for name in self.calibrators]
-        stream_state = state.stream
-        if self.stream is not None:
-            stream_state, stream_p = self.stream.update(
-                state.stream, x, theta=_float64(thetas[-1:]))
-            p.append(float(stream_p[0]))
-            olds.append(state.stream_martingale.tolist())
-        stepped = [self.martingale.update_one(old, value) for old, value in zip(olds, p)]
-        logs = [log_value for _, log_value in stepped]
-        combined = log_mean_exp(logs)
-        alarm_query, alarm_time = state.alarm_query, state.alarm_time
-        if alarm_query is None and combined >= self.threshold_log:
-            alarm_query, alarm_time = state.queries + 1, time.time()
-        own = [_float64(new_state) for new_state, _ in stepped]
-        new = self._next_state(state, 1, own, stream_state, alarm_query, alarm_time)
-        per = dict(zip(self._source_names, logs))
-        return new, self._evidence(client, new, per, _float64([combined]), combined)
-
     def _advance(self, client: str, state: ClientState, scores: np.ndarray, labels: np.ndarray,
                  x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
-        """The per-request path: :meth:`_advance_reference` on NumPy arrays, all sources at once.
+        """The per-request path: :meth:`_advance_reference` on NumPy arrays, in two compiled calls: the
+        p-values (:func:`~sameguard.evidence.monitor_kernel.p_values`) and the martingale step of all sources
+        (:meth:`MixtureMartingale.advance`).
 
         Args:
             scores: ``(D, N)`` float64 scores, one row per detector in name order.
@@ -276,37 +239,44 @@ class EvidenceMonitor:
             x: ``(N, C, H, W)`` the images, for the stream test.
         """
         n = labels.shape[0]
-        thetas = self._theta_array(client, state.queries, n)
         names = self._source_names
+        thetas = np.empty((len(names), n), dtype=np.float64)
         p = np.empty((len(names), n), dtype=np.float64)
-        states = np.empty((len(names), self.martingale.size), dtype=np.float64)
-        for j, (name, calibrator) in enumerate(self.calibrators.items()):
-            p[j] = calibrator.p_values_array(scores[j], labels, thetas[j])
-            states[j] = state.martingales[name].numpy()
+        _kernels().p_values(scores, labels, np.uint64(_client_base(self.seed, client)), state.queries, thetas, p,
+                            *self._packed_references())
         stream_state = state.stream
         if self.stream is not None:
             stream_state, stream_p = self.stream.update(state.stream, x, theta=torch.from_numpy(thetas[-1]))
             p[-1] = stream_p.numpy()
-            states[-1] = state.stream_martingale.numpy()
-        new_states, log_paths = self.martingale.update_array(states, p)
-        path = logsumexp_array(log_paths.T) - math.log(len(names))
+        new_states, log_paths, path = self.martingale.advance(state.stacked_martingales(), p)
         alarm_query, alarm_time = state.alarm_query, state.alarm_time
         if alarm_query is None:
             crossed = np.flatnonzero(path >= self.threshold_log)
             if crossed.size:
                 alarm_query, alarm_time = state.queries + int(crossed[0]) + 1, time.time()
-        own = [torch.from_numpy(row.copy()) for row in new_states]  # one storage each (safetensors)
-        new = self._next_state(state, n, own, stream_state, alarm_query, alarm_time)
+        new = self._next_state(state, n, new_states, stream_state, alarm_query, alarm_time)
         per = dict(zip(names, log_paths[:, -1].tolist()))
-        return new, self._evidence(client, new, per, torch.from_numpy(path))
+        return new, self._evidence(client, new, per, torch.from_numpy(path), float(path[-1]))
 
-    def _next_state(self, state: ClientState, n: int, own: list[torch.Tensor], stream_state: StreamState | None,
+    def _packed_references(self) -> tuple[np.ndarray, ...]:
+        """The calibrators' references for :func:`~sameguard.evidence.monitor_kernel.p_values`, packed once per
+        fitted state."""
+        key = tuple(id(c.pooled_) for c in self.calibrators.values())
+        cached = getattr(self, "_packed", None)
+        if cached is None or cached[0] != key:
+            cached = (key, _kernels().pack_references(list(self.calibrators.values()), self._num_classes or 0),
+                      [c.pooled_ for c in self.calibrators.values()])  # held: their ids stay theirs
+            self._packed = cached
+        return cached[1]
+
+    def _next_state(self, state: ClientState, n: int, stacked: np.ndarray, stream_state: StreamState | None,
                     alarm_query: int | None, alarm_time: float | None) -> ClientState:
-        """The client's state after ``n`` more queries: ``own`` holds the new ``(G,)`` martingale states, one
-        per source (detectors in name order, then the stream test), each with a storage of its own."""
-        return ClientState(queries=state.queries + n, martingales=dict(zip(self.calibrators, own)),
-                           stream_martingale=own[-1] if self.stream is not None else state.stream_martingale,
-                           stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time)
+        """The client's state after ``n`` more queries: ``stacked`` holds the new ``(S, G)`` martingale states,
+        one row per source (detectors in name order, then the stream test); the state's tensors are views of it."""
+        rows = torch.from_numpy(stacked)
+        return ClientState(queries=state.queries + n, martingales=dict(zip(self.calibrators, rows)),
+                           stream_martingale=rows[-1] if self.stream is not None else state.stream_martingale,
+                           stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time, _stacked=stacked)
 
     def _advance_reference(self, client: str, state: ClientState, scores: Mapping[str, torch.Tensor],
                            labels: torch.Tensor, x: torch.Tensor | None) -> tuple[ClientState, ClientEvidence]:
@@ -385,10 +355,19 @@ class EvidenceMonitor:
                 raise ValueError(f"labels must be in [0, {k}), got values in [{low}, {high}].")
 
 
-def _float64(values: list[float]) -> torch.Tensor:
-    """``(n,)`` float64 tensor of Python floats: the values of ``torch.tensor(values, dtype=torch.float64)``
-    at a third of its cost."""
-    return torch.from_numpy(np.array(values, dtype=np.float64))
+@functools.cache
+def _kernels() -> types.ModuleType:
+    """:mod:`~sameguard.evidence.monitor_kernel`, imported on first use (``import numba`` takes a while)."""
+    from . import monitor_kernel
+
+    return monitor_kernel
+
+
+@functools.lru_cache(maxsize=65536)
+def _client_base(seed: int, client: str) -> int:
+    """The client's counter offset for the smoothing uniforms: the first 8 bytes of SHA-256(seed, client),
+    little-endian (cached: one hash per client, not per query)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x00{client}".encode()).digest()[:8], "little")
 
 
 class _UnknownClient(Exception):
@@ -402,14 +381,3 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64_int(z: int) -> int:
-    """:func:`_splitmix64` of one integer in ``[0, 2^64)``, on Python integers (the same bits)."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)

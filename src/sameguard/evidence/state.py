@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from .store import StateFormatError, pack, unpack
@@ -34,15 +35,28 @@ class ClientState:
     stream: StreamState | None = None
     alarm_query: int | None = None
     alarm_time: float | None = None
+    # The (S, G) array the monitor's martingale tensors are rows of (detectors in name order, then the
+    # stream test), when it made this state; not part of the state's value.
+    _stacked: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def stacked_martingales(self) -> np.ndarray:
+        """``(S, G)`` float64: the detectors' martingale states in name order, then the stream test's."""
+        if self._stacked is not None:
+            return self._stacked
+        rows = [self.martingales[name] for name in sorted(self.martingales)]
+        if self.stream_martingale is not None:
+            rows.append(self.stream_martingale)
+        return torch.stack(rows).to(torch.float64).numpy()
 
     def to_bytes(self) -> bytes:
         """safetensors bytes with a JSON header (no pickle), for stores shared between processes."""
-        tensors = {f"martingale/{name}": value for name, value in self.martingales.items()}
+        # clones: the monitor's tensors are rows of one array, and safetensors refuses shared storage
+        tensors = {f"martingale/{name}": value.clone() for name, value in self.martingales.items()}
         header = {"format": _FORMAT, "queries": self.queries, "detectors": sorted(self.martingales),
                   "alarm_query": self.alarm_query, "alarm_time": self.alarm_time,
                   "stream_seen": None if self.stream is None else self.stream.seen}
         if self.stream_martingale is not None:
-            tensors["stream_martingale"] = self.stream_martingale
+            tensors["stream_martingale"] = self.stream_martingale.clone()
         if self.stream is not None:
             tensors["stream/points"] = self.stream.points
             tensors["stream/nn_dist"] = self.stream.nn_dist

@@ -29,7 +29,8 @@ which JBDA's seed-then-augment order does early.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import types
 
 import numpy as np
 import torch
@@ -205,8 +206,6 @@ class StreamExchangeabilityTest:
         into a new storage with spare capacity. The loop over the queries is
         :func:`~sameguard.evidence.stream_kernel.extend_bag`'s (compiled).
         """
-        from .stream_kernel import extend_bag  # Numba: imported when a stream test first runs
-
         k = new.shape[0]
         if bag is None or bag.length != n0 or bag.data.shape[0] < n0 + k or bag.data.shape[1] != new.shape[1]:
             rows = points[:n0] if n0 else torch.empty(0, new.shape[1])
@@ -214,8 +213,16 @@ class StreamExchangeabilityTest:
         bag.length = n0 + k
         d = np.empty(n0 + k, dtype=np.float64)
         d[:n0] = dists
-        extend_bag(bag.data.numpy(), n0, new, d, theta, self.metric == "l2", p)
+        _kernel().extend_bag(bag.data.numpy(), n0, new, d, theta, self.metric == "l2", p)
         return bag, d
+
+
+@functools.cache
+def _kernel() -> types.ModuleType:
+    """:mod:`~sameguard.evidence.stream_kernel`, imported on first use (``import numba`` takes a while)."""
+    from . import stream_kernel
+
+    return stream_kernel
 
 
 def stream_test(stream: bool | StreamExchangeabilityTest,
