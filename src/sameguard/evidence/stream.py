@@ -36,10 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..validation import check_choice, check_images, check_int, check_optional_int
+from ..validation import check_choice, check_int, check_optional_int
 from .store import StateFormatError, pack, unpack
 
 __all__ = ["StreamExchangeabilityTest", "StreamState", "stream_p_value", "stream_test"]
+
+_NOT_FINITE = "x contains NaN or infinite values; the stream test needs finite images."
 
 _FORMAT = "sameguard-stream-state"
 
@@ -149,10 +151,21 @@ class StreamExchangeabilityTest:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` finite images (any range) -> ``(N, D)`` float32 CPU feature vectors."""
-        x = check_images(x, name="x", check_range=False).detach().to("cpu")
+        feats = self._features(x)
+        if not bool(torch.isfinite(feats).all()):
+            raise ValueError(_NOT_FINITE)
+        return feats
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` without the finiteness check (:meth:`update` checks while it appends)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] == 0 or not torch.is_floating_point(x):
+            raise ValueError(f"x must be a non-empty floating-point (N, C, H, W) tensor of images, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                             f"{'' if not isinstance(x, torch.Tensor) else f' of dtype {x.dtype}'}.")
+        x = x.detach().to("cpu", torch.float32)
         if self.pool_size is not None and (x.shape[-1] > self.pool_size or x.shape[-2] > self.pool_size):
             x = F.adaptive_avg_pool2d(x, (min(self.pool_size, x.shape[-2]), min(self.pool_size, x.shape[-1])))
-        return x.flatten(1).contiguous()
+        return x.reshape(x.shape[0], -1).contiguous()
 
     def update(self, state: StreamState, x: torch.Tensor,
                generator: torch.Generator | None = None,
@@ -171,7 +184,7 @@ class StreamExchangeabilityTest:
         """
         if not isinstance(state, StreamState):
             raise ValueError(f"state must be a StreamState, got {type(state).__name__}.")
-        feats = self.features(x)
+        feats = self._features(x)
         k, dim = feats.shape
         points = state.points
         if points.shape[0] and points.shape[1] != dim:
@@ -210,10 +223,11 @@ class StreamExchangeabilityTest:
         if bag is None or bag.length != n0 or bag.data.shape[0] < n0 + k or bag.data.shape[1] != new.shape[1]:
             rows = points[:n0] if n0 else torch.empty(0, new.shape[1])
             bag = _Bag(rows, min(self.window, max(2 * (n0 + k), 64)))
-        bag.length = n0 + k
         d = np.empty(n0 + k, dtype=np.float64)
         d[:n0] = dists
-        _kernel().extend_bag(bag.data.numpy(), n0, new, d, theta, self.metric == "l2", p)
+        if not _kernel().extend_bag(bag.data.numpy(), n0, new, d, theta, self.metric == "l2", p):
+            raise ValueError(_NOT_FINITE)
+        bag.length = n0 + k
         return bag, d
 
 

@@ -63,20 +63,24 @@ def distance(a: np.ndarray, b: np.ndarray, l2: bool) -> float:
 
 @njit(cache=True, nogil=True)
 def extend_bag(rows: np.ndarray, n0: int, new: np.ndarray, d: np.ndarray, theta: np.ndarray, l2: bool,
-               p: np.ndarray) -> None:
-    """Append ``new`` to a bag of ``n0`` points, one query at a time, writing their p-values to ``p``.
+               p: np.ndarray) -> bool:
+    """Append ``new`` to a bag of ``n0`` points, one query at a time, writing their p-values to ``p``;
+    ``False``, with nothing written, when a value of ``new`` is NaN or infinite.
 
     Args:
         rows: ``(capacity, D)`` float32, C-contiguous; rows ``[0, n0)`` are the bag, rows
             ``[n0, n0 + k)`` are overwritten with ``new``.
         n0: points in the bag before the call.
-        new: ``(k, D)`` float32 C-contiguous finite points, oldest first.
+        new: ``(k, D)`` float32 C-contiguous points, oldest first.
         d: ``(>= n0 + k,)`` float64; ``d[:n0]`` holds the bag's nearest-neighbour distances, lowered in
             place, and ``d[n0:n0 + k]`` receives the new points' (``+inf`` for the first point of a bag).
         theta: ``(k,)`` float64 smoothing uniforms in (0, 1].
         l2: L2 distance if true, else L1.
         p: ``(k,)`` float64 output, ``(#{i <= n: d_i < d_n} + θ #{i <= n: d_i = d_n}) / (n + 1)``.
     """
+    for value in new.ravel():
+        if not math.isfinite(value):
+            return False
     for j in range(new.shape[0]):
         n = n0 + j
         x = new[j]
@@ -97,3 +101,4 @@ def extend_bag(rows: np.ndarray, n0: int, new: np.ndarray, d: np.ndarray, theta:
             elif d[i] == best:
                 ties += 1
         p[j] = (closer + theta[j] * ties) / (n + 1)
+    return True
