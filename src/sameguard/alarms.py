@@ -41,8 +41,16 @@ import torch
 
 from .api import ArtifactError, StatefulDetector
 from .artifacts import fitted_state_sha256
-from .evidence import (ClientEvidence, ConformalCalibrator, EvidenceMonitor, MixtureMartingale, StateStore,
-                       StreamExchangeabilityTest, stream_test)
+from .evidence import (
+    ClientEvidence,
+    ConformalCalibrator,
+    EvidenceMonitor,
+    MixtureMartingale,
+    StateStore,
+    StreamExchangeabilityTest,
+    stream_test,
+)
+from .evidence.compiled import warm_up
 from .prediction_api import victim_probabilities
 from .validation import check_choice, check_fraction, check_images, check_name
 
@@ -101,6 +109,7 @@ class ClientAlarms:
                              f"{sorted(monitor.calibrators)}.")
         self.monitor = monitor
         self.victim = victim
+        warm_up()  # compile the evidence kernels now (once per process), not on the first query
 
     @property
     def delta(self) -> float:

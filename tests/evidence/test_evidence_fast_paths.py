@@ -39,7 +39,8 @@ def _smooth(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.interpolate(low, size=(28, 28), mode="bilinear", align_corners=False)
 
 
-def _brute_force_stream(x: torch.Tensor, theta: torch.Tensor, window: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _brute_force_stream(x: torch.Tensor, theta: torch.Tensor, window: int,
+                        metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The stream test by its definition, every bag recomputed from scratch in float64: p-values and the
     last bag's nearest-neighbour distances."""
     feats = x.flatten(1).double()
@@ -283,7 +284,7 @@ def test_compiled_smoothing_uniforms_equal_the_vectorised_ones():
 def test_compiled_p_values_equal_the_calibrators(config):
     """Class-conditional or pooled, smoothed, conservative or calibration-conditional, with classes that
     fall back to the pooled scores, ties and NaN: the compiled p-values are the calibrator's bits."""
-    from sameguard.evidence.monitor_kernel import pack_references, p_values
+    from sameguard.evidence.monitor_kernel import p_values, pack_references
 
     config = dict(config)
     labelled = config.pop("labels", True)

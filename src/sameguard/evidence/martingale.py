@@ -22,15 +22,14 @@ then averaged over the grid:
 
 from __future__ import annotations
 
-import functools
 import math
-import types
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..validation import check_choice, check_fraction, check_int
+from .compiled import kernels
 
 __all__ = ["MODES", "P_FLOOR", "MixtureMartingale", "default_epsilons", "log_mean_exp", "log_power_bet",
            "logsumexp_list"]
@@ -164,7 +163,7 @@ class MixtureMartingale:
             ``(new_state (S, G), log_evidence (S, N), combined (N,))``: the first two as in :meth:`update`,
             and the log of the average of the ``S`` mixtures after each p-value.
         """
-        kernel = _kernel()
+        kernel = kernels("martingale_kernel")
         log_eps, eps_minus_1 = self._bet_arrays()
         sources, n = p_values.shape
         new = np.empty((sources, self.size), dtype=np.float64)
@@ -225,14 +224,6 @@ def _shiryaev_roberts_path(state: torch.Tensor, bets: torch.Tensor) -> torch.Ten
     first = torch.logaddexp(state, torch.zeros_like(state)).unsqueeze(-2)       # log(1 + R_0)
     terms = torch.cat([first, -s[..., :-1, :]], dim=-2)
     return s + terms.logcumsumexp(dim=-2)
-
-
-@functools.cache
-def _kernel() -> types.ModuleType:
-    """:mod:`~sameguard.evidence.martingale_kernel`, imported on first use (``import numba`` takes a while)."""
-    from . import martingale_kernel
-
-    return martingale_kernel
 
 
 def logsumexp_list(values: Sequence[float]) -> float:

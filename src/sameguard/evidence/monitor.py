@@ -20,13 +20,13 @@ import hashlib
 import logging
 import math
 import time
-import types
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from ..validation import check_fraction, check_int, check_name
+from .compiled import kernels
 from .conformal import ConformalCalibrator
 from .martingale import MixtureMartingale, log_mean_exp
 from .state import ClientState
@@ -242,8 +242,8 @@ class EvidenceMonitor:
         names = self._source_names
         thetas = np.empty((len(names), n), dtype=np.float64)
         p = np.empty((len(names), n), dtype=np.float64)
-        _kernels().p_values(scores, labels, np.uint64(_client_base(self.seed, client)), state.queries, thetas, p,
-                            *self._packed_references())
+        kernels("monitor_kernel").p_values(scores, labels, np.uint64(_client_base(self.seed, client)), state.queries,
+                                           thetas, p, *self._packed_references())
         stream_state = state.stream
         if self.stream is not None:
             stream_state, stream_p = self.stream.update(state.stream, x, theta=torch.from_numpy(thetas[-1]))
@@ -264,8 +264,8 @@ class EvidenceMonitor:
         key = tuple(id(c.pooled_) for c in self.calibrators.values())
         cached = getattr(self, "_packed", None)
         if cached is None or cached[0] != key:
-            cached = (key, _kernels().pack_references(list(self.calibrators.values()), self._num_classes or 0),
-                      [c.pooled_ for c in self.calibrators.values()])  # held: their ids stay theirs
+            packed = kernels("monitor_kernel").pack_references(list(self.calibrators.values()), self._num_classes or 0)
+            cached = (key, packed, [c.pooled_ for c in self.calibrators.values()])  # held: their ids stay theirs
             self._packed = cached
         return cached[1]
 
@@ -353,14 +353,6 @@ class EvidenceMonitor:
             low, high = (int(labels[0]),) * 2 if labels.shape[0] == 1 else (int(labels.min()), int(labels.max()))
             if low < 0 or high >= k:
                 raise ValueError(f"labels must be in [0, {k}), got values in [{low}, {high}].")
-
-
-@functools.cache
-def _kernels() -> types.ModuleType:
-    """:mod:`~sameguard.evidence.monitor_kernel`, imported on first use (``import numba`` takes a while)."""
-    from . import monitor_kernel
-
-    return monitor_kernel
 
 
 @functools.lru_cache(maxsize=65536)

@@ -29,14 +29,13 @@ which JBDA's seed-then-augment order does early.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..validation import check_choice, check_int, check_optional_int
+from .compiled import kernels
 from .store import StateFormatError, pack, unpack
 
 __all__ = ["StreamExchangeabilityTest", "StreamState", "stream_p_value", "stream_test"]
@@ -225,18 +224,10 @@ class StreamExchangeabilityTest:
             bag = _Bag(rows, min(self.window, max(2 * (n0 + k), 64)))
         d = np.empty(n0 + k, dtype=np.float64)
         d[:n0] = dists
-        if not _kernel().extend_bag(bag.data.numpy(), n0, new, d, theta, self.metric == "l2", p):
+        if not kernels("stream_kernel").extend_bag(bag.data.numpy(), n0, new, d, theta, self.metric == "l2", p):
             raise ValueError(_NOT_FINITE)
         bag.length = n0 + k
         return bag, d
-
-
-@functools.cache
-def _kernel() -> types.ModuleType:
-    """:mod:`~sameguard.evidence.stream_kernel`, imported on first use (``import numba`` takes a while)."""
-    from . import stream_kernel
-
-    return stream_kernel
 
 
 def stream_test(stream: bool | StreamExchangeabilityTest,
