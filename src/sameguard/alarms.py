@@ -109,6 +109,7 @@ class ClientAlarms:
                              f"{sorted(monitor.calibrators)}.")
         self.monitor = monitor
         self.victim = victim
+        self._order = [self.scorers[name] for name in monitor.calibrators]  # the monitor's row order
         warm_up()  # compile the evidence kernels now (once per process), not on the first query
 
     @property
@@ -171,11 +172,15 @@ class ClientAlarms:
         scored from ``probs`` (or the victim's logits) without going through its ``score(x)`` again.
         """
         known = known or {}
-        with torch.no_grad():
-            scores = {name: known[id(s)] if id(s) in known else self._scores(s, x, probs)
-                      for name, s in self.scorers.items()}
-        ev = self.monitor.update(client, scores, probs.argmax(dim=1), x if self.monitor.stream is not None else None)
         n = len(x)
+        rows = np.empty((len(self._order), n), dtype=np.float64)  # the monitor's detector order
+        with torch.no_grad():
+            for j, scorer in enumerate(self._order):
+                values = known[id(scorer)] if id(scorer) in known else self._scores(scorer, x, probs)
+                rows[j] = _score_row(values, n)
+            labels = probs.argmax(dim=1).cpu().numpy()
+        self.monitor.check_labels(labels)
+        ev = self.monitor.update_rows(client, rows, labels, x if self.monitor.stream is not None else None)
         first = ev.queries - n + 1  # 1-based index of the batch's first query in the client's stream
         alarmed = np.zeros(n, dtype=bool)
         if ev.alarm_query is not None:
@@ -183,10 +188,12 @@ class ClientAlarms:
         return AlarmUpdate(evidence=torch.from_numpy(ev.log_evidence_path.numpy() / _LOG10),
                            alarmed=torch.from_numpy(alarmed), client=ev)
 
-    def _scores(self, scorer: Any, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    def _scores(self, scorer: Any, x: torch.Tensor, probs: torch.Tensor) -> Any:
+        """``scorer``'s scores of ``x``: from ``probs`` (or the victim's logits) when it reads only this
+        victim's outputs, else its ``score(x)``; checked by :func:`_score_row`."""
         from_outputs = getattr(scorer, "score_victim_outputs", None)
         scores = from_outputs(self.victim, x, probs) if callable(from_outputs) else None
-        return _scores(scorer, x) if scores is None else _checked_scores(scores, x)
+        return scorer.score(x) if scores is None else scores
 
     # -- operators ---------------------------------------------------------------------------
     def evidence(self, client: str) -> ClientEvidence | None:
@@ -274,6 +281,17 @@ def _num_classes(victim: Any, x: torch.Tensor) -> int:
 
 def _scores(scorer: Any, x: torch.Tensor) -> torch.Tensor:
     return _checked_scores(scorer.score(x), x)
+
+
+def _score_row(scores: Any, n: int) -> np.ndarray | float:
+    """A scorer's ``(n,)`` scores as a float64 row (a Python float when ``n == 1``); ``ValueError`` when
+    it returned another number of scores."""
+    scores = torch.as_tensor(scores)
+    if scores.numel() != n:
+        raise ValueError(f"A scorer returned {scores.numel()} scores for {n} queries.")
+    if n == 1:
+        return float(scores)
+    return scores.detach().to("cpu", torch.float64).flatten().numpy()
 
 
 def _checked_scores(scores: Any, x: torch.Tensor) -> torch.Tensor:

@@ -118,3 +118,16 @@ def test_msp_checks_victim_output():
     wrong = lambda x: torch.ones(len(x) + 1, 3)  # noqa: E731
     with pytest.raises(ValueError, match="victim returned shape"):
         MSPDetector().fit(wrong).score(torch.zeros(2, 1, 28, 28))
+
+
+def test_msp_single_row_path_equals_the_batch_formula():
+    """One row (the guard's single-image request) goes through Python floats: the same float32 values
+    as the tensor reduction, NaN included."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, 10, generator=g, dtype=torch.float64), dim=1)
+    probs[7, 3] = float("nan")
+    batch = msp_score(probs)
+    for i in range(50):
+        one = msp_score(probs[i:i + 1])
+        assert one.dtype == torch.float32 and one.shape == (1,)
+        assert torch.equal(one, batch[i:i + 1]) or (bool(one.isnan()) and bool(batch[i].isnan()))

@@ -16,15 +16,17 @@ Reference implementation: https://github.com/hendrycks/error-detection.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..api import Detector
 from ..training import predict_in_batches
 from ..validation import check_images, check_int
-from .victim_output import VictimOutputArtifact
 from ._common import ParamsMixin, ProbabilityFn, victim_image_shape, victim_probabilities
+from .victim_output import VictimOutputArtifact
 
 if TYPE_CHECKING:
     from typing import Self
@@ -46,6 +48,12 @@ def msp_score(probabilities: torch.Tensor) -> torch.Tensor:
     p = torch.as_tensor(probabilities)
     if p.dim() != 2 or p.shape[1] < 1:
         raise ValueError(f"probabilities must have shape (N, K), got {tuple(p.shape)}.")
+    if p.shape[0] == 1 and not p.requires_grad and p.device.type == "cpu":
+        # A guarded single-image request: the same value on Python floats (the largest float32
+        # probability, exact), without a reduction's dispatch; NaN anywhere gives NaN, as max does
+        values = p[0].to(torch.float32).tolist()
+        top = math.nan if any(math.isnan(v) for v in values) else max(values)
+        return torch.from_numpy(np.array([-top], dtype=np.float32))
     return -p.to(torch.float32).max(dim=1).values
 
 

@@ -10,7 +10,9 @@ benign clients at most ``δ·C`` false alarms are expected.
 
 Modules: :mod:`.conformal` (p-values), :mod:`.martingale` (betting in log space), :mod:`.stream`
 (the JBDA-oriented stream statistic), :mod:`.store` (per-client state storage), :mod:`.state`
-(the per-client record) and :mod:`.monitor` (the combination and the latched alarms).
+(the per-client record) and :mod:`.monitor` (the combination and the latched alarms). The
+per-request loops are compiled with Numba (:mod:`.stream_kernel`, :mod:`.monitor_kernel`,
+:mod:`.martingale_kernel`, loaded by :mod:`.compiled` on first use).
 """
 
 from .conformal import ConformalCalibrator, conformal_p_values

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -135,18 +135,34 @@ class EvidenceMonitor:
         client = check_name(client, "client")
         n = self._check_batch(scores, labels, x)
         label_array = labels.detach().to("cpu", torch.int64).numpy()
-        self._check_labels(label_array)
-        result: list[ClientEvidence] = []
+        self.check_labels(label_array)
         if self._reference:  # the tensor path the fast one is tested against
-            step = lambda old: self._advance_reference(client, old, scores, torch.from_numpy(label_array), x)
-        else:
-            if n == 1:  # a single-image request: Python floats
-                rows = np.array([[float(scores[name])] for name in self.calibrators], dtype=np.float64)
-            else:  # scores, detectors in name order
-                rows = np.empty((len(self.calibrators), n), dtype=np.float64)
-                for j, name in enumerate(self.calibrators):
-                    rows[j] = scores[name].detach().to("cpu", torch.float64).numpy()
-            step = lambda old: self._advance(client, old, rows, label_array, x)
+            return self._commit(client, n, lambda old: self._advance_reference(
+                client, old, scores, torch.from_numpy(label_array), x))
+        if n == 1:  # a single-image request: Python floats
+            rows = np.array([[float(scores[name])] for name in self.calibrators], dtype=np.float64)
+        else:  # scores, detectors in name order
+            rows = np.empty((len(self.calibrators), n), dtype=np.float64)
+            for j, name in enumerate(self.calibrators):
+                rows[j] = scores[name].detach().to("cpu", torch.float64).numpy()
+        return self.update_rows(client, rows, label_array, x)
+
+    def update_rows(self, client: str, rows: np.ndarray, labels: np.ndarray, x: torch.Tensor | None) -> ClientEvidence:
+        """:meth:`update` for a caller that has checked its inputs (:class:`~sameguard.alarms.ClientAlarms`).
+
+        Args:
+            client: the client id, checked.
+            rows: ``(D, N)`` float64 scores, one row per detector in name order (:attr:`calibrators`).
+            labels: ``(N,)`` int64 predicted labels, checked (:meth:`check_labels`).
+            x: ``(N, C, H, W)`` the images when the monitor has a stream test (else ignored).
+        """
+        return self._commit(client, labels.shape[0], lambda old: self._advance(client, old, rows, labels, x))
+
+    def _commit(self, client: str, n: int, step: Callable[[ClientState], tuple[ClientState, ClientEvidence]]
+                ) -> ClientEvidence:
+        """Run ``step`` on the client's state (a new one for an unknown client) in the store's atomic update;
+        log a new alarm; return the evidence of the committed run."""
+        result: list[ClientEvidence] = []
 
         def advance(old: ClientState | None) -> ClientState:
             new, evidence = step(old if old is not None else self._new_state())
@@ -158,8 +174,8 @@ class EvidenceMonitor:
         first = evidence.queries - n  # queries before this batch
         if evidence.alarm_query is not None and evidence.alarm_query > first:
             logger.warning("Client %r alarmed at its query %d: log evidence %.2f reached log(1/delta) = %.2f.",
-                           client, evidence.alarm_query, float(evidence.log_evidence_path[evidence.alarm_query - first - 1]),
-                           self.threshold_log)
+                           client, evidence.alarm_query,
+                           float(evidence.log_evidence_path[evidence.alarm_query - first - 1]), self.threshold_log)
         return evidence
 
     def evidence(self, client: str) -> ClientEvidence | None:
@@ -346,8 +362,8 @@ class EvidenceMonitor:
             raise ValueError(f"This monitor has a stream test: x must be the ({n}, C, H, W) query images.")
         return n
 
-    def _check_labels(self, labels: np.ndarray) -> None:
-        """Predicted labels ``(N,)`` int64 must lie in ``[0, K)`` for every calibrator's ``K``."""
+    def check_labels(self, labels: np.ndarray) -> None:
+        """Raise ``ValueError`` unless the predicted labels ``(N,)`` int64 lie in ``[0, K)`` for every calibrator's ``K``."""
         k = self._num_classes
         if k is not None:
             low, high = (int(labels[0]),) * 2 if labels.shape[0] == 1 else (int(labels.min()), int(labels.max()))
