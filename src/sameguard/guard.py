@@ -76,14 +76,18 @@ __all__ = [
 ]
 
 
-def detector_scores(detector: Any, x: torch.Tensor, client: str) -> torch.Tensor:
+def detector_scores(detector: Any, x: torch.Tensor, client: str, stateful: bool | None = None) -> torch.Tensor:
     """``(N,)`` float32 CPU scores of ``client``'s next queries ``x``.
 
     A :class:`~sameguard.api.StatefulDetector` (PRADA, VarDetect) scores ``x`` as the next part
     of ``client``'s stream (``observe``); any other detector scores the batch on its own.
+    ``stateful``: whether ``detector`` is one, when the caller already knows (the check of a
+    runtime protocol costs tens of microseconds, the guard makes it once).
     """
+    if stateful is None:
+        stateful = isinstance(detector, StatefulDetector)
     with torch.no_grad():
-        raw = detector.observe(x, client) if isinstance(detector, StatefulDetector) else detector.score(x)
+        raw = detector.observe(x, client) if stateful else detector.score(x)
     scores = torch.as_tensor(raw).detach().to("cpu", torch.float32).flatten()
     if scores.numel() != x.shape[0]:
         raise ValueError(f"The detector returned {scores.numel()} scores for {x.shape[0]} queries.")
@@ -161,6 +165,7 @@ class Guard:
             raise ValueError(f"detector must have a score(x) method, got {type(detector).__name__}.")
         self.victim = victim
         self.detector = detector
+        self._stateful = isinstance(detector, StatefulDetector)
         self.alarms = alarms
         self.output: Output = check_output(output)
         self.refusal = check_choice(refusal, "refusal", ("uniform", "raise"))
@@ -355,7 +360,7 @@ class Guard:
             probs = victim_probabilities(self.victim, x, self.num_classes)
             if self.detector is None:
                 return self._verdict(x, client, request_id, probs, None, None, ActionOutcome.passthrough(probs)), None
-            scores = detector_scores(self.detector, x, client)
+            scores = detector_scores(self.detector, x, client, self._stateful)
             tau = self._threshold_in_force()
             alarm = None if self.alarms is None else self.alarms.update(client, x, probs, {id(self.detector): scores})
             outcome = self._act(x, probs, scores, tau, alarm)
@@ -367,7 +372,7 @@ class Guard:
         if tau is None:
             return ActionOutcome.passthrough(probs)
         outcome = self.policy.decide(x, probs, scores, tau)
-        if alarm is None or not bool(alarm.alarmed.any()):
+        if alarm is None or not alarm.client.alarmed:  # latched: alarmed now iff some query of the batch is
             return outcome
         rows = torch.nonzero(alarm.alarmed).flatten()
         sub = self.policy.action.apply_alarmed(x[rows], probs[rows], scores[rows].double(), alarm.evidence[rows])
@@ -385,14 +390,16 @@ class Guard:
         now, digests = time.time(), input_digests(x)
         over = None if scores is None or tau is None else flag_scores(scores, tau)  # NaN/inf: flagged
         decisions = []
+        score_list = None if scores is None else scores.tolist()
+        evidence = None if alarm is None else alarm.evidence.tolist()
+        alarmed_list = [False] * len(x) if alarm is None else alarm.alarmed.tolist()
         for i in range(len(x)):
-            score = None if scores is None else float(scores[i])
-            alarmed = alarm is not None and bool(alarm.alarmed[i])
+            alarmed = alarmed_list[i]
             flagged = alarmed or (over is not None and bool(over[i]))
             decisions.append(Decision(
-                time=now, client=client, input_sha256=digests[i], score=score, threshold=tau, flagged=flagged,
-                action=outcome.actions[i], work_bits=int(outcome.work_bits[i]), request_id=request_id, index=i,
-                evidence=None if alarm is None else float(alarm.evidence[i]), alarmed=alarmed))
+                time=now, client=client, input_sha256=digests[i], score=None if score_list is None else score_list[i],
+                threshold=tau, flagged=flagged, action=outcome.actions[i], work_bits=int(outcome.work_bits[i]),
+                request_id=request_id, index=i, evidence=None if evidence is None else evidence[i], alarmed=alarmed))
         return Verdict(probabilities=answers, refused=outcome.refused.clone(), decisions=tuple(decisions),
                        work_bits=int(work), request_id=request_id)
 
