@@ -192,3 +192,11 @@ def test_stream_test_builds_what_a_setting_asks_for():
     built = stream_test(True, pool_size=7)
     assert isinstance(built, StreamExchangeabilityTest) and built.pool_size == 7
     assert stream_test(True).pool_size is None
+
+
+@pytest.mark.parametrize(("shape", "size"), [((2, 1, 28, 28), 7), ((3, 3, 10, 9), 7), ((1, 2, 28, 28), 14), ((2, 1, 5, 30), 4)])
+def test_pooled_features_are_torchs_adaptive_average(shape, size):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape))) * 2 - 1
+    out = (min(size, shape[2]), min(size, shape[3]))
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, out).flatten(1)
+    torch.testing.assert_close(StreamExchangeabilityTest(pool_size=size).features(x), expected, rtol=1e-6, atol=1e-6)

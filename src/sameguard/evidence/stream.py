@@ -32,7 +32,6 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..validation import check_choice, check_int, check_optional_int
 from .compiled import kernels
@@ -129,8 +128,9 @@ class StreamExchangeabilityTest:
             ``window x D`` floats, ``4·window·D`` bytes.
         metric: distance between flattened features, ``"l2"`` or ``"l1"``.
         pool_size: if set, images larger than ``pool_size x pool_size`` are first average-pooled to
-            that size (``torch.nn.functional.adaptive_avg_pool2d``) to cut memory and time; ``None``
-            keeps every pixel. Any fixed feature map leaves the p-values valid.
+            that size (adaptive average pooling, the cells of ``torch.nn.functional.adaptive_avg_pool2d``)
+            to cut memory and time; ``None`` keeps every pixel. Any fixed feature map leaves the
+            p-values valid.
 
     Cost: one query takes ``O(n·D)`` time for a bag of ``n`` points, in one compiled pass over the bag
     (:mod:`~sameguard.evidence.stream_kernel`; on one CPU core, a bag of 1 500: about 0.05 ms for
@@ -151,20 +151,25 @@ class StreamExchangeabilityTest:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` finite images (any range) -> ``(N, D)`` float32 CPU feature vectors."""
         feats = self._features(x)
-        if not bool(torch.isfinite(feats).all()):
+        if not np.isfinite(feats).all():
             raise ValueError(_NOT_FINITE)
-        return feats
+        return torch.from_numpy(feats)
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`features` without the finiteness check (:meth:`update` checks while it appends)."""
+    def _features(self, x: torch.Tensor) -> np.ndarray:
+        """:meth:`features` as a NumPy array, without the finiteness check (:meth:`update` checks while it
+        appends). Pooling is :func:`~sameguard.evidence.stream_kernel.average_pool`'s."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] == 0 or not torch.is_floating_point(x):
             raise ValueError(f"x must be a non-empty floating-point (N, C, H, W) tensor of images, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
                              f"{'' if not isinstance(x, torch.Tensor) else f' of dtype {x.dtype}'}.")
-        x = x.detach().to("cpu", torch.float32)
-        if self.pool_size is not None and (x.shape[-1] > self.pool_size or x.shape[-2] > self.pool_size):
-            x = F.adaptive_avg_pool2d(x, (min(self.pool_size, x.shape[-2]), min(self.pool_size, x.shape[-1])))
-        return x.reshape(x.shape[0], -1).contiguous()
+        images = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        n, channels, height, width = images.shape
+        if self.pool_size is None or (width <= self.pool_size and height <= self.pool_size):
+            return images.reshape(n, -1)
+        out_h, out_w = min(self.pool_size, height), min(self.pool_size, width)
+        pooled = np.empty((n, channels * out_h * out_w), dtype=np.float32)
+        kernels("stream_kernel").average_pool(images, out_h, out_w, pooled)
+        return pooled
 
     def update(self, state: StreamState, x: torch.Tensor,
                generator: torch.Generator | None = None,
@@ -183,8 +188,8 @@ class StreamExchangeabilityTest:
         """
         if not isinstance(state, StreamState):
             raise ValueError(f"state must be a StreamState, got {type(state).__name__}.")
-        feats = self._features(x)
-        k, dim = feats.shape
+        new = self._features(x)
+        k, dim = new.shape
         points = state.points
         if points.shape[0] and points.shape[1] != dim:
             raise ValueError(f"x has {dim} features per query, but this client's earlier queries had "
@@ -193,7 +198,6 @@ class StreamExchangeabilityTest:
             theta = 1.0 - torch.rand(k, generator=generator, dtype=torch.float64)
         elif not isinstance(theta, torch.Tensor) or theta.shape != (k,):
             raise ValueError(f"theta must be a tensor of {k} smoothing uniforms, one per query.")
-        new = feats.numpy()
         thetas = np.ascontiguousarray(theta.detach().to("cpu").numpy(), dtype=np.float64)
         p = np.empty(k, dtype=np.float64)
         n0, bag = points.shape[0], state._bag

@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["distance", "extend_bag"]
+__all__ = ["average_pool", "distance", "extend_bag"]
 
 #: Floating-point freedoms for the sums: reassociation (vectorised reductions) and fused multiply-add;
 #: no assumption that values are finite (``+inf`` marks a lone point's distance).
@@ -59,6 +59,34 @@ def _distance(row: np.ndarray, x: np.ndarray, l2: bool) -> float:
 def distance(a: np.ndarray, b: np.ndarray, l2: bool) -> float:
     """The L2 (``l2``) or L1 distance of two ``(D,)`` float32 vectors, as the stream test computes it."""
     return _distance(a, b, l2)
+
+
+@njit(cache=True, nogil=True)
+def average_pool(x: np.ndarray, out_h: int, out_w: int, out: np.ndarray) -> None:
+    """Adaptive average pooling of ``(N, C, H, W)`` float32 images to ``out_h x out_w``, flattened.
+
+    Output cell ``(i, j)`` averages rows ``floor(i H / out_h)`` to ``ceil((i + 1) H / out_h)`` (exclusive)
+    and the columns likewise, as :func:`torch.nn.functional.adaptive_avg_pool2d` cuts them; the mean is
+    taken in float64 and rounded to float32.
+
+    Args:
+        x: ``(N, C, H, W)`` float32, C-contiguous.
+        out: ``(N, C * out_h * out_w)`` float32 output, channel-major as ``reshape(N, -1)`` orders it.
+    """
+    n, channels, height, width = x.shape
+    for b in range(n):
+        k = 0
+        for c in range(channels):
+            for i in range(out_h):
+                top, bottom = (i * height) // out_h, -((-(i + 1) * height) // out_h)
+                for j in range(out_w):
+                    left, right = (j * width) // out_w, -((-(j + 1) * width) // out_w)
+                    total = 0.0
+                    for r in range(top, bottom):
+                        for q in range(left, right):
+                            total += x[b, c, r, q]
+                    out[b, k] = np.float32(total / ((bottom - top) * (right - left)))
+                    k += 1
 
 
 @njit(cache=True, nogil=True)
