@@ -27,7 +27,6 @@ queries before its alarm.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import os
@@ -282,7 +281,8 @@ class ConformalCalibrator:
         return torch.clamp(p + margin, max=1.0) if isinstance(p, torch.Tensor) else np.minimum(p + margin, 1.0)
 
     def p_values_array(self, scores: np.ndarray, labels: np.ndarray | None, theta: np.ndarray | None) -> np.ndarray:
-        """:meth:`checked_p_values` on NumPy arrays (equal bits; the monitor's per-request path).
+        """:meth:`checked_p_values` on NumPy arrays (equal bits; the reference the monitor's compiled
+        p-values are tested against, :func:`~sameguard.evidence.monitor_kernel.p_values`).
 
         Args:
             scores: ``(N,)`` float64 scores (NaN: most suspicious).
@@ -292,9 +292,6 @@ class ConformalCalibrator:
         Returns:
             ``(N,)`` float64 p-values in (0, 1].
         """
-        if scores.shape[0] == 1:  # one query (a single-image request): Python floats, no NumPy call overheads
-            return np.array([self.p_value_one(float(scores[0]), None if labels is None else int(labels[0]),
-                                              None if theta is None else float(theta[0]))])
         if not self.smoothed or self.conditional is not None:
             theta = None
         refs = self._reference_arrays()
@@ -311,53 +308,25 @@ class ConformalCalibrator:
                                        refs[label].shape[0])
         return out
 
-    def p_value_one(self, score: float, label: int | None, theta: float | None) -> float:
-        """:meth:`p_values_array` of one query, on Python floats (the same bits).
-
-        Args:
-            score: the query's score (NaN: most suspicious).
-            label: its label in ``[0, K)``, already checked, or ``None``.
-            theta: its smoothing uniform in (0, 1] (ignored unless ``smoothed``).
-        """
-        if not self.smoothed or self.conditional is not None:
-            theta = None
-        return self._p_value_one(score, label, theta)
-
-    def _p_value_one(self, score: float, label: int | None, theta: float | None) -> float:
-        """:func:`conformal_p_values_array` (and the margin) for one score, on the cached Python list of
-        its reference: the same float64 operations in the same order, so the same bits."""
-        lists = self._references()[2]
-        ref = lists[-1] if not self.class_conditional_ or label is None else lists[label]
-        m = len(ref)
-        s = math.inf if math.isnan(score) else score
-        left, right = bisect.bisect_left(ref, s), bisect.bisect_right(ref, s)
-        if theta is None:
-            p = (1.0 + float(m - left)) / (m + 1.0)
-        else:
-            p = (float(m - right) + theta * (1.0 + float(right - left))) / (m + 1.0)
-        return p if self.conditional is None else min(p + self.margin(m), 1.0)
-
     def _reference_arrays(self) -> list[np.ndarray]:
         """Per class ``c`` the sorted float64 NumPy reference of :meth:`reference` (``c``), the pooled one
         last (read-only views of the fitted tensors, no copies)."""
         return self._references()[0]
 
-    def _references(self) -> tuple[list[np.ndarray], int, list[list[float]]]:
-        """:meth:`_reference_arrays`, the number of distinct references they hold (the classes with
-        their own, plus the pooled one), and the same references as Python lists (the one-query
-        path), built once per fitted state."""
+    def _references(self) -> tuple[list[np.ndarray], int]:
+        """:meth:`_reference_arrays` and the number of distinct references they hold (the classes with
+        their own, plus the pooled one), built once per fitted state."""
         key = (id(self.pooled_), id(self.class_scores_), id(self.class_offsets_), self.min_class_size)
         cached = getattr(self, "_arrays", None)
         if cached is not None and cached[0] == key:
-            return cached[1], cached[2], cached[3]
+            return cached[1], cached[2]
         self._check_fitted()
         k = self.num_classes_ if self.class_conditional_ else 0
         arrays = [self.reference(c).numpy() for c in range(k)] + [self.pooled_.numpy()]
         count = 1 + k - len(self.fallback_classes())
-        lists = [a.tolist() for a in arrays]
         # The owners of the ids in the key are held, so that the ids cannot be reused meanwhile.
-        self._arrays = (key, arrays, count, lists, (self.pooled_, self.class_scores_, self.class_offsets_))
-        return arrays, count, lists
+        self._arrays = (key, arrays, count, (self.pooled_, self.class_scores_, self.class_offsets_))
+        return arrays, count
 
     # ------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
