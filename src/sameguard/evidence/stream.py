@@ -57,7 +57,7 @@ class _Bag:
 
     def __init__(self, rows: torch.Tensor, capacity: int) -> None:
         self.data = torch.empty(max(capacity, rows.shape[0]), rows.shape[1], dtype=torch.float32)
-        self.data[:rows.shape[0]] = rows
+        self.data.numpy()[:rows.shape[0]] = rows.numpy()  # NumPy's copy: no intra-op threads for a memcpy
         self.length = rows.shape[0]
 
 
