@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .api import ArtifactError
+from .cli_checks import pool_size_arg
+from .evidence.stream import DEFAULT_POOL_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ __all__ = ["ALARM_SOURCES_FILE", "add_alarm_commands", "cmd_alarms", "scorer_nam
 #: Scorer name -> detector folder, written next to ``alarms.json`` by ``sameguard alarms calibrate``.
 ALARM_SOURCES_FILE = "detectors.json"
 MODES = ("ville", "cusum", "shiryaev-roberts")
+#: ``--stream-pool-size`` not given (the stream test's default pooling).
+_DEFAULT = object()
 
 
 def add_alarm_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -53,9 +57,10 @@ def add_alarm_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int
                                                               "(default 1e-3)")
     p.add_argument("--stream", action="store_true", help="add the stream test of each client's own queries "
                                                           "(JBDA-style attacks)")
-    p.add_argument("--stream-pool-size", type=int, default=None, metavar="S",
-                   help="with --stream: compare images average-pooled to S x S (a fraction of the memory per "
-                        "client, a little less time per query; the p-values stay valid); default: every pixel")
+    p.add_argument("--stream-pool-size", type=pool_size_arg, default=_DEFAULT, metavar="S",
+                   help="with --stream: compare images average-pooled to S x S, or 'none' for every pixel "
+                        f"(default {DEFAULT_POOL_SIZE}: a fraction of the memory per client and of the time per "
+                        "query; the p-values stay valid)")
     p.add_argument("--mode", default="ville", choices=MODES,
                    help="ville (default: P(ever alarmed) <= delta), cusum or shiryaev-roberts (react faster to "
                         "a client that turns bad; bound the mean time to a false alarm instead)")
@@ -151,15 +156,15 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     if args.calibration_conditional is not None:
         check_eta(args.calibration_conditional, "--calibration-conditional")
     check_choice(args.mode, "--mode", MODES)
-    if args.stream_pool_size is not None:
-        check_int(args.stream_pool_size, "--stream-pool-size", minimum=1)
-        if not args.stream:
-            raise ValueError("--stream-pool-size sets the stream test's pooling: add --stream.")
+    pool_size = DEFAULT_POOL_SIZE if args.stream_pool_size is _DEFAULT else args.stream_pool_size
+    if args.stream_pool_size is not _DEFAULT and not args.stream:
+        raise ValueError("--stream-pool-size sets the stream test's pooling: add --stream.")
     victim = Victim.load(args.victim, device=args.device)
     scorers = _load_scorers(args, victim)
     x, _ = read_images(args.images, victim.image_shape)
     alarms = ClientAlarms.calibrate(victim, {n: d for n, (d, _) in scorers.items()}, x, delta=args.delta,
-                                    stream=stream_test(args.stream, args.stream_pool_size), mode=args.mode, min_class_size=args.min_class_size,
+                                    stream=stream_test(args.stream, pool_size), mode=args.mode,
+                                    min_class_size=args.min_class_size,
                                     seed=args.seed, conditional=args.calibration_conditional)
     out = alarms.save(args.out)
     write_alarm_sources(out, {n: f for n, (_, f) in scorers.items()})

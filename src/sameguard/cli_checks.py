@@ -175,3 +175,16 @@ def comma_ints(text: str, minimum: int = 1) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
     return values
+
+
+def pool_size_arg(text: str) -> int | None:
+    """An image size for the stream test's pooling (an integer >= 1), or ``none`` for every pixel."""
+    if text.strip().lower() in ("none", "full"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'none' nor an integer size") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the pooled size must be at least 1, got {value}")
+    return value

@@ -10,6 +10,7 @@ import torch
 
 from sameguard.evidence import MixtureMartingale, StreamExchangeabilityTest, StreamState, stream_p_value, stream_test
 from sameguard.evidence.store import StateFormatError
+from sameguard.evidence.stream import DEFAULT_POOL_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def test_stream_test_builds_what_a_setting_asks_for():
     assert stream_test(False, pool_size=7) is None
     built = stream_test(True, pool_size=7)
     assert isinstance(built, StreamExchangeabilityTest) and built.pool_size == 7
-    assert stream_test(True).pool_size is None
+    assert stream_test(True).pool_size == DEFAULT_POOL_SIZE == StreamExchangeabilityTest().pool_size == 14
+    assert stream_test(True, None).pool_size is None  # every pixel, asked for
 
 
 @pytest.mark.parametrize(("shape", "size"), [((2, 1, 28, 28), 7), ((3, 3, 10, 9), 7), ((1, 2, 28, 28), 14), ((2, 1, 5, 30), 4)])

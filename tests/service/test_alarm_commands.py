@@ -95,6 +95,17 @@ def test_alarms_calibrate_stream_pool_size_is_saved_and_served(artifacts, tmp_pa
                      str(artifacts / "maha-a"), "--images", str(artifacts / "benign.npy"), "--out", str(out),
                      "--stream-pool-size", "7")
     assert code != 0 and "add --stream" in capsys.readouterr().err
+    for given, expected in (([], 14), (["--stream-pool-size", "none"], None)):  # the default; every pixel
+        code, _ = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",
+                      str(artifacts / "maha-a"), "--images", str(artifacts / "benign.npy"), "--out", str(out),
+                      "--min-class-size", "20", "--stream", *given)
+        assert code == 0
+        guard = load_guard(ServiceSettings(victim=artifacts / "victim", detector=artifacts / "maha-a", alarms=out))
+        assert guard.alarms.monitor.stream.pool_size == expected
+    with pytest.raises(SystemExit):
+        run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector", str(artifacts / "maha-a"),
+            "--images", str(artifacts / "benign.npy"), "--out", str(out), "--stream", "--stream-pool-size", "0")
+    assert "at least 1" in capsys.readouterr().err
 
 
 def test_alarms_calibrate_calibration_conditional_is_saved_and_served(artifacts, tmp_path):

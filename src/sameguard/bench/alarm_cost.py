@@ -1,6 +1,7 @@
 """What the per-client alarms add to a single-image query through the guard, measured on its own::
 
-    python -m sameguard.bench.alarm_cost [--queries 300] [--client-history 1000] [--no-stream] [--profile]
+    python -m sameguard.bench.alarm_cost [--queries 300] [--client-history 1000] [--no-stream]
+        [--stream-pool-size 14|none] [--profile]
 
 Builds the ``standard`` profile's architectures with untrained (or barely trained) weights, since
 timing does not depend on them: the victim ``conv3`` for 28x28x1 images, SAME with the ``cpu``
@@ -37,8 +38,10 @@ import torch
 
 from ..actions import Policy
 from ..alarms import ClientAlarms
+from ..cli_checks import pool_size_arg
 from ..detectors import build_detector, fit_detector
 from ..evidence import stream_test
+from ..evidence.stream import DEFAULT_POOL_SIZE
 from ..guard import Guard
 from ..victim import Victim
 from .untrained import build_models
@@ -149,7 +152,7 @@ def build_networks(seed: int = 0, fit_images: int = 256) -> tuple[Victim, dict[s
 
 def measure(*, queries: int = 300, stream: bool = True, client_history: int = 1000, calibration: int = 500,
             delta: float = 1e-3, seed: int = 0, profile: bool = False, batch: int = 1,
-            stream_pool_size: int | None = None) -> dict[str, Any]:
+            stream_pool_size: int | None = DEFAULT_POOL_SIZE) -> dict[str, Any]:
     """Time queries through the guard with SAME alone and with the alarms.
 
     Args:
@@ -215,17 +218,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="earlier queries of the timed client (default 1000: the mean bag of the stream test's "
                         "2000-query blocks)")
     p.add_argument("--calibration", type=int, default=500, help="random calibration images (default 500)")
-    p.add_argument("--stream-pool-size", type=int, default=None,
-                   help="the stream test compares images average-pooled to this size (default: every pixel)")
+    p.add_argument("--stream-pool-size", type=pool_size_arg, default=DEFAULT_POOL_SIZE,
+                   help="the stream test compares images average-pooled to this size, or 'none' for every pixel "
+                        f"(default {DEFAULT_POOL_SIZE}, the stream test's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="add a cProfile top list of the guard with the alarms")
     args = p.parse_args(argv)
     if (args.queries < 1 or args.batch < 1 or args.client_history < 0 or args.calibration < 2
-            or (args.threads is not None and args.threads < 1)
-            or (args.stream_pool_size is not None and args.stream_pool_size < 1)):
-        p.error("--queries and --batch must be >= 1, --client-history >= 0, --calibration >= 2, --threads >= 1 "
-                "and --stream-pool-size >= 1")
+            or (args.threads is not None and args.threads < 1)):
+        p.error("--queries and --batch must be >= 1, --client-history >= 0, --calibration >= 2 and --threads >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(queries=args.queries, stream=args.stream, client_history=args.client_history,
                 calibration=args.calibration, seed=args.seed, profile=args.profile, batch=args.batch,
                 stream_pool_size=args.stream_pool_size)
-    stream_text = "off" if not args.stream else "on" if args.stream_pool_size is None else \
+    stream_text = "off" if not args.stream else "on, every pixel" if args.stream_pool_size is None else \
         f"on, images pooled to {args.stream_pool_size}x{args.stream_pool_size}"
     what = "single-image queries" if args.batch == 1 else f"calls of {args.batch} images (times per call)"
     print(f"{what}, {args.queries} each, alternated; client history {args.client_history}; "
