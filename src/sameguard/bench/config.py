@@ -105,7 +105,8 @@ class AlarmSpec:
     ``calibration_conditional``: ``eta`` for calibration-conditional p-values
     (:class:`~sameguard.evidence.ConformalCalibrator` ``conditional``); ``None`` (default): marginal ones.
     ``stream_pool_size``: the stream test compares images average-pooled to this size
-    (:class:`~sameguard.evidence.StreamExchangeabilityTest` ``pool_size``); ``None`` (default): every pixel.
+    (:class:`~sameguard.evidence.StreamExchangeabilityTest` ``pool_size``); ``None`` (default): every pixel
+    (the library's own default pools to 14 since 0.4.0; the profiles keep every pixel, their saved seeds' key).
     """
 
     detectors: tuple[str, ...]
