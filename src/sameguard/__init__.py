@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.4.0"
+__version__ = "0.3.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -106,7 +106,7 @@ class AlarmSpec:
     (:class:`~sameguard.evidence.ConformalCalibrator` ``conditional``); ``None`` (default): marginal ones.
     ``stream_pool_size``: the stream test compares images average-pooled to this size
     (:class:`~sameguard.evidence.StreamExchangeabilityTest` ``pool_size``); ``None`` (default): every pixel
-    (the library's own default pools to 14 since 0.4.0; the profiles keep every pixel, their saved seeds' key).
+    (the library's own default pools to 14 since 0.3.0's release; the profiles keep every pixel, their saved seeds' key).
     """
 
     detectors: tuple[str, ...]

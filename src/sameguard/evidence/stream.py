@@ -39,10 +39,10 @@ from .store import StateFormatError, pack, unpack
 
 __all__ = ["DEFAULT_POOL_SIZE", "StreamExchangeabilityTest", "StreamState", "stream_p_value", "stream_test"]
 
-#: The default ``pool_size`` of :class:`StreamExchangeabilityTest` (since 0.4.0): images are compared
+#: The default ``pool_size`` of :class:`StreamExchangeabilityTest` (after 0.3.0; 0.3.0 compared every pixel): images are compared
 #: average-pooled to 14 x 14 (``None``: every pixel). On the ``standard`` benchmark's three seeds it
 #: alarms JBDA and JBDA-TR as every pixel does, with no benign alarm, at a quarter of the memory per
-#: client (README, "The price").
+#: client (README, "The stream test's pooling").
 DEFAULT_POOL_SIZE = 14
 
 _NOT_FINITE = "x contains NaN or infinite values; the stream test needs finite images."
