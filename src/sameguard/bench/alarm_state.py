@@ -39,7 +39,8 @@ def measure(pool_size: int | None, *, history: int = 1000, queries: int = 200, r
     from ..evidence.redis_store import RedisStore
 
     g = torch.Generator().manual_seed(seed)
-    calibrator = ConformalCalibrator().fit(torch.randn(500, generator=g), torch.randint(0, 10, (500,), generator=g), 10)
+    labels = torch.randint(0, 10, (2000,), generator=g)  # about 200 calibration scores a class
+    calibrator = ConformalCalibrator().fit(torch.randn(2000, generator=g), labels, 10)
     prefix = f"sameguard-bench:{uuid.uuid4().hex}:"
     store = None if redis_client is None else RedisStore(redis_client, prefix, ClientState.to_bytes,
                                                           ClientState.from_bytes)
