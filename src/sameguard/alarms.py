@@ -280,24 +280,25 @@ def _num_classes(victim: Any, x: torch.Tensor) -> int:
 
 
 def _scores(scorer: Any, x: torch.Tensor) -> torch.Tensor:
-    return _checked_scores(scorer.score(x), x)
+    return _checked_scores(scorer.score(x), len(x))
 
 
 def _score_row(scores: Any, n: int) -> np.ndarray | float:
     """A scorer's ``(n,)`` scores as a float64 row (a Python float when ``n == 1``); ``ValueError`` when
     it returned another number of scores."""
-    scores = torch.as_tensor(scores)
+    if n == 1:  # a single-image request: one Python float, no conversions
+        scores = torch.as_tensor(scores)
+        if scores.numel() != 1:
+            raise ValueError(f"A scorer returned {scores.numel()} scores for 1 queries.")
+        return float(scores)
+    return _checked_scores(scores, n).numpy()
+
+
+def _checked_scores(scores: Any, n: int) -> torch.Tensor:
+    """A scorer's output as ``(n,)`` float64 CPU scores; ``ValueError`` for another number of scores."""
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()
     if scores.numel() != n:
         raise ValueError(f"A scorer returned {scores.numel()} scores for {n} queries.")
-    if n == 1:
-        return float(scores)
-    return scores.detach().to("cpu", torch.float64).flatten().numpy()
-
-
-def _checked_scores(scores: Any, x: torch.Tensor) -> torch.Tensor:
-    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()
-    if scores.numel() != len(x):
-        raise ValueError(f"A scorer returned {scores.numel()} scores for {len(x)} queries.")
     return scores
 
 

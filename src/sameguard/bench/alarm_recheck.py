@@ -107,7 +107,8 @@ def _parse_conditional(text: str) -> list[float | None]:
     return _comma_values(text, ("none", "marginal"), lambda v: check_eta(float(v), "eta"), "a valid eta")
 
 
-def _parse_pool_sizes(text: str) -> list[int | None]:
+def parse_pool_sizes(text: str) -> list[int | None]:
+    """``none,14,7`` -> ``[None, 14, 7]``: stream-test poolings, ``none`` (or ``full``) for every pixel."""
     return _comma_values(text, ("none", "full"), lambda v: check_int(int(v), "the size", minimum=1),
                          "a positive image size")
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-dir", default=None, help="the profile's bench folder (default runs/bench/<profile>)")
     p.add_argument("--calibration-conditional", type=_parse_conditional, default=[None, 1e-3],
                    help="comma-separated values: 'none' (marginal p-values) or eta in (0, 0.5] (default none,1e-3)")
-    p.add_argument("--stream-pool-size", type=_parse_pool_sizes, default=[None],
+    p.add_argument("--stream-pool-size", type=parse_pool_sizes, default=[None],
                    help="comma-separated values: 'none' (every pixel) or the size the stream test pools images "
                         "to (default none)")
     p.add_argument("--seeds", type=functools.partial(comma_ints, minimum=0), default=None, help="comma-separated seeds (default: the profile's)")

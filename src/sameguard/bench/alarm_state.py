@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli_checks import pool_size_arg
 from ..evidence import ClientState, ConformalCalibrator, EvidenceMonitor, StreamExchangeabilityTest
+from .alarm_recheck import parse_pool_sizes
 
 __all__ = ["main", "measure"]
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.history < 0 or args.queries < 1:
         p.error("--history must be >= 0 and --queries >= 1")
     try:
-        pools = [pool_size_arg(part) for part in args.pool_sizes.split(",")]
+        pools = parse_pool_sizes(args.pool_sizes)
     except argparse.ArgumentTypeError as exc:
         p.error(f"--pool-sizes: {exc}")
     logging.basicConfig(level=logging.WARNING)
