@@ -171,14 +171,16 @@ class ClientAlarms:
         A scorer that reads only this victim's outputs (MSP, Energy: ``score_victim_outputs``) is
         scored from ``probs`` (or the victim's logits) without going through its ``score(x)`` again.
         """
+        if torch.is_grad_enabled():  # the guard calls with gradients off already: no second context
+            with torch.no_grad():
+                return self.update(client, x, probs, known)
         known = known or {}
         n = len(x)
         rows = np.empty((len(self._order), n), dtype=np.float64)  # the monitor's detector order
-        with torch.no_grad():
-            for j, scorer in enumerate(self._order):
-                values = known[id(scorer)] if id(scorer) in known else self._scores(scorer, x, probs)
-                rows[j] = _score_row(values, n)
-            labels = probs.argmax(dim=1).cpu().numpy()
+        for j, scorer in enumerate(self._order):
+            values = known.get(id(scorer))
+            rows[j] = _score_row(self._scores(scorer, x, probs) if values is None else values, n)
+        labels = _labels(probs)
         self.monitor.check_labels(labels)
         ev = self.monitor.update_rows(client, rows, labels, x if self.monitor.stream is not None else None)
         first = ev.queries - n + 1  # 1-based index of the batch's first query in the client's stream
@@ -281,6 +283,13 @@ def _num_classes(victim: Any, x: torch.Tensor) -> int:
 
 def _scores(scorer: Any, x: torch.Tensor) -> torch.Tensor:
     return _checked_scores(scorer.score(x), len(x))
+
+
+def _labels(probs: torch.Tensor) -> np.ndarray:
+    """``(N,)`` int64 top-1 labels of ``(N, K)`` probabilities (NaN counts as the largest, as in ``torch.argmax``)."""
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        return probs.detach().numpy().argmax(axis=1)  # one NumPy call: no dispatch for a single row
+    return probs.argmax(dim=1).cpu().numpy()
 
 
 def _score_row(scores: Any, n: int) -> np.ndarray | float:

@@ -69,9 +69,9 @@ def memoized(owners: tuple[object, ...], x: torch.Tensor, compute: Callable[[], 
         x: the input tensor the result is a function of.
         compute: the forward pass; its result must not be modified in place by callers.
     """
-    if not sharing_active():
+    if not getattr(_local, "depth", 0):  # sharing_active(), inlined: this runs several times per request
         return compute()
-    key = (_signature(x), tuple([("=", o) if _plain(o) else ("is", id(o)) for o in owners]))
+    key = (_signature(x), tuple([("=", o) if o.__class__ in _PLAIN_TYPES else ("is", id(o)) for o in owners]))
     try:
         entry = _local.entries.get(key)
     except TypeError:  # an unhashable plain option (a tuple holding a list): not shared
@@ -84,5 +84,6 @@ def memoized(owners: tuple[object, ...], x: torch.Tensor, compute: Callable[[], 
     return value
 
 
-def _plain(value: object) -> bool:
-    return isinstance(value, (str, int, float, bool, tuple, type(None)))
+#: Option values compared by value (``==``) in a key; any other owner is compared by identity. The exact
+#: type is looked up (a subclass, e.g. a named tuple, is compared by identity: never wrongly shared).
+_PLAIN_TYPES = frozenset({str, int, float, bool, tuple, type(None)})

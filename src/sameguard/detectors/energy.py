@@ -110,7 +110,6 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
         self.calibration_fpr_ = None
         return self
 
-    @torch.no_grad()
     def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor | None:
         """:meth:`score` of ``x`` when ``victim`` is the very victim whose logits this detector reads
         (``None`` otherwise): ``victim.logits(x)`` in one call, which inside a guarded request is the

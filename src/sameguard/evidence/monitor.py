@@ -262,13 +262,13 @@ class EvidenceMonitor:
                                            thetas, p, *self._packed_references())
         stream_state = state.stream
         if self.stream is not None:
-            stream_state, stream_p = self.stream.update(state.stream, x, theta=torch.from_numpy(thetas[-1]))
-            p[-1] = stream_p.numpy()
+            stream_state = self.stream.extend(state.stream, x, thetas[-1], p[-1])
         new_states, log_paths, path = self.martingale.advance(state.stacked_martingales(), p)
         alarm_query, alarm_time = state.alarm_query, state.alarm_time
         if alarm_query is None:
-            crossed = np.flatnonzero(path >= self.threshold_log)
-            if crossed.size:
+            crossed = ((0,) if path[0] >= self.threshold_log else ()) if n == 1 else \
+                np.flatnonzero(path >= self.threshold_log)  # one query: a float comparison, no array
+            if len(crossed):
                 alarm_query, alarm_time = state.queries + int(crossed[0]) + 1, time.time()
         new = self._next_state(state, n, new_states, stream_state, alarm_query, alarm_time)
         per = dict(zip(names, log_paths[:, -1].tolist()))
@@ -289,7 +289,7 @@ class EvidenceMonitor:
                     alarm_query: int | None, alarm_time: float | None) -> ClientState:
         """The client's state after ``n`` more queries: ``stacked`` holds the new ``(S, G)`` martingale states,
         one row per source (detectors in name order, then the stream test); the state's tensors are views of it."""
-        rows = torch.from_numpy(stacked)
+        rows = [torch.from_numpy(row) for row in stacked]  # NumPy's row views: cheaper than unbinding a tensor
         return ClientState(queries=state.queries + n, martingales=dict(zip(self.calibrators, rows)),
                            stream_martingale=rows[-1] if self.stream is not None else state.stream_martingale,
                            stream=stream_state, alarm_query=alarm_query, alarm_time=alarm_time, _stacked=stacked)

@@ -195,19 +195,33 @@ class StreamExchangeabilityTest:
         if not isinstance(state, StreamState):
             raise ValueError(f"state must be a StreamState, got {type(state).__name__}.")
         new = self._features(x)
+        k = new.shape[0]
+        if theta is None:
+            theta = 1.0 - torch.rand(k, generator=generator, dtype=torch.float64)
+        elif not isinstance(theta, torch.Tensor) or theta.shape != (k,):
+            raise ValueError(f"theta must be a tensor of {k} smoothing uniforms, one per query.")
+        p = np.empty(k, dtype=np.float64)
+        state = self._append(state, new, np.ascontiguousarray(theta.detach().to("cpu").numpy(), dtype=np.float64), p)
+        return state, torch.from_numpy(p)
+
+    def extend(self, state: StreamState, x: torch.Tensor, theta: np.ndarray, p: np.ndarray) -> StreamState:
+        """:meth:`update` for the monitor's per-request path, on NumPy arrays: ``theta`` ``(N,)`` float64
+        smoothing uniforms in (0, 1]; the ``N`` p-values are written to ``p`` ``(N,)`` float64 (a view
+        the caller owns). Returns the new state."""
+        return self._append(state, self._features(x), theta, p)
+
+    def _append(self, state: StreamState, new: np.ndarray, thetas: np.ndarray, p: np.ndarray) -> StreamState:
+        """Add the feature rows ``new`` ``(k, D)`` to ``state``'s bag (new blocks as the window fills),
+        writing their p-values to ``p``."""
         k, dim = new.shape
         points = state.points
         if points.shape[0] and points.shape[1] != dim:
             raise ValueError(f"x has {dim} features per query, but this client's earlier queries had "
                              f"{points.shape[1]}; one client's queries must all have one image shape.")
-        if theta is None:
-            theta = 1.0 - torch.rand(k, generator=generator, dtype=torch.float64)
-        elif not isinstance(theta, torch.Tensor) or theta.shape != (k,):
-            raise ValueError(f"theta must be a tensor of {k} smoothing uniforms, one per query.")
-        thetas = np.ascontiguousarray(theta.detach().to("cpu").numpy(), dtype=np.float64)
-        p = np.empty(k, dtype=np.float64)
         n0, bag = points.shape[0], state._bag
-        dists = state.nn_dist.to(torch.float64).numpy() if n0 else np.empty(0)
+        nn_dist = state.nn_dist
+        dists = (nn_dist if nn_dist.dtype == torch.float64 else nn_dist.to(torch.float64)).numpy() if n0 \
+            else np.empty(0)
         start = 0
         while start < k:
             if n0 >= self.window:  # the block is full: start a new bag
@@ -216,7 +230,7 @@ class StreamExchangeabilityTest:
             bag, dists = self._extend(bag, points, n0, dists, new[start:stop], thetas[start:stop], p[start:stop])
             n0 = stop - start + n0
             start = stop
-        return StreamState(bag.data[:n0], torch.from_numpy(dists), state.seen + k, bag), torch.from_numpy(p)
+        return StreamState(bag.data[:n0], torch.from_numpy(dists), state.seen + k, bag)
 
     def _extend(self, bag: _Bag | None, points: torch.Tensor, n0: int, dists: np.ndarray, new: np.ndarray,
                 theta: np.ndarray, p: np.ndarray) -> tuple[_Bag, np.ndarray]:
