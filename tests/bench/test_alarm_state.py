@@ -22,10 +22,13 @@ def test_redis_store_is_timed_and_cleaned_up(redis_server):
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
-    before = set(client.scan_iter(match="sameguard-bench:*"))
-    r = alarm_state.measure(7, history=50, queries=3, redis_client=client)
-    assert r["state_mb"] == pytest.approx(53 * (49 * 4 + 8) / 1e6, rel=0.2) and r["ms"] > 0
-    assert set(client.scan_iter(match="sameguard-bench:*")) == before  # its keys are deleted
+    before = set(client.scan_iter(match="sameguard-bench*"))
+    for layout in alarm_state.LAYOUTS:  # rows appended (the service's) and the whole state in one value
+        r = alarm_state.measure(7, history=50, queries=3, redis_client=client, layout=layout)
+        assert r["state_mb"] == pytest.approx(53 * (49 * 4 + 8) / 1e6, rel=0.2) and r["ms"] > 0
+        assert set(client.scan_iter(match="sameguard-bench*")) == before  # its keys (heads and rows) are deleted
+    with pytest.raises(ValueError, match="layout"):
+        alarm_state.measure(7, history=5, queries=1, redis_client=client, layout="chunks")
 
 
 def test_command_prints_a_table_and_refuses_bad_options(capsys):

@@ -193,15 +193,14 @@ def test_remaining_looks_without_charging(store):
 def test_redis_holds_the_per_client_alarm_state_for_every_worker(redis_server, victim, kit):
     """Two workers' alarms over one Redis: evidence gathered by one is seen, and continued, by the other."""
     from sameguard.alarms import ClientAlarms
-    from sameguard.evidence import ClientState
+    from sameguard.evidence.redis_state import RedisClientStates
 
     detector = kit.FakeDetector(threshold=2.0)
     benign = kit.dark(600, seed=3)
 
     def worker_alarms():
-        kv = RedisServiceStore(redis_server.url, prefix=redis_server.prefix).kv(
-            "alarms", ClientState.to_bytes, ClientState.from_bytes)
-        return ClientAlarms.calibrate(victim, {"fake": detector}, benign, delta=1e-3, store=kv)
+        kv = RedisServiceStore(redis_server.url, prefix=redis_server.prefix).client_states()
+        return ClientAlarms.calibrate(victim, {"fake": detector}, benign, delta=1e-3, stream=True, store=kv)
 
     first, second = worker_alarms(), worker_alarms()
     x = kit.bright(6, seed=7)
@@ -213,6 +212,9 @@ def test_redis_holds_the_per_client_alarm_state_for_every_worker(redis_server, v
     assert first.evidence("mallory").queries == 6
     assert first.evidence("mallory").log_evidence == pytest.approx(second.evidence("mallory").log_evidence)
     assert sorted(first.monitor.clients()) == ["mallory"]
+    assert isinstance(first.monitor.store, RedisClientStates)  # the layout that appends each query's rows
+    assert first.monitor.store.get("mallory").stream.seen == 6
+    assert isinstance(MemoryServiceStore().client_states(), InMemoryStore)
 
 
 def test_redis_alarm_ledger_records_each_alarm_once_across_workers(redis_server, victim, kit):

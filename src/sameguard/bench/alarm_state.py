@@ -5,12 +5,15 @@
 
 The per-client state of :class:`~sameguard.evidence.EvidenceMonitor` holds the stream test's bag (the
 client's queries of the current block, as the test compares them), so its size grows with the client's
-history and with the features per image. A shared store (Redis, for several workers) reads and writes
-the whole state in each query's transaction. For each pooling of the stream test this builds a monitor
+history and with the features per image. For each pooling of the stream test this builds a monitor
 (one calibrated detector and the stream test, random 28x28 images), sends ``--history`` queries in one
 batch, then times ``--queries`` single-image updates (median wall-clock milliseconds), in memory and, with
-``--redis``, in a :class:`~sameguard.evidence.redis_store.RedisStore` (keys under a prefix of its own,
-deleted afterwards), and prints a Markdown table with the serialised state's size.
+``--redis``, in Redis twice: in the layout the service uses,
+:class:`~sameguard.evidence.redis_state.RedisClientStates` (``Redis, rows appended``: each update sends
+the query's new row and the bag's distances, and fetches only rows it has not seen), and as one value,
+:class:`~sameguard.evidence.redis_store.RedisStore` (``Redis, whole state``: the whole state read and
+written in each query's transaction, as version 0.3.0 did). Keys go under a prefix of their own, deleted
+afterwards. It prints a Markdown table with the serialised state's size.
 """
 
 from __future__ import annotations
@@ -32,18 +35,27 @@ __all__ = ["main", "measure"]
 logger = logging.getLogger(__name__)
 
 
+#: How :func:`measure` keeps the state in Redis: ``"rows"`` (appended rows) or ``"whole"`` (one value).
+LAYOUTS = ("rows", "whole")
+
+
 def measure(pool_size: int | None, *, history: int = 1000, queries: int = 200, redis_client: Any = None,
-            seed: int = 0) -> dict[str, float]:
+            seed: int = 0, layout: str = "rows") -> dict[str, float]:
     """``{"ms": median ms per single-image update, "state_mb": serialised state in MB}`` for one pooling,
-    in memory (``redis_client`` ``None``) or in Redis."""
+    in memory (``redis_client`` ``None``) or in Redis in ``layout`` (:data:`LAYOUTS`)."""
+    from ..evidence.redis_state import RedisClientStates
     from ..evidence.redis_store import RedisStore
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (2000,), generator=g)  # about 200 calibration scores a class
     calibrator = ConformalCalibrator().fit(torch.randn(2000, generator=g), labels, 10)
     prefix = f"sameguard-bench:{uuid.uuid4().hex}:"
-    store = None if redis_client is None else RedisStore(redis_client, prefix, ClientState.to_bytes,
-                                                          ClientState.from_bytes)
+    store: Any = None
+    if redis_client is not None:
+        store = RedisClientStates(redis_client, prefix) if layout == "rows" else \
+            RedisStore(redis_client, prefix, ClientState.to_bytes, ClientState.from_bytes)
     monitor = EvidenceMonitor({"score": calibrator}, stream=StreamExchangeabilityTest(pool_size=pool_size),
                               store=store, seed=seed)
     x = torch.rand(history + queries, 1, 28, 28, generator=g) * 2 - 1
@@ -87,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         client = redis.Redis.from_url(args.redis)
     print(f"client history {args.history}, {args.queries} single-image updates each, median ms\n")
     print("| stream test compares | store | ms per query | state (MB) |\n|---|---|---:|---:|")
+    stores = [("memory", None, "rows")]
+    if client is not None:
+        stores += [("Redis, rows appended", client, "rows"), ("Redis, whole state", client, "whole")]
     for pool in pools:
-        for where, kv in (("memory", None), ("Redis", client)):
-            if where == "Redis" and kv is None:
-                continue
-            r = measure(pool, history=args.history, queries=args.queries, redis_client=kv)
+        for where, kv, layout in stores:
+            r = measure(pool, history=args.history, queries=args.queries, redis_client=kv, layout=layout)
             label = "every pixel" if pool is None else f"{pool}x{pool} pooled"
             print(f"| {label} | {where} | {r['ms']:.2f} | {r['state_mb']:.2f} |", flush=True)
     return 0

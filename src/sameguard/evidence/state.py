@@ -50,13 +50,13 @@ class ClientState:
 
     def to_bytes(self) -> bytes:
         """safetensors bytes with a JSON header (no pickle), for stores shared between processes."""
-        # clones: the monitor's tensors are rows of one array, and safetensors refuses shared storage
-        tensors = {f"martingale/{name}": value.clone() for name, value in self.martingales.items()}
+        # the monitor's tensors may be rows of one array: pack writes each through NumPy, which copies them
+        tensors = {f"martingale/{name}": value for name, value in self.martingales.items()}
         header = {"format": _FORMAT, "queries": self.queries, "detectors": sorted(self.martingales),
                   "alarm_query": self.alarm_query, "alarm_time": self.alarm_time,
                   "stream_seen": None if self.stream is None else self.stream.seen}
         if self.stream_martingale is not None:
-            tensors["stream_martingale"] = self.stream_martingale.clone()
+            tensors["stream_martingale"] = self.stream_martingale
         if self.stream is not None:
             tensors["stream/points"] = self.stream.points
             tensors["stream/nn_dist"] = self.stream.nn_dist

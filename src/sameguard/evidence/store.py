@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
+import safetensors.numpy
 import safetensors.torch
 import torch
 
@@ -97,9 +99,17 @@ class InMemoryStore(Generic[T]):
 
 
 def pack(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> bytes:
-    """Tensors (safetensors) plus a JSON-serialisable ``header``, as one ``bytes`` value."""
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return safetensors.torch.save(cpu, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
+    """Tensors (safetensors) plus a JSON-serialisable ``header``, as one ``bytes`` value.
+
+    Written through NumPy (``safetensors.numpy``: the same format, several times faster than
+    ``safetensors.torch`` for a per-query state of a few small arrays); a dtype NumPy lacks (bfloat16)
+    goes through ``safetensors.torch``."""
+    metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True)}
+    cpu = {name: t.detach().to("cpu") for name, t in tensors.items()}
+    if any(t.dtype == torch.bfloat16 for t in cpu.values()):
+        return safetensors.torch.save({name: t.contiguous() for name, t in cpu.items()}, metadata=metadata)
+    return safetensors.numpy.save({name: np.ascontiguousarray(t.numpy()) for name, t in cpu.items()},
+                                  metadata=metadata)
 
 
 def unpack(data: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -116,8 +126,12 @@ def unpack(data: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, An
     data = bytes(data)
     try:
         length = int.from_bytes(data[:8], "little")
-        header = json.loads(json.loads(data[8:8 + length])["__metadata__"][_HEADER_KEY])
-        tensors = safetensors.torch.load(data)
+        described = json.loads(data[8:8 + length])
+        header = json.loads(described["__metadata__"][_HEADER_KEY])
+        if any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in described.values()):
+            tensors = safetensors.torch.load(data)
+        else:  # NumPy's reader: the same tensors, faster (see pack)
+            tensors = {name: torch.from_numpy(a) for name, a in safetensors.numpy.load(data).items()}
     except Exception as exc:  # noqa: BLE001 - malformed bytes raise many kinds of errors
         raise StateFormatError(f"These bytes are not a serialised sameguard state ({exc}).") from None
     if not isinstance(header, dict) or header.get("format") != fmt:

@@ -76,7 +76,7 @@ def _load_guard(settings: ServiceSettings, store: Any = None) -> Guard:
     """:func:`load_guard` within the artifact trust.
 
     ``store``: the service's :class:`~sameguard.service.store.ServiceStore`; the per-client alarm
-    state goes to its ``kv("alarms", ...)`` (in Redis, shared by every worker).
+    state goes to its ``client_states()`` (in Redis, shared by every worker).
 
     Raises:
         ValueError / ArtifactError: missing or inconsistent artifacts, a detector without threshold.
@@ -147,11 +147,6 @@ def load_alarms(settings: ServiceSettings, victim: Any, detector: Any, store: An
     own = None if settings.detector is None else Path(settings.detector).resolve()
     scorers = {name: detector if folders[name].resolve() == own else
                load_detector(folders[name], victim, device=settings.device) for name in names}
-    kv = None
-    if store is not None:
-        from ..evidence import ClientState
-
-        kv = store.kv("alarms", ClientState.to_bytes, ClientState.from_bytes)
-    alarms = ClientAlarms.load(root, scorers, victim, store=kv)
+    alarms = ClientAlarms.load(root, scorers, victim, store=None if store is None else store.client_states())
     logger.info("Per-client alarms from %s: %s", root, alarms.describe())
     return alarms

@@ -110,6 +110,11 @@ class ServiceStore(Protocol):
     def kv(self, namespace: str, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> StateStore:
         """A :class:`~sameguard.evidence.store.StateStore` of per-client values under ``namespace``."""
 
+    def client_states(self, namespace: str = "alarms") -> StateStore:
+        """The per-client alarm states (:class:`~sameguard.evidence.ClientState`) under ``namespace``: in
+        Redis, a store whose updates send each query's new rows only
+        (:class:`~sameguard.evidence.redis_state.RedisClientStates`)."""
+
     def ping(self) -> None:
         """Raise when the store cannot be reached."""
 
@@ -222,6 +227,9 @@ class MemoryServiceStore(_LimitsMixin):
     def kv(self, namespace: str, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> StateStore:
         with self._lock:
             return self._kv.setdefault(namespace, InMemoryStore())
+
+    def client_states(self, namespace: str = "alarms") -> StateStore:
+        return self.kv(namespace, _unused, _unused)
 
     def ping(self) -> None:
         return None
@@ -343,11 +351,20 @@ class RedisServiceStore(_LimitsMixin):
 
         return RedisStore(self.client, self._k("kv", namespace) + ":", encode, decode)
 
+    def client_states(self, namespace: str = "alarms") -> StateStore:
+        from ..evidence.redis_state import RedisClientStates
+
+        return RedisClientStates(self.client, self._k("kv", namespace) + ":")
+
     def ping(self) -> None:
         self.client.ping()
 
     def close(self) -> None:
         self.client.close()
+
+
+def _unused(value: Any) -> Any:
+    raise AssertionError("An in-memory store keeps values as they are; nothing is encoded.")
 
 
 def redact_store_url(url: str) -> str:
