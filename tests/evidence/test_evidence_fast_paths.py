@@ -303,3 +303,76 @@ def test_compiled_p_values_equal_the_calibrators(config):
     for j, calibrator in enumerate(calibrators):
         expected = calibrator.p_values_array(rows[j], query_labels.numpy() if labelled else None, thetas[j])
         assert np.array_equal(p[j], expected)
+
+
+@pytest.mark.parametrize("pool_size", [7, None])
+@pytest.mark.parametrize("stream", [True, False])
+def test_one_call_step_equals_the_chained_kernels_bit_for_bit(monkeypatch, pool_size, stream):
+    """The monitor's one-call step (queries appended in place) gives the same bits as the three kernels
+    called one after the other (what it does when the bag must be copied or a block starts)."""
+    g = torch.Generator().manual_seed(8)
+    calibrators = {name: ConformalCalibrator(min_class_size=10).fit(torch.randn(300, generator=g), torch.randint(
+        0, 3, (300,), generator=g), 3) for name in ("a", "b")}
+
+    def monitor():
+        test = StreamExchangeabilityTest(window=60, pool_size=pool_size) if stream else None
+        return EvidenceMonitor(calibrators, delta=1e-3, stream=test, seed=2)
+
+    one_call, chained = monitor(), monitor()
+    if stream:
+        monkeypatch.setattr(chained.stream, "in_place", lambda state, x: None)
+    else:  # without a stream test the step is always one call: compare with the kernels called apart
+        def apart(client, state, scores, labels, x):
+            from sameguard.evidence.compiled import kernels
+            from sameguard.evidence.monitor import _client_base
+
+            thetas, p = np.empty((2, len(labels))), np.empty((2, len(labels)))
+            kernels("monitor_kernel").p_values(scores, labels, np.uint64(_client_base(2, client)), state.queries,
+                                               thetas, p, *chained._packed_references())
+            new, paths, path = chained.martingale.advance(state.stacked_martingales(), p)
+            return new, paths, path, state.stream
+        monkeypatch.setattr(chained, "_step", lambda state, scores, labels, base, thetas, p, in_place:
+                            apart("c", state, scores, labels, None))
+    steps: list[bool] = []  # per request of the one-call monitor: whether its stream step was in place
+    original = one_call._step
+    monkeypatch.setattr(one_call, "_step", lambda *args: steps.append(args[-1] is not None) or original(*args))
+    x = _jbda_like(150, g)
+    start = requests = 0
+    for size in [2, 1, 1, 1, 5, 1, 30, 1, 1, 40, 1, 1] * 3:
+        stop = min(150, start + size)
+        if start == stop:
+            break
+        n = stop - start
+        scores = {"a": torch.randn(n, generator=g) + 1.0, "b": torch.randn(n, generator=g)}
+        labels = torch.randint(0, 3, (n,), generator=g)
+        got, want = (m.update("c", scores, labels, x[start:stop] if stream else None) for m in (one_call, chained))
+        assert torch.equal(got.log_evidence_path, want.log_evidence_path) and got.per_detector == want.per_detector
+        assert (got.queries, got.alarm_query) == (want.queries, want.alarm_query)
+        start = stop
+        requests += 1
+    mine, theirs = one_call.store.get("c"), chained.store.get("c")
+    for name in ("a", "b"):
+        assert torch.equal(mine.martingales[name], theirs.martingales[name])
+    if stream:
+        assert torch.equal(mine.stream.points, theirs.stream.points)
+        assert torch.equal(mine.stream.nn_dist, theirs.stream.nn_dist)
+        assert all(steps) and 12 <= len(steps) < requests  # most requests in one call; new blocks, copies chained
+    else:
+        assert len(steps) == requests and not any(steps)
+
+
+def test_a_non_finite_image_through_the_one_call_step_changes_nothing():
+    calibrator = ConformalCalibrator(min_class_size=5).fit(torch.randn(100), torch.randint(0, 2, (100,)), 2)
+    monitor = EvidenceMonitor({"a": calibrator}, stream=StreamExchangeabilityTest(pool_size=7), seed=0)
+    x = torch.rand(4, 1, 14, 14) * 2 - 1
+    monitor.update("c", {"a": torch.randn(3)}, torch.tensor([0, 1, 0]), x[:3])
+    before = monitor.store.get("c")
+    assert monitor.stream.in_place(before.stream, x[3:]) is not None  # the one-call path is the one taken
+    bad = x[3:].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        monitor.update("c", {"a": torch.randn(1)}, torch.tensor([1]), bad)
+    after = monitor.store.get("c")
+    assert after is before and after.stream._bag.length == 3  # the bag was not appended to
+    ev = monitor.update("c", {"a": torch.randn(1)}, torch.tensor([1]), x[3:])
+    assert ev.queries == 4
