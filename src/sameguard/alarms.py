@@ -110,8 +110,6 @@ class ClientAlarms:
         self.monitor = monitor
         self.victim = victim
         self._order = [self.scorers[name] for name in monitor.calibrators]  # the monitor's row order
-        # a single query's score from the victim's outputs as a float, where a scorer offers it (MSP, Energy)
-        self._single = [getattr(scorer, "score_single_from_outputs", None) for scorer in self._order]
         warm_up()  # compile the evidence kernels now (once per process), not on the first query
 
     @property
@@ -181,11 +179,6 @@ class ClientAlarms:
         rows = np.empty((len(self._order), n), dtype=np.float64)  # the monitor's detector order
         for j, scorer in enumerate(self._order):
             values = known.get(id(scorer))
-            if values is None and n == 1 and self._single[j] is not None:
-                values = self._single[j](self.victim, x, probs)
-                if values is not None:
-                    rows[j, 0] = values
-                    continue
             rows[j] = _score_row(self._scores(scorer, x, probs) if values is None else values, n)
         labels = _labels(probs)
         self.monitor.check_labels(labels)

@@ -131,28 +131,3 @@ def test_msp_single_row_path_equals_the_batch_formula():
         one = msp_score(probs[i:i + 1])
         assert one.dtype == torch.float32 and one.shape == (1,)
         assert torch.equal(one, batch[i:i + 1]) or (bool(one.isnan()) and bool(batch[i].isnan()))
-
-
-def test_single_query_scores_from_the_outputs_are_the_batch_scores_as_floats(baseline_victim, fmnist_tiny):
-    """The alarms' single-image path (``score_single_from_outputs``): exactly the float32 value of
-    ``score_victim_outputs`` on the same outputs (which for Energy is the batch formula's to rounding),
-    ``None`` for another victim, a batch or a detector that is not fitted."""
-    import copy
-
-    x = fmnist_tiny[1].images[:12]
-    probs = baseline_victim.predict_proba(x)
-    msp, energy = MSPDetector().fit(baseline_victim), EnergyDetector(temperature=2.0).fit(baseline_victim)
-    for detector in (msp, energy):
-        batch = detector.score(x)
-        for i in range(len(x)):
-            value = detector.score_single_from_outputs(baseline_victim, x[i:i + 1], probs[i:i + 1])
-            one = detector.score_victim_outputs(baseline_victim, x[i:i + 1], probs[i:i + 1])
-            assert isinstance(value, float) and value == float(one)
-            assert value == pytest.approx(float(batch[i]), rel=1e-5)
-        assert detector.score_single_from_outputs(copy.copy(baseline_victim), x[:1], probs[:1]) is None
-        assert detector.score_single_from_outputs(baseline_victim, x[:2], probs[:2]) is None
-    assert MSPDetector().score_single_from_outputs(baseline_victim, x[:1], probs[:1]) is None
-    assert EnergyDetector().score_single_from_outputs(baseline_victim, x[:1], probs[:1]) is None
-    nan_row = probs[:1].clone()
-    nan_row[0, 2] = float("nan")
-    assert math.isnan(msp.score_single_from_outputs(baseline_victim, x[:1], nan_row))

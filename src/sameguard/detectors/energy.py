@@ -59,16 +59,11 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     if z.shape[0] == 1 and not z.requires_grad and z.device.type == "cpu":
         # A guarded single-image request: the same formula on Python floats (float64), a few
         # microseconds instead of several tensor operations' dispatch; equal to rounding
-        return torch.from_numpy(np.array([_row_energy(z[0].tolist(), temperature)], dtype=np.float32))
+        values = [v / temperature for v in z[0].tolist()]
+        energy = math.nan if any(math.isnan(v) for v in values) else -temperature * logsumexp_list(values)
+        return torch.from_numpy(np.array([energy], dtype=np.float32))
     z = z.to(torch.float64)
     return (-temperature * torch.logsumexp(z / temperature, dim=1)).to(torch.float32)
-
-
-def _row_energy(logits: list[float], temperature: float) -> float:
-    """:func:`energy_score` of one row of logits, on Python floats, rounded to float32 (NaN if one is NaN)."""
-    values = [v / temperature for v in logits]
-    energy = math.nan if any(math.isnan(v) for v in values) else -temperature * logsumexp_list(values)
-    return float(np.float32(energy))
 
 
 class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
@@ -122,16 +117,6 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
         if self.logits_fn_ is None or self.logits_fn_ != getattr(victim, "logits", None):
             return None
         return self._energies(x)
-
-    def score_single_from_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> float | None:
-        """:meth:`score_victim_outputs` of a single query ``x`` ``(1, C, H, W)`` as a float (a guarded
-        single-image request: no tensor is made); ``None`` when it does not apply."""
-        if x.shape[0] != 1 or self.logits_fn_ is None or self.logits_fn_ != getattr(victim, "logits", None):
-            return None
-        logits = self.logits_fn_(x)
-        if not isinstance(logits, torch.Tensor) or logits.shape[0] != 1 or logits.dim() != 2:
-            return None
-        return _row_energy(logits.detach()[0].tolist(), self.temperature)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:

@@ -103,14 +103,6 @@ class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
             return None
         return msp_score(probabilities)
 
-    def score_single_from_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> float | None:
-        """:meth:`score_victim_outputs` of a single query as a float: ``-max_k p_k`` of the one float32 row
-        (exact, NaN if one is NaN); ``None`` when it does not apply."""
-        if self.victim_ is None or victim is not self.victim_ or probabilities.shape[0] != 1 \
-                or probabilities.dtype != torch.float32 or probabilities.device.type != "cpu":
-            return None
-        return -float(probabilities.detach().numpy().max())
-
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 scores ``-max_k p_k`` of ``x`` ``(N, C, H, W)`` in ``[-1, 1]``; larger = more suspicious."""

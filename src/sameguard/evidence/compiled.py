@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 @functools.cache
 def kernels(name: str) -> types.ModuleType:
     """The compiled module ``name`` of this package (``"stream_kernel"``, ``"monitor_kernel"``,
-    ``"martingale_kernel"``, ``"step_kernel"``), imported once."""
+    ``"martingale_kernel"``), imported once."""
     return importlib.import_module(f"{__package__}.{name}")
 
 
@@ -42,14 +42,6 @@ def warm_up() -> float:
                                        np.ones((1, 2), np.int64), np.zeros((1, 2)), np.ones(1, np.bool_))
     kernels("martingale_kernel").advance(np.zeros((1, 2)), np.full((1, 1), 0.5), np.zeros(2), np.zeros(2), 0, 1e-12,
                                          np.zeros((1, 2)), np.zeros((1, 1)), np.zeros(1))
-    for with_stream in (True, False):  # the monitor's one-call step, with and without a stream test
-        bag = np.zeros((4, 1), np.float32)
-        kernels("step_kernel").step(np.zeros((1, 1)), np.zeros(1, np.int64), np.uint64(0), 0, np.zeros((2, 1)),
-                                    np.zeros((2, 1)), np.zeros(1), np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64),
-                                    np.zeros((1, 2)), np.ones(1, np.bool_), with_stream,
-                                    np.zeros((1, 1, 2, 2), np.float32), True, 1, 1, np.zeros((1, 1), np.float32), bag, 1,
-                                    np.full(2, np.inf), True, np.zeros((2, 2)), np.zeros(2), np.zeros(2), 0, 1e-12,
-                                    np.zeros((2, 2)), np.zeros((2, 1)), np.zeros(1))
     seconds = time.perf_counter() - start
     logger.info("Evidence kernels ready in %.2f s.", seconds)
     return seconds

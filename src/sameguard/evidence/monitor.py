@@ -28,10 +28,10 @@ import torch
 from ..validation import check_fraction, check_int, check_name
 from .compiled import kernels
 from .conformal import ConformalCalibrator
-from .martingale import P_FLOOR, MixtureMartingale, log_mean_exp
+from .martingale import MixtureMartingale, log_mean_exp
 from .state import ClientState
 from .store import InMemoryStore, StateStore
-from .stream import _NOT_FINITE, InPlaceStep, StreamExchangeabilityTest, StreamState
+from .stream import StreamExchangeabilityTest, StreamState
 
 logger = logging.getLogger(__name__)
 
@@ -258,16 +258,12 @@ class EvidenceMonitor:
         names = self._source_names
         thetas = np.empty((len(names), n), dtype=np.float64)
         p = np.empty((len(names), n), dtype=np.float64)
-        base = np.uint64(_client_base(self.seed, client))
+        kernels("monitor_kernel").p_values(scores, labels, np.uint64(_client_base(self.seed, client)), state.queries,
+                                           thetas, p, *self._packed_references())
         stream_state = state.stream
-        in_place = None if self.stream is None else self.stream.in_place(state.stream, x)
-        if self.stream is None or in_place is not None:  # one compiled call for the whole request
-            new_states, log_paths, path, stream_state = self._step(state, scores, labels, base, thetas, p, in_place)
-        else:  # a new block, or a bag that must be copied first: the three kernels one after the other
-            kernels("monitor_kernel").p_values(scores, labels, base, state.queries, thetas, p,
-                                               *self._packed_references())
+        if self.stream is not None:
             stream_state = self.stream.extend(state.stream, x, thetas[-1], p[-1])
-            new_states, log_paths, path = self.martingale.advance(state.stacked_martingales(), p)
+        new_states, log_paths, path = self.martingale.advance(state.stacked_martingales(), p)
         alarm_query, alarm_time = state.alarm_query, state.alarm_time
         if alarm_query is None:
             crossed = ((0,) if path[0] >= self.threshold_log else ()) if n == 1 else \
@@ -277,34 +273,6 @@ class EvidenceMonitor:
         new = self._next_state(state, n, new_states, stream_state, alarm_query, alarm_time)
         per = dict(zip(names, log_paths[:, -1].tolist()))
         return new, self._evidence(client, new, per, torch.from_numpy(path), float(path[-1]))
-
-    def _step(self, state: ClientState, scores: np.ndarray, labels: np.ndarray, base: np.uint64, thetas: np.ndarray,
-              p: np.ndarray, in_place: InPlaceStep | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, StreamState | None]:
-        """p-values, the stream test's step (``in_place``, or none without a stream test) and the martingales
-        in one compiled call (:func:`~sameguard.evidence.step_kernel.step`): the same kernels, so the same
-        bits, as the chained path. Returns ``(new_states, log_paths, combined, stream_state)``."""
-        n = labels.shape[0]
-        states = state.stacked_martingales()
-        new = np.empty(states.shape, dtype=np.float64)
-        log_paths = np.empty(p.shape, dtype=np.float64)
-        combined = np.empty(n, dtype=np.float64)
-        log_eps, eps_minus_1 = self.martingale._bet_arrays()
-        if in_place is None:
-            stream, images, pool, out_h, out_w, features, rows, n0, d = False, *_NO_STREAM
-        else:
-            stream, images, pool, out_h, out_w, features = True, in_place.images, in_place.pool, in_place.out_h, \
-                in_place.out_w, in_place.features
-            rows, n0 = in_place.bag.data.numpy(), in_place.n0
-            d = np.empty(n0 + n, dtype=np.float64)
-            d[:n0] = state.stream.nn_dist.numpy()
-        if not kernels("step_kernel").step(scores, labels, base, state.queries, thetas, p, *self._packed_references(),
-                                           stream, images, pool, out_h, out_w, features, rows, n0, d,
-                                           self.stream is not None and self.stream.metric == "l2",
-                                           np.ascontiguousarray(states, dtype=np.float64), log_eps, eps_minus_1,
-                                           kernels("martingale_kernel").MODE_CODES[self.martingale.mode], P_FLOOR,
-                                           new, log_paths, combined):
-            raise ValueError(_NOT_FINITE)
-        return new, log_paths, combined, state.stream if in_place is None else in_place.state(state.stream, d)
 
     def _packed_references(self) -> tuple[np.ndarray, ...]:
         """The calibrators' references for :func:`~sameguard.evidence.monitor_kernel.p_values`, packed once per
@@ -401,12 +369,6 @@ class EvidenceMonitor:
             low, high = (int(labels[0]),) * 2 if labels.shape[0] == 1 else (int(labels.min()), int(labels.max()))
             if low < 0 or high >= k:
                 raise ValueError(f"labels must be in [0, {k}), got values in [{low}, {high}].")
-
-
-#: The step kernel's stream arguments for a monitor without a stream test (typed as the real ones, unused):
-#: images, pool, out_h, out_w, features, rows, n0, distances.
-_NO_STREAM = (np.zeros((0, 1, 1, 1), dtype=np.float32), False, 1, 1, np.zeros((0, 1), dtype=np.float32),
-              np.zeros((0, 1), dtype=np.float32), 0, np.zeros(0, dtype=np.float64))
 
 
 @functools.lru_cache(maxsize=65536)

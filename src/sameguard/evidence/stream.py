@@ -210,24 +210,6 @@ class StreamExchangeabilityTest:
         the caller owns). Returns the new state."""
         return self._append(state, self._features(x), theta, p)
 
-    def in_place(self, state: StreamState, x: torch.Tensor) -> InPlaceStep | None:
-        """What the monitor's one-call step (:func:`~sameguard.evidence.step_kernel.step`) needs to append
-        the ``N`` queries ``x`` to ``state``'s bag in place: when the bag is the newest state of its storage,
-        has room for them and they fit in its block (the usual single query); else ``None`` (use :meth:`extend`)."""
-        bag, points = state._bag, state.points
-        n0 = points.shape[0]
-        if (bag is None or n0 == 0 or bag.length != n0 or not isinstance(x, torch.Tensor) or x.dim() != 4
-                or not torch.is_floating_point(x) or state.nn_dist.dtype != torch.float64):
-            return None
-        k, channels, height, width = x.shape
-        pool = self.pool_size is not None and (width > self.pool_size or height > self.pool_size)
-        out_h, out_w = (min(self.pool_size, height), min(self.pool_size, width)) if pool else (height, width)
-        if k == 0 or n0 + k > min(self.window, bag.data.shape[0]) or channels * out_h * out_w != bag.data.shape[1]:
-            return None
-        images = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        features = np.empty((k, bag.data.shape[1]), dtype=np.float32) if pool else images.reshape(k, -1)
-        return InPlaceStep(images, pool, out_h, out_w, features, bag, n0)
-
     def _append(self, state: StreamState, new: np.ndarray, thetas: np.ndarray, p: np.ndarray) -> StreamState:
         """Add the feature rows ``new`` ``(k, D)`` to ``state``'s bag (new blocks as the window fills),
         writing their p-values to ``p``."""
@@ -270,27 +252,6 @@ class StreamExchangeabilityTest:
             raise ValueError(_NOT_FINITE)
         bag.length = n0 + k
         return bag, d
-
-
-@dataclasses.dataclass(frozen=True)
-class InPlaceStep:
-    """The stream test's part of the monitor's one-call step (:meth:`StreamExchangeabilityTest.in_place`):
-    ``images`` ``(N, C, H, W)`` float32, pooled to ``out_h x out_w`` into ``features`` ``(N, D)`` when
-    ``pool`` (else ``features`` is them flattened), appended to ``bag`` after its ``n0`` rows."""
-
-    images: np.ndarray
-    pool: bool
-    out_h: int
-    out_w: int
-    features: np.ndarray
-    bag: _Bag
-    n0: int
-
-    def state(self, old: StreamState, d: np.ndarray) -> StreamState:
-        """The bag after the step appended the ``N`` rows, whose ``n0 + N`` distances are ``d``."""
-        n = self.n0 + self.images.shape[0]
-        self.bag.length = n
-        return StreamState(self.bag.data[:n], torch.from_numpy(d), old.seen + self.images.shape[0], self.bag)
 
 
 def stream_test(stream: bool | StreamExchangeabilityTest,
