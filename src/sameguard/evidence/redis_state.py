@@ -109,7 +109,7 @@ class RedisClientStates:
             (``RuntimeError``).
     """
 
-    def __init__(self, client: Any, prefix: str, *, rows_prefix: str | None = None, cache_clients: int = 256,
+    def __init__(self, client: Any, prefix: str, *, rows_prefix: str | None = None, cache_clients: int = 64,
                  max_retries: int = 100) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError("prefix must be a non-empty string (e.g. 'sameguard:kv:alarms:').")
@@ -228,7 +228,7 @@ class RedisClientStates:
         new_rows = torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32).reshape(rows - have, dim))
         if cached is None or cached.bag.data.shape[0] < rows:
             kept = cached.bag.data[:have] if cached is not None else torch.empty(0, dim)
-            bag = _Bag(torch.cat([kept, new_rows]) if have else new_rows, max(2 * rows, 64))
+            bag = _Bag(torch.cat([kept, new_rows]) if have else new_rows, rows + 64)  # room for the next queries
         else:
             bag = cached.bag
             if rows > have:
