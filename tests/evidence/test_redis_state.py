@@ -33,6 +33,11 @@ def _queries(n: int, seed: int = 1):
             torch.rand(n, 1, 14, 14, generator=g) * 2 - 1)
 
 
+def _space(server) -> str:
+    """The heads' prefix, under the test's own prefix (the rows' default prefix, ``...alarms-rows:``, too)."""
+    return server.prefix + "alarms:"
+
+
 def _states(url: str, prefix: str, **kwargs):
     import redis
 
@@ -45,7 +50,7 @@ def _states(url: str, prefix: str, **kwargs):
 def test_two_workers_build_the_same_state_as_one_process_in_memory(redis_server, cache_clients):
     """Batches alternate between two stores over one Redis (each with its own copy of the rows), across
     window boundaries: evidence, bag, distances and counts equal the in-memory monitor's, exactly."""
-    workers = [_monitor(_states(redis_server.url, redis_server.prefix, cache_clients=cache_clients))
+    workers = [_monitor(_states(redis_server.url, _space(redis_server), cache_clients=cache_clients))
                for _ in range(2)]
     reference = _monitor(None)
     scores, labels, x = _queries(75)
@@ -68,15 +73,15 @@ def test_an_update_sends_the_new_rows_only(redis_server):
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
-    monitor = _monitor(_states(redis_server.url, redis_server.prefix), window=100)
+    monitor = _monitor(_states(redis_server.url, _space(redis_server)), window=100)
     scores, labels, x = _queries(40)
     monitor.update("c", {"s": scores[:30]}, labels[:30], x[:30])
-    rows_key = redis_server.prefix[:-1] + "-rows:c"
+    rows_key = _space(redis_server)[:-1] + "-rows:c"
     assert client.strlen(rows_key) == 30 * 49 * 4  # 7x7 float32 features a query
-    head = client.strlen(redis_server.prefix + "c")
+    head = client.strlen(_space(redis_server) + "c")
     monitor.update("c", {"s": scores[30:31]}, labels[30:31], x[30:31])
     assert client.strlen(rows_key) == 31 * 49 * 4
-    assert client.strlen(redis_server.prefix + "c") < head + 100  # one more distance, not the bag
+    assert client.strlen(_space(redis_server) + "c") < head + 100  # one more distance, not the bag
     assert head < 30 * 49 * 4  # the head holds no rows
 
 
@@ -84,11 +89,11 @@ def test_forgetting_a_client_deletes_both_keys_and_a_new_life_starts_afresh(redi
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
-    monitor = _monitor(_states(redis_server.url, redis_server.prefix))
+    monitor = _monitor(_states(redis_server.url, _space(redis_server)))
     scores, labels, x = _queries(10)
     monitor.update("c", {"s": scores[:6]}, labels[:6], x[:6])
     assert monitor.forget("c") and not monitor.forget("c")
-    assert list(client.scan_iter(match=redis_server.prefix[:-1] + "*")) == []
+    assert list(client.scan_iter(match=_space(redis_server)[:-1] + "*")) == []
     ev = monitor.update("c", {"s": scores[6:]}, labels[6:], x[6:])  # this process's old copy must not be reused
     fresh = _monitor(None).update("c", {"s": scores[6:]}, labels[6:], x[6:])
     assert ev.queries == 4 and ev.log_evidence == fresh.log_evidence
@@ -101,22 +106,22 @@ def test_a_state_stored_whole_by_an_older_version_is_read_and_rewritten(redis_se
     from sameguard.evidence.redis_store import RedisStore
 
     client = redis.Redis.from_url(redis_server.url)
-    old = _monitor(RedisStore(client, redis_server.prefix, ClientState.to_bytes, ClientState.from_bytes))
+    old = _monitor(RedisStore(client, _space(redis_server), ClientState.to_bytes, ClientState.from_bytes))
     scores, labels, x = _queries(12)
     old.update("c", {"s": scores[:8]}, labels[:8], x[:8])
-    new = _monitor(_states(redis_server.url, redis_server.prefix))
+    new = _monitor(_states(redis_server.url, _space(redis_server)))
     assert new.evidence("c").queries == 8
     ev = new.update("c", {"s": scores[8:]}, labels[8:], x[8:])
     assert ev.log_evidence == _monitor(None).update("c", {"s": scores}, labels, x).log_evidence
-    assert client.get(redis_server.prefix + "c").startswith(b"SGH1")
+    assert client.get(_space(redis_server) + "c").startswith(b"SGH1")
 
 
 def test_states_without_a_stream_test_and_clearing_an_alarm(redis_server):
-    monitor = _monitor(_states(redis_server.url, redis_server.prefix), stream=False)
+    monitor = _monitor(_states(redis_server.url, _space(redis_server)), stream=False)
     scores, labels, _ = _queries(5)
     monitor.update("c", {"s": scores}, labels, None)
     assert monitor.evidence("c").queries == 5 and monitor.store.get("c").stream is None
-    streamed = _monitor(_states(redis_server.url, redis_server.prefix + "x:"))
+    streamed = _monitor(_states(redis_server.url, redis_server.prefix + "other:"))
     scores, labels, x = _queries(5)
     streamed.update("c", {"s": scores}, labels, x)
     before = streamed.store.get("c").stream
@@ -129,14 +134,14 @@ def test_a_corrupted_rows_value_is_refused(redis_server):
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
-    store = _states(redis_server.url, redis_server.prefix, cache_clients=0)
+    store = _states(redis_server.url, _space(redis_server), cache_clients=0)
     monitor = _monitor(store)
     scores, labels, x = _queries(4)
     monitor.update("c", {"s": scores}, labels, x)
-    client.set(redis_server.prefix[:-1] + "-rows:c", b"\x00" * 10)
+    client.set(_space(redis_server)[:-1] + "-rows:c", b"\x00" * 10)
     with pytest.raises(StateFormatError, match="rows"):
         store.get("c")
-    client.set(redis_server.prefix + "c", b"SGH1garbage")
+    client.set(_space(redis_server) + "c", b"SGH1garbage")
     with pytest.raises(StateFormatError):
         store.get("c")
 
@@ -161,7 +166,7 @@ def _race(url, prefix, seed, n, out):
 def test_concurrent_processes_lose_no_query_and_keep_a_consistent_bag(redis_server):
     n, procs = 15, 3
     out = _CTX.Queue()
-    workers = [_CTX.Process(target=_race, args=(redis_server.url, redis_server.prefix, seed, n, out))
+    workers = [_CTX.Process(target=_race, args=(redis_server.url, _space(redis_server), seed, n, out))
                for seed in range(procs)]
     for w in workers:
         w.start()
@@ -169,7 +174,7 @@ def test_concurrent_processes_lose_no_query_and_keep_a_consistent_bag(redis_serv
     for w in workers:
         w.join(timeout=30)
         assert w.exitcode == 0
-    state = _monitor(_states(redis_server.url, redis_server.prefix)).store.get("shared")
+    state = _monitor(_states(redis_server.url, _space(redis_server))).store.get("shared")
     assert state.queries == n * procs and state.stream.seen == n * procs
     rows = state.stream.points.shape[0]
     assert rows == (n * procs) % 20 or rows == 20  # the current block of the window of 20
