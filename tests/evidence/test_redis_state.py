@@ -3,6 +3,7 @@ against a real Redis: the same evidence and bag as in memory, whichever worker t
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 
 import pytest
@@ -182,3 +183,21 @@ def test_concurrent_processes_lose_no_query_and_keep_a_consistent_bag(redis_serv
     d = torch.cdist(state.stream.points.double(), state.stream.points.double())
     d.fill_diagonal_(float("inf"))
     assert torch.allclose(state.stream.nn_dist, d.min(dim=1).values, rtol=1e-9)
+
+
+def test_an_update_that_loses_the_race_reads_again_and_keeps_both_writes(redis_server):
+    """Another worker writes between this update's read and its compare-and-set: the write is refused,
+    ``fn`` runs again on the new state, and neither query is lost."""
+    first, second = (_states(redis_server.url, _space(redis_server)) for _ in range(2))
+    start = ClientState(queries=0, martingales={"s": torch.zeros(3, dtype=torch.float64)})
+    first.put("c", start)
+    calls = []
+
+    def add_one(old):
+        calls.append(old.queries)
+        if len(calls) == 1:  # the other worker's update lands in between
+            second.update("c", lambda state: dataclasses.replace(state, queries=state.queries + 10))
+        return dataclasses.replace(old, queries=old.queries + 1)
+
+    assert first.update("c", add_one).queries == 11
+    assert calls == [0, 10] and second.get("c").queries == 11

@@ -13,10 +13,12 @@ per query. :class:`RedisClientStates` keeps the state in two values per client:
 
 Each process keeps the rows it has seen (:class:`_RowCache`, the most recently used clients); an update
 reads the head, fetches with ``GETRANGE`` only the rows other workers appended since (none when the
-client's queries come to this worker), runs ``fn`` and writes the head and the appended rows in one
-``MULTI`` / ``EXEC``, under ``WATCH`` of the head (every change of the rows comes with a change of the
-head, so watching it is enough). A lost race drops the process's copy of that client and retries, as
-:class:`~sameguard.evidence.redis_store.RedisStore` does; ``fn`` must be a pure function of its argument.
+client's queries come to this worker), runs ``fn`` and writes the head and the appended rows with one
+compare-and-set script: only if the head still carries the stamp it was read with (a random version,
+new for every write; every change of the rows comes with a new head, so the stamp covers them). Two
+round trips per update (``GET``, the script), where ``WATCH`` / ``GET`` / ``MULTI``-``EXEC`` take three.
+A lost race drops the process's copy of that client and retries; ``fn`` must be a pure function of its
+argument.
 
 A head stored by an earlier version (the whole state, :meth:`ClientState.to_bytes
 <sameguard.evidence.ClientState.to_bytes>`, at the same key) is read as it is and rewritten in this
@@ -47,6 +49,31 @@ __all__ = ["RedisClientStates"]
 #: The first bytes of a head in this layout (a whole state in the older layout starts with safetensors'
 #: 8-byte header length, whose last bytes are zero).
 _MAGIC = b"SGH1"
+#: Bytes of a head's stamp: the magic and a random version.
+_STAMP = len(_MAGIC) + 16
+
+#: Compare-and-set of one client's head and rows: write only if the head is still the one read (its stamp,
+#: or the whole value for a head in the older layout; absent when ARGV[1] is empty). ARGV: expected, new head,
+#: rows operation (append / set / delete), rows, comparison (stamp / whole). Returns 1 when written.
+_CAS_LUA = """
+local expected, how = ARGV[1], ARGV[5]
+if expected == '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+elseif how == 'stamp' then
+  if redis.call('GETRANGE', KEYS[1], 0, string.len(expected) - 1) ~= expected then return 0 end
+elseif redis.call('GET', KEYS[1]) ~= expected then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[3] == 'append' then
+  redis.call('APPEND', KEYS[2], ARGV[4])
+elseif ARGV[3] == 'set' then
+  redis.call('SET', KEYS[2], ARGV[4])
+else
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
 
 
 class _RowsMoved(Exception):
@@ -123,6 +150,7 @@ class RedisClientStates:
         self.rows_prefix = rows_prefix
         self.max_retries = int(max_retries)
         self._cache = _RowCache(int(cache_clients))
+        self._cas = client.register_script(_CAS_LUA)
         # Threads of one process take turns per client (striped locks): the cached bag is appended in place.
         self._locks = [threading.Lock() for _ in range(64)]
 
@@ -148,8 +176,14 @@ class RedisClientStates:
     def put(self, key: str, value: ClientState) -> None:
         with self._lock(key), self.client.pipeline(transaction=True) as pipe:
             self._cache.drop(key)
-            self._write(pipe, key, value, None)
+            head, rows_op, rows, entry = self._plan(key, value, None)
+            pipe.set(self._head(key), head)
+            if rows_op == b"delete":
+                pipe.delete(self.rows_prefix + key)
+            else:
+                pipe.set(self.rows_prefix + key, rows)
             pipe.execute()
+            self._remember(key, entry)
 
     def delete(self, key: str) -> bool:
         with self._lock(key):
@@ -162,34 +196,31 @@ class RedisClientStates:
                 (k[n:] for k in self.client.scan_iter(match=_escape_glob(self.prefix) + "*", count=500))]
 
     def update(self, key: str, fn: Callable[[ClientState | None], ClientState]) -> ClientState:
-        from redis.exceptions import WatchError
-
         name = self._head(key)
-        with self._lock(key), self.client.pipeline() as pipe:
+        with self._lock(key):
             for _ in range(self.max_retries):
+                head = self.client.get(name)
                 try:
-                    pipe.watch(name)
-                    head = pipe.get(name)
-                    try:
-                        old, where = (None, None) if head is None else self._assemble(pipe, key, head)
-                    except _RowsMoved as moved:  # another worker wrote in between (EXEC would fail), or corruption
-                        if pipe.get(name) == head:
-                            raise StateFormatError(str(moved)) from None
-                        self._cache.drop(key)
-                        continue
-                    value = fn(old)
-                    pipe.multi()
-                    self._write(pipe, key, value, where)
-                    pipe.execute()
-                    return value
-                except WatchError:
-                    self._cache.drop(key)  # rows may have been appended to our copy in place
-                    continue
-                except BaseException:
+                    old, where = (None, None) if head is None else self._assemble(self.client, key, head)
+                except _RowsMoved as moved:  # another worker wrote in between, or corruption
+                    if self.client.get(name) == head:
+                        raise StateFormatError(str(moved)) from None
                     self._cache.drop(key)
+                    continue
+                try:
+                    value = fn(old)
+                    new_head, rows_op, rows, entry = self._plan(key, value, where)
+                    written = self._cas(keys=[name, self.rows_prefix + key],
+                                        args=[b"" if head is None else head[:_STAMP] if head.startswith(_MAGIC)
+                                              else head, new_head, rows_op, rows,
+                                              b"stamp" if head is not None and head.startswith(_MAGIC) else b"whole"])
+                except BaseException:
+                    self._cache.drop(key)  # rows may have been appended to our copy in place
                     raise
-                finally:
-                    pipe.reset()
+                if written:
+                    self._remember(key, entry)
+                    return value
+                self._cache.drop(key)  # another worker wrote first: read again
         raise RuntimeError(f"The update of {key!r} lost the race {self.max_retries} times in a row; retry later.")
 
     def __len__(self) -> int:
@@ -239,32 +270,33 @@ class RedisClientStates:
         stream = StreamState(bag.data[:rows], state.stream.nn_dist, state.stream.seen, bag)
         return dataclasses.replace(state, stream=stream), where
 
-    def _write(self, pipe: Any, key: str, value: ClientState, where: _Rows | None) -> None:
-        """Queue the head of ``value`` and its rows (appended when ``value`` continues ``where``'s bag)."""
+    def _plan(self, key: str, value: ClientState, where: _Rows | None) -> tuple[bytes, bytes, bytes, _Rows | None]:
+        """What writing ``value`` takes: its head, what to do with the rows (``append`` the new ones when
+        ``value`` continues ``where``'s bag, ``set`` them all, or ``delete`` them without a stream test),
+        those rows' bytes, and the bag this process may keep for the client afterwards."""
         if not isinstance(value, ClientState):
             raise ValueError(f"RedisClientStates holds ClientState values, got {type(value).__name__}.")
         stream = value.stream
         if stream is None:
-            pipe.set(self._head(key), _encode_head(value, {"epoch": where.epoch if where else _epoch()}))
-            pipe.delete(self.rows_prefix + key)
-            return
+            return _encode_head(value, {"epoch": _epoch()}), b"delete", b"", None
         rows, dim = int(stream.points.shape[0]), int(stream.points.shape[1])
         start = stream.seen - rows
         same_block = where is not None and where.start == start and where.rows <= rows and \
             (where.rows == 0 or where.bag.data.shape[1] == dim)
         epoch = where.epoch if same_block else _epoch()
         points = stream.points.numpy()
-        if same_block:
-            if rows > where.rows:
-                pipe.append(self.rows_prefix + key, _row_bytes(points[where.rows:rows]))
-        else:
-            pipe.set(self.rows_prefix + key, _row_bytes(points))
-        pipe.set(self._head(key), _encode_head(value, {"epoch": epoch, "start": start, "rows": rows, "dim": dim}))
+        op, data = (b"append", _row_bytes(points[where.rows:rows])) if same_block else (b"set", _row_bytes(points))
+        head = _encode_head(value, {"epoch": epoch, "start": start, "rows": rows, "dim": dim})
         bag = stream._bag
-        if bag is not None and bag.length == rows:  # this process's copy is the new state's bag
-            self._cache.put(key, _Rows(epoch, start, rows, bag))
-        else:
+        entry = _Rows(epoch, start, rows, bag) if bag is not None and bag.length == rows else None
+        return head, op, data, entry
+
+    def _remember(self, key: str, entry: _Rows | None) -> None:
+        """Keep the written state's bag (when it is its storage's newest state), else forget the client's."""
+        if entry is None:
             self._cache.drop(key)
+        else:
+            self._cache.put(key, entry)
 
 
 def _epoch() -> str:
@@ -276,19 +308,21 @@ def _row_bytes(points: np.ndarray) -> bytes:
 
 
 def _encode_head(state: ClientState, meta: dict[str, Any]) -> bytes:
-    """``MAGIC``, 4-byte length, JSON ``meta``, then the state's own bytes with an empty bag (its distances kept)."""
+    """The stamp (``MAGIC`` and 16 random hex characters, new for every write: what :meth:`update`'s
+    compare-and-set compares), 4-byte length, JSON ``meta``, then the state's own bytes with an empty bag
+    (its distances kept)."""
     if state.stream is not None:
         s = state.stream
         state = dataclasses.replace(state, stream=StreamState(torch.empty(0, s.points.shape[1]), s.nn_dist, s.seen))
     text = json.dumps(meta, sort_keys=True).encode()
-    return _MAGIC + len(text).to_bytes(4, "little") + text + state.to_bytes()
+    return _MAGIC + secrets.token_hex(8).encode() + len(text).to_bytes(4, "little") + text + state.to_bytes()
 
 
 def _decode_head(data: bytes) -> tuple[dict[str, Any], ClientState]:
     try:
-        length = int.from_bytes(data[4:8], "little")
-        meta = json.loads(data[8:8 + length])
-        state = ClientState.from_bytes(data[8 + length:])
+        length = int.from_bytes(data[_STAMP:_STAMP + 4], "little")
+        meta = json.loads(data[_STAMP + 4:_STAMP + 4 + length])
+        state = ClientState.from_bytes(data[_STAMP + 4 + length:])
     except StateFormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed bytes raise many kinds of errors
