@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..cli_checks import comma_ints
+from ..cli_checks import comma_ints, pool_size_arg
 from ..data import load_dataset
 from ..steps import StepLog
-from ..validation import check_eta, check_int
+from ..validation import check_eta
 from .config import BenchConfig, load_config
 from .report import alarm_report
 from .runner import _alarm_records, _attack_queries, _fit_detectors, _start_run
@@ -108,9 +108,8 @@ def _parse_conditional(text: str) -> list[float | None]:
 
 
 def parse_pool_sizes(text: str) -> list[int | None]:
-    """``none,14,7`` -> ``[None, 14, 7]``: stream-test poolings, ``none`` (or ``full``) for every pixel."""
-    return _comma_values(text, ("none", "full"), lambda v: check_int(int(v), "the size", minimum=1),
-                         "a positive image size")
+    """``none,14,7`` -> ``[None, 14, 7]``: stream-test poolings, each read by :func:`~sameguard.cli_checks.pool_size_arg`."""
+    return [pool_size_arg(part) for part in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:

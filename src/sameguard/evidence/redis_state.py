@@ -53,10 +53,10 @@ _MAGIC = b"SGH1"
 _STAMP = len(_MAGIC) + 16
 
 #: Compare-and-set of one client's head and rows: write only if the head is still the one read (its stamp,
-#: or the whole value for a head in the older layout; absent when ARGV[1] is empty). ARGV: expected, new head,
-#: rows operation (append / set / delete), rows, comparison (stamp / whole). Returns 1 when written.
+#: or the whole value for a head in the older layout; absent when ARGV[1] is empty). ARGV: expected, comparison
+#: (stamp / whole), new head, rows operation (append / set / delete), rows. Returns 1 when written.
 _CAS_LUA = """
-local expected, how = ARGV[1], ARGV[5]
+local expected, how = ARGV[1], ARGV[2]
 if expected == '' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 elseif how == 'stamp' then
@@ -64,11 +64,11 @@ elseif how == 'stamp' then
 elseif redis.call('GET', KEYS[1]) ~= expected then
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[3] == 'append' then
-  redis.call('APPEND', KEYS[2], ARGV[4])
-elseif ARGV[3] == 'set' then
-  redis.call('SET', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[1], ARGV[3])
+if ARGV[4] == 'append' then
+  redis.call('APPEND', KEYS[2], ARGV[5])
+elseif ARGV[4] == 'set' then
+  redis.call('SET', KEYS[2], ARGV[5])
 else
   redis.call('DEL', KEYS[2])
 end
@@ -159,17 +159,9 @@ class RedisClientStates:
         name = self._head(key)
         with self._lock(key):
             for _ in range(self.max_retries):
-                head = self.client.get(name)
-                if head is None:
-                    return None
-                try:
-                    state = self._assemble(self.client, key, head)[0]
-                except _RowsMoved as moved:
-                    if self.client.get(name) == head:
-                        raise StateFormatError(str(moved)) from None
-                    state = None
-                if state is not None and self.client.get(name) == head:  # the rows read belong to this head
-                    return state
+                read = self._read(key, name)
+                if read is not None and (read[0] is None or self.client.get(name) == read[0]):
+                    return read[1]  # no state, or rows that belong to the head read (unchanged since)
                 self._cache.drop(key)
         raise RuntimeError(f"The state of {key!r} kept changing while it was read; retry later.")
 
@@ -199,21 +191,15 @@ class RedisClientStates:
         name = self._head(key)
         with self._lock(key):
             for _ in range(self.max_retries):
-                head = self.client.get(name)
-                try:
-                    old, where = (None, None) if head is None else self._assemble(self.client, key, head)
-                except _RowsMoved as moved:  # another worker wrote in between, or corruption
-                    if self.client.get(name) == head:
-                        raise StateFormatError(str(moved)) from None
-                    self._cache.drop(key)
+                read = self._read(key, name)
+                if read is None:
                     continue
+                head, old, where = read
                 try:
                     value = fn(old)
                     new_head, rows_op, rows, entry = self._plan(key, value, where)
                     written = self._cas(keys=[name, self.rows_prefix + key],
-                                        args=[b"" if head is None else head[:_STAMP] if head.startswith(_MAGIC)
-                                              else head, new_head, rows_op, rows,
-                                              b"stamp" if head is not None and head.startswith(_MAGIC) else b"whole"])
+                                        args=[*_expected(head), new_head, rows_op, rows])
                 except BaseException:
                     self._cache.drop(key)  # rows may have been appended to our copy in place
                     raise
@@ -235,7 +221,25 @@ class RedisClientStates:
     def _lock(self, key: str) -> threading.Lock:
         return self._locks[zlib.crc32(key.encode("utf-8", "surrogatepass")) % len(self._locks)]
 
-    def _assemble(self, conn: Any, key: str, head: bytes) -> tuple[ClientState, _Rows | None]:
+    def _read(self, key: str, name: str) -> tuple[bytes | None, ClientState | None, _Rows | None] | None:
+        """``(head, state, where its bag stands)`` as stored now (``(None, None, None)`` for no state), or
+        ``None`` when the rows read belonged to a newer head (another worker wrote in between: read again).
+
+        Raises:
+            StateFormatError: the rows do not match an unchanged head (corrupted values).
+        """
+        head = self.client.get(name)
+        if head is None:
+            return None, None, None
+        try:
+            return (head, *self._assemble(key, head))
+        except _RowsMoved as moved:
+            if self.client.get(name) == head:
+                raise StateFormatError(str(moved)) from None
+            self._cache.drop(key)
+            return None
+
+    def _assemble(self, key: str, head: bytes) -> tuple[ClientState, _Rows | None]:
         """The state a head describes, its bag from this process's copy plus the rows it lacks; and where
         the bag stands (``None`` without a stream test, or for a head in the older whole-state layout)."""
         if not head.startswith(_MAGIC):  # the whole state, as RedisStore wrote it
@@ -252,7 +256,7 @@ class RedisClientStates:
         have = 0 if cached is None else cached.rows
         data = b""
         if rows > have:
-            data = conn.getrange(self.rows_prefix + key, have * width, rows * width - 1)
+            data = self.client.getrange(self.rows_prefix + key, have * width, rows * width - 1)
             if len(data) != (rows - have) * width:
                 raise _RowsMoved(f"The stored rows of client {key!r} do not match its state "
                                        f"({len(data)} bytes for {rows - have} rows of {dim} features).")
@@ -297,6 +301,14 @@ class RedisClientStates:
             self._cache.drop(key)
         else:
             self._cache.put(key, entry)
+
+
+def _expected(head: bytes | None) -> tuple[bytes, bytes]:
+    """What the compare-and-set compares with the stored head, and how: nothing (no head yet), the stamp of a
+    head in this layout, or the whole value of one in the older layout."""
+    if head is None:
+        return b"", b"stamp"
+    return (head[:_STAMP], b"stamp") if head.startswith(_MAGIC) else (head, b"whole")
 
 
 def _epoch() -> str:

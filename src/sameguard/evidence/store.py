@@ -17,7 +17,6 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import safetensors.numpy
-import safetensors.torch
 import torch
 
 from ..api import SameguardError
@@ -102,14 +101,10 @@ def pack(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> bytes:
     """Tensors (safetensors) plus a JSON-serialisable ``header``, as one ``bytes`` value.
 
     Written through NumPy (``safetensors.numpy``: the same format, several times faster than
-    ``safetensors.torch`` for a per-query state of a few small arrays); a dtype NumPy lacks (bfloat16)
-    goes through ``safetensors.torch``."""
-    metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True)}
-    cpu = {name: t.detach().to("cpu") for name, t in tensors.items()}
-    if any(t.dtype == torch.bfloat16 for t in cpu.values()):
-        return safetensors.torch.save({name: t.contiguous() for name, t in cpu.items()}, metadata=metadata)
-    return safetensors.numpy.save({name: np.ascontiguousarray(t.numpy()) for name, t in cpu.items()},
-                                  metadata=metadata)
+    ``safetensors.torch`` for a per-query state of a few small arrays); the states hold float and integer
+    tensors only."""
+    return safetensors.numpy.save({name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in tensors.items()},
+                                  metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
 
 
 def unpack(data: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -126,12 +121,8 @@ def unpack(data: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, An
     data = bytes(data)
     try:
         length = int.from_bytes(data[:8], "little")
-        described = json.loads(data[8:8 + length])
-        header = json.loads(described["__metadata__"][_HEADER_KEY])
-        if any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in described.values()):
-            tensors = safetensors.torch.load(data)
-        else:  # NumPy's reader: the same tensors, faster (see pack)
-            tensors = {name: torch.from_numpy(a) for name, a in safetensors.numpy.load(data).items()}
+        header = json.loads(json.loads(data[8:8 + length])["__metadata__"][_HEADER_KEY])
+        tensors = {name: torch.from_numpy(a) for name, a in safetensors.numpy.load(data).items()}
     except Exception as exc:  # noqa: BLE001 - malformed bytes raise many kinds of errors
         raise StateFormatError(f"These bytes are not a serialised sameguard state ({exc}).") from None
     if not isinstance(header, dict) or header.get("format") != fmt:

@@ -229,7 +229,9 @@ class MemoryServiceStore(_LimitsMixin):
             return self._kv.setdefault(namespace, InMemoryStore())
 
     def client_states(self, namespace: str = "alarms") -> StateStore:
-        return self.kv(namespace, _unused, _unused)
+        from ..evidence import ClientState
+
+        return self.kv(namespace, ClientState.to_bytes, ClientState.from_bytes)
 
     def ping(self) -> None:
         return None
@@ -361,10 +363,6 @@ class RedisServiceStore(_LimitsMixin):
 
     def close(self) -> None:
         self.client.close()
-
-
-def _unused(value: Any) -> Any:
-    raise AssertionError("An in-memory store keeps values as they are; nothing is encoded.")
 
 
 def redact_store_url(url: str) -> str:
