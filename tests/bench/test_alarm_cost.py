@@ -65,9 +65,11 @@ def test_measure_and_cli(capsys, monkeypatch, networks):
     assert r["ms_guard"] > 0 and r["ratio"] == pytest.approx(r["ms_guard_with_alarms"] / r["ms_guard"])
     assert r["cpu_guard"] > 0 and r["cpu_ratio"] == pytest.approx(r["cpu_guard_with_alarms"] / r["cpu_guard"])
     assert "function calls" in r["profile"] and "tottime" in r["profile"]
+    assert 0 < r["cpu_update"] < r["cpu_guard_with_alarms"]  # the alarms' update, timed inside the guard
     assert alarm_cost.main(["--queries", "2", "--client-history", "3", "--calibration", "60", "--no-stream"]) == 0
     out = capsys.readouterr().out
     assert "| SAME alone |" in out and "| ratio |" in out and "stream test off" in out and "median CPU ms" in out
+    assert "inside the alarms' update" in out
     assert alarm_cost.main(["--queries", "2", "--batch", "3", "--client-history", "3", "--calibration", "60"]) == 0
     assert "calls of 3 images" in capsys.readouterr().out
 

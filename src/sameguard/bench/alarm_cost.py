@@ -12,7 +12,8 @@ with the per-client alarms (the guard the benchmark builds, :func:`alarm_guard`)
 two query by query so that machine noise hits both alike, and prints the medians in milliseconds
 and their ratio as a Markdown table (with the 10th percentiles, less sensitive to a busy machine,
 and the medians of the process's CPU time, which other processes do not inflate: with
-``--threads 1`` the figure to compare on a shared machine);
+``--threads 1`` the figure to compare on a shared machine), and the median CPU time spent inside
+:meth:`ClientAlarms.update <sameguard.alarms.ClientAlarms.update>` (the alarms' own work in a request);
 ``--profile`` adds a cProfile top list of the guard with the alarms.
 
 The timed client first sends ``--client-history`` earlier queries (in batches), because the stream
@@ -169,7 +170,10 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
         ``{"ms_guard", "ms_guard_with_alarms", "ratio"}`` (medians), the same for the 10th
         percentiles (``"p10_guard"``, ...: less sensitive to a busy machine, whose preemptions only
         add time), the medians of the process's CPU time (``"cpu_guard"``, ``"cpu_guard_with_alarms"``,
-        ``"cpu_ratio"``: robust to other processes; exact with one torch thread), and ``"profile"``
+        ``"cpu_ratio"``: robust to other processes; exact with one torch thread), ``"cpu_update"`` (the median
+        CPU milliseconds spent inside :meth:`ClientAlarms.update <sameguard.alarms.ClientAlarms.update>`, the
+        alarms' whole work in a request: their scorers after the shared forward passes, p-values, stream
+        test and martingales), and ``"profile"``
         (cProfile's top list as text, or ``None``).
     """
     victim, scorers = build_networks(seed)
@@ -183,7 +187,12 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
         for start in range(0, client_history, 100):
             guard.protect(history[start:start + 100], "timing")
     x = _random_images(queries * batch, generator)
-    timings = alternate_timings({"guard": plain, "guard_with_alarms": guarded}, x, batch=batch)
+    inside = _time_calls(guarded.alarms, "update")
+    try:
+        timings = alternate_timings({"guard": plain, "guard_with_alarms": guarded}, x, batch=batch)
+    finally:
+        del guarded.alarms.update  # the class's method again
+
     ms = {name: float(np.median(t["wall"])) for name, t in timings.items()}
     p10 = {name: float(np.percentile(t["wall"], 10)) for name, t in timings.items()}
     cpu = {name: float(np.median(t["cpu"])) for name, t in timings.items()}
@@ -203,7 +212,23 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
             "p10_guard_with_alarms": p10["guard_with_alarms"],
             "p10_ratio": p10["guard_with_alarms"] / p10["guard"], "cpu_guard": cpu["guard"],
             "cpu_guard_with_alarms": cpu["guard_with_alarms"], "cpu_ratio": cpu["guard_with_alarms"] / cpu["guard"],
-            "profile": text}
+            "cpu_update": float(np.median(inside)), "profile": text}
+
+
+def _time_calls(owner: Any, name: str) -> list[float]:
+    """Wrap ``owner``'s method ``name`` (an instance attribute) so that each call appends its process CPU
+    milliseconds to the returned list."""
+    method, times = getattr(owner, name), []
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            times.append(1000 * (time.process_time() - start))
+
+    setattr(owner, name, timed)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| SAME + alarms (SAME, s2, MSP, Energy{', stream' if args.stream else ''}) | "
           f"{r['ms_guard_with_alarms']:.2f} | {r['p10_guard_with_alarms']:.2f} | {r['cpu_guard_with_alarms']:.2f} |")
     print(f"| ratio | {r['ratio']:.3f} (+{100 * (r['ratio'] - 1):.1f} %) | {r['p10_ratio']:.3f} "
-          f"(+{100 * (r['p10_ratio'] - 1):.1f} %) | {r['cpu_ratio']:.3f} (+{100 * (r['cpu_ratio'] - 1):.1f} %) |",
-          flush=True)
+          f"(+{100 * (r['p10_ratio'] - 1):.1f} %) | {r['cpu_ratio']:.3f} (+{100 * (r['cpu_ratio'] - 1):.1f} %) |")
+    print(f"| of which inside the alarms' update (ClientAlarms.update) | | | {r['cpu_update']:.2f} |", flush=True)
     if r["profile"] is not None:
         print("\n" + r["profile"], flush=True)
     return 0
