@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 from ...prediction_api import BudgetExceededError
 from ..challenges import ChallengeError
-from ..dependencies import ApiKeyDep, AuditDep, RateLimitedBatchDep, RequestAudit, StateDep
+from ..dependencies import ApiKeyDep, PredictDep, RequestAudit, StateDep
 from ..errors import ERROR_RESPONSES
 from ..schemas import AlarmedError, ChallengeResponse, ModelInfo, PredictResponse
 from ..state import ServiceState
@@ -75,15 +75,18 @@ def model_info(key: ApiKeyDep, state: StateDep) -> dict[str, Any]:
                         **ERROR_RESPONSES,
                         ALARMED_STATUS: {"model": AlarmedError, "description": "this API key is alarmed (reject "
                                                                                "policy), or a proof-of-work error"}})
-async def predict(request: Request, key: ApiKeyDep, batch: RateLimitedBatchDep, state: StateDep,
-                  audit: AuditDep) -> JSONResponse:
+async def predict(request: Request, inputs: PredictDep) -> JSONResponse:
     """Classify a batch of images (JSON or PNG upload); see the module documentation."""
+    key, batch, state, audit = inputs.key, inputs.batch, inputs.state, inputs.audit
     rid = request.state.request_id
-    try:
-        verdict = await run_in_threadpool(state.guard.protect, batch.images, key.name, request_id=rid)
+    try:  # one hop to a worker thread for the decision and its audit rows
+        verdict, event = await run_in_threadpool(_decide_and_audit, state, audit, key.name, batch.images, rid)
     except BudgetExceededError as exc:
         raise HTTPException(429, str(exc)) from None
-    await _audit_with_alarm(state, audit, key.name, verdict)
+    if event is not None:
+        state.metrics.alarms.inc()
+        logger.warning("Client %r alarmed as a model-extraction attacker after %s queries (evidence 10^%.2f)",
+                       key.name, event.queries, event.evidence if event.evidence is not None else math.nan)
     state.metrics.observe_decisions(verdict.decisions)
     body = answer_body(verdict, batch.output, rid)
     if verdict.work_bits > 0:
@@ -98,19 +101,20 @@ async def predict(request: Request, key: ApiKeyDep, batch: RateLimitedBatchDep, 
     return JSONResponse(body)
 
 
-async def _audit_with_alarm(state: ServiceState, audit: RequestAudit, client: str, verdict: Any) -> None:
-    """Write the batch's audit rows, and the alarm event when this batch raised the client's alarm."""
+def _decide_and_audit(state: ServiceState, audit: RequestAudit, client: str, images: Any,
+                      request_id: str) -> tuple[Any, Any]:
+    """On a worker thread: ``guard.protect`` of the batch, then its audit rows and, when this batch raised
+    the client's alarm, the alarm event (one transaction; 503 when it cannot be written, and the alarm
+    is recorded again by the next batch). Returns ``(verdict, event or None)``."""
+    verdict = state.guard.protect(images, client, request_id=request_id)
     event = state.alarm_ledger.raised(state.guard.alarms, client, verdict.decisions, audit.request_id)
     try:
-        await audit.decisions(verdict.decisions, () if event is None else (event,))
+        audit.decisions_now(verdict.decisions, () if event is None else (event,))
     except HTTPException:
         if event is not None:
             state.alarm_ledger.undo(event)
         raise
-    if event is not None:
-        state.metrics.alarms.inc()
-        logger.warning("Client %r alarmed as a model-extraction attacker after %s queries (evidence 10^%.2f)",
-                       client, event.queries, event.evidence if event.evidence is not None else math.nan)
+    return verdict, event
 
 
 def alarm_notice(state: ServiceState, client: str, decisions: Any) -> dict[str, Any]:
