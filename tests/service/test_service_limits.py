@@ -97,3 +97,49 @@ def test_refusals_come_before_the_body_is_read(make_app, kit):
         assert r.status_code == 429 and "Rate limit" in r.json()["detail"]
         assert r.headers["X-Request-ID"] == r.json()["request_id"]
         assert client.get("/v1/model").status_code == 200  # other endpoints only count requests
+
+
+def test_with_a_shared_store_a_refusal_that_empties_the_window_turns_the_next_bodies_away_unread(make_app, kit,
+                                                                                                   redis_server):
+    app, token = make_app("monitor", state_url=redis_server.url, state_prefix=redis_server.prefix, rate_burst=2,
+                          rate_per_second=0.01)
+    limiter = app.state.sameguard.limiter
+    with TestClient(app) as client:
+        client.headers["X-API-Key"] = token
+        assert client.post("/v1/predict", json=_b64(kit.dark(2))).status_code == 200
+        assert not limiter.exhausted("alice")  # emptied by a grant: no round trip tells this worker
+        bad = {"content": b"{not json", "headers": {"Content-Type": "application/json"}}
+        assert client.post("/v1/predict", **bad).status_code in (400, 422)  # decoded, so refused as malformed
+        r = client.post("/v1/predict", json=_b64(kit.dark(1)))  # the image charge refuses: the window is empty
+        assert r.status_code == 429
+        assert limiter.exhausted("alice")
+        r = client.post("/v1/predict", **bad)  # now turned away before its body is read
+        assert r.status_code == 429 and "Rate limit" in r.json()["detail"]
+        assert int(r.headers["Retry-After"]) >= 1
+        limiter._empty_until["alice"] = 0.0  # the remembered wait is over
+        assert not limiter.exhausted("alice") and "alice" not in limiter._empty_until
+    assert app.state.sameguard.audit.count() == 2
+
+
+def test_a_refused_batch_that_leaves_room_is_not_remembered(make_app, kit, redis_server):
+    app, token = make_app("monitor", state_url=redis_server.url, state_prefix=redis_server.prefix, rate_burst=3,
+                          rate_per_second=0.01)
+    with TestClient(app) as client:
+        client.headers["X-API-Key"] = token
+        assert client.post("/v1/predict", json=_b64(kit.dark(2))).status_code == 200
+        assert client.post("/v1/predict", json=_b64(kit.dark(2))).status_code == 429  # 1 image left, 2 asked
+        assert not app.state.sameguard.limiter.exhausted("alice")
+        assert client.post("/v1/predict", json=_b64(kit.dark(1))).status_code == 200  # the one image left
+
+
+def test_a_prediction_verifies_its_key_once(make_app, kit, monkeypatch):
+    app, token = make_app("monitor")
+    keys = app.state.sameguard.keys
+    calls = []
+    verify = keys.verify
+    monkeypatch.setattr(keys, "verify", lambda t: calls.append(t) or verify(t))
+    with TestClient(app) as client:
+        r = client.post("/v1/predict", json=_b64(kit.dark(1)), headers={"X-API-Key": token})
+        assert r.status_code == 200
+        assert calls == [token]
+        assert client.post("/v1/predict", json=_b64(kit.dark(1)), headers={"X-API-Key": "sg_nope"}).status_code == 401
