@@ -10,7 +10,7 @@ import torch
 
 from sameguard.alarms import ClientAlarms
 from sameguard.detectors import EnergyDetector, MSPDetector
-from sameguard.forward_memo import memoized, shared_forward, sharing_active
+from sameguard.forward_memo import memoized, remember, shared_forward, sharing_active
 from sameguard.guard import Guard
 
 
@@ -126,3 +126,17 @@ def test_images_are_validated_once_per_request_and_again_after_an_in_place_chang
             check_images(y, (1, 4, 4))
         with pytest.raises(ValueError, match=r"values in \[-1, 1\]"):
             check_images(y, (1, 4, 4))  # a refusal is never cached
+
+
+def test_remember_seeds_a_result_only_inside_shared_forward():
+    x = torch.ones(2, 3)
+    owner = object()
+    remember((owner,), x, "outside")  # no request: nothing is kept
+    with shared_forward():
+        assert memoized((owner,), x, lambda: "computed") == "computed"
+    with shared_forward():
+        remember((owner,), x, "seeded")
+        assert memoized((owner,), x, lambda: "computed") == "seeded"
+        assert memoized((owner,), x.clone(), lambda: "computed") == "computed"  # another tensor
+    with shared_forward():
+        assert memoized((owner,), x, lambda: "computed") == "computed"  # emptied at the end of the request

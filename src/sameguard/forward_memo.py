@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["memoized", "shared_forward", "sharing_active"]
+__all__ = ["memoized", "remember", "shared_forward", "sharing_active"]
 
 T = TypeVar("T")
 
@@ -82,6 +82,16 @@ def memoized(owners: tuple[object, ...], x: torch.Tensor, compute: Callable[[], 
     # The entry holds the owners and the input, so that their ids and memory cannot be reused meanwhile.
     _local.entries[key] = (owners, x, value)
     return value
+
+
+def remember(owners: tuple[object, ...], x: torch.Tensor, value: Any) -> None:
+    """Record ``value`` as the result for ``owners`` on ``x``, for a later :func:`memoized` call in this
+    request (nothing outside :func:`shared_forward`): a result computed elsewhere, e.g. this request's
+    rows of a batched call."""
+    if not getattr(_local, "depth", 0):
+        return
+    key = (_signature(x), tuple([("=", o) if o.__class__ in _PLAIN_TYPES else ("is", id(o)) for o in owners]))
+    _local.entries[key] = (owners, x, value)
 
 
 #: Option values compared by value (``==``) in a key; any other owner is compared by identity. The exact

@@ -8,6 +8,7 @@ writes one audit row per query.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -96,7 +97,8 @@ def test_batched_guard_gives_each_request_its_unbatched_answer_and_accounting(ti
     finally:
         unbatch_guard(batched)
     assert "logits" not in vars(tiny_victim) and "score" not in vars(tiny_same)
-    assert batchers["detector"].stats["batches"] < 8  # requests did share forward passes
+    assert set(batchers) == {"guard"}  # the victim and the detector together
+    assert batchers["guard"].stats["batches"] < 8  # requests did share forward passes
     for e, g in zip(expected, got):
         assert torch.allclose(g.probabilities, e.probabilities, atol=1e-6)
         assert [d.score for d in g.decisions] == pytest.approx([d.score for d in e.decisions], abs=1e-5)
@@ -134,8 +136,72 @@ def test_live_service_with_batching_audits_every_query(make_app, kit):
             assert torch.allclose(torch.tensor(a["predictions"][0]), expected[i], atol=1e-6)
         else:
             assert a["predictions"] == [None] and a["refused"] == [0]
-    assert batchers["victim"].stats["calls"] >= 12  # every request went through the batcher
+    assert batchers["guard"].stats["calls"] >= 12  # every request went through the batcher
     engine = app.state.sameguard.audit.engine
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(audit_log)).scalar_one() == 12
         assert conn.execute(select(func.count(func.distinct(audit_log.c.request_id)))).scalar_one() == 12
+
+
+def test_batcher_splits_tuples_and_runs_one_shared_call_at_a_time():
+    running, peak, sizes = [0], [0], []
+    lock = threading.Lock()
+
+    def fn(x):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            sizes.append(int(x.shape[0]))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return x.sum(1), -x[:, 0]
+
+    batcher = DynamicBatcher(fn, max_batch=64, max_wait_s=0.001)
+    xs = [torch.full((1, 2), float(i)) for i in range(12)]
+    got = _concurrently([lambda x=x: batcher(x) for x in xs])
+    for i, (total, first) in enumerate(got):
+        assert torch.equal(total, torch.tensor([2.0 * i])) and torch.equal(first, torch.tensor([-float(i)]))
+    assert peak[0] == 1  # never two shared calls at once
+    assert sum(sizes) == 12 and len(sizes) < 12  # calls that came during a run joined the next round
+
+
+def test_joint_batching_runs_the_victim_once_per_image(tiny_victim, tiny_same, fmnist_small):
+    images = fmnist_small[1].images[:16]
+    guard = Guard(tiny_victim, tiny_same, "monitor", keep_decisions=0)
+    rows = []
+    forward = tiny_victim.model.forward
+    tiny_victim.model.forward = lambda x: rows.append(int(x.shape[0])) or forward(x)
+    try:
+        batchers = batch_guard(guard, max_batch=64, max_wait_s=0.1)
+        try:
+            got = _concurrently([lambda i=i: guard.protect(images[2 * i:2 * i + 2], "c") for i in range(8)])
+        finally:
+            unbatch_guard(guard)
+    finally:
+        del tiny_victim.model.forward
+    assert sum(rows) == 16  # the detector reused the victim's logits of the shared call
+    assert batchers["guard"].stats == {"calls": 8, "batches": len(rows), "images": 16}
+    plain = [Guard(tiny_victim, tiny_same, "monitor").protect(images[2 * i:2 * i + 2], "c") for i in range(8)]
+    for g, e in zip(got, plain):
+        assert [d.score for d in g.decisions] == pytest.approx([d.score for d in e.decisions], abs=1e-5)
+    assert "logits" not in vars(tiny_victim) and "score" not in vars(tiny_same)
+    # Outside a request the wrappers are plain calls: the detector scores on its own.
+    expected = tiny_same.score(images[:3])
+    batch_guard(guard, max_batch=64, max_wait_s=0.05)
+    try:
+        assert torch.allclose(tiny_same.score(images[:3]), expected, atol=1e-6)
+    finally:
+        unbatch_guard(guard)
+
+
+def test_a_stateful_detector_leaves_only_the_victim_batched(tiny_victim):
+    from sameguard.detectors import build_detector
+
+    guard = Guard(tiny_victim, build_detector("prada").fit(tiny_victim), "monitor")
+    batchers = batch_guard(guard, max_wait_s=0.01)
+    try:
+        assert set(batchers) == {"victim"} and "score" not in vars(guard.detector)
+    finally:
+        unbatch_guard(guard)
+    assert "logits" not in vars(tiny_victim)

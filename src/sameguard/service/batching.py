@@ -2,13 +2,16 @@
 
 Each request still runs :meth:`Guard.protect <sameguard.guard.Guard.protect>` on its own thread,
 so its API key, rate limits, audit rows and per-client decisions (policy, alarms, query counts)
-are exactly those of an unbatched request. What is shared is the models' work: the victim's
-``logits`` and the detector's ``score`` are wrapped by a :class:`DynamicBatcher`, which holds a
-call for at most ``max_wait_s`` while other threads' calls arrive, runs the function once on the
-concatenated images (at most about ``max_batch`` of them) and hands each caller its own rows, as
-Ray Serve's ``@serve.batch`` and Triton's dynamic batcher do. The models are deterministic per
-image (no batch statistics, no random masks at scoring), so each caller's rows equal an
-unbatched call's up to float rounding (~1e-7).
+are exactly those of an unbatched request. What is shared is the models' work, through a
+:class:`DynamicBatcher`, which holds a call for at most ``max_wait_s`` while other threads' calls
+arrive, runs the function once on the concatenated images (at most about ``max_batch`` of them)
+and hands each caller its own rows, as Ray Serve's ``@serve.batch`` and Triton's dynamic batcher
+do. A guard with a (per-query) detector is batched *jointly*: the victim's ``logits`` and the
+detector's ``score`` of the concatenation are computed in one shared call, in which the detector
+reuses the victim's logits (:mod:`sameguard.forward_memo`), so a request waits for one round and
+the victim runs once per image; the request's own ``detector.score(x)`` then finds its rows. The
+models are deterministic per image (no batch statistics, no random masks at scoring), so each
+caller's rows equal an unbatched call's up to float rounding (~1e-7).
 
 A call of ``max_batch`` images or more runs alone, at once. If the shared call fails, each
 caller's images are run again on their own, so one request's failure stays its own.
@@ -22,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ..forward_memo import memoized, remember, shared_forward
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +47,12 @@ class DynamicBatcher:
     """Merge concurrent calls ``fn(x)`` (``x``: ``(N, ...)`` tensors) into one call on ``torch.cat``.
 
     The first caller of a round becomes its *leader*: it waits until ``max_batch`` images are
-    queued or ``max_wait_s`` has passed, takes every queued call, runs ``fn`` once and splits the
-    result by rows; the others wait for their rows. ``fn`` must return a tensor whose first
-    dimension is the number of images, row ``i`` depending on image ``i`` only.
+    queued or ``max_wait_s`` has passed, and until the previous round's shared call has finished
+    (one shared call at a time, as Ray Serve's ``max_concurrent_batches=1``: the calls that arrive
+    meanwhile join this round instead of starting small rounds of their own), takes every queued call,
+    runs ``fn`` once and splits the result by rows; the others wait for their rows. ``fn`` must return a tensor whose first
+    dimension is the number of images, row ``i`` depending on image ``i`` only, or a tuple of such
+    tensors (each caller gets the tuple of its rows).
 
     Args:
         fn: the function to batch (e.g. ``detector.score``).
@@ -70,6 +78,7 @@ class DynamicBatcher:
         self._queue: list[_Call] = []
         self._queued = 0
         self._full = threading.Event()
+        self._running = threading.Lock()  # held by the leader whose shared call runs
         self.stats = {"calls": 0, "batches": 0, "images": 0}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,9 +96,10 @@ class DynamicBatcher:
                 self._full.set()
         if leader:
             self._full.wait(self.max_wait_s)
-            with self._lock:
-                calls, self._queue, self._queued = self._queue, [], 0
-            self._run(calls)
+            with self._running:
+                with self._lock:
+                    calls, self._queue, self._queued = self._queue, [], 0
+                self._run(calls)
         call.done.wait()
         if call.error is not None:
             raise call.error
@@ -106,11 +116,14 @@ class DynamicBatcher:
                 calls[0].result = self.fn(calls[0].x)
             else:
                 out = self.fn(torch.cat([c.x for c in calls]))
-                if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != sum(sizes):
-                    raise ValueError(f"{self.name or 'the batched function'} returned "
-                                     f"{tuple(getattr(out, 'shape', ()))} for {sum(sizes)} images")
-                for c, part in zip(calls, torch.split(out, sizes)):
-                    c.result = part
+                parts = out if isinstance(out, tuple) else (out,)
+                for part in parts:
+                    if not isinstance(part, torch.Tensor) or part.dim() == 0 or part.shape[0] != sum(sizes):
+                        raise ValueError(f"{self.name or 'the batched function'} returned "
+                                         f"{tuple(getattr(part, 'shape', ()))} for {sum(sizes)} images")
+                rows = list(zip(*(torch.split(part, sizes) for part in parts)))
+                for c, own in zip(calls, rows):
+                    c.result = own if isinstance(out, tuple) else own[0]
         except BaseException as exc:  # noqa: BLE001 - each caller gets its own outcome below
             if len(calls) == 1:
                 calls[0].error = exc
@@ -127,33 +140,94 @@ class DynamicBatcher:
                 c.done.set()
 
 
+_inside = threading.local()  # .depth > 0 on a thread running a joint batch (its nested calls go straight through)
+
+
+class _JointForward:
+    """The function a joint batcher runs: the victim's logits and the detector's scores of one batch, the
+    detector reusing the victim's forward pass (one :func:`~sameguard.forward_memo.shared_forward`)."""
+
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], score: Callable[[torch.Tensor], Any]) -> None:
+        self.logits, self.score = logits, score
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _inside.depth = getattr(_inside, "depth", 0) + 1
+        try:
+            with torch.no_grad(), shared_forward():
+                logits = self.logits(x)
+                scores = torch.as_tensor(self.score(x))
+        finally:
+            _inside.depth -= 1
+        return logits, scores
+
+
+class _BatchedLogits:
+    """``victim.logits`` of a jointly batched guard: the request's rows of the shared call; the request's
+    detector scores are left in its :func:`~sameguard.forward_memo.shared_forward` for
+    :class:`_BatchedScore`. Inside the shared call itself (the detector asking the victim), the victim's own
+    ``logits``."""
+
+    def __init__(self, batcher: DynamicBatcher, logits: Callable[[torch.Tensor], torch.Tensor],
+                 score_key: object) -> None:
+        self.batcher, self.logits, self.score_key = batcher, logits, score_key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(_inside, "depth", 0):
+            return self.logits(x)
+        return memoized((self,), x, lambda: self._shared(x))  # once per request, whoever asks
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        logits, scores = self.batcher(x)
+        remember((self.score_key,), x, scores)
+        return logits
+
+
+class _BatchedScore:
+    """``detector.score`` of a jointly batched guard: the rows the request's victim call brought back with
+    its logits, else (another tensor, or outside a request) the detector's own ``score``."""
+
+    def __init__(self, score: Callable[[torch.Tensor], Any]) -> None:
+        self.score = score
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        if getattr(_inside, "depth", 0):
+            return self.score(x)
+        return memoized((self,), x, lambda: self.score(x))
+
+
 def batch_guard(guard: Any, *, max_batch: int = 64, max_wait_s: float = 0.002) -> dict[str, DynamicBatcher]:
     """Batch ``guard``'s victim (``logits``) and detector (``score``) across concurrent requests, in place.
 
-    Per instance: the objects' classes, weights and versions are untouched. A stateful detector
-    (``observe(x, client)``) is not batched (its state is per client). Returns the batchers by
-    name (``"victim"``, ``"detector"``) for their :attr:`~DynamicBatcher.stats`;
-    :func:`unbatch_guard` undoes it.
+    Per instance: the objects' classes, weights and versions are untouched. With a per-query detector
+    both are batched jointly (one shared call computes both, the victim once per image; see the module
+    documentation); with no detector, or a stateful one (``observe(x, client)``, its state is per client),
+    the victim alone. Returns the batcher by name (``"guard"`` joint, or ``"victim"``) for its
+    :attr:`~DynamicBatcher.stats`; :func:`unbatch_guard` undoes it.
     """
     from ..api import StatefulDetector
 
-    batchers: dict[str, DynamicBatcher] = {}
     victim, detector = guard.victim, guard.detector
-    if callable(getattr(victim, "logits", None)) and "logits" not in vars(victim):
-        batchers["victim"] = DynamicBatcher(victim.logits, max_batch=max_batch, max_wait_s=max_wait_s, name="victim")
-        victim.logits = batchers["victim"]
+    if not callable(getattr(victim, "logits", None)) or "logits" in vars(victim):
+        logger.info("Dynamic batching of nothing: the victim has no logits(x) to batch, or is batched already.")
+        return {}
     if detector is not None and not isinstance(detector, StatefulDetector) and "score" not in vars(detector) \
             and callable(getattr(detector, "score", None)):
-        batchers["detector"] = DynamicBatcher(detector.score, max_batch=max_batch, max_wait_s=max_wait_s,
-                                              name="detector")
-        detector.score = batchers["detector"]
-    logger.info("Dynamic batching of %s: at most %d images, %.1f ms wait", ", ".join(batchers) or "nothing",
-                max_batch, 1000 * max_wait_s)
+        batcher = DynamicBatcher(_JointForward(victim.logits, detector.score), max_batch=max_batch,
+                                 max_wait_s=max_wait_s, name="guard")
+        score = _BatchedScore(detector.score)
+        victim.logits = _BatchedLogits(batcher, victim.logits, score)
+        detector.score = score
+        batchers = {"guard": batcher}
+    else:
+        batchers = {"victim": DynamicBatcher(victim.logits, max_batch=max_batch, max_wait_s=max_wait_s, name="victim")}
+        victim.logits = batchers["victim"]
+    logger.info("Dynamic batching of the %s: at most %d images, %.1f ms wait",
+                "victim and detector together" if "guard" in batchers else "victim", max_batch, 1000 * max_wait_s)
     return batchers
 
 
 def unbatch_guard(guard: Any) -> None:
     """Undo :func:`batch_guard`."""
     for obj, attr in ((guard.victim, "logits"), (guard.detector, "score")):
-        if obj is not None and isinstance(vars(obj).get(attr), DynamicBatcher):
+        if obj is not None and isinstance(vars(obj).get(attr), (DynamicBatcher, _BatchedLogits, _BatchedScore)):
             del obj.__dict__[attr]
