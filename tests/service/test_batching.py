@@ -205,3 +205,31 @@ def test_a_stateful_detector_leaves_only_the_victim_batched(tiny_victim):
     finally:
         unbatch_guard(guard)
     assert "logits" not in vars(tiny_victim)
+
+
+def test_joint_batching_with_alarms_runs_the_victim_once_per_image(tiny_victim, tiny_same, fmnist_small):
+    from sameguard.alarms import ClientAlarms
+    from sameguard.detectors import EnergyDetector, MSPDetector
+
+    test = fmnist_small[1]
+    scorers = {"same": tiny_same, "msp": MSPDetector().fit(tiny_victim), "energy": EnergyDetector().fit(tiny_victim)}
+    alarms = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
+    guard = Guard(tiny_victim, tiny_same, "monitor", alarms=alarms)
+    queries = test.images[400:416]
+    rows = []
+    forward = tiny_victim.model.forward
+    tiny_victim.model.forward = lambda x: rows.append(int(x.shape[0])) or forward(x)
+    try:
+        batch_guard(guard, max_batch=64, max_wait_s=0.1)
+        try:
+            got = _concurrently([lambda i=i: guard.protect(queries[2 * i:2 * i + 2], f"c{i}") for i in range(8)])
+        finally:
+            unbatch_guard(guard)
+    finally:
+        del tiny_victim.model.forward
+    assert sum(rows) == 16  # Energy read the request's rows of the shared call, not the victim again
+    reference = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
+    plain = Guard(tiny_victim, tiny_same, "monitor", alarms=reference)
+    for i, g in enumerate(got):
+        e = plain.protect(queries[2 * i:2 * i + 2], f"c{i}")
+        assert [d.evidence for d in g.decisions] == pytest.approx([d.evidence for d in e.decisions], abs=1e-6)

@@ -113,10 +113,14 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
     def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor | None:
         """:meth:`score` of ``x`` when ``victim`` is the very victim whose logits this detector reads
         (``None`` otherwise): ``victim.logits(x)`` in one call, which inside a guarded request is the
-        forward pass the guard already ran (:mod:`sameguard.forward_memo`), then the energy."""
-        if self.logits_fn_ is None or self.logits_fn_ != getattr(victim, "logits", None):
+        forward pass the guard already ran (:mod:`sameguard.forward_memo`), then the energy. A victim
+        whose ``logits`` a service wrapped (dynamic batching: the wrapper's ``__wrapped__`` is this
+        detector's function) is asked through the wrapper, which holds the request's rows."""
+        logits = getattr(victim, "logits", None)
+        if self.logits_fn_ is None or (logits != self.logits_fn_ and
+                                       getattr(logits, "__wrapped__", None) != self.logits_fn_):
             return None
-        return self._energies(x)
+        return self._energies(x, logits)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +129,10 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
         x = check_images(x, self.image_shape_)
         return predict_in_batches(self._energies, x, self.batch_size)
 
-    def _energies(self, b: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` energies of one batch ``b`` from the victim's logits, their shape checked."""
-        logits = torch.as_tensor(self.logits_fn_(b)).detach().cpu()
+    def _energies(self, b: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``(N,)`` energies of one batch ``b`` from the victim's logits (``logits_fn``, by default the
+        fitted victim's), their shape checked."""
+        logits = torch.as_tensor((logits_fn or self.logits_fn_)(b)).detach().cpu()
         if logits.dim() != 2 or len(logits) != len(b):
             raise ValueError(f"The victim's logits have shape {tuple(logits.shape)}; expected ({len(b)}, K).")
         return energy_score(logits, self.temperature)

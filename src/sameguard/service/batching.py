@@ -170,6 +170,7 @@ class _BatchedLogits:
     def __init__(self, batcher: DynamicBatcher, logits: Callable[[torch.Tensor], torch.Tensor],
                  score_key: object) -> None:
         self.batcher, self.logits, self.score_key = batcher, logits, score_key
+        self.__wrapped__ = logits  # what a scorer of this victim's logits (Energy) recognises
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(_inside, "depth", 0):
