@@ -74,6 +74,20 @@ def test_measure_and_cli(capsys, monkeypatch, networks):
     assert "calls of 3 images" in capsys.readouterr().out
 
 
+def test_free_scorers_skips_the_other_scorers_in_the_timed_queries(capsys, monkeypatch, networks):
+    victim, scorers = networks
+    monkeypatch.setattr(alarm_cost, "build_networks", lambda seed=0: networks)
+    calls = []
+    energy = scorers["Energy"]
+    monkeypatch.setattr(energy, "score_victim_outputs", lambda v, x, p: calls.append(len(x)) or torch.zeros(len(x)))
+    alarm_cost.measure(queries=3, client_history=5, calibration=60)
+    assert calls == [5, 1, 1, 1, 1]  # the history batch, the warm-up and the 3 timed queries: Energy scored each
+    calls.clear()
+    assert alarm_cost.main(["--queries", "3", "--client-history", "5", "--calibration", "60", "--free-scorers"]) == 0
+    assert calls == [5]  # the history batch only: not the warm-up or the timed queries
+    assert "not run (--free-scorers)" in capsys.readouterr().out
+
+
 def test_bad_options_are_one_sentence_and_status_2():
     """Run as a script, a bad option is a usage error, not a traceback."""
     import subprocess

@@ -1,7 +1,7 @@
 """What the per-client alarms add to a single-image query through the guard, measured on its own::
 
     python -m sameguard.bench.alarm_cost [--queries 300] [--client-history 1000] [--no-stream]
-        [--stream-pool-size 14|none] [--profile]
+        [--stream-pool-size 14|none] [--profile] [--free-scorers]
 
 Builds the ``standard`` profile's architectures with untrained (or barely trained) weights, since
 timing does not depend on them: the victim ``conv3`` for 28x28x1 images, SAME with the ``cpu``
@@ -153,7 +153,7 @@ def build_networks(seed: int = 0, fit_images: int = 256) -> tuple[Victim, dict[s
 
 def measure(*, queries: int = 300, stream: bool = True, client_history: int = 1000, calibration: int = 500,
             delta: float = 1e-3, seed: int = 0, profile: bool = False, batch: int = 1,
-            stream_pool_size: int | None = DEFAULT_POOL_SIZE) -> dict[str, Any]:
+            stream_pool_size: int | None = DEFAULT_POOL_SIZE, free_scorers: bool = False) -> dict[str, Any]:
     """Time queries through the guard with SAME alone and with the alarms.
 
     Args:
@@ -165,6 +165,9 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
         delta, seed: the alarms' settings.
         profile: also profile ``queries`` more single-image queries of the guard with the alarms.
         stream_pool_size: the stream test's ``pool_size`` (``None``: every pixel).
+        free_scorers: a diagnostic: the alarms' scorers other than the guard's detector (s2, MSP, Energy)
+            are not run during the timed queries, their scores replaced by zeros, so that the figures show
+            what the rest of the alarms (p-values, stream test, martingales, state) costs on its own.
 
     Returns:
         ``{"ms_guard", "ms_guard_with_alarms", "ratio"}`` (medians), the same for the 10th
@@ -187,6 +190,8 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
         for start in range(0, client_history, 100):
             guard.protect(history[start:start + 100], "timing")
     x = _random_images(queries * batch, generator)
+    if free_scorers:  # an instance attribute: this guard's alarms only
+        guarded.alarms._scores = lambda scorer, images, probs: torch.zeros(len(images), dtype=torch.float64)
     inside = _time_calls(guarded.alarms, "update")
     try:
         timings = alternate_timings({"guard": plain, "guard_with_alarms": guarded}, x, batch=batch)
@@ -249,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="add a cProfile top list of the guard with the alarms")
+    p.add_argument("--free-scorers", action="store_true",
+                   help="diagnostic: do not run the alarms' other scorers (s2, MSP, Energy) in the timed queries, "
+                        "zeros instead, to see what the rest of the alarms costs on its own")
     args = p.parse_args(argv)
     if (args.queries < 1 or args.batch < 1 or args.client_history < 0 or args.calibration < 2
             or (args.threads is not None and args.threads < 1)):
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sameguard.evidence.conformal").setLevel(logging.ERROR)  # random labels: small classes
     r = measure(queries=args.queries, stream=args.stream, client_history=args.client_history,
                 calibration=args.calibration, seed=args.seed, profile=args.profile, batch=args.batch,
-                stream_pool_size=args.stream_pool_size)
+                stream_pool_size=args.stream_pool_size, free_scorers=args.free_scorers)
     stream_text = "off" if not args.stream else "on, every pixel" if args.stream_pool_size is None else \
         f"on, images pooled to {args.stream_pool_size}x{args.stream_pool_size}"
     what = "single-image queries" if args.batch == 1 else f"calls of {args.batch} images (times per call)"
@@ -267,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
           f"stream test {stream_text}; torch threads {torch.get_num_threads()}\n")
     print("| guard | median ms | 10th percentile ms | median CPU ms |\n|---|---:|---:|---:|")
     print(f"| SAME alone | {r['ms_guard']:.2f} | {r['p10_guard']:.2f} | {r['cpu_guard']:.2f} |")
-    print(f"| SAME + alarms (SAME, s2, MSP, Energy{', stream' if args.stream else ''}) | "
+    scorers = "SAME; s2, MSP, Energy not run (--free-scorers)" if args.free_scorers else "SAME, s2, MSP, Energy"
+    print(f"| SAME + alarms ({scorers}{', stream' if args.stream else ''}) | "
           f"{r['ms_guard_with_alarms']:.2f} | {r['p10_guard_with_alarms']:.2f} | {r['cpu_guard_with_alarms']:.2f} |")
     print(f"| ratio | {r['ratio']:.3f} (+{100 * (r['ratio'] - 1):.1f} %) | {r['p10_ratio']:.3f} "
           f"(+{100 * (r['p10_ratio'] - 1):.1f} %) | {r['cpu_ratio']:.3f} (+{100 * (r['cpu_ratio'] - 1):.1f} %) |")
