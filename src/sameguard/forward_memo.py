@@ -71,7 +71,7 @@ def memoized(owners: tuple[object, ...], x: torch.Tensor, compute: Callable[[], 
     """
     if not getattr(_local, "depth", 0):  # sharing_active(), inlined: this runs several times per request
         return compute()
-    key = (_signature(x), tuple([("=", o) if o.__class__ in _PLAIN_TYPES else ("is", id(o)) for o in owners]))
+    key = _key(owners, x)
     try:
         entry = _local.entries.get(key)
     except TypeError:  # an unhashable plain option (a tuple holding a list): not shared
@@ -88,10 +88,12 @@ def remember(owners: tuple[object, ...], x: torch.Tensor, value: Any) -> None:
     """Record ``value`` as the result for ``owners`` on ``x``, for a later :func:`memoized` call in this
     request (nothing outside :func:`shared_forward`): a result computed elsewhere, e.g. this request's
     rows of a batched call."""
-    if not getattr(_local, "depth", 0):
-        return
-    key = (_signature(x), tuple([("=", o) if o.__class__ in _PLAIN_TYPES else ("is", id(o)) for o in owners]))
-    _local.entries[key] = (owners, x, value)
+    if getattr(_local, "depth", 0):
+        _local.entries[_key(owners, x)] = (owners, x, value)
+
+
+def _key(owners: tuple[object, ...], x: torch.Tensor) -> tuple[Any, ...]:
+    return _signature(x), tuple([("=", o) if o.__class__ in _PLAIN_TYPES else ("is", id(o)) for o in owners])
 
 
 #: Option values compared by value (``==``) in a key; any other owner is compared by identity. The exact

@@ -49,10 +49,10 @@ class DynamicBatcher:
     The first caller of a round becomes its *leader*: it waits until ``max_batch`` images are
     queued or ``max_wait_s`` has passed, and until the previous round's shared call has finished
     (one shared call at a time, as Ray Serve's ``max_concurrent_batches=1``: the calls that arrive
-    meanwhile join this round instead of starting small rounds of their own), takes every queued call,
-    runs ``fn`` once and splits the result by rows; the others wait for their rows. ``fn`` must return a tensor whose first
-    dimension is the number of images, row ``i`` depending on image ``i`` only, or a tuple of such
-    tensors (each caller gets the tuple of its rows).
+    meanwhile join this round instead of starting small rounds of their own), takes every queued
+    call, runs ``fn`` once and splits the result by rows; the others wait for their rows. ``fn``
+    must return a tensor whose first dimension is the number of images, row ``i`` depending on
+    image ``i`` only, or a tuple of such tensors (each caller gets the tuple of its rows).
 
     Args:
         fn: the function to batch (e.g. ``detector.score``).
@@ -81,7 +81,7 @@ class DynamicBatcher:
         self._running = threading.Lock()  # held by the leader whose shared call runs
         self.stats = {"calls": 0, "batches": 0, "images": 0}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> Any:
         n = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
         if self.max_wait_s <= 0 or n == 0 or n >= self.max_batch:
             return self.fn(x)

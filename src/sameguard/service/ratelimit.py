@@ -92,14 +92,10 @@ class RateLimiter:
             return self.store.remaining(self.images, client) < 1
         with self._lock:
             until = self._empty_until.get(client)
-        if until is None:
-            return False
-        if until > time.monotonic():
-            return True
-        with self._lock:
-            if self._empty_until.get(client) == until:
+            if until is not None and until <= time.monotonic():  # the wait is over: forget it
                 del self._empty_until[client]
-        return False
+                until = None
+        return until is not None
 
 
 class RateLimitMiddleware:
