@@ -18,7 +18,7 @@ def networks():
 
 
 def test_build_networks_has_the_standard_architectures_and_the_combination(networks):
-    _, scorers = networks
+    victim, scorers = networks
     assert (victim.arch, victim.image_shape, victim.num_classes) == ("conv3", (1, 28, 28), 10)
     assert list(scorers) == ["SAME", "SAME s2 only (alpha=0)", "MSP", "Energy"]
     same, s2 = scorers["SAME"], scorers["SAME s2 only (alpha=0)"]
@@ -29,7 +29,7 @@ def test_build_networks_has_the_standard_architectures_and_the_combination(netwo
 
 
 def test_alarm_guard_is_the_benchmark_composition(networks):
-    _, scorers = networks
+    victim, scorers = networks
     cal = torch.rand(120, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
     guard = alarm_cost.alarm_guard(victim, scorers, cal, delta=1e-3, stream=True, seed=0)
     assert isinstance(guard, Guard) and guard.detector is scorers["SAME"]
@@ -40,7 +40,7 @@ def test_alarm_guard_is_the_benchmark_composition(networks):
 
 
 def test_alternate_median_ms_times_every_guard_on_every_query(networks):
-    _, scorers = networks
+    victim, scorers = networks
     calls: list[tuple[str, int]] = []
 
     class Counting(Guard):
