@@ -233,3 +233,23 @@ def test_joint_batching_with_alarms_runs_the_victim_once_per_image(tiny_victim, 
     for i, g in enumerate(got):
         e = plain.protect(queries[2 * i:2 * i + 2], f"c{i}")
         assert [d.evidence for d in g.decisions] == pytest.approx([d.evidence for d in e.decisions], abs=1e-6)
+
+
+def test_calls_queued_during_a_long_run_are_shared_in_rounds_of_at_most_max_batch():
+    sizes = []
+    started = threading.Event()
+
+    def fn(x):
+        sizes.append(int(x.shape[0]))
+        started.set()
+        time.sleep(0.2 if len(sizes) == 1 else 0.01)
+        return x.sum(1)
+
+    batcher = DynamicBatcher(fn, max_batch=4, max_wait_s=0.001)
+    first = threading.Thread(target=batcher, args=(torch.ones(1, 2),))
+    first.start()
+    started.wait(5)  # the first shared call runs; 10 more calls of 1 image queue behind it
+    got = _concurrently([lambda i=i: batcher(torch.full((1, 2), float(i))) for i in range(10)])
+    first.join()
+    assert [g.tolist() for g in got] == [[2.0 * i] for i in range(10)]
+    assert sizes[0] == 1 and sum(sizes) == 11 and max(sizes) <= 4

@@ -50,7 +50,8 @@ class DynamicBatcher:
     queued or ``max_wait_s`` has passed, and until the previous round's shared call has finished
     (one shared call at a time, as Ray Serve's ``max_concurrent_batches=1``: the calls that arrive
     meanwhile join this round instead of starting small rounds of their own), takes every queued
-    call, runs ``fn`` once and splits the result by rows; the others wait for their rows. ``fn``
+    call, runs ``fn`` once per ``max_batch`` images of them and splits the result by rows; the
+    others wait for their rows. ``fn``
     must return a tensor whose first dimension is the number of images, row ``i`` depending on
     image ``i`` only, or a tuple of such tensors (each caller gets the tuple of its rows).
 
@@ -99,7 +100,8 @@ class DynamicBatcher:
             with self._running:
                 with self._lock:
                     calls, self._queue, self._queued = self._queue, [], 0
-                self._run(calls)
+                for part in _rounds(calls, self.max_batch):  # more than max_batch queued during a long run
+                    self._run(part)
         call.done.wait()
         if call.error is not None:
             raise call.error
@@ -138,6 +140,21 @@ class DynamicBatcher:
         finally:
             for c in calls:
                 c.done.set()
+
+
+def _rounds(calls: list[_Call], max_batch: int) -> list[list[_Call]]:
+    """``calls`` in order, cut into shared calls of at most ``max_batch`` images each (a call is never
+    split; every call queued here is smaller than ``max_batch``)."""
+    rounds: list[list[_Call]] = []
+    images = max_batch
+    for c in calls:
+        n = int(c.x.shape[0])
+        if images + n > max_batch:
+            rounds.append([])
+            images = 0
+        rounds[-1].append(c)
+        images += n
+    return rounds
 
 
 _inside = threading.local()  # .depth > 0 on a thread running a joint batch (its nested calls go straight through)
