@@ -253,3 +253,37 @@ def test_calls_queued_during_a_long_run_are_shared_in_rounds_of_at_most_max_batc
     first.join()
     assert [g.tolist() for g in got] == [[2.0 * i] for i in range(10)]
     assert sizes[0] == 1 and sum(sizes) == 11 and max(sizes) <= 4
+
+
+def test_alarm_scorers_with_networks_of_their_own_join_the_shared_call(tiny_victim, tiny_same, fmnist_small):
+    import copy
+
+    from sameguard.alarms import ClientAlarms
+    from sameguard.detectors import MSPDetector
+
+    test = fmnist_small[1]
+    s2 = copy.deepcopy(tiny_same)  # as `serve --alarms` loads a scorer from its own folder: networks of its own
+    s2.alpha = 0.0
+    s2.victim_ = tiny_victim
+    scorers = {"same": tiny_same, "s2": s2, "msp": MSPDetector().fit(tiny_victim)}
+    alarms = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
+    guard = Guard(tiny_victim, tiny_same, "monitor", alarms=alarms)
+    queries = test.images[400:416]
+    rows = []
+    reconstruct = s2.reconstructor_.reconstruct
+    s2.reconstructor_.reconstruct = lambda x, *a, **k: rows.append(int(x.shape[0])) or reconstruct(x, *a, **k)
+    try:
+        batchers = batch_guard(guard, max_batch=64, max_wait_s=0.1)
+        try:
+            got = _concurrently([lambda i=i: guard.protect(queries[2 * i:2 * i + 2], f"c{i}") for i in range(8)])
+        finally:
+            unbatch_guard(guard)
+    finally:
+        del s2.reconstructor_.reconstruct
+    assert "score" not in vars(s2) and "score" not in vars(scorers["msp"])
+    assert sum(rows) == 16 and len(rows) == batchers["guard"].stats["batches"] < 8  # s2 ran in the shared calls
+    reference = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
+    plain = Guard(tiny_victim, tiny_same, "monitor", alarms=reference)
+    for i, g in enumerate(got):
+        e = plain.protect(queries[2 * i:2 * i + 2], f"c{i}")
+        assert [d.evidence for d in g.decisions] == pytest.approx([d.evidence for d in e.decisions], abs=1e-6)

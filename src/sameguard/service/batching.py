@@ -7,9 +7,10 @@ are exactly those of an unbatched request. What is shared is the models' work, t
 arrive, runs the function once on the concatenated images (at most about ``max_batch`` of them)
 and hands each caller its own rows, as Ray Serve's ``@serve.batch`` and Triton's dynamic batcher
 do. A guard with a (per-query) detector is batched *jointly*: the victim's ``logits`` and the
-detector's ``score`` of the concatenation are computed in one shared call, in which the detector
-reuses the victim's logits (:mod:`sameguard.forward_memo`), so a request waits for one round and
-the victim runs once per image; the request's own ``detector.score(x)`` then finds its rows. The
+detector's ``score`` of the concatenation (and those of the per-client alarms' scorers that run
+networks of their own) are computed in one shared call, in which the detectors reuse the victim's
+logits (:mod:`sameguard.forward_memo`), so a request waits for one round and the victim runs once
+per image; the request's own ``detector.score(x)`` then finds its rows. The
 models are deterministic per image (no batch statistics, no random masks at scoring), so each
 caller's rows equal an unbatched call's up to float rounding (~1e-7).
 
@@ -161,32 +162,31 @@ _inside = threading.local()  # .depth > 0 on a thread running a joint batch (its
 
 
 class _JointForward:
-    """The function a joint batcher runs: the victim's logits and the detector's scores of one batch, the
-    detector reusing the victim's forward pass (one :func:`~sameguard.forward_memo.shared_forward`)."""
+    """The function a joint batcher runs: the victim's logits and the scores of each detector of one batch,
+    the detectors reusing the victim's forward pass (one :func:`~sameguard.forward_memo.shared_forward`)."""
 
-    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], score: Callable[[torch.Tensor], Any]) -> None:
-        self.logits, self.score = logits, score
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor],
+                 scores: list[Callable[[torch.Tensor], Any]]) -> None:
+        self.logits, self.scores = logits, scores
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _inside.depth = getattr(_inside, "depth", 0) + 1
         try:
             with torch.no_grad(), shared_forward():
-                logits = self.logits(x)
-                scores = torch.as_tensor(self.score(x))
+                return (self.logits(x), *(torch.as_tensor(score(x)) for score in self.scores))
         finally:
             _inside.depth -= 1
-        return logits, scores
 
 
 class _BatchedLogits:
     """``victim.logits`` of a jointly batched guard: the request's rows of the shared call; the request's
-    detector scores are left in its :func:`~sameguard.forward_memo.shared_forward` for
-    :class:`_BatchedScore`. Inside the shared call itself (the detector asking the victim), the victim's own
+    detector scores are left in its :func:`~sameguard.forward_memo.shared_forward` for each detector's
+    :class:`_BatchedScore`. Inside the shared call itself (a detector asking the victim), the victim's own
     ``logits``."""
 
     def __init__(self, batcher: DynamicBatcher, logits: Callable[[torch.Tensor], torch.Tensor],
-                 score_key: object) -> None:
-        self.batcher, self.logits, self.score_key = batcher, logits, score_key
+                 score_keys: list[_BatchedScore]) -> None:
+        self.batcher, self.logits, self.score_keys = batcher, logits, score_keys
         self.__wrapped__ = logits  # what a scorer of this victim's logits (Energy) recognises
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,14 +195,15 @@ class _BatchedLogits:
         return memoized((self,), x, lambda: self._shared(x))  # once per request, whoever asks
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
-        logits, scores = self.batcher(x)
-        remember((self.score_key,), x, scores)
+        logits, *scores = self.batcher(x)
+        for key, rows in zip(self.score_keys, scores):
+            remember((key,), x, rows)
         return logits
 
 
 class _BatchedScore:
-    """``detector.score`` of a jointly batched guard: the rows the request's victim call brought back with
-    its logits, else (another tensor, or outside a request) the detector's own ``score``."""
+    """``score`` of a jointly batched detector: the rows the request's victim call brought back with its
+    logits, else (another tensor, or outside a request) the detector's own ``score``."""
 
     def __init__(self, score: Callable[[torch.Tensor], Any]) -> None:
         self.score = score
@@ -213,39 +214,58 @@ class _BatchedScore:
         return memoized((self,), x, lambda: self.score(x))
 
 
+def _network_scorers(guard: Any) -> list[Any]:
+    """The guard's per-query detector, then its alarms' other scorers that run networks of their own (not
+    those that read the victim's outputs, MSP and Energy, nor per-client ones): what a joint batch scores."""
+    from ..api import StatefulDetector
+
+    found: list[Any] = []
+    candidates = [guard.detector, *([] if guard.alarms is None else guard.alarms.scorers.values())]
+    for j, d in enumerate(candidates):
+        if d is None or isinstance(d, StatefulDetector) or "score" in vars(d) or not callable(getattr(d, "score", None)):
+            continue
+        if j > 0 and (callable(getattr(d, "score_victim_outputs", None)) or any(d is f for f in found)):
+            continue
+        found.append(d)
+    return found if found and found[0] is guard.detector else []
+
+
 def batch_guard(guard: Any, *, max_batch: int = 64, max_wait_s: float = 0.002) -> dict[str, DynamicBatcher]:
     """Batch ``guard``'s victim (``logits``) and detector (``score``) across concurrent requests, in place.
 
     Per instance: the objects' classes, weights and versions are untouched. With a per-query detector
-    both are batched jointly (one shared call computes both, the victim once per image; see the module
-    documentation); with no detector, or a stateful one (``observe(x, client)``, its state is per client),
-    the victim alone. Returns the batcher by name (``"guard"`` joint, or ``"victim"``) for its
+    they are batched jointly (one shared call computes both, the victim once per image; see the module
+    documentation), together with the per-client alarms' scorers that run networks of their own (a
+    second SAME, Mahalanobis, ...; MSP and Energy read the victim's outputs of the request); with no
+    detector, or a stateful one (``observe(x, client)``, its state is per client), the victim alone.
+    Returns the batcher by name (``"guard"`` joint, or ``"victim"``) for its
     :attr:`~DynamicBatcher.stats`; :func:`unbatch_guard` undoes it.
     """
-    from ..api import StatefulDetector
-
-    victim, detector = guard.victim, guard.detector
+    victim = guard.victim
     if not callable(getattr(victim, "logits", None)) or "logits" in vars(victim):
         logger.info("Dynamic batching of nothing: the victim has no logits(x) to batch, or is batched already.")
         return {}
-    if detector is not None and not isinstance(detector, StatefulDetector) and "score" not in vars(detector) \
-            and callable(getattr(detector, "score", None)):
-        batcher = DynamicBatcher(_JointForward(victim.logits, detector.score), max_batch=max_batch,
+    detectors = _network_scorers(guard)
+    if detectors:
+        batcher = DynamicBatcher(_JointForward(victim.logits, [d.score for d in detectors]), max_batch=max_batch,
                                  max_wait_s=max_wait_s, name="guard")
-        score = _BatchedScore(detector.score)
-        victim.logits = _BatchedLogits(batcher, victim.logits, score)
-        detector.score = score
+        wrappers = [_BatchedScore(d.score) for d in detectors]
+        victim.logits = _BatchedLogits(batcher, victim.logits, wrappers)
+        for d, wrapper in zip(detectors, wrappers):
+            d.score = wrapper
         batchers = {"guard": batcher}
     else:
         batchers = {"victim": DynamicBatcher(victim.logits, max_batch=max_batch, max_wait_s=max_wait_s, name="victim")}
         victim.logits = batchers["victim"]
     logger.info("Dynamic batching of the %s: at most %d images, %.1f ms wait",
-                "victim and detector together" if "guard" in batchers else "victim", max_batch, 1000 * max_wait_s)
+                f"victim and {len(detectors)} detector(s) together" if detectors else "victim", max_batch,
+                1000 * max_wait_s)
     return batchers
 
 
 def unbatch_guard(guard: Any) -> None:
     """Undo :func:`batch_guard`."""
-    for obj, attr in ((guard.victim, "logits"), (guard.detector, "score")):
+    scorers = [] if guard.alarms is None else list(guard.alarms.scorers.values())
+    for obj, attr in ((guard.victim, "logits"), (guard.detector, "score"), *((d, "score") for d in scorers)):
         if obj is not None and isinstance(vars(obj).get(attr), (DynamicBatcher, _BatchedLogits, _BatchedScore)):
             del obj.__dict__[attr]
