@@ -188,3 +188,24 @@ def test_measure_workers_unreachable_redis_is_one_sentence_without_the_password(
                         workdir=tmp_path)
     assert "hunter2" not in str(info.value)
     assert not list(tmp_path.iterdir())  # nothing started or written
+
+
+def test_measure_service_alarms_row_runs_the_alarms_batched(tmp_path):
+    torch.manual_seed(0)
+    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
+                    classes=[str(i) for i in range(10)])
+    detector = _MeanScore()
+    images = torch.rand(40, 1, 28, 28) * 2 - 1
+    rows = measure_service(victim, detector, images, settings=("alarms-batched",), batch_sizes=(1,), requests=6,
+                           requests_large=1, concurrency=3, workdir=tmp_path, echo=lambda _: None)
+    assert [(r.setting, r.batch, r.requests, r.errors) for r in rows] == [("alarms-batched", 1, 6, 0)]
+    assert "logits" not in vars(victim) and "score" not in vars(detector)  # batching undone for the next setting
+    from sqlalchemy import create_engine, func, select
+
+    from sameguard.service.db import audit_log
+
+    engine = create_engine(f"sqlite:///{next(tmp_path.glob('service-bench-*')) / 'audit-alarms-batched.db'}")
+    with engine.connect() as conn:  # every answered query was audited, with the client's evidence
+        evidence = conn.execute(select(audit_log.c.evidence)).scalars().all()
+    engine.dispose()
+    assert len(evidence) == 2 + 6 and all(e is not None for e in evidence)

@@ -63,7 +63,10 @@ __all__ = ["LatencyRow", "AttackRow", "ServiceBenchResult", "measure_service", "
 #: dynamic batching of concurrent requests (:mod:`sameguard.service.batching`, as ``sameguard serve`` does).
 #: ``monitor-batched-compiled``: ``monitor-batched`` on copies of the models whose networks are compiled
 #: (:func:`sameguard.compilation.compile_networks`, as ``sameguard serve --compile`` does), before the timing.
-SERVICE_SETTINGS = ("bare", "off", "monitor", "monitor-batched", "monitor-batched-compiled", "reject", "misinformation")
+#: ``alarms-batched``: ``monitor-batched`` with per-client alarms (SAME, MSP, Energy and the stream test,
+#: state in memory) calibrated on the images sent (a timing setting: those are not held-out images).
+SERVICE_SETTINGS = ("bare", "off", "monitor", "monitor-batched", "monitor-batched-compiled", "alarms-batched", "reject",
+                    "misinformation")
 #: Dynamic batching of ``monitor-batched``: at most this many images, this long a wait.
 BENCH_BATCH_MAX, BENCH_BATCH_WAIT_S = 64, 0.002
 #: ``torch.compile`` backend of ``monitor-batched-compiled``: ``serve --compile``'s default.
@@ -164,7 +167,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def _guard_for(setting: str, victim: Any, detector: Any) -> Any:
+def _guard_for(setting: str, victim: Any, detector: Any, images: torch.Tensor | None = None) -> Any:
     from ..actions import Misinformation, Policy
     from ..guard import Guard
 
@@ -172,6 +175,18 @@ def _guard_for(setting: str, victim: Any, detector: Any) -> Any:
         return Guard(victim, None, "monitor", keep_decisions=0)
     if setting not in SERVICE_SETTINGS or setting == "bare":
         raise ValueError(f"Unknown service setting {setting!r}; choose from {SERVICE_SETTINGS}.")
+    if setting == "alarms-batched":
+        from ..alarms import ClientAlarms
+        from ..detectors import EnergyDetector, MSPDetector
+        from ..service.batching import batch_guard
+
+        if images is None:
+            raise ValueError("The alarms-batched setting calibrates its alarms on the images sent: pass images.")
+        scorers = {"SAME": detector, "MSP": MSPDetector().fit(victim), "Energy": EnergyDetector().fit(victim)}
+        alarms = ClientAlarms.calibrate(victim, scorers, images, delta=1e-3, stream=True)
+        guard = Guard(victim, detector, "monitor", alarms=alarms, keep_decisions=0)
+        batch_guard(guard, max_batch=BENCH_BATCH_MAX, max_wait_s=BENCH_BATCH_WAIT_S)
+        return guard
     if setting in ("monitor-batched", "monitor-batched-compiled"):
         from ..service.batching import batch_guard
 
@@ -285,7 +300,7 @@ def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: 
                           rate_burst=10 ** 9, request_rate_per_second=1e9, request_burst=10 ** 9,
                           max_batch=max(batch_sizes), key_cache_s=60,
                           max_request_bytes=max(8 * 1024 * 1024, 4 * max(batch_sizes) * images[0].numel() * 2))
-    app = create_app(svc, guard=_guard_for(setting, victim, detector))
+    app = create_app(svc, guard=_guard_for(setting, victim, detector, images))
     _, token = app.state.sameguard.keys.create("bench")
     return app, token
 
