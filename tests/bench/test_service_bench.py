@@ -22,10 +22,15 @@ class _MeanScore:
         return x.flatten(1).mean(1)
 
 
-def test_measure_service_rows(tmp_path):
+
+def _victim():
+    """A LeNet-5 victim with seeded random weights, 28x28x1 images, 10 classes."""
     torch.manual_seed(0)
-    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
-                    classes=[str(i) for i in range(10)])
+    return Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
+                  classes=[str(i) for i in range(10)])
+
+def test_measure_service_rows(tmp_path):
+    victim = _victim()
     images = torch.rand(10, 1, 28, 28) * 2 - 1
     lines: list[str] = []
     rows = measure_service(victim, _MeanScore(), images, settings=("off", "monitor"), batch_sizes=(1, 3), requests=5,
@@ -39,9 +44,7 @@ def test_measure_service_rows(tmp_path):
 
 
 def test_measure_service_bare_and_batched_rows(tmp_path):
-    torch.manual_seed(0)
-    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
-                    classes=[str(i) for i in range(10)])
+    victim = _victim()
     detector = _MeanScore()
     images = torch.rand(10, 1, 28, 28) * 2 - 1
     rows = measure_service(victim, detector, images, settings=("bare", "monitor-batched"), batch_sizes=(1,),
@@ -54,9 +57,7 @@ def test_measure_service_compiled_row_runs_on_compiled_copies(tmp_path, monkeypa
     from sameguard.bench import service_bench
 
     monkeypatch.setattr(service_bench, "COMPILE_BACKEND", "eager")  # inductor's compilation: minutes here
-    torch.manual_seed(0)
-    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
-                    classes=[str(i) for i in range(10)])
+    victim = _victim()
     images = torch.rand(10, 1, 28, 28) * 2 - 1
     rows = measure_service(victim, _MeanScore(), images, settings=("monitor-batched-compiled",), batch_sizes=(1,),
                            requests=6, requests_large=1, concurrency=3, workdir=tmp_path, echo=lambda _: None)
@@ -191,16 +192,14 @@ def test_measure_workers_unreachable_redis_is_one_sentence_without_the_password(
 
 
 def test_measure_service_alarms_row_runs_the_alarms_batched(tmp_path):
-    torch.manual_seed(0)
-    victim = Victim(build_classifier("lenet5", 1, 28, 10), arch="lenet5", dataset="test", image_shape=(1, 28, 28),
-                    classes=[str(i) for i in range(10)])
+    victim = _victim()
     detector = _MeanScore()
     images = torch.rand(40, 1, 28, 28) * 2 - 1
     rows = measure_service(victim, detector, images, settings=("alarms-batched",), batch_sizes=(1,), requests=6,
                            requests_large=1, concurrency=3, workdir=tmp_path, echo=lambda _: None)
     assert [(r.setting, r.batch, r.requests, r.errors) for r in rows] == [("alarms-batched", 1, 6, 0)]
     assert "logits" not in vars(victim) and "score" not in vars(detector)  # batching undone for the next setting
-    from sqlalchemy import create_engine, func, select
+    from sqlalchemy import create_engine, select
 
     from sameguard.service.db import audit_log
 

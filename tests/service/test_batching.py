@@ -37,6 +37,23 @@ def _concurrently(fns):
     return results
 
 
+def _batched_rows(guard, owner, name, queries, clients):
+    """Batch ``guard``, count the rows each call of ``owner.name`` gets while 8 requests of 2 images run
+    concurrently (request ``i`` from ``clients[i]``), undo both; returns (verdicts, rows per call, batchers)."""
+    rows = []
+    method = getattr(owner, name)
+    setattr(owner, name, lambda x, *a, **k: rows.append(int(x.shape[0])) or method(x, *a, **k))
+    try:
+        batchers = batch_guard(guard, max_batch=64, max_wait_s=0.1)
+        try:
+            got = _concurrently([lambda i=i: guard.protect(queries[2 * i:2 * i + 2], clients[i]) for i in range(8)])
+        finally:
+            unbatch_guard(guard)
+    finally:
+        delattr(owner, name)
+    return got, rows, batchers
+
+
 def test_batcher_merges_concurrent_calls_and_hands_each_its_rows():
     sizes = []
 
@@ -169,17 +186,7 @@ def test_batcher_splits_tuples_and_runs_one_shared_call_at_a_time():
 def test_joint_batching_runs_the_victim_once_per_image(tiny_victim, tiny_same, fmnist_small):
     images = fmnist_small[1].images[:16]
     guard = Guard(tiny_victim, tiny_same, "monitor", keep_decisions=0)
-    rows = []
-    forward = tiny_victim.model.forward
-    tiny_victim.model.forward = lambda x: rows.append(int(x.shape[0])) or forward(x)
-    try:
-        batchers = batch_guard(guard, max_batch=64, max_wait_s=0.1)
-        try:
-            got = _concurrently([lambda i=i: guard.protect(images[2 * i:2 * i + 2], "c") for i in range(8)])
-        finally:
-            unbatch_guard(guard)
-    finally:
-        del tiny_victim.model.forward
+    got, rows, batchers = _batched_rows(guard, tiny_victim.model, "forward", images, ["c"] * 8)
     assert sum(rows) == 16  # the detector reused the victim's logits of the shared call
     assert batchers["guard"].stats == {"calls": 8, "batches": len(rows), "images": 16}
     plain = [Guard(tiny_victim, tiny_same, "monitor").protect(images[2 * i:2 * i + 2], "c") for i in range(8)]
@@ -216,23 +223,9 @@ def test_joint_batching_with_alarms_runs_the_victim_once_per_image(tiny_victim, 
     alarms = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
     guard = Guard(tiny_victim, tiny_same, "monitor", alarms=alarms)
     queries = test.images[400:416]
-    rows = []
-    forward = tiny_victim.model.forward
-    tiny_victim.model.forward = lambda x: rows.append(int(x.shape[0])) or forward(x)
-    try:
-        batch_guard(guard, max_batch=64, max_wait_s=0.1)
-        try:
-            got = _concurrently([lambda i=i: guard.protect(queries[2 * i:2 * i + 2], f"c{i}") for i in range(8)])
-        finally:
-            unbatch_guard(guard)
-    finally:
-        del tiny_victim.model.forward
+    got, rows, _ = _batched_rows(guard, tiny_victim.model, "forward", queries, [f"c{i}" for i in range(8)])
     assert sum(rows) == 16  # Energy read the request's rows of the shared call, not the victim again
-    reference = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
-    plain = Guard(tiny_victim, tiny_same, "monitor", alarms=reference)
-    for i, g in enumerate(got):
-        e = plain.protect(queries[2 * i:2 * i + 2], f"c{i}")
-        assert [d.evidence for d in g.decisions] == pytest.approx([d.evidence for d in e.decisions], abs=1e-6)
+    _assert_unbatched_evidence(got, tiny_victim, tiny_same, scorers, test.images[:400], queries)
 
 
 def test_calls_queued_during_a_long_run_are_shared_in_rounds_of_at_most_max_batch():
@@ -269,21 +262,18 @@ def test_alarm_scorers_with_networks_of_their_own_join_the_shared_call(tiny_vict
     alarms = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
     guard = Guard(tiny_victim, tiny_same, "monitor", alarms=alarms)
     queries = test.images[400:416]
-    rows = []
-    reconstruct = s2.reconstructor_.reconstruct
-    s2.reconstructor_.reconstruct = lambda x, *a, **k: rows.append(int(x.shape[0])) or reconstruct(x, *a, **k)
-    try:
-        batchers = batch_guard(guard, max_batch=64, max_wait_s=0.1)
-        try:
-            got = _concurrently([lambda i=i: guard.protect(queries[2 * i:2 * i + 2], f"c{i}") for i in range(8)])
-        finally:
-            unbatch_guard(guard)
-    finally:
-        del s2.reconstructor_.reconstruct
+    got, rows, batchers = _batched_rows(guard, s2.reconstructor_, "reconstruct", queries, [f"c{i}" for i in range(8)])
     assert "score" not in vars(s2) and "score" not in vars(scorers["msp"])
     assert sum(rows) == 16 and len(rows) == batchers["guard"].stats["batches"] < 8  # s2 ran in the shared calls
-    reference = ClientAlarms.calibrate(tiny_victim, scorers, test.images[:400], delta=1e-3, min_class_size=10, seed=0)
-    plain = Guard(tiny_victim, tiny_same, "monitor", alarms=reference)
+    _assert_unbatched_evidence(got, tiny_victim, tiny_same, scorers, test.images[:400], queries)
+
+
+def _assert_unbatched_evidence(got, victim, detector, scorers, calibration, queries):
+    """Each batched verdict's evidence is an unbatched guard's, with alarms calibrated alike."""
+    from sameguard.alarms import ClientAlarms
+
+    reference = ClientAlarms.calibrate(victim, scorers, calibration, delta=1e-3, min_class_size=10, seed=0)
+    plain = Guard(victim, detector, "monitor", alarms=reference)
     for i, g in enumerate(got):
         e = plain.protect(queries[2 * i:2 * i + 2], f"c{i}")
         assert [d.evidence for d in g.decisions] == pytest.approx([d.evidence for d in e.decisions], abs=1e-6)

@@ -215,19 +215,21 @@ class _BatchedScore:
 
 
 def _network_scorers(guard: Any) -> list[Any]:
-    """The guard's per-query detector, then its alarms' other scorers that run networks of their own (not
-    those that read the victim's outputs, MSP and Energy, nor per-client ones): what a joint batch scores."""
+    """What a joint batch scores: the guard's per-query detector, then its alarms' other scorers that run
+    networks of their own (not MSP and Energy, which read the victim's outputs of the request); none when
+    the guard has no per-query detector to batch."""
     from ..api import StatefulDetector
 
-    found: list[Any] = []
-    candidates = [guard.detector, *([] if guard.alarms is None else guard.alarms.scorers.values())]
-    for j, d in enumerate(candidates):
-        if d is None or isinstance(d, StatefulDetector) or "score" in vars(d) or not callable(getattr(d, "score", None)):
-            continue
-        if j > 0 and (callable(getattr(d, "score_victim_outputs", None)) or any(d is f for f in found)):
-            continue
-        found.append(d)
-    return found if found and found[0] is guard.detector else []
+    def batchable(d: Any) -> bool:
+        return not isinstance(d, StatefulDetector) and "score" not in vars(d) and callable(getattr(d, "score", None))
+
+    if guard.detector is None or not batchable(guard.detector):
+        return []
+    found = [guard.detector]
+    for d in [] if guard.alarms is None else guard.alarms.scorers.values():
+        if batchable(d) and not callable(getattr(d, "score_victim_outputs", None)) and all(d is not f for f in found):
+            found.append(d)
+    return found
 
 
 def batch_guard(guard: Any, *, max_batch: int = 64, max_wait_s: float = 0.002) -> dict[str, DynamicBatcher]:
