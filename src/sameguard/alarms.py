@@ -175,7 +175,7 @@ class ClientAlarms:
             with torch.no_grad():
                 return self.update(client, x, probs, known)
         known = known or {}
-        n = len(x)
+        n = x.shape[0]  # not len(x): Tensor.__len__ is a Python-level wrapper
         rows = np.empty((len(self._order), n), dtype=np.float64)  # the monitor's detector order
         for j, scorer in enumerate(self._order):
             values = known.get(id(scorer))
@@ -295,6 +295,10 @@ def _labels(probs: torch.Tensor) -> np.ndarray:
 def _score_row(scores: Any, n: int) -> np.ndarray | float:
     """A scorer's ``(n,)`` scores as a float64 row (a Python float when ``n == 1``); ``ValueError`` when
     it returned another number of scores."""
+    if isinstance(scores, list):  # score_victim_outputs: Python floats
+        if len(scores) != n:
+            raise ValueError(f"A scorer returned {len(scores)} scores for {n} queries.")
+        return scores[0] if n == 1 else np.asarray(scores, dtype=np.float64)
     if n == 1:  # a single-image request: one Python float, no conversions
         scores = torch.as_tensor(scores)
         if scores.numel() != 1:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .artifacts import load_artifact, save_artifact, state_dict_sha256
-from .forward_memo import memoized
+from .forward_memo import memoized, no_grad
 from .models import build_classifier
 from .training import accuracy, predict_in_batches, resolve_device, train_classifier
 from .validation import check_images
@@ -67,7 +67,7 @@ class Victim:
         """SHA-256 of the weights (names, shapes and values); ties a detector to its victim."""
         return state_dict_sha256(self.model.state_dict())
 
-    @torch.no_grad()
+    @no_grad
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """White-box access: ``(N, K)`` logits of validated images ``(N, C, H, W)`` in ``[-1, 1]``."""
         x = check_images(x, self.image_shape)

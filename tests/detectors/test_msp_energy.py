@@ -105,8 +105,15 @@ def test_scores_from_the_victims_outputs_equal_score_and_only_for_that_victim(ba
     probs = baseline_victim.predict_proba(x)
     other = copy.copy(baseline_victim)
     msp, energy = MSPDetector().fit(baseline_victim), EnergyDetector(temperature=2.0).fit(baseline_victim)
-    assert torch.equal(msp.score_victim_outputs(baseline_victim, x, probs), msp.score(x))
-    assert torch.equal(energy.score_victim_outputs(baseline_victim, x, probs), energy.score(x))
+    assert msp.score_victim_outputs(baseline_victim, x, probs) == msp.score(x).tolist()
+    assert energy.score_victim_outputs(baseline_victim, x, probs) == energy.score(x).tolist()
+    for i in range(3):  # a single image: Python floats computed without tensors, the same float32 values
+        one, p_one = x[i:i + 1], probs[i:i + 1]
+        assert msp.score_victim_outputs(baseline_victim, one, p_one) == [float(msp.score(x)[i])]
+        got = energy.score_victim_outputs(baseline_victim, one, p_one)
+        assert len(got) == 1 and got[0] == pytest.approx(float(energy.score(x)[i]), rel=1e-6, abs=1e-6)
+    nan_row = torch.full((1, probs.shape[1]), float("nan"))
+    assert math.isnan(msp.score_victim_outputs(baseline_victim, x[:1], nan_row)[0])  # fail closed
     for detector in (msp, energy):
         assert detector.score_victim_outputs(other, x, probs) is None
     wrapped = MSPDetector().fit(lambda b: baseline_victim.predict_proba(b))

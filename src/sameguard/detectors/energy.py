@@ -29,6 +29,7 @@ import torch
 
 from ..api import Detector
 from ..evidence.martingale import logsumexp_list
+from ..forward_memo import no_grad
 from ..training import predict_in_batches
 from ..validation import check_images, check_int, check_positive
 from .victim_output import VictimOutputArtifact
@@ -57,13 +58,18 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     if z.dim() != 2 or z.shape[1] < 1:
         raise ValueError(f"logits must have shape (N, K), got {tuple(z.shape)}.")
     if z.shape[0] == 1 and not z.requires_grad and z.device.type == "cpu":
-        # A guarded single-image request: the same formula on Python floats (float64), a few
-        # microseconds instead of several tensor operations' dispatch; equal to rounding
-        values = [v / temperature for v in z[0].tolist()]
-        energy = math.nan if any(math.isnan(v) for v in values) else -temperature * logsumexp_list(values)
-        return torch.from_numpy(np.array([energy], dtype=np.float32))
+        # A guarded single-image request: the same formula on Python floats, without several tensor
+        # operations' dispatch
+        return torch.from_numpy(np.array([_energy_of_row(z.tolist()[0], temperature)], dtype=np.float32))
     z = z.to(torch.float64)
     return (-temperature * torch.logsumexp(z / temperature, dim=1)).to(torch.float32)
+
+
+def _energy_of_row(logits: list[float], temperature: float) -> float:
+    """:func:`energy_score` of one row of logits given as Python floats, in float64 (equal to the tensor
+    formula's to rounding; round it to float32 to match its values); NaN anywhere gives NaN."""
+    values = [v / temperature for v in logits]
+    return math.nan if any(math.isnan(v) for v in values) else -temperature * logsumexp_list(values)
 
 
 class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
@@ -110,19 +116,23 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
         self.calibration_fpr_ = None
         return self
 
-    def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor | None:
+    def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> list[float] | None:
         """:meth:`score` of ``x`` when ``victim`` is the very victim whose logits this detector reads
-        (``None`` otherwise): ``victim.logits(x)`` in one call, which inside a guarded request is the
-        forward pass the guard already ran (:mod:`sameguard.forward_memo`), then the energy. A victim
-        whose ``logits`` a service wrapped (dynamic batching: the wrapper's ``__wrapped__`` is this
-        detector's function) is asked through the wrapper, which holds the request's rows."""
-        logits = getattr(victim, "logits", None)
-        if self.logits_fn_ is None or (logits != self.logits_fn_ and
-                                       getattr(logits, "__wrapped__", None) != self.logits_fn_):
+        (``None`` otherwise), as a list of ``N`` Python floats (float32 values): ``victim.logits(x)`` in one
+        call, which inside a guarded request is the forward pass the guard already ran
+        (:mod:`sameguard.forward_memo`), then the energy. A victim whose ``logits`` a service wrapped (dynamic
+        batching: the wrapper's ``__wrapped__`` is this detector's function) is asked through the wrapper,
+        which holds the request's rows."""
+        logits_fn = getattr(victim, "logits", None)
+        if self.logits_fn_ is None or (logits_fn != self.logits_fn_ and
+                                       getattr(logits_fn, "__wrapped__", None) != self.logits_fn_):
             return None
-        return self._energies(x, logits)
+        logits = self._logits(x, logits_fn)
+        if len(logits) == 1:  # a single-image request: Python floats, no tensor dispatch
+            return [float(np.float32(_energy_of_row(logits.tolist()[0], self.temperature)))]
+        return energy_score(logits, self.temperature).tolist()
 
-    @torch.no_grad()
+    @no_grad
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 energies of ``x`` ``(N, C, H, W)`` in ``[-1, 1]``; larger = more suspicious."""
         self._check_fitted()
@@ -132,7 +142,11 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
     def _energies(self, b: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``(N,)`` energies of one batch ``b`` from the victim's logits (``logits_fn``, by default the
         fitted victim's), their shape checked."""
+        return energy_score(self._logits(b, logits_fn), self.temperature)
+
+    def _logits(self, b: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``(N, K)`` CPU logits of one batch ``b`` (``logits_fn``, by default the fitted victim's), shape checked."""
         logits = torch.as_tensor((logits_fn or self.logits_fn_)(b)).detach().cpu()
         if logits.dim() != 2 or len(logits) != len(b):
             raise ValueError(f"The victim's logits have shape {tuple(logits.shape)}; expected ({len(b)}, K).")
-        return energy_score(logits, self.temperature)
+        return logits

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..api import Detector
+from ..forward_memo import no_grad
 from ..training import predict_in_batches
 from ..validation import check_images, check_int
 from ._common import ParamsMixin, ProbabilityFn, victim_image_shape, victim_probabilities
@@ -49,12 +50,15 @@ def msp_score(probabilities: torch.Tensor) -> torch.Tensor:
     if p.dim() != 2 or p.shape[1] < 1:
         raise ValueError(f"probabilities must have shape (N, K), got {tuple(p.shape)}.")
     if p.shape[0] == 1 and not p.requires_grad and p.device.type == "cpu":
-        # A guarded single-image request: the same value on Python floats (the largest float32
-        # probability, exact), without a reduction's dispatch; NaN anywhere gives NaN, as max does
-        values = p[0].to(torch.float32).tolist()
-        top = math.nan if any(math.isnan(v) for v in values) else max(values)
-        return torch.from_numpy(np.array([-top], dtype=np.float32))
+        # A guarded single-image request: the same value on Python floats, without a reduction's dispatch
+        return torch.from_numpy(np.array([_msp_of_row(p.to(torch.float32).tolist()[0])], dtype=np.float32))
     return -p.to(torch.float32).max(dim=1).values
+
+
+def _msp_of_row(values: list[float]) -> float:
+    """``-max`` of one row of float32 probabilities as Python floats (exact); NaN anywhere gives NaN, as
+    ``torch.max`` does."""
+    return math.nan if any(math.isnan(v) for v in values) else -max(values)
 
 
 class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
@@ -95,15 +99,19 @@ class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
         self.calibration_fpr_ = None
         return self
 
-    def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor | None:
+    def score_victim_outputs(self, victim: Any, x: torch.Tensor, probabilities: torch.Tensor) -> list[float] | None:
         """:meth:`score` of ``x`` from ``probabilities``, the ``(N, K)`` outputs ``victim(x)`` a caller
         already has (the guard), when ``victim`` is the very victim this detector reads; else ``None``.
-        The same operations as :meth:`score` on the same outputs, so the same ``(N,)`` float32 values."""
+        The same values as :meth:`score` (float32, exact), as a list of ``N`` Python floats: the per-client
+        alarms read them so, without a tensor's dispatch for a single-image request."""
         if self.victim_ is None or victim is not self.victim_:
             return None
-        return msp_score(probabilities)
+        p = torch.as_tensor(probabilities).detach()
+        if p.dim() != 2 or p.device.type != "cpu" or p.dtype != torch.float32:
+            return msp_score(p).tolist()
+        return [_msp_of_row(row) for row in p.tolist()]
 
-    @torch.no_grad()
+    @no_grad
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 scores ``-max_k p_k`` of ``x`` ``(N, C, H, W)`` in ``[-1, 1]``; larger = more suspicious."""
         self._check_fitted()

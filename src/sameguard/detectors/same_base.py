@@ -41,7 +41,7 @@ from torch import nn
 
 from ..api import ArtifactError, Detector, NotCalibratedError
 from ..artifacts import load_artifact, save_artifact
-from ..forward_memo import memoized
+from ..forward_memo import memoized, no_grad
 from ..models import build_classifier
 from ..training import predict_in_batches, resolve_device, train_classifier
 from ..validation import check_choice, check_fraction, check_images, check_int, check_optional_int, check_positive
@@ -356,14 +356,14 @@ class ReconstructionDetector(ParamsMixin, Detector):
         self.term_stats_ = None
 
     # ------------------------------------------------------------------ scoring
-    @torch.no_grad()
+    @no_grad
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` reconstructions ``G(x)`` of the queries ``x`` (``(N, C, H, W)`` in ``[-1, 1]``)."""
         self._check_fitted()
         x = check_images(x, self.image_shape_)
         return predict_in_batches(self.reconstructor_.reconstruct, x, self.batch_size, self._model_device())
 
-    @torch.no_grad()
+    @no_grad
     def score_components(self, x: torch.Tensor) -> SAMEScores:
         """``score``, ``s1`` and ``s2`` (and ``t1``, ``t2`` with a robust option) of each query in ``x``
         (``(N, C, H, W)`` in ``[-1, 1]``); ``(N,)`` float32 each, larger = more suspicious."""

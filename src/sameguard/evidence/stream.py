@@ -59,11 +59,12 @@ class _Bag:
     bag, so no state ever sees its rows change.
     """
 
-    __slots__ = ("data", "length")
+    __slots__ = ("array", "data", "length")
 
     def __init__(self, rows: torch.Tensor, capacity: int) -> None:
         self.data = torch.empty(max(capacity, rows.shape[0]), rows.shape[1], dtype=torch.float32)
-        self.data.numpy()[:rows.shape[0]] = rows.numpy()  # NumPy's copy: no intra-op threads for a memcpy
+        self.array = self.data.numpy()  # the same memory, for the kernel (no conversion per query)
+        self.array[:rows.shape[0]] = rows.numpy()  # NumPy's copy: no intra-op threads for a memcpy
         self.length = rows.shape[0]
 
 
@@ -168,7 +169,10 @@ class StreamExchangeabilityTest:
             raise ValueError(f"x must be a non-empty floating-point (N, C, H, W) tensor of images, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
                              f"{'' if not isinstance(x, torch.Tensor) else f' of dtype {x.dtype}'}.")
-        images = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        if x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
+            images = np.ascontiguousarray(x.numpy())  # a guarded request's validated images: no copy
+        else:
+            images = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         n, channels, height, width = images.shape
         if self.pool_size is None or (width <= self.pool_size and height <= self.pool_size):
             return images.reshape(n, -1)
@@ -219,7 +223,8 @@ class StreamExchangeabilityTest:
             raise ValueError(f"x has {dim} features per query, but this client's earlier queries had "
                              f"{points.shape[1]}; one client's queries must all have one image shape.")
         n0, bag = points.shape[0], state._bag
-        dists = state.nn_dist.to(torch.float64).numpy() if n0 else np.empty(0)
+        dists = state.nn_dist.numpy() if n0 and state.nn_dist.dtype == torch.float64 else \
+            state.nn_dist.to(torch.float64).numpy() if n0 else np.empty(0)
         start = 0
         while start < k:
             if n0 >= self.window:  # the block is full: start a new bag
@@ -241,12 +246,12 @@ class StreamExchangeabilityTest:
         :func:`~sameguard.evidence.stream_kernel.extend_bag`'s (compiled).
         """
         k = new.shape[0]
-        if bag is None or bag.length != n0 or bag.data.shape[0] < n0 + k or bag.data.shape[1] != new.shape[1]:
+        if bag is None or bag.length != n0 or bag.array.shape[0] < n0 + k or bag.array.shape[1] != new.shape[1]:
             rows = points[:n0] if n0 else torch.empty(0, new.shape[1])
             bag = _Bag(rows, min(self.window, max(2 * (n0 + k), 64)))
         d = np.empty(n0 + k, dtype=np.float64)
         d[:n0] = dists
-        if not kernels("stream_kernel").extend_bag(bag.data.numpy(), n0, new, d, theta, self.metric == "l2", p):
+        if not kernels("stream_kernel").extend_bag(bag.array, n0, new, d, theta, self.metric == "l2", p):
             raise ValueError(_NOT_FINITE)
         bag.length = n0 + k
         return bag, d
