@@ -107,9 +107,9 @@ class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
         if self.victim_ is None or victim is not self.victim_:
             return None
         p = torch.as_tensor(probabilities).detach()
-        if p.dim() != 2 or p.device.type != "cpu" or p.dtype != torch.float32:
-            return msp_score(p).tolist()
-        return [_msp_of_row(row) for row in p.tolist()]
+        if p.dim() == 2 and p.shape[0] == 1 and p.device.type == "cpu" and p.dtype == torch.float32:
+            return [_msp_of_row(p.tolist()[0])]  # a single-image request: no tensor dispatch
+        return msp_score(p).tolist()
 
     @no_grad
     def score(self, x: torch.Tensor) -> torch.Tensor:

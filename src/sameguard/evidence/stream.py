@@ -223,8 +223,8 @@ class StreamExchangeabilityTest:
             raise ValueError(f"x has {dim} features per query, but this client's earlier queries had "
                              f"{points.shape[1]}; one client's queries must all have one image shape.")
         n0, bag = points.shape[0], state._bag
-        dists = state.nn_dist.numpy() if n0 and state.nn_dist.dtype == torch.float64 else \
-            state.nn_dist.to(torch.float64).numpy() if n0 else np.empty(0)
+        nn_dist = state.nn_dist
+        dists = (nn_dist if nn_dist.dtype == torch.float64 else nn_dist.to(torch.float64)).numpy()
         start = 0
         while start < k:
             if n0 >= self.window:  # the block is full: start a new bag
