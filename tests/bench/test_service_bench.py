@@ -208,3 +208,26 @@ def test_measure_service_alarms_row_runs_the_alarms_batched(tmp_path):
         evidence = conn.execute(select(audit_log.c.evidence)).scalars().all()
     engine.dispose()
     assert len(evidence) == 2 + 6 and all(e is not None for e in evidence)
+
+
+def test_measure_service_spreads_the_load_over_several_api_keys(tmp_path):
+    """--keys N: client thread i sends with key i mod N, so the audit holds several clients (rate limits and
+    the per-client alarms see them apart; a thread that found no request left sends nothing); the warm-up's
+    two requests go with the first key."""
+    victim = _victim()
+    images = torch.rand(10, 1, 28, 28) * 2 - 1
+    rows = measure_service(victim, _MeanScore(), images, settings=("monitor",), batch_sizes=(1,), requests=30,
+                           requests_large=1, concurrency=3, keys=3, workdir=tmp_path, echo=lambda _: None)
+    assert [(r.setting, r.requests, r.errors) for r in rows] == [("monitor", 30, 0)]
+    from sqlalchemy import create_engine, func, select
+
+    from sameguard.service.db import audit_log
+
+    engine = create_engine(f"sqlite:///{next(tmp_path.glob('service-bench-*')) / 'audit-monitor.db'}")
+    with engine.connect() as conn:
+        clients = dict(conn.execute(select(audit_log.c.client, func.count()).group_by(audit_log.c.client)).all())
+    engine.dispose()
+    assert set(clients) <= {"bench-0", "bench-1", "bench-2"} and len(clients) >= 2
+    assert sum(clients.values()) == 2 + 30
+    with pytest.raises(ValueError, match="keys"):
+        measure_service(victim, None, images, settings=("off",), keys=0)

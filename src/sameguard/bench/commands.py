@@ -60,6 +60,10 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("--requests-large", type=int, default=30, help="requests per setting at larger batch sizes (default 30)")
     p.add_argument("--batch-sizes", default="1,64", type=comma_ints, help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    p.add_argument("--keys", type=int, default=1,
+                   help="API keys the client threads of the in-process rows send with, thread i with key i mod N: "
+                        "each key is a client of its own for the rate limits and the per-client alarms (default 1; "
+                        "the --workers rows use one)")
     p.add_argument("--settings", default="off,monitor", help="service policies to time (default off,monitor)")
     p.add_argument("--attacks", default="knockoff,jbda", help="attacks to run in-process ('' to skip)")
     p.add_argument("--budget", type=int, default=1000, help="queries per attack (default 1000)")
@@ -106,6 +110,8 @@ def bench_service_main(args: argparse.Namespace) -> int:
     require_serve_extra()
     from .service_bench import run_service_bench
 
+    if args.keys < 1:
+        raise ValueError(f"--keys must be a positive integer, got {args.keys}.")
     if args.workers_threads is not None and args.workers_threads < 1:
         raise ValueError(f"--workers-threads must be a positive integer, got {args.workers_threads}.")
     if args.ray_replicas:
@@ -121,7 +127,7 @@ def bench_service_main(args: argparse.Namespace) -> int:
     result = run_service_bench(
         victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,
         requests_large=args.requests_large, batch_sizes=tuple(args.batch_sizes), concurrency=args.concurrency,
-        settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
+        keys=args.keys, settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
         workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads,

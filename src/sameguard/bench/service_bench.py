@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,9 @@ class ServiceBenchResult:
         c = self.config
         lines = []
         if self.latency:
+            keys = c.get("keys", 1)
             lines += [f"### Service throughput and latency (uvicorn, 127.0.0.1, {c.get('concurrency')} client threads, "
+                      f"{keys} API key{'s' if keys != 1 else ''} in process, "
                       f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')})", "",
                       "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -229,7 +231,7 @@ def bare_app(victim: Any) -> Any:
 
 def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, settings: Sequence[str] = ("off", "monitor"),
                     batch_sizes: Sequence[int] = (1, 64), requests: int = 200, requests_large: int = 30,
-                    concurrency: int = 4, workdir: Path | None = None,
+                    concurrency: int = 4, keys: int = 1, workdir: Path | None = None,
                     echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
     """Time the HTTP service (see the module docstring); returns one row per (setting, batch size).
 
@@ -240,27 +242,29 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
         batch_sizes: images per request.
         requests: requests per setting at batch sizes ``<= 8``; ``requests_large`` above.
         concurrency: client threads.
+        keys: API keys the client threads send with (thread ``i`` uses key ``i mod keys``): each key is
+            a client of its own for the rate limits and the per-client alarms (default 1: one client).
         workdir: where the throw-away audit databases go (default: a temporary folder).
     """
     import httpx
 
     from ..service import ServerThread
 
-    if requests < 1 or requests_large < 1 or concurrency < 1:
-        raise ValueError("requests, requests_large and concurrency must be positive integers.")
+    if requests < 1 or requests_large < 1 or concurrency < 1 or keys < 1:
+        raise ValueError("requests, requests_large, concurrency and keys must be positive integers.")
     rows: list[LatencyRow] = []
     base = Path(tempfile.mkdtemp(prefix="service-bench-", dir=workdir))
     payloads = {b: _payloads(images, b) for b in batch_sizes}
     for setting in settings:
         if setting == "bare":
-            app, token = bare_app(victim), "-"
+            app, tokens = bare_app(victim), ["-"]
         else:
-            app, token = _bench_app(setting, victim, detector, base / f"audit-{setting}.db", images, batch_sizes)
-        headers = {"X-API-Key": token, "content-type": "application/json"}
+            app, tokens = _bench_app(setting, victim, detector, base / f"audit-{setting}.db", images, batch_sizes, keys)
+        headers = [{"X-API-Key": token, "content-type": "application/json"} for token in tokens]
         with ServerThread(app) as server:
             for b in batch_sizes:
                 n_requests = requests if b <= 8 else requests_large
-                with httpx.Client(base_url=server.url, headers=headers, timeout=120) as warm:
+                with httpx.Client(base_url=server.url, headers=headers[0], timeout=120) as warm:
                     for body in payloads[b][:2]:
                         warm.post("/v1/predict", content=body).raise_for_status()
                 latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency)
@@ -292,8 +296,9 @@ def _payloads(images: torch.Tensor, batch: int, count: int = 4) -> list[str]:
 
 
 def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: torch.Tensor,
-               batch_sizes: Sequence[int]) -> tuple[Any, str]:
-    """The service app for one setting (its own audit database, limits out of the way) and an API key for it."""
+               batch_sizes: Sequence[int], keys: int = 1) -> tuple[Any, list[str]]:
+    """The service app for one setting (its own audit database, limits out of the way) and ``keys`` API keys
+    for it (clients ``bench``, or ``bench-0``, ``bench-1``, ... with several)."""
     from ..service import ServiceSettings, create_app
 
     svc = ServiceSettings(db_url=f"sqlite:///{db_path}", rate_per_second=1e9,
@@ -301,14 +306,15 @@ def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: 
                           max_batch=max(batch_sizes), key_cache_s=60,
                           max_request_bytes=max(8 * 1024 * 1024, 4 * max(batch_sizes) * images[0].numel() * 2))
     app = create_app(svc, guard=_guard_for(setting, victim, detector, images))
-    _, token = app.state.sameguard.keys.create("bench")
-    return app, token
+    names = ["bench"] if keys == 1 else [f"bench-{i}" for i in range(keys)]
+    return app, [app.state.sameguard.keys.create(name)[1] for name in names]
 
 
-def _time_requests(url: str, headers: dict[str, str], bodies: Sequence[str], n_requests: int,
-                   concurrency: int) -> tuple[list[float], int, float]:
+def _time_requests(url: str, headers: Mapping[str, str] | Sequence[Mapping[str, str]], bodies: Sequence[str],
+                   n_requests: int, concurrency: int) -> tuple[list[float], int, float]:
     """Send ``n_requests`` bodies (cycled) from ``concurrency`` threads; (latencies in s, non-200 answers or
-    failed requests, wall s)."""
+    failed requests, wall s). ``headers``: one set for every thread, or a list that thread ``i`` takes
+    element ``i mod len`` of (one API key per client)."""
     import httpx
 
     latencies: list[float] = []
@@ -316,8 +322,10 @@ def _time_requests(url: str, headers: dict[str, str], bodies: Sequence[str], n_r
     counter = iter(range(n_requests))
     lock = threading.Lock()
 
-    def worker() -> None:
-        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+    per_thread = [headers] if isinstance(headers, Mapping) else list(headers)
+
+    def worker(own: Mapping[str, str]) -> None:
+        with httpx.Client(base_url=url, headers=dict(own), timeout=120) as client:
             while True:
                 with lock:
                     i = next(counter, None)
@@ -333,7 +341,7 @@ def _time_requests(url: str, headers: dict[str, str], bodies: Sequence[str], n_r
                     latencies.append(dt)
                     errors[0] += not ok
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(per_thread[i % len(per_thread)],)) for i in range(concurrency)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -602,7 +610,7 @@ def _bench_models(victim_dir: str | os.PathLike | None, detector_dir: str | os.P
 
 def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_dir: str | os.PathLike | None = None,
                       workdir: Path = Path("runs/service-bench"), requests: int = 200, requests_large: int = 30,
-                      batch_sizes: Sequence[int] = (1, 64), concurrency: int = 4,
+                      batch_sizes: Sequence[int] = (1, 64), concurrency: int = 4, keys: int = 1,
                       settings: Sequence[str] = ("off", "monitor"), attacks: Sequence[str] = ("knockoff", "jbda"),
                       budget: int = 1000, attack_epochs: int = 10, benign: int = 1000, target_fpr: float = 0.01,
                       knockoff_proxies: Sequence[str] = ("digits", "fashion-mnist"), seed: int = 0, progress: bool | None = None,
@@ -618,6 +626,9 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     ``knockoff_proxies`` (dataset names, train split; scikit-learn's digits: natural
     images of another distribution; ``fashion-mnist`` is the in-distribution attacker); JBDA starts
     from 150 Fashion-MNIST training images.
+
+    ``keys``: API keys the in-process rows' client threads send with (:func:`measure_service`); the worker rows
+    send with one.
 
     ``workers``: worker counts of the rows that start the real server (:func:`measure_workers`:
     ``sameguard serve --workers N --state workers_state``, guarded single images, ``concurrency``
@@ -639,7 +650,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     cal_idx, benign_idx, eval_idx = perm[:2000], perm[2000:2000 + benign], perm[5000:7000]
     result = ServiceBenchResult(config={
         "sameguard": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "concurrency": concurrency,
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "concurrency": concurrency, "keys": keys,
         "victim": getattr(victim, "arch", None), "victim_dataset": victim.dataset, "detector": type(detector).__name__,
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
@@ -651,7 +662,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     if settings:
         result.latency = measure_service(victim, detector, test.images[benign_idx[:256]], settings=settings,
                                          batch_sizes=batch_sizes, requests=requests, requests_large=requests_large,
-                                         concurrency=concurrency, workdir=workdir, echo=echo)
+                                         concurrency=concurrency, keys=keys, workdir=workdir, echo=echo)
     if workers or ray_replicas:
         from ..service.store import redact_store_url
 
