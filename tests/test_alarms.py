@@ -192,3 +192,35 @@ def test_alarm_only_policy_answers_every_query_until_the_alarm(setup):
     alarmed = [v.decisions[0].alarmed for v in verdicts]
     assert any(alarmed)
     assert refused == alarmed  # nothing refused per query, everything after the alarm
+
+
+class _OutputsScorer(Contrast):
+    """A scorer that reads the victim's outputs the guard already has (``score_victim_outputs``, as MSP and
+    Energy do): ``-max`` probability, as a list of Python floats; ``extra`` more values than asked when set."""
+
+    def __init__(self, victim: Victim, extra: int = 0) -> None:
+        self.victim, self.extra = victim, extra
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.victim(x).max(1).values
+
+    def score_victim_outputs(self, victim: object, x: torch.Tensor, probs: torch.Tensor) -> list[float] | None:
+        return (-probs.max(1).values).tolist() + [0.0] * self.extra if victim is self.victim else None
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_scores_read_from_the_victims_outputs_as_floats_and_checked(n):
+    victim = Victim()
+    calibration = benign(600, seed=1)
+    alarms = ClientAlarms.calibrate(victim, {"brightness": Brightness(), "msp": _OutputsScorer(victim)}, calibration,
+                                    delta=1e-3, min_class_size=20)
+    # the same scores through score(x), a tensor: its victim is another (equal) one, so it declines the outputs
+    twin = ClientAlarms.calibrate(victim, {"brightness": Brightness(), "msp": _OutputsScorer(Victim())}, calibration,
+                                  delta=1e-3, min_class_size=20)
+    x = suspicious(n, seed=4)
+    a = alarms.update("c", x, victim(x))
+    b = twin.update("c", x, victim(x))
+    torch.testing.assert_close(a.evidence, b.evidence, rtol=1e-9, atol=1e-12)
+    broken = ClientAlarms(alarms.monitor, {"brightness": Brightness(), "msp": _OutputsScorer(victim, extra=1)}, victim)
+    with pytest.raises(ValueError, match=f"returned {n + 1} scores for {n} queries"):
+        broken.update("d", x, victim(x))

@@ -140,3 +140,22 @@ def test_remember_seeds_a_result_only_inside_shared_forward():
         assert memoized((owner,), x.clone(), lambda: "computed") == "computed"  # another tensor
     with shared_forward():
         assert memoized((owner,), x, lambda: "computed") == "computed"  # emptied at the end of the request
+
+
+def test_no_grad_turns_gradients_off_only_where_they_are_on():
+    from sameguard.forward_memo import no_grad
+
+    seen = []
+
+    @no_grad
+    def double(t: torch.Tensor) -> torch.Tensor:
+        """Doubles."""
+        seen.append(torch.is_grad_enabled())
+        return t * 2
+
+    w = torch.ones(3, requires_grad=True)
+    assert not double(w).requires_grad and seen == [False]  # gradients on: turned off inside, as torch.no_grad
+    assert torch.is_grad_enabled()  # and back on after
+    with torch.no_grad():
+        assert not double(w).requires_grad and seen == [False, False]
+    assert double.__doc__ == "Doubles." and double.__name__ == "double"
