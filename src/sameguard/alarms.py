@@ -51,6 +51,7 @@ from .evidence import (
     stream_test,
 )
 from .evidence.compiled import warm_up
+from .forward_memo import no_grad
 from .prediction_api import victim_probabilities
 from .validation import check_choice, check_fraction, check_images, check_name
 
@@ -157,6 +158,7 @@ class ClientAlarms:
         return cls(monitor, scorers, victim)
 
     # -- the guard's call --------------------------------------------------------------------
+    @no_grad  # the guard calls with gradients off already: no second context
     def update(self, client: str, x: torch.Tensor, probs: torch.Tensor,
                known: Mapping[int, torch.Tensor] | None = None) -> AlarmUpdate:
         """Add a batch of ``client``'s queries and say, per query, whether the client is alarmed.
@@ -171,9 +173,6 @@ class ClientAlarms:
         A scorer that reads only this victim's outputs (MSP, Energy: ``score_victim_outputs``) is
         scored from ``probs`` (or the victim's logits) without going through its ``score(x)`` again.
         """
-        if torch.is_grad_enabled():  # the guard calls with gradients off already: no second context
-            with torch.no_grad():
-                return self.update(client, x, probs, known)
         known = known or {}
         n = x.shape[0]  # not len(x): Tensor.__len__ is a Python-level wrapper
         rows = np.empty((len(self._order), n), dtype=np.float64)  # the monitor's detector order

@@ -177,7 +177,7 @@ def _closed_port() -> int:
 def test_time_requests_counts_failed_connections_as_errors():
     from sameguard.bench.service_bench import _time_requests
 
-    latencies, errors, _ = _time_requests(f"http://127.0.0.1:{_closed_port()}", {}, ["{}"], 5, 2)
+    latencies, errors, _ = _time_requests(f"http://127.0.0.1:{_closed_port()}", [{}], ["{}"], 5, 2)
     assert (len(latencies), errors) == (5, 5)  # no thread dies on a refused connection
 
 

@@ -310,19 +310,16 @@ def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: 
     return app, [app.state.sameguard.keys.create(name)[1] for name in names]
 
 
-def _time_requests(url: str, headers: Mapping[str, str] | Sequence[Mapping[str, str]], bodies: Sequence[str],
-                   n_requests: int, concurrency: int) -> tuple[list[float], int, float]:
-    """Send ``n_requests`` bodies (cycled) from ``concurrency`` threads; (latencies in s, non-200 answers or
-    failed requests, wall s). ``headers``: one set for every thread, or a list that thread ``i`` takes
-    element ``i mod len`` of (one API key per client)."""
+def _time_requests(url: str, headers: Sequence[Mapping[str, str]], bodies: Sequence[str], n_requests: int,
+                   concurrency: int) -> tuple[list[float], int, float]:
+    """Send ``n_requests`` bodies (cycled) from ``concurrency`` threads, thread ``i`` with ``headers[i mod
+    len(headers)]`` (one API key per client); (latencies in s, non-200 answers or failed requests, wall s)."""
     import httpx
 
     latencies: list[float] = []
     errors = [0]
     counter = iter(range(n_requests))
     lock = threading.Lock()
-
-    per_thread = [headers] if isinstance(headers, Mapping) else list(headers)
 
     def worker(own: Mapping[str, str]) -> None:
         with httpx.Client(base_url=url, headers=dict(own), timeout=120) as client:
@@ -341,7 +338,7 @@ def _time_requests(url: str, headers: Mapping[str, str] | Sequence[Mapping[str, 
                     latencies.append(dt)
                     errors[0] += not ok
 
-    threads = [threading.Thread(target=worker, args=(per_thread[i % len(per_thread)],)) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(headers[i % len(headers)],)) for i in range(concurrency)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -484,7 +481,7 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         cmd = serve_command(victim_dir, detector_dir, policy=policy, port=port, workers=n, prefix=prefix,
                             threads=threads, engine=engine, compile=compile)
         proc = _start_serve_workers(cmd, db_url=url, state_url=state_url, log_path=log_path)
-        headers = {"X-API-Key": token, "content-type": "application/json"}
+        headers = [{"X-API-Key": token, "content-type": "application/json"}]
         server_url = f"http://127.0.0.1:{port}"
         warm_ok = 0
         try:

@@ -128,7 +128,7 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
                                        getattr(logits_fn, "__wrapped__", None) != self.logits_fn_):
             return None
         logits = self._logits(x, logits_fn)
-        if len(logits) == 1:  # a single-image request: Python floats, no tensor dispatch
+        if logits.shape[0] == 1:  # a single-image request: Python floats, no tensor dispatch
             return [float(np.float32(_energy_of_row(logits.tolist()[0], self.temperature)))]
         return energy_score(logits, self.temperature).tolist()
 
