@@ -149,15 +149,17 @@ def test_two_replicas_share_the_rate_limit_through_redis(ray_serve, artifacts, t
     assert len(statuses) == 24
     assert statuses.count(200) == burst and statuses.count(429) == 24 - burst  # B in all across replicas, not 2B
     assert len(_audit(db)) == burst
-    # Each replica has its own Prometheus registry: /metrics (routed to either) shows two different
-    # POST counts that add up to the 24 requests, so both replicas served part of the burst.
+    # Each replica has its own Prometheus registry, so /metrics (routed to either) shows one replica's
+    # POST count. A count strictly between 0 and 24 proves the other replica served the rest; Ray's
+    # router may send every /metrics call to the same replica, so seeing one of the two is enough.
     seen: set[int] = set()
     with httpx.Client(base_url=url, timeout=30) as http:
         for _ in range(40):
             seen.add(_post_counts(http.get("/metrics").text))
             if len(seen) == 2:
                 break
-    assert (len(seen) == 2 and sum(seen) == 24 and min(seen) > 0) or seen == {12}, seen
+    assert seen and all(0 < n < 24 for n in seen), seen
+    assert len(seen) == 1 or sum(seen) == 24, seen
 
 
 def test_deployment_options_fixed_and_autoscaling():
