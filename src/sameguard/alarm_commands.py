@@ -23,7 +23,7 @@ from typing import Any
 
 from .api import ArtifactError
 from .cli_checks import pool_size_arg
-from .evidence.stream import DEFAULT_POOL_SIZE
+from .evidence.stream import DEFAULT_POOL_SIZE, DEFAULT_WINDOW
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ def add_alarm_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int
                    help="with --stream: compare images average-pooled to S x S, or 'none' for every pixel "
                         f"(default {DEFAULT_POOL_SIZE}: a fraction of the memory per client and of the time per "
                         "query; the p-values stay valid)")
+    p.add_argument("--stream-window", type=int, default=None, metavar="W",
+                   help=f"with --stream: the client's bag restarts empty every W queries (default {DEFAULT_WINDOW}; "
+                        "at most W x features floats per client; only queries of one block are compared)")
     p.add_argument("--mode", default="ville", choices=MODES,
                    help="ville (default: P(ever alarmed) <= delta), cusum or shiryaev-roberts (react faster to "
                         "a client that turns bad; bound the mean time to a false alarm instead)")
@@ -159,11 +162,14 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     pool_size = DEFAULT_POOL_SIZE if args.stream_pool_size is _DEFAULT else args.stream_pool_size
     if args.stream_pool_size is not _DEFAULT and not args.stream:
         raise ValueError("--stream-pool-size sets the stream test's pooling: add --stream.")
+    if args.stream_window is not None and not args.stream:
+        raise ValueError("--stream-window sets the stream test's blocks: add --stream.")
+    window = DEFAULT_WINDOW if args.stream_window is None else check_int(args.stream_window, "--stream-window", minimum=2)
     victim = Victim.load(args.victim, device=args.device)
     scorers = _load_scorers(args, victim)
     x, _ = read_images(args.images, victim.image_shape)
     alarms = ClientAlarms.calibrate(victim, {n: d for n, (d, _) in scorers.items()}, x, delta=args.delta,
-                                    stream=stream_test(args.stream, pool_size), mode=args.mode,
+                                    stream=stream_test(args.stream, pool_size, window), mode=args.mode,
                                     min_class_size=args.min_class_size,
                                     seed=args.seed, conditional=args.calibration_conditional)
     out = alarms.save(args.out)

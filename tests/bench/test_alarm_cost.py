@@ -74,6 +74,26 @@ def test_measure_and_cli(capsys, monkeypatch, networks):
     assert "calls of 3 images" in capsys.readouterr().out
 
 
+def test_centred_history_and_mean_bag():
+    assert alarm_cost.centred_history(1000, 500) == 250 and alarm_cost.centred_history(2000, 500) == 750
+    assert alarm_cost.centred_history(1000, 1000) == 0 and alarm_cost.centred_history(100, 300) == 0
+    assert alarm_cost.mean_bag(1000, 250, 500) == pytest.approx(499.5)  # bags 250..749
+    assert alarm_cost.mean_bag(10, 8, 4) == pytest.approx((8 + 9 + 0 + 1) / 4)  # a new block after 10
+    assert alarm_cost.mean_bag(1000, 0, 0) == 0.0
+
+
+def test_stream_window_reaches_the_guard_and_the_history_default(capsys, monkeypatch, networks):
+    monkeypatch.setattr(alarm_cost, "build_networks", lambda seed=0: networks)
+    built = []
+    original = alarm_cost.alarm_guard
+    monkeypatch.setattr(alarm_cost, "alarm_guard", lambda *a, **k: built.append(g := original(*a, **k)) or g)
+    r = alarm_cost.measure(queries=4, calibration=60, stream_window=20)
+    assert built[0].alarms.monitor.stream.window == 20
+    assert r["client_history"] == 8 and r["mean_bag"] == pytest.approx(9.5)  # bags 8..11 of blocks of 20
+    assert alarm_cost.main(["--queries", "2", "--calibration", "60", "--stream-window", "10"]) == 0
+    assert "client history 4;" in (out := capsys.readouterr().out) and "blocks of 10 queries, mean bag 4" in out
+
+
 def test_free_scorers_skips_the_other_scorers_in_the_timed_queries(capsys, monkeypatch, networks):
     _, scorers = networks
     monkeypatch.setattr(alarm_cost, "build_networks", lambda seed=0: networks)

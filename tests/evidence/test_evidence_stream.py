@@ -10,7 +10,7 @@ import torch
 
 from sameguard.evidence import MixtureMartingale, StreamExchangeabilityTest, StreamState, stream_p_value, stream_test
 from sameguard.evidence.store import StateFormatError
-from sameguard.evidence.stream import DEFAULT_POOL_SIZE
+from sameguard.evidence.stream import DEFAULT_POOL_SIZE, DEFAULT_WINDOW
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,18 @@ def test_state_is_bounded_by_the_window_and_restarts():
         assert p[first_of_block].item() == pytest.approx(t[first_of_block].item(), abs=1e-12)
 
 
+def test_a_p_value_depends_on_its_own_block_only():
+    """The first ``w`` p-values of a client are the same for every window of at least ``w`` (bit for bit):
+    what the default window's docs rely on to say the benchmark's alarms do not move with it."""
+    x = _as_images(torch.randn(90, 5, generator=torch.Generator().manual_seed(8)))
+    theta = _theta(9, 90)
+    p = {w: StreamExchangeabilityTest(window=w).update(StreamExchangeabilityTest().initial_state(), x, theta=theta)[1]
+         for w in (30, 60, 90, 1000)}
+    assert torch.equal(p[1000], p[90]) and torch.equal(p[90][:60], p[60][:60]) and torch.equal(p[60][:30], p[30][:30])
+    assert not torch.equal(p[60][60:], p[90][60:])  # a new block: other p-values from there on
+    assert torch.equal(p[60][60:], p[30][60:])  # blocks of 30 and of 60 both restart at query 61
+
+
 def test_pooling_reduces_features():
     test = StreamExchangeabilityTest(pool_size=7)
     state, _ = test.update(test.initial_state(), torch.rand(3, 1, 28, 28) * 2 - 1)
@@ -194,6 +206,8 @@ def test_stream_test_builds_what_a_setting_asks_for():
     assert isinstance(built, StreamExchangeabilityTest) and built.pool_size == 7
     assert stream_test(True).pool_size == DEFAULT_POOL_SIZE == StreamExchangeabilityTest().pool_size == 14
     assert stream_test(True, None).pool_size is None  # every pixel, asked for
+    assert stream_test(True).window == DEFAULT_WINDOW == StreamExchangeabilityTest().window == 1000
+    assert stream_test(True, 7, window=300).window == 300
 
 
 @pytest.mark.parametrize(("shape", "size"), [((2, 1, 28, 28), 7), ((3, 3, 10, 9), 7), ((1, 2, 28, 28), 14), ((2, 1, 5, 30), 4)])

@@ -108,6 +108,24 @@ def test_alarms_calibrate_stream_pool_size_is_saved_and_served(artifacts, tmp_pa
     assert "at least 1" in capsys.readouterr().err
 
 
+def test_alarms_calibrate_stream_window_is_saved_and_served(artifacts, tmp_path, capsys):
+    from sameguard.service.loading import load_guard
+    from sameguard.service.settings import ServiceSettings
+
+    out = tmp_path / "alarms"
+    base = ("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector", str(artifacts / "maha-a"),
+            "--images", str(artifacts / "benign.npy"), "--out", str(out), "--min-class-size", "20")
+    for given, expected in (([], 1000), (["--stream-window", "300"], 300)):  # the default; a chosen one
+        code, _ = run(*base, "--stream", *given)
+        assert code == 0
+        guard = load_guard(ServiceSettings(victim=artifacts / "victim", detector=artifacts / "maha-a", alarms=out))
+        assert guard.alarms.monitor.stream.window == expected
+    code, _ = run(*base, "--stream-window", "300")
+    assert code != 0 and "add --stream" in capsys.readouterr().err
+    code, _ = run(*base, "--stream", "--stream-window", "1")
+    assert code != 0 and "--stream-window" in capsys.readouterr().err
+
+
 def test_alarms_calibrate_calibration_conditional_is_saved_and_served(artifacts, tmp_path):
     out = tmp_path / "alarms"
     code, text = run("alarms", "calibrate", "--victim", str(artifacts / "victim"), "--detector",

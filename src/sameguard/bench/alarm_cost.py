@@ -1,7 +1,7 @@
 """What the per-client alarms add to a single-image query through the guard, measured on its own::
 
-    python -m sameguard.bench.alarm_cost [--queries 300] [--client-history 1000] [--no-stream]
-        [--stream-pool-size 14|none] [--profile] [--free-scorers]
+    python -m sameguard.bench.alarm_cost [--queries 300] [--client-history N] [--no-stream]
+        [--stream-pool-size 14|none] [--stream-window 1000] [--profile] [--free-scorers]
 
 Builds the ``standard`` profile's architectures with untrained (or barely trained) weights, since
 timing does not depend on them: the victim ``conv3`` for 28x28x1 images, SAME with the ``cpu``
@@ -17,8 +17,9 @@ and the medians of the process's CPU time, which other processes do not inflate:
 ``--profile`` adds a cProfile top list of the guard with the alarms.
 
 The timed client first sends ``--client-history`` earlier queries (in batches), because the stream
-test compares each query with the client's earlier ones in its current block (up to ``window`` =
-2000): its cost grows with that history. The benchmark's own figure (``bench`` records of kind
+test compares each query with the client's earlier ones in its current block (up to ``window``,
+default 1 000): its cost grows with that history. By default the history centres the timed queries'
+bags on half the window, the mean bag of a client that keeps querying (:func:`centred_history`). The benchmark's own figure (``bench`` records of kind
 ``cost``) is measured by :func:`alternate_median_ms` too, on trained networks.
 """
 
@@ -42,14 +43,15 @@ from ..alarms import ClientAlarms
 from ..cli_checks import pool_size_arg
 from ..detectors import build_detector, fit_detector
 from ..evidence import stream_test
-from ..evidence.stream import DEFAULT_POOL_SIZE
+from ..evidence.stream import DEFAULT_POOL_SIZE, DEFAULT_WINDOW
 from ..guard import Guard
 from ..victim import Victim
 from .untrained import build_models
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["alarm_guard", "alternate_median_ms", "alternate_times_ms", "build_networks", "main", "measure"]
+__all__ = ["alarm_guard", "alternate_median_ms", "alternate_times_ms", "build_networks", "centred_history", "main",
+           "measure"]
 
 #: The ``standard`` profile's geometry and architectures (Fashion-MNIST, ``conv3``, SAME ``cpu``).
 IMAGE_SHAPE = (1, 28, 28)
@@ -59,7 +61,7 @@ ARCH = "conv3"
 def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Tensor, *, delta: float,
                 stream: bool, seed: int, policy: str = "monitor", output: str = "probabilities",
                 per_query_fpr: float | None = None, conditional: float | None = None,
-                stream_pool_size: int | None = None) -> Guard:
+                stream_pool_size: int | None = None, stream_window: int = DEFAULT_WINDOW) -> Guard:
     """The benchmark's protected model: per-client alarms over ``scorers`` (and the stream test),
     calibrated on ``calibration_x``; the first scorer is also the guard's per-query detector.
 
@@ -76,9 +78,10 @@ def alarm_guard(victim: Any, scorers: Mapping[str, Any], calibration_x: torch.Te
             first scorer's threshold is set for this benign false-positive rate.
         conditional: ``eta`` for calibration-conditional p-values (``None``: marginal ones).
         stream_pool_size: the stream test's ``pool_size`` (``None``: every pixel).
+        stream_window: the stream test's ``window``.
     """
     alarms = ClientAlarms.calibrate(victim, scorers, calibration_x, delta=delta,
-                                    stream=stream_test(stream, stream_pool_size), seed=seed,
+                                    stream=stream_test(stream, stream_pool_size, stream_window), seed=seed,
                                     conditional=conditional)
     threshold = None if per_query_fpr is not None else float("inf")
     guard = Guard(victim, scorers[next(iter(scorers))], Policy(policy, threshold=threshold), alarms=alarms,
@@ -151,20 +154,37 @@ def build_networks(seed: int = 0, fit_images: int = 256) -> tuple[Victim, dict[s
     return victim, scorers
 
 
-def measure(*, queries: int = 300, stream: bool = True, client_history: int = 1000, calibration: int = 500,
+def centred_history(window: int, timed: int) -> int:
+    """Earlier queries a timed client sends first so that the stream test's bags over its ``timed`` queries
+    are centred on ``window / 2``, the mean bag of a client that keeps querying (bags grow from 0 to
+    ``window - 1``, then the block restarts): ``(window - timed) // 2``, or 0 when the timed queries fill a
+    block or more."""
+    return max(0, (window - timed) // 2)
+
+
+def mean_bag(window: int, history: int, timed: int) -> float:
+    """The mean number of earlier queries in the stream test's bag over ``timed`` queries sent after
+    ``history`` ones, with blocks of ``window``."""
+    return float(np.mean((np.arange(history, history + timed) % window))) if timed else 0.0
+
+
+def measure(*, queries: int = 300, stream: bool = True, client_history: int | None = None, calibration: int = 500,
             delta: float = 1e-3, seed: int = 0, profile: bool = False, batch: int = 1,
-            stream_pool_size: int | None = DEFAULT_POOL_SIZE, free_scorers: bool = False) -> dict[str, Any]:
+            stream_pool_size: int | None = DEFAULT_POOL_SIZE, free_scorers: bool = False,
+            stream_window: int = DEFAULT_WINDOW) -> dict[str, Any]:
     """Time queries through the guard with SAME alone and with the alarms.
 
     Args:
         queries: timed calls per guard (alternated).
         batch: images per call (default 1: single-image queries); times are per call.
         stream: include the stream test in the alarms.
-        client_history: queries the timed client sends first (in batches of 100), to both guards.
+        client_history: queries the timed client sends first (in batches of 100), to both guards
+            (``None``: :func:`centred_history` of the window and the timed images).
         calibration: random images the alarms are calibrated on.
         delta, seed: the alarms' settings.
         profile: also profile ``queries`` more single-image queries of the guard with the alarms.
         stream_pool_size: the stream test's ``pool_size`` (``None``: every pixel).
+        stream_window: the stream test's ``window``.
         free_scorers: a diagnostic: the alarms' scorers other than the guard's detector (s2, MSP, Energy)
             are not run during the timed queries, their scores replaced by zeros, so that the figures show
             what the rest of the alarms (p-values, stream test, martingales, state) costs on its own.
@@ -184,7 +204,9 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
     calibration_x = _random_images(calibration, generator)
     plain = Guard(victim, scorers["SAME"], "monitor", keep_decisions=0, history=False)
     guarded = alarm_guard(victim, scorers, calibration_x, delta=delta, stream=stream, seed=seed,
-                          stream_pool_size=stream_pool_size)
+                          stream_pool_size=stream_pool_size, stream_window=stream_window)
+    if client_history is None:
+        client_history = centred_history(stream_window, queries * batch)
     history = _random_images(client_history, generator)
     for guard in (plain, guarded):
         for start in range(0, client_history, 100):
@@ -217,7 +239,8 @@ def measure(*, queries: int = 300, stream: bool = True, client_history: int = 10
             "p10_guard_with_alarms": p10["guard_with_alarms"],
             "p10_ratio": p10["guard_with_alarms"] / p10["guard"], "cpu_guard": cpu["guard"],
             "cpu_guard_with_alarms": cpu["guard_with_alarms"], "cpu_ratio": cpu["guard_with_alarms"] / cpu["guard"],
-            "cpu_update": float(np.median(inside)), "profile": text}
+            "cpu_update": float(np.median(inside)), "profile": text, "client_history": client_history,
+            "mean_bag": mean_bag(stream_window, client_history, queries * batch)}
 
 
 def _time_calls(owner: Any, name: str) -> list[float]:
@@ -244,13 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="images per call (default 1: single-image queries)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="include the stream test (default: yes)")
-    p.add_argument("--client-history", type=int, default=1000,
-                   help="earlier queries of the timed client (default 1000: the mean bag of the stream test's "
-                        "2000-query blocks)")
+    p.add_argument("--client-history", type=int, default=None,
+                   help="earlier queries of the timed client (default: (window - timed images) / 2, so that the "
+                        "timed queries' bags are centred on half the window, the mean bag of a client that keeps "
+                        "querying)")
     p.add_argument("--calibration", type=int, default=500, help="random calibration images (default 500)")
     p.add_argument("--stream-pool-size", type=pool_size_arg, default=DEFAULT_POOL_SIZE,
                    help="the stream test compares images average-pooled to this size, or 'none' for every pixel "
                         f"(default {DEFAULT_POOL_SIZE}, the stream test's default)")
+    p.add_argument("--stream-window", type=int, default=DEFAULT_WINDOW,
+                   help=f"the stream test's blocks, in queries (default {DEFAULT_WINDOW}, the stream test's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="add a cProfile top list of the guard with the alarms")
@@ -258,20 +284,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="diagnostic: do not run the alarms' other scorers (s2, MSP, Energy) in the timed queries, "
                         "zeros instead, to see what the rest of the alarms costs on its own")
     args = p.parse_args(argv)
-    if (args.queries < 1 or args.batch < 1 or args.client_history < 0 or args.calibration < 2
-            or (args.threads is not None and args.threads < 1)):
-        p.error("--queries and --batch must be >= 1, --client-history >= 0, --calibration >= 2 and --threads >= 1")
+    if (args.queries < 1 or args.batch < 1 or (args.client_history is not None and args.client_history < 0)
+            or args.calibration < 2 or args.stream_window < 2 or (args.threads is not None and args.threads < 1)):
+        p.error("--queries and --batch must be >= 1, --client-history >= 0, --calibration and --stream-window >= 2 "
+                "and --threads >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("sameguard.evidence.conformal").setLevel(logging.ERROR)  # random labels: small classes
     r = measure(queries=args.queries, stream=args.stream, client_history=args.client_history,
                 calibration=args.calibration, seed=args.seed, profile=args.profile, batch=args.batch,
-                stream_pool_size=args.stream_pool_size, free_scorers=args.free_scorers)
+                stream_pool_size=args.stream_pool_size, free_scorers=args.free_scorers,
+                stream_window=args.stream_window)
     stream_text = "off" if not args.stream else "on, every pixel" if args.stream_pool_size is None else \
         f"on, images pooled to {args.stream_pool_size}x{args.stream_pool_size}"
+    if args.stream:
+        stream_text += f", blocks of {args.stream_window} queries, mean bag {r['mean_bag']:.0f}"
     what = "single-image queries" if args.batch == 1 else f"calls of {args.batch} images (times per call)"
-    print(f"{what}, {args.queries} each, alternated; client history {args.client_history}; "
+    print(f"{what}, {args.queries} each, alternated; client history {r['client_history']}; "
           f"stream test {stream_text}; torch threads {torch.get_num_threads()}\n")
     print("| guard | median ms | 10th percentile ms | median CPU ms |\n|---|---:|---:|---:|")
     print(f"| SAME alone | {r['ms_guard']:.2f} | {r['p10_guard']:.2f} | {r['cpu_guard']:.2f} |")
