@@ -38,6 +38,7 @@ def test_measure_service_rows(tmp_path):
     assert [(r.setting, r.batch, r.requests, r.errors) for r in rows] == [
         ("off", 1, 5, 0), ("off", 3, 5, 0), ("monitor", 1, 5, 0), ("monitor", 3, 5, 0)]
     assert all(r.p99_ms >= r.p50_ms > 0 and r.images_per_s == pytest.approx(r.requests_per_s * r.batch) for r in rows)
+    assert all(r.gc_full is not None and r.gc_full >= 0 for r in rows)  # in process: full collections counted
     assert len(lines) == 4
     with pytest.raises(ValueError, match="positive"):
         measure_service(victim, None, images, settings=("off",), requests=0)
@@ -128,7 +129,7 @@ def test_serve_command_per_engine_keeps_urls_off_the_command_line():
     row = dict(setting="monitor-batched", batch=1, requests=8, concurrency=4, seconds=1.0, requests_per_s=8.0,
                images_per_s=8.0, p50_ms=1.0, p99_ms=2.0, errors=0, workers=2)
     text = ServiceBenchResult(latency=[LatencyRow(**row), LatencyRow(**row, engine="ray")]).markdown()
-    assert "| monitor-batched, serve --workers 2 (Redis) |" in text
+    assert "| monitor-batched, serve --workers 2 (Redis) | 1 | 8 | 8.0 | 8.0 | 1.0 | 2.0 | 0 | - |" in text
     assert "| monitor-batched, serve --engine ray --ray-replicas 2 (Redis) |" in text
     assert "| monitor-batched, serve --workers 2 --compile (Redis) |" in \
         ServiceBenchResult(latency=[LatencyRow(**row, compiled=True)]).markdown()
@@ -231,3 +232,37 @@ def test_measure_service_spreads_the_load_over_several_api_keys(tmp_path):
     assert sum(clients.values()) == 2 + 30
     with pytest.raises(ValueError, match="keys"):
         measure_service(victim, None, images, settings=("off",), keys=0)
+
+
+def test_full_gc_pauses_counts_full_collections_only():
+    import gc
+
+    from sameguard.bench.service_bench import LatencyRow, ServiceBenchResult, full_gc_pauses
+
+    with full_gc_pauses() as pauses:
+        gc.collect(0)
+        gc.collect(1)
+        assert pauses == []
+        gc.collect()
+        gc.collect(2)
+    assert len(pauses) == 2 and all(p >= 0 for p in pauses)
+    gc.collect()
+    assert len(pauses) == 2  # the hook is gone after the with
+    row = LatencyRow(setting="monitor", batch=1, requests=8, concurrency=4, seconds=1.0, requests_per_s=8.0,
+                     images_per_s=8.0, p50_ms=1.0, p99_ms=2.0, errors=0, gc_full=2, gc_full_max_ms=183.4)
+    assert "| monitor | 1 | 8 | 8.0 | 8.0 | 1.0 | 2.0 | 0 | 2 (183) |" in ServiceBenchResult(latency=[row]).markdown()
+
+
+def test_measure_service_gc_freeze_reaches_the_apps(tmp_path, monkeypatch):
+    """The guarded rows' apps are built with the gc_freeze asked for (serve's default: on)."""
+    import sameguard.service as service
+
+    seen = []
+    original = service.create_app
+    monkeypatch.setattr(service, "create_app", lambda settings, **kw: seen.append(settings.gc_freeze) or
+                        original(settings, **kw))
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    for freeze in (True, False):
+        measure_service(_victim(), _MeanScore(), images, settings=("monitor",), batch_sizes=(1,), requests=2,
+                        requests_large=1, concurrency=1, workdir=tmp_path, gc_freeze=freeze, echo=lambda _: None)
+    assert seen == [True, False]

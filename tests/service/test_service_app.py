@@ -345,3 +345,25 @@ def test_service_keys_and_audit_commands(tmp_path, capsys, make_app, kit):
     assert keys_main(argparse.Namespace(keys_command="revoke", name="bob", key_id=None, db=db)) == 0
     with pytest.raises(ValueError, match="No active key"):
         keys_main(argparse.Namespace(keys_command="revoke", name="bob", key_id=None, db=db))
+
+
+def test_start_up_objects_are_frozen_for_the_garbage_collector_while_serving(make_app):
+    """A full collection would walk the models' and libraries' objects: the service freezes them at start-up
+    (gc.freeze) and unfreezes them at shutdown."""
+    import gc
+
+    app, _ = make_app("monitor")
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # torch, FastAPI and the models at least
+    assert gc.get_freeze_count() == 0
+
+
+def test_no_gc_freeze_leaves_the_collector_as_it_is(make_app):
+    import gc
+
+    app, _ = make_app("monitor", gc_freeze=False)
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        assert gc.get_freeze_count() == 0

@@ -34,6 +34,9 @@ def test_service_settings_from_env_and_validation():
     assert ServiceSettings.from_env(s.to_env()) == s  # what serve --workers hands its workers
     with pytest.raises(ValueError, match="compile_backend"):
         ServiceSettings.from_env({}, compile_backend="in ductor; rm")
+    assert ServiceSettings().gc_freeze is True
+    unfrozen = ServiceSettings.from_env({"SAMEGUARD_GC_FREEZE": "false"})
+    assert unfrozen.gc_freeze is False and ServiceSettings.from_env(unfrozen.to_env()) == unfrozen
 
 
 def test_service_commands_parse():
@@ -47,6 +50,7 @@ def test_service_commands_parse():
     assert args.compile is None and args.compile_backend is None  # unset: the environment's or the default
     args = parser.parse_args(["serve", "--compile", "--compile-backend", "aot_eager"])
     assert args.compile is True and args.compile_backend == "aot_eager"
+    assert args.gc_freeze is None and parser.parse_args(["serve", "--no-gc-freeze"]).gc_freeze is False
     args = parser.parse_args(["keys", "create", "--name", "alice", "--db", "sqlite:///k.db"])
     assert (args.keys_command, args.name) == ("create", "alice")
     args = parser.parse_args(["audit", "--db", "sqlite:///k.db", "--json"])

@@ -64,6 +64,9 @@ def _add_bench_service_parser(sub: Any) -> None:
                    help="API keys the client threads of the in-process rows send with, thread i with key i mod N: "
                         "each key is a client of its own for the rate limits and the per-client alarms (default 1; "
                         "the --workers rows use one)")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="the in-process rows' services do not freeze their start-up objects for the garbage collector "
+                        "(as serve --no-gc-freeze; by default they do, as serve does)")
     p.add_argument("--settings", default="off,monitor", help="service policies to time (default off,monitor)")
     p.add_argument("--attacks", default="knockoff,jbda", help="attacks to run in-process ('' to skip)")
     p.add_argument("--budget", type=int, default=1000, help="queries per attack (default 1000)")
@@ -127,7 +130,7 @@ def bench_service_main(args: argparse.Namespace) -> int:
     result = run_service_bench(
         victim_dir=args.victim, detector_dir=args.detector, workdir=Path(args.workdir), requests=args.requests,
         requests_large=args.requests_large, batch_sizes=tuple(args.batch_sizes), concurrency=args.concurrency,
-        keys=args.keys, settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
+        keys=args.keys, gc_freeze=args.gc_freeze, settings=_names(args.settings), attacks=_names(args.attacks), budget=args.budget,
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
         workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads,

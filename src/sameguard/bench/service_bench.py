@@ -29,6 +29,7 @@ Benchmarks are not tests: the numbers are measured here and now, on this machine
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
@@ -43,7 +44,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,10 @@ class LatencyRow:
     answered: int | None = None
     #: worker rows: the server ran with ``--compile`` (networks compiled at start-up).
     compiled: bool = False
+    #: in-process rows: full (generation 2) garbage collections of this process during the timed requests,
+    #: and the longest in milliseconds (every thread stops while one runs); ``None`` for worker rows.
+    gc_full: int | None = None
+    gc_full_max_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,14 +143,15 @@ class ServiceBenchResult:
             keys = c.get("keys", 1)
             lines += [f"### Service throughput and latency (uvicorn, 127.0.0.1, {c.get('concurrency')} client threads, "
                       f"{keys} API key{'s' if keys != 1 else ''} in process, "
-                      f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')})", "",
-                      "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                      f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')}"
+                      f"{'' if c.get('gc_freeze', True) else ', start-up objects not frozen for the GC'})", "",
+                      "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors | full GCs (longest ms) |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
                 setting = r.setting if r.workers is None else \
                     f"{r.setting}, {server_label(r.engine, r.workers, r.compiled)} (Redis)"
                 lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
-                             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} |")
+                             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {_gc_cell(r)} |")
             lines.append("")
         if self.attacks:
             fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"
@@ -231,7 +238,7 @@ def bare_app(victim: Any) -> Any:
 
 def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, settings: Sequence[str] = ("off", "monitor"),
                     batch_sizes: Sequence[int] = (1, 64), requests: int = 200, requests_large: int = 30,
-                    concurrency: int = 4, keys: int = 1, workdir: Path | None = None,
+                    concurrency: int = 4, keys: int = 1, workdir: Path | None = None, gc_freeze: bool = True,
                     echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
     """Time the HTTP service (see the module docstring); returns one row per (setting, batch size).
 
@@ -245,6 +252,8 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
         keys: API keys the client threads send with (thread ``i`` uses key ``i mod keys``): each key is
             a client of its own for the rate limits and the per-client alarms (default 1: one client).
         workdir: where the throw-away audit databases go (default: a temporary folder).
+        gc_freeze: the guarded apps freeze their start-up objects for the garbage collector (the service's
+            default, ``ServiceSettings.gc_freeze``); ``False``: as ``serve --no-gc-freeze``.
     """
     import httpx
 
@@ -259,7 +268,8 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
         if setting == "bare":
             app, tokens = bare_app(victim), ["-"]
         else:
-            app, tokens = _bench_app(setting, victim, detector, base / f"audit-{setting}.db", images, batch_sizes, keys)
+            app, tokens = _bench_app(setting, victim, detector, base / f"audit-{setting}.db", images, batch_sizes, keys,
+                                     gc_freeze)
         headers = [{"X-API-Key": token, "content-type": "application/json"} for token in tokens]
         with ServerThread(app) as server:
             for b in batch_sizes:
@@ -267,11 +277,12 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
                 with httpx.Client(base_url=server.url, headers=headers[0], timeout=120) as warm:
                     for body in payloads[b][:2]:
                         warm.post("/v1/predict", content=body).raise_for_status()
-                latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency)
+                with full_gc_pauses() as pauses:
+                    latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency)
                 row = LatencyRow(setting=setting, batch=b, requests=n_requests, concurrency=concurrency,
                                  seconds=wall, requests_per_s=n_requests / wall, images_per_s=n_requests * b / wall,
                                  p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
-                                 errors=errors)
+                                 errors=errors, gc_full=len(pauses), gc_full_max_ms=max(pauses, default=0.0))
                 rows.append(row)
                 echo(f"service {setting:<15} batch {b:>3}: {row.requests_per_s:7.1f} req/s, {row.images_per_s:8.1f} img/s, "
                      f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}")
@@ -281,6 +292,32 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
             unbatch_guard(app.state.sameguard.guard)  # the models are shared by the next settings
             app.state.sameguard.audit.engine.dispose()
     return rows
+
+
+@contextmanager
+def full_gc_pauses() -> Iterator[list[float]]:
+    """The milliseconds of each full (generation 2) garbage collection of this process inside the ``with``,
+    appended to the yielded list as they end (a :data:`gc.callbacks` hook)."""
+    pauses: list[float] = []
+    started: list[float] = []
+
+    def hook(phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            pauses.append(1000 * (time.perf_counter() - started.pop()))
+
+    gc.callbacks.append(hook)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(hook)
+
+
+def _gc_cell(row: LatencyRow) -> str:
+    return "-" if row.gc_full is None else f"{row.gc_full} ({row.gc_full_max_ms or 0:.0f})"
 
 
 def _payloads(images: torch.Tensor, batch: int, count: int = 4) -> list[str]:
@@ -296,14 +333,14 @@ def _payloads(images: torch.Tensor, batch: int, count: int = 4) -> list[str]:
 
 
 def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: torch.Tensor,
-               batch_sizes: Sequence[int], keys: int = 1) -> tuple[Any, list[str]]:
+               batch_sizes: Sequence[int], keys: int = 1, gc_freeze: bool = True) -> tuple[Any, list[str]]:
     """The service app for one setting (its own audit database, limits out of the way) and ``keys`` API keys
     for it (clients ``bench``, or ``bench-0``, ``bench-1``, ... with several)."""
     from ..service import ServiceSettings, create_app
 
     svc = ServiceSettings(db_url=f"sqlite:///{db_path}", rate_per_second=1e9,
                           rate_burst=10 ** 9, request_rate_per_second=1e9, request_burst=10 ** 9,
-                          max_batch=max(batch_sizes), key_cache_s=60,
+                          max_batch=max(batch_sizes), key_cache_s=60, gc_freeze=gc_freeze,
                           max_request_bytes=max(8 * 1024 * 1024, 4 * max(batch_sizes) * images[0].numel() * 2))
     app = create_app(svc, guard=_guard_for(setting, victim, detector, images))
     names = ["bench"] if keys == 1 else [f"bench-{i}" for i in range(keys)]
@@ -607,7 +644,7 @@ def _bench_models(victim_dir: str | os.PathLike | None, detector_dir: str | os.P
 
 def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_dir: str | os.PathLike | None = None,
                       workdir: Path = Path("runs/service-bench"), requests: int = 200, requests_large: int = 30,
-                      batch_sizes: Sequence[int] = (1, 64), concurrency: int = 4, keys: int = 1,
+                      batch_sizes: Sequence[int] = (1, 64), concurrency: int = 4, keys: int = 1, gc_freeze: bool = True,
                       settings: Sequence[str] = ("off", "monitor"), attacks: Sequence[str] = ("knockoff", "jbda"),
                       budget: int = 1000, attack_epochs: int = 10, benign: int = 1000, target_fpr: float = 0.01,
                       knockoff_proxies: Sequence[str] = ("digits", "fashion-mnist"), seed: int = 0, progress: bool | None = None,
@@ -625,7 +662,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     from 150 Fashion-MNIST training images.
 
     ``keys``: API keys the in-process rows' client threads send with (:func:`measure_service`); the worker rows
-    send with one.
+    send with one. ``gc_freeze``: the in-process rows' apps freeze their start-up objects for the garbage
+    collector (:func:`measure_service`; the worker rows' servers always do, the service's default).
 
     ``workers``: worker counts of the rows that start the real server (:func:`measure_workers`:
     ``sameguard serve --workers N --state workers_state``, guarded single images, ``concurrency``
@@ -648,6 +686,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     result = ServiceBenchResult(config={
         "sameguard": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "concurrency": concurrency, "keys": keys,
+        "gc_freeze": gc_freeze,
         "victim": getattr(victim, "arch", None), "victim_dataset": victim.dataset, "detector": type(detector).__name__,
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
@@ -659,7 +698,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     if settings:
         result.latency = measure_service(victim, detector, test.images[benign_idx[:256]], settings=settings,
                                          batch_sizes=batch_sizes, requests=requests, requests_large=requests_large,
-                                         concurrency=concurrency, keys=keys, workdir=workdir, echo=echo)
+                                         concurrency=concurrency, keys=keys, workdir=workdir, gc_freeze=gc_freeze,
+                                         echo=echo)
     if workers or ray_replicas:
         from ..service.store import redact_store_url
 

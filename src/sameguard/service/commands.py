@@ -109,6 +109,9 @@ def _add_serve_parser(sub: Any) -> None:
                         "compiler; each worker takes tens of seconds longer to start, then answers faster)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend with --compile (default inductor)")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false", default=None,
+                   help="do not freeze the start-up objects for the garbage collector (by default they are, so that a "
+                        "full collection, which stops every request, skips the models and libraries)")
     p.add_argument("--log-level", default="info",
                    help="log level of uvicorn, or of the Ray Serve replicas with --engine ray (default info)")
     p.add_argument("--alarms", default=None,
@@ -238,7 +241,7 @@ def serve_main(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, rate_per_second=args.rate_per_second, rate_burst=args.rate_burst,
         pow_benign_bits=args.pow_benign_bits, pow_max_bits=args.pow_max_bits, pow_ttl_s=args.pow_ttl_s,
         calibration=args.calibration, device=args.device, torch_threads=args.torch_threads,
-        compile=args.compile, compile_backend=args.compile_backend, alarms=args.alarms,
+        compile=args.compile, compile_backend=args.compile_backend, gc_freeze=args.gc_freeze, alarms=args.alarms,
         alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env, **_artifact_settings(args),
         request_rate_per_second=args.request_rate_per_second, request_burst=args.request_burst,
         state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers,

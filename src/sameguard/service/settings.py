@@ -96,6 +96,9 @@ class ServiceSettings(BaseModel):
             (:mod:`sameguard.compilation`; needs a C compiler with the default backend, and tens of
             seconds per worker before it answers).
         compile_backend: ``torch.compile``'s backend (default ``inductor``).
+        gc_freeze: at start-up, move every object then alive to the garbage collector's permanent
+            generation (:func:`gc.freeze`), so that full collections, which stop every request thread,
+            skip the models and libraries (default ``True``; ``serve --no-gc-freeze``).
         alarms: folder of per-client alarms (``sameguard alarms calibrate``); once a client's
             evidence reaches ``1/delta`` every later query of it gets the policy's action.
         alarm_detectors: scorer name -> detector folder, overriding (or completing) the folders
@@ -150,6 +153,7 @@ class ServiceSettings(BaseModel):
     torch_threads: int | None = Field(None, gt=0)
     compile: bool = False
     compile_backend: str = Field("inductor", pattern=r"^[A-Za-z0-9_]{1,64}$")
+    gc_freeze: bool = True
     alarms: Path | None = None
     alarm_detectors: dict[str, Path] = Field(default_factory=dict)
     admin_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
