@@ -255,7 +255,7 @@ def test_full_gc_pauses_counts_full_collections_only():
 
 def test_measure_service_gc_freeze_reaches_the_apps(tmp_path, monkeypatch):
     """The guarded rows' apps are built with the gc_freeze asked for (serve's default: on)."""
-    import sameguard.service as service
+    from sameguard import service
 
     seen = []
     original = service.create_app

@@ -367,3 +367,17 @@ def test_no_gc_freeze_leaves_the_collector_as_it_is(make_app):
     with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
         assert gc.get_freeze_count() == 0
+
+
+def test_metrics_time_garbage_collections_while_serving(make_app):
+    import gc
+
+    app, _ = make_app("monitor")
+    hook = app.state.sameguard.metrics._on_gc
+    with TestClient(app) as client:
+        assert hook in gc.callbacks
+        gc.collect()
+        text = client.get("/metrics").text
+        count = next(line for line in text.splitlines() if line.startswith('sameguard_gc_pause_seconds_count{generation="2"}'))
+        assert float(count.rsplit(" ", 1)[1]) >= 1
+    assert hook not in gc.callbacks  # unhooked at shutdown

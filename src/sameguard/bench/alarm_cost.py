@@ -165,7 +165,7 @@ def centred_history(window: int, timed: int) -> int:
 def mean_bag(window: int, history: int, timed: int) -> float:
     """The mean number of earlier queries in the stream test's bag over ``timed`` queries sent after
     ``history`` ones, with blocks of ``window``."""
-    return float(np.mean((np.arange(history, history + timed) % window))) if timed else 0.0
+    return float(np.mean(np.arange(history, history + timed) % window)) if timed else 0.0
 
 
 def measure(*, queries: int = 300, stream: bool = True, client_history: int | None = None, calibration: int = 500,

@@ -63,16 +63,18 @@ DESCRIPTION = ("An image classifier protected against model extraction by SAME (
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Log the policy and freeze the start-up objects for the garbage collector at start-up; close the
-    database connections (and unfreeze) at shutdown."""
+    """Log the policy, freeze the start-up objects for the garbage collector and time its collections
+    (``/metrics``) at start-up; close the database connections (and undo the rest) at shutdown."""
     state: ServiceState = app.state.sameguard
     guard = state.guard
     frozen = freeze_startup_objects() if state.settings.gc_freeze else 0
+    state.metrics.watch_gc()
     logger.info("sameguard service up: policy %s, threshold %s, output %s (%d start-up objects frozen for the "
                 "garbage collector)", guard.policy.name, guard.threshold, guard.output, frozen)
     try:
         yield
     finally:
+        state.metrics.unwatch_gc()
         if frozen:
             gc.unfreeze()
         state.audit.engine.dispose()

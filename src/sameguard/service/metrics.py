@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,6 +13,8 @@ __all__ = ["ServiceMetrics", "CONTENT_TYPE_LATEST"]
 
 #: Latency histogram buckets, in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+#: Garbage collection pause buckets, in seconds.
+GC_PAUSE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class ServiceMetrics:
@@ -27,6 +31,8 @@ class ServiceMetrics:
         alarms_cleared: ``sameguard_alarms_cleared_total``, alarms cleared by an operator.
         alarm_refused: ``sameguard_alarm_refused_queries_total``, queries refused because their
             client is alarmed.
+        gc_pauses: ``sameguard_gc_pause_seconds{generation}``, this process's garbage collections and
+            how long each stopped every thread (while :meth:`watch_gc` is on: the app's lifetime).
     """
 
     def __init__(self) -> None:
@@ -45,6 +51,28 @@ class ServiceMetrics:
                                       registry=self.registry)
         self.alarm_refused = Counter("sameguard_alarm_refused_queries",
                                      "Queries refused because their client is alarmed", registry=self.registry)
+        self.gc_pauses = Histogram("sameguard_gc_pause_seconds", "Garbage collections of this process by generation, "
+                                   "and how long each stopped every thread", ["generation"], registry=self.registry,
+                                   buckets=GC_PAUSE_BUCKETS)
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection of this process into :attr:`gc_pauses` (a :data:`gc.callbacks` hook)."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        """Stop :meth:`watch_gc`."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # A collection runs with the GIL held from its "start" to its "stop": the two calls of one never
+        # interleave with another's, whatever thread triggered it.
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pauses.labels(str(info.get("generation"))).observe(time.perf_counter() - self._gc_started)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request and its latency."""
