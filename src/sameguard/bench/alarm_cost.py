@@ -51,7 +51,7 @@ from .untrained import build_models
 logger = logging.getLogger(__name__)
 
 __all__ = ["alarm_guard", "alternate_median_ms", "alternate_times_ms", "build_networks", "centred_history", "main",
-           "measure"]
+           "mean_bag", "measure"]
 
 #: The ``standard`` profile's geometry and architectures (Fashion-MNIST, ``conv3``, SAME ``cpu``).
 IMAGE_SHAPE = (1, 28, 28)
