@@ -373,7 +373,7 @@ def test_metrics_time_garbage_collections_while_serving(make_app):
     import gc
 
     app, _ = make_app("monitor")
-    hook = app.state.sameguard.metrics._on_gc
+    hook = app.state.sameguard.metrics._gc_timer.hook
     with TestClient(app) as client:
         assert hook in gc.callbacks
         gc.collect()

@@ -29,7 +29,6 @@ Benchmarks are not tests: the numbers are measured here and now, on this machine
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import math
@@ -297,23 +296,17 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
 @contextmanager
 def full_gc_pauses() -> Iterator[list[float]]:
     """The milliseconds of each full (generation 2) garbage collection of this process inside the ``with``,
-    appended to the yielded list as they end (a :data:`gc.callbacks` hook)."""
+    appended to the yielded list as they end (:class:`~sameguard.service.gc_pauses.GCPauseTimer`)."""
+    from ..service.gc_pauses import GCPauseTimer
+
     pauses: list[float] = []
-    started: list[float] = []
 
-    def hook(phase: str, info: dict[str, Any]) -> None:
-        if info.get("generation") != 2:
-            return
-        if phase == "start":
-            started[:] = [time.perf_counter()]
-        elif started:
-            pauses.append(1000 * (time.perf_counter() - started.pop()))
+    def full(generation: int, seconds: float) -> None:
+        if generation == 2:
+            pauses.append(1000 * seconds)
 
-    gc.callbacks.append(hook)
-    try:
+    with GCPauseTimer(full):
         yield pauses
-    finally:
-        gc.callbacks.remove(hook)
 
 
 def _gc_cell(row: LatencyRow) -> str:

@@ -60,16 +60,11 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     if z.shape[0] == 1 and not z.requires_grad and z.device.type == "cpu":
         # A guarded single-image request: the same formula on Python floats, without several tensor
         # operations' dispatch
-        return torch.from_numpy(np.array([_energy_of_row(z.tolist()[0], temperature)], dtype=np.float32))
+        values = [v / temperature for v in z[0].tolist()]
+        energy = math.nan if any(math.isnan(v) for v in values) else -temperature * logsumexp_list(values)
+        return torch.from_numpy(np.array([energy], dtype=np.float32))
     z = z.to(torch.float64)
     return (-temperature * torch.logsumexp(z / temperature, dim=1)).to(torch.float32)
-
-
-def _energy_of_row(logits: list[float], temperature: float) -> float:
-    """:func:`energy_score` of one row of logits given as Python floats, in float64 (equal to the tensor
-    formula's to rounding; round it to float32 to match its values); NaN anywhere gives NaN."""
-    values = [v / temperature for v in logits]
-    return math.nan if any(math.isnan(v) for v in values) else -temperature * logsumexp_list(values)
 
 
 class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
@@ -127,10 +122,7 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
         if self.logits_fn_ is None or (logits_fn != self.logits_fn_ and
                                        getattr(logits_fn, "__wrapped__", None) != self.logits_fn_):
             return None
-        logits = self._logits(x, logits_fn)
-        if logits.shape[0] == 1:  # a single-image request: Python floats, no tensor dispatch
-            return [float(np.float32(_energy_of_row(logits.tolist()[0], self.temperature)))]
-        return energy_score(logits, self.temperature).tolist()
+        return self._energies(x, logits_fn).tolist()
 
     @no_grad
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +134,7 @@ class EnergyDetector(VictimOutputArtifact, ParamsMixin, Detector):
     def _energies(self, b: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``(N,)`` energies of one batch ``b`` from the victim's logits (``logits_fn``, by default the
         fitted victim's), their shape checked."""
-        return energy_score(self._logits(b, logits_fn), self.temperature)
-
-    def _logits(self, b: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """``(N, K)`` CPU logits of one batch ``b`` (``logits_fn``, by default the fitted victim's), shape checked."""
         logits = torch.as_tensor((logits_fn or self.logits_fn_)(b)).detach().cpu()
         if logits.dim() != 2 or len(logits) != len(b):
             raise ValueError(f"The victim's logits have shape {tuple(logits.shape)}; expected ({len(b)}, K).")
-        return logits
+        return energy_score(logits, self.temperature)

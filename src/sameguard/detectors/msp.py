@@ -51,14 +51,11 @@ def msp_score(probabilities: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"probabilities must have shape (N, K), got {tuple(p.shape)}.")
     if p.shape[0] == 1 and not p.requires_grad and p.device.type == "cpu":
         # A guarded single-image request: the same value on Python floats, without a reduction's dispatch
-        return torch.from_numpy(np.array([_msp_of_row(p.to(torch.float32).tolist()[0])], dtype=np.float32))
+        # (the largest float32 probability, exact; NaN anywhere gives NaN, as torch.max does)
+        values = p[0].to(torch.float32).tolist()
+        top = math.nan if any(math.isnan(v) for v in values) else max(values)
+        return torch.from_numpy(np.array([-top], dtype=np.float32))
     return -p.to(torch.float32).max(dim=1).values
-
-
-def _msp_of_row(values: list[float]) -> float:
-    """``-max`` of one row of float32 probabilities as Python floats (exact); NaN anywhere gives NaN, as
-    ``torch.max`` does."""
-    return math.nan if any(math.isnan(v) for v in values) else -max(values)
 
 
 class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
@@ -106,10 +103,7 @@ class MSPDetector(VictimOutputArtifact, ParamsMixin, Detector):
         alarms read them so, without a tensor's dispatch for a single-image request."""
         if self.victim_ is None or victim is not self.victim_:
             return None
-        p = torch.as_tensor(probabilities).detach()
-        if p.dim() == 2 and p.shape[0] == 1 and p.device.type == "cpu" and p.dtype == torch.float32:
-            return [_msp_of_row(p.tolist()[0])]  # a single-image request: no tensor dispatch
-        return msp_score(p).tolist()
+        return msp_score(probabilities).tolist()
 
     @no_grad
     def score(self, x: torch.Tensor) -> torch.Tensor:

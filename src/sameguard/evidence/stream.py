@@ -178,10 +178,8 @@ class StreamExchangeabilityTest:
             raise ValueError(f"x must be a non-empty floating-point (N, C, H, W) tensor of images, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
                              f"{'' if not isinstance(x, torch.Tensor) else f' of dtype {x.dtype}'}.")
-        if x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
-            images = np.ascontiguousarray(x.numpy())  # a guarded request's validated images: no copy
-        else:
-            images = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        # no copy for a guarded request's validated images (float32, CPU, contiguous): .to returns them as they are
+        images = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         n, channels, height, width = images.shape
         if self.pool_size is None or (width <= self.pool_size and height <= self.pool_size):
             return images.reshape(n, -1)

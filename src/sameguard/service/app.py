@@ -45,6 +45,7 @@ from .. import __version__
 from ..guard import Guard
 from .challenges import ChallengeIssuer
 from .errors import install_error_handlers
+from .gc_pauses import freeze_startup_objects
 from .middleware import ServiceMiddleware
 from .ratelimit import RateLimitMiddleware
 from .routers import ROUTERS
@@ -80,21 +81,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.audit.engine.dispose()
         if state.store is not None:
             state.store.close()
-
-
-def freeze_startup_objects() -> int:
-    """Move every object alive now (the models, the libraries, the app) to the garbage collector's permanent
-    generation (:func:`gc.freeze`, constant time); returns how many there are.
-
-    A full (generation 2) collection walks every tracked object of the process, and a served model's process
-    holds millions (PyTorch, NumPy, FastAPI, the networks): each took about 0.2 s on the in-process service
-    benchmark, during which no request thread runs, and the requests in flight then made the p99 (``sameguard
-    bench-service`` reports them per row, docs/service.md "Garbage collection pauses"). Later collections
-    skip frozen objects. They are still freed by reference counting; only cycles among them wait for
-    :func:`gc.unfreeze` (at shutdown).
-    """
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 def create_app(settings: ServiceSettings | None = None, *, guard: Guard | None = None,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gc
-import time
 from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from .gc_pauses import GCPauseTimer
 
 __all__ = ["ServiceMetrics", "CONTENT_TYPE_LATEST"]
 
@@ -54,25 +54,15 @@ class ServiceMetrics:
         self.gc_pauses = Histogram("sameguard_gc_pause_seconds", "Garbage collections of this process by generation, "
                                    "and how long each stopped every thread", ["generation"], registry=self.registry,
                                    buckets=GC_PAUSE_BUCKETS)
-        self._gc_started = 0.0
+        self._gc_timer = GCPauseTimer(lambda generation, seconds: self.gc_pauses.labels(str(generation)).observe(seconds))
 
     def watch_gc(self) -> None:
         """Time every garbage collection of this process into :attr:`gc_pauses` (a :data:`gc.callbacks` hook)."""
-        if self._on_gc not in gc.callbacks:
-            gc.callbacks.append(self._on_gc)
+        self._gc_timer.start()
 
     def unwatch_gc(self) -> None:
         """Stop :meth:`watch_gc`."""
-        if self._on_gc in gc.callbacks:
-            gc.callbacks.remove(self._on_gc)
-
-    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        # A collection runs with the GIL held from its "start" to its "stop": the two calls of one never
-        # interleave with another's, whatever thread triggered it.
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            self.gc_pauses.labels(str(info.get("generation"))).observe(time.perf_counter() - self._gc_started)
+        self._gc_timer.stop()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request and its latency."""
