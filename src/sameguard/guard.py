@@ -193,8 +193,14 @@ class Guard:
             "victim_sha256": victim_sha if isinstance(victim_sha, str) else None,
             "detector": None if detector is None else type(detector).__name__,
             "detector_sha256": None if detector is None else fitted_state_sha256(detector),
-            "policy": self.policy.name,
+            "policy": self.policy_name,
         }
+
+    @property
+    def policy_name(self) -> str:
+        """The policy's name, or ``"off"`` for a guard without a detector (nothing is scored: the bare victim),
+        as the service's ``--policy off`` reports it in ``/healthz``, ``/v1/model`` and the audit rows."""
+        return "off" if self.detector is None else self.policy.name
 
     @property
     def versions(self) -> dict[str, Any]:
@@ -218,7 +224,7 @@ class Guard:
     def __repr__(self) -> str:
         return (f"Guard(image_shape={self.image_shape}, num_classes={self.num_classes}, output={self.output!r}, "
                 f"detector={type(self.detector).__name__ if self.detector is not None else None}, "
-                f"policy={self.policy.name!r}, threshold={self.threshold!r}, budget={self.budget})")
+                f"policy={self.policy_name!r}, threshold={self.threshold!r}, budget={self.budget})")
 
     # -- calibration -------------------------------------------------------------------------
     def calibrate(self, benign_x: torch.Tensor, target_fpr: float | None = None) -> Guard:

@@ -175,11 +175,19 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_time_requests_counts_failed_connections_as_errors():
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_time_requests_counts_failed_connections_as_errors(client):
     from sameguard.bench.service_bench import _time_requests
 
-    latencies, errors, _ = _time_requests(f"http://127.0.0.1:{_closed_port()}", [{}], ["{}"], 5, 2)
-    assert (len(latencies), errors) == (5, 5)  # no thread dies on a refused connection
+    latencies, errors, _ = _time_requests(f"http://127.0.0.1:{_closed_port()}", [{}], ["{}"], 5, 2, client)
+    assert (len(latencies), errors) == (5, 5)  # no client dies on a refused connection
+
+
+def test_time_requests_refuses_an_unknown_load_client():
+    from sameguard.bench.service_bench import _time_requests
+
+    with pytest.raises(ValueError, match="load_client must be one of raw, httpx"):
+        _time_requests("http://127.0.0.1:1", [{}], ["{}"], 1, 1, "wrk")
 
 
 def test_measure_workers_unreachable_redis_is_one_sentence_without_the_password(tmp_path):

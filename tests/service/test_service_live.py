@@ -160,6 +160,7 @@ def test_service_live_serve_command_in_a_subprocess(tmp_path, kit):
             x = kit.dark(3)
             assert torch.allclose(api.query(x), kit.make_victim().predict_proba(x), atol=1e-6)
         assert httpx.get(url + "/v1/model").status_code == 401
+        assert httpx.get(url + "/healthz").json()["policy"] == "off"
     finally:
         proc.terminate()
         proc.wait(timeout=20)

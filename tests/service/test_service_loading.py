@@ -90,6 +90,7 @@ def test_service_load_guard_from_saved_same_artifacts(tmp_path, kit):
         load_guard(ServiceSettings(victim=tmp_path / "victim", policy="reject"))
     off = load_guard(ServiceSettings(victim=tmp_path / "victim", policy="off"))
     assert off.detector is None and off.protect(held_out.images[:1], "a").decisions[0].score is None
+    assert off.policy_name == off.versions["policy"] == "off"  # not "monitor": nothing is scored
     uncalibrated = SAMEDetector.load(tmp_path / "same", victim)
     uncalibrated.threshold_ = None
     uncalibrated.save(tmp_path / "same2")

@@ -59,7 +59,12 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("--requests", type=int, default=200, help="requests per setting at batch sizes up to 8 (default 200)")
     p.add_argument("--requests-large", type=int, default=30, help="requests per setting at larger batch sizes (default 30)")
     p.add_argument("--batch-sizes", default="1,64", type=comma_ints, help="comma-separated batch sizes (default 1,64)")
-    p.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    p.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default 4)")
+    p.add_argument("--load-client", choices=("raw", "httpx"), default="raw",
+                   help="the load generator: raw (default), a child process driving --concurrency keep-alive "
+                        "connections from one event loop, tens of microseconds a request; httpx, --concurrency "
+                        "threads of this process with an httpx client each, about a millisecond a request and the "
+                        "GIL shared with the in-process rows' server (what figures before the raw client used)")
     p.add_argument("--keys", type=int, default=1,
                    help="API keys the client threads of the in-process rows send with, thread i with key i mod N: "
                         "each key is a client of its own for the rate limits and the per-client alarms (default 1; "
@@ -134,7 +139,7 @@ def bench_service_main(args: argparse.Namespace) -> int:
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
         workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads,
-        ray_replicas=tuple(args.ray_replicas), workers_compile=args.workers_compile)
+        ray_replicas=tuple(args.ray_replicas), workers_compile=args.workers_compile, load_client=args.load_client)
     print(result.markdown(), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

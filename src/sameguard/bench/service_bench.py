@@ -140,7 +140,9 @@ class ServiceBenchResult:
         lines = []
         if self.latency:
             keys = c.get("keys", 1)
-            lines += [f"### Service throughput and latency (uvicorn, 127.0.0.1, {c.get('concurrency')} client threads, "
+            clients = ("client threads" if c.get("load_client") == "httpx" else
+                       "clients (raw load client)" if c.get("load_client") == "raw" else "clients")
+            lines += [f"### Service throughput and latency (uvicorn, 127.0.0.1, {c.get('concurrency')} {clients}, "
                       f"{keys} API key{'s' if keys != 1 else ''} in process, "
                       f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')}"
                       f"{'' if c.get('gc_freeze', True) else ', start-up objects not frozen for the GC'})", "",
@@ -238,7 +240,7 @@ def bare_app(victim: Any) -> Any:
 def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, settings: Sequence[str] = ("off", "monitor"),
                     batch_sizes: Sequence[int] = (1, 64), requests: int = 200, requests_large: int = 30,
                     concurrency: int = 4, keys: int = 1, workdir: Path | None = None, gc_freeze: bool = True,
-                    echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
+                    load_client: str = "raw", echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
     """Time the HTTP service (see the module docstring); returns one row per (setting, batch size).
 
     Args:
@@ -253,6 +255,8 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
         workdir: where the throw-away audit databases go (default: a temporary folder).
         gc_freeze: the guarded apps freeze their start-up objects for the garbage collector (the service's
             default, ``ServiceSettings.gc_freeze``); ``False``: as ``serve --no-gc-freeze``.
+        load_client: the load generator, one of :data:`LOAD_CLIENTS` (the warm-up requests go through
+            ``httpx`` either way).
     """
     import httpx
 
@@ -260,6 +264,7 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
 
     if requests < 1 or requests_large < 1 or concurrency < 1 or keys < 1:
         raise ValueError("requests, requests_large, concurrency and keys must be positive integers.")
+    _check_load_client(load_client)
     rows: list[LatencyRow] = []
     base = Path(tempfile.mkdtemp(prefix="service-bench-", dir=workdir))
     payloads = {b: _payloads(images, b) for b in batch_sizes}
@@ -277,7 +282,8 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
                     for body in payloads[b][:2]:
                         warm.post("/v1/predict", content=body).raise_for_status()
                 with full_gc_pauses() as pauses:
-                    latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency)
+                    latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency,
+                                                             load_client)
                 row = LatencyRow(setting=setting, batch=b, requests=n_requests, concurrency=concurrency,
                                  seconds=wall, requests_per_s=n_requests / wall, images_per_s=n_requests * b / wall,
                                  p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
@@ -340,10 +346,22 @@ def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: 
     return app, [app.state.sameguard.keys.create(name)[1] for name in names]
 
 
+#: The load generators ``bench-service`` can send with: ``"raw"`` (default), a child process driving keep-alive
+#: connections from one event loop (:mod:`sameguard.bench.load_client`); ``"httpx"``, client threads of this
+#: process with an ``httpx.Client`` each (what every figure before the ``raw`` client was measured with).
+LOAD_CLIENTS = ("raw", "httpx")
+
+
 def _time_requests(url: str, headers: Sequence[Mapping[str, str]], bodies: Sequence[str], n_requests: int,
-                   concurrency: int) -> tuple[list[float], int, float]:
-    """Send ``n_requests`` bodies (cycled) from ``concurrency`` threads, thread ``i`` with ``headers[i mod
-    len(headers)]`` (one API key per client); (latencies in s, non-200 answers or failed requests, wall s)."""
+                   concurrency: int, load_client: str = "raw") -> tuple[list[float], int, float]:
+    """Send ``n_requests`` bodies (cycled) from ``concurrency`` clients, client ``i`` with ``headers[i mod
+    len(headers)]`` (one API key per client); (latencies in s, non-200 answers or failed requests, wall s).
+    ``load_client``: one of :data:`LOAD_CLIENTS`."""
+    _check_load_client(load_client)
+    if load_client == "raw":
+        from .load_client import time_requests
+
+        return time_requests(url, headers, bodies, n_requests, concurrency)
     import httpx
 
     latencies: list[float] = []
@@ -375,6 +393,11 @@ def _time_requests(url: str, headers: Sequence[Mapping[str, str]], bodies: Seque
     for t in threads:
         t.join()
     return latencies, errors[0], time.perf_counter() - start
+
+
+def _check_load_client(client: str) -> None:
+    if client not in LOAD_CLIENTS:
+        raise ValueError(f"load_client must be one of {', '.join(LOAD_CLIENTS)}, got {client!r}.")
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -452,7 +475,7 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                     workers: Sequence[int] = (1, 2), state_url: str = DEFAULT_WORKERS_STATE, db_url: str | None = None,
                     requests: int = 200, concurrency: int = 16, torch_threads: int | None = None,
                     policy: str = "monitor", workdir: Path | None = None, startup_timeout: float = 180.0,
-                    engine: str = "uvicorn", compile: bool = False,
+                    engine: str = "uvicorn", compile: bool = False, load_client: str = "raw",
                     echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
     """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N``; one row each
     (``engine="ray"``: ``serve --engine ray --ray-replicas N``, a local Ray instance started by the server).
@@ -474,6 +497,7 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         startup_timeout: seconds to wait for the workers to load the models and answer (with ``compile``
             at least the server's own allowance, ``COMPILE_HEALTHCHECK_SECONDS``).
         compile: start the server with ``--compile`` (networks compiled at start-up, before the timing).
+        load_client: the load generator of the timed requests, one of :data:`LOAD_CLIENTS`.
     """
     from sqlalchemy import func, select
 
@@ -483,6 +507,7 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
 
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be positive integers.")
+    _check_load_client(load_client)
     if not workers or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in workers):
         raise ValueError(f"workers must be positive integers, got {list(workers)!r}.")
     if engine not in SERVER_OPTIONS:
@@ -524,7 +549,7 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
             warm_lat, warm_errors, _ = _time_requests(server_url, headers, bodies, 4 * n * max(2, concurrency // 4),
                                                       min(concurrency, 4 * n))
             warm_ok = len(warm_lat) - warm_errors
-            latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency)
+            latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency, load_client)
         finally:
             _stop(proc)
             deleted = _delete_prefix(state_url, prefix)
@@ -643,7 +668,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                       knockoff_proxies: Sequence[str] = ("digits", "fashion-mnist"), seed: int = 0, progress: bool | None = None,
                       workers: Sequence[int] = (), workers_state: str = DEFAULT_WORKERS_STATE,
                       workers_db: str | None = None, workers_threads: int | None = None,
-                      ray_replicas: Sequence[int] = (), workers_compile: bool = False,
+                      ray_replicas: Sequence[int] = (), workers_compile: bool = False, load_client: str = "raw",
                       echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
     """Both parts on a Fashion-MNIST victim; returns the rows and a Markdown report.
 
@@ -664,6 +689,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     the trained models are saved under ``workdir/workers-artifacts`` for the server to load.
     ``ray_replicas``: the same rows for ``sameguard serve --engine ray --ray-replicas N``.
     ``workers_compile``: each of those rows a second time with ``serve ... --compile``.
+    ``load_client``: the load generator of every timed row, one of :data:`LOAD_CLIENTS`.
     """
     from ..data import load_dataset
 
@@ -679,7 +705,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     result = ServiceBenchResult(config={
         "sameguard": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "concurrency": concurrency, "keys": keys,
-        "gc_freeze": gc_freeze,
+        "gc_freeze": gc_freeze, "load_client": load_client,
         "victim": getattr(victim, "arch", None), "victim_dataset": victim.dataset, "detector": type(detector).__name__,
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
@@ -692,7 +718,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         result.latency = measure_service(victim, detector, test.images[benign_idx[:256]], settings=settings,
                                          batch_sizes=batch_sizes, requests=requests, requests_large=requests_large,
                                          concurrency=concurrency, keys=keys, workdir=workdir, gc_freeze=gc_freeze,
-                                         echo=echo)
+                                         load_client=load_client, echo=echo)
     if workers or ray_replicas:
         from ..service.store import redact_store_url
 
@@ -709,7 +735,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                 rows += measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=counts,
                                         state_url=workers_state, db_url=workers_db, requests=requests,
                                         concurrency=concurrency, torch_threads=workers_threads, workdir=workdir,
-                                        engine=engine, compile=compile, echo=echo)
+                                        engine=engine, compile=compile, load_client=load_client, echo=echo)
             result.latency += rows
             threads = {r.workers: workers_threads or worker_threads(r.workers) for r in rows}
             result.config["workers_threads" if engine == "uvicorn" else "ray_replica_threads"] = threads

@@ -71,7 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     frozen = freeze_startup_objects() if state.settings.gc_freeze else 0
     state.metrics.watch_gc()
     logger.info("sameguard service up: policy %s, threshold %s, output %s (%d start-up objects frozen for the "
-                "garbage collector)", guard.policy.name, guard.threshold, guard.output, frozen)
+                "garbage collector)", guard.policy_name, guard.threshold, guard.output, frozen)
     try:
         yield
     finally:

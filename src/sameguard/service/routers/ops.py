@@ -20,7 +20,7 @@ router = APIRouter(tags=["service"])
 def healthz(state: StateDep) -> dict[str, Any]:
     """Liveness: the service is up and its models are loaded."""
     guard = state.guard
-    return {"status": "ok", "policy": guard.policy.name, "versions": guard.versions,
+    return {"status": "ok", "policy": guard.policy_name, "versions": guard.versions,
             "alarms": None if guard.alarms is None else guard.alarms.describe()}
 
 

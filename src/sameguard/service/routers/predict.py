@@ -65,7 +65,7 @@ def model_info(key: ApiKeyDep, state: StateDep) -> dict[str, Any]:
     """What the service serves: input shape, classes, output kind and limits."""
     guard, settings = state.guard, state.settings
     return {"image_shape": list(guard.image_shape), "num_classes": guard.num_classes, "classes": state.classes,
-            "output": guard.output, "policy": guard.policy.name, "max_batch": settings.max_batch,
+            "output": guard.output, "policy": guard.policy_name, "max_batch": settings.max_batch,
             "max_request_bytes": settings.max_request_bytes, "versions": guard.versions,
             "alarms": None if guard.alarms is None else guard.alarms.describe()}
 
