@@ -39,7 +39,11 @@ def test_measure_service_rows(tmp_path):
         ("off", 1, 5, 0), ("off", 3, 5, 0), ("monitor", 1, 5, 0), ("monitor", 3, 5, 0)]
     assert all(r.p99_ms >= r.p50_ms > 0 and r.images_per_s == pytest.approx(r.requests_per_s * r.batch) for r in rows)
     assert all(r.gc_full is not None and r.gc_full >= 0 for r in rows)  # in process: full collections counted
+    assert all(r.cpu_ms_per_request is not None and r.cpu_ms_per_request > 0 for r in rows)  # raw client: server only
     assert len(lines) == 4
+    [threaded] = measure_service(victim, None, images, settings=("off",), batch_sizes=(1,), requests=3, concurrency=2,
+                                 workdir=tmp_path, load_client="httpx", echo=lines.append)
+    assert (threaded.errors, threaded.cpu_ms_per_request) == (0, None)  # its client threads would count too
     with pytest.raises(ValueError, match="positive"):
         measure_service(victim, None, images, settings=("off",), requests=0)
 
@@ -274,3 +278,29 @@ def test_measure_service_gc_freeze_reaches_the_apps(tmp_path, monkeypatch):
         measure_service(_victim(), _MeanScore(), images, settings=("monitor",), batch_sizes=(1,), requests=2,
                         requests_large=1, concurrency=1, workdir=tmp_path, gc_freeze=freeze, echo=lambda _: None)
     assert seen == [True, False]
+
+
+def test_process_tree_cpu_counts_the_children():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sameguard.bench.service_bench import process_tree_cpu_s
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs Linux /proc")
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(30)"
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while (process_tree_cpu_s(parent.pid) or 0.0) < 0.5:  # the grandchild's busy loop is counted
+            assert time.monotonic() < deadline, "the grandchild's CPU time was not counted"
+            time.sleep(0.1)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert process_tree_cpu_s(parent.pid) is None  # gone
+    assert process_tree_cpu_s(os.getpid()) >= time.process_time() - 0.05

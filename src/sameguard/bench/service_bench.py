@@ -105,6 +105,11 @@ class LatencyRow:
     #: and the longest in milliseconds (every thread stops while one runs); ``None`` for worker rows.
     gc_full: int | None = None
     gc_full_max_ms: float | None = None
+    #: the server's CPU time per timed request in milliseconds, all its threads and processes (user + system):
+    #: in-process rows, this process's (measured only with the ``raw`` load client, which runs in a child);
+    #: worker rows, the server's process tree (Linux ``/proc``). ``None`` where it cannot be measured.
+    #: Steadier than requests/s on a shared machine: it does not grow while other processes hold the cores.
+    cpu_ms_per_request: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,13 +151,15 @@ class ServiceBenchResult:
                       f"{keys} API key{'s' if keys != 1 else ''} in process, "
                       f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')}"
                       f"{'' if c.get('gc_freeze', True) else ', start-up objects not frozen for the GC'})", "",
-                      "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors | full GCs (longest ms) |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors | full GCs (longest ms) "
+                      "| server CPU ms / request |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
                 setting = r.setting if r.workers is None else \
                     f"{r.setting}, {server_label(r.engine, r.workers, r.compiled)} (Redis)"
                 lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
-                             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {_gc_cell(r)} |")
+                             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {_gc_cell(r)} "
+                             f"| {'-' if r.cpu_ms_per_request is None else f'{r.cpu_ms_per_request:.2f}'} |")
             lines.append("")
         if self.attacks:
             fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"
@@ -282,12 +289,15 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
                     for body in payloads[b][:2]:
                         warm.post("/v1/predict", content=body).raise_for_status()
                 with full_gc_pauses() as pauses:
+                    cpu = time.process_time()
                     latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency,
                                                              load_client)
+                    cpu = time.process_time() - cpu
                 row = LatencyRow(setting=setting, batch=b, requests=n_requests, concurrency=concurrency,
                                  seconds=wall, requests_per_s=n_requests / wall, images_per_s=n_requests * b / wall,
                                  p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
-                                 errors=errors, gc_full=len(pauses), gc_full_max_ms=max(pauses, default=0.0))
+                                 errors=errors, gc_full=len(pauses), gc_full_max_ms=max(pauses, default=0.0),
+                                 cpu_ms_per_request=1000 * cpu / n_requests if load_client == "raw" else None)
                 rows.append(row)
                 echo(f"service {setting:<15} batch {b:>3}: {row.requests_per_s:7.1f} req/s, {row.images_per_s:8.1f} img/s, "
                      f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}")
@@ -393,6 +403,35 @@ def _time_requests(url: str, headers: Sequence[Mapping[str, str]], bodies: Seque
     for t in threads:
         t.join()
     return latencies, errors[0], time.perf_counter() - start
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds so far of process ``pid`` and all its descendants (Linux ``/proc``; ``None``
+    where there is no ``/proc`` or ``pid`` is gone). Processes that already exited are not counted."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])  # ppid: field 4 of stat
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15
+    if pid not in cpu:
+        return None
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(cpu[p] for p in tree)
 
 
 def _check_load_client(client: str) -> None:
@@ -549,7 +588,9 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
             warm_lat, warm_errors, _ = _time_requests(server_url, headers, bodies, 4 * n * max(2, concurrency // 4),
                                                       min(concurrency, 4 * n))
             warm_ok = len(warm_lat) - warm_errors
+            cpu = process_tree_cpu_s(proc.pid)
             latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency, load_client)
+            cpu_after = process_tree_cpu_s(proc.pid)
         finally:
             _stop(proc)
             deleted = _delete_prefix(state_url, prefix)
@@ -562,7 +603,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                          requests_per_s=requests / wall, images_per_s=requests / wall,
                          p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
                          errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors,
-                         engine=engine, compiled=compile)
+                         engine=engine, compiled=compile,
+                         cpu_ms_per_request=None if cpu is None or cpu_after is None else 1000 * (cpu_after - cpu) / requests)
         rows.append(row)
         echo(f"{server_label(engine, n, compile)} (Redis, {threads} torch thread(s) each) batch 1: "
              f"{row.requests_per_s:7.1f} req/s, p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
