@@ -1,8 +1,9 @@
 """The append-only audit log: one row per query, written before the query is answered.
 
 The service's prediction endpoint writes the decisions of each batch with
-:meth:`AuditLog.append`, in one transaction, after ``guard.protect`` and before it answers; if that
-fails the batch is not answered (503), so every answer has its row. When a client's per-client
+:meth:`AuditLog.append`, in one transaction (shared with the batches of other requests that arrive
+meanwhile: group commit), after ``guard.protect`` and before it answers; if that fails the batch is not
+answered (503), so every answer has its row. When a client's per-client
 alarm is raised in that batch, the alarm event is written in the same transaction; an operator's
 clearing of an alarm is written by :meth:`AuditLog.alarm_event`. :func:`summarize` reads the log
 back per client and :func:`alarm_history` the alarms, for ``sameguard audit --db URL``.
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, case, func, insert, select
 
 from .db import alarm_events, audit_log, pow_events
+from .group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +65,19 @@ class AuditLog:
     def __init__(self, engine: Engine, versions: Mapping[str, Any]) -> None:
         self.engine = engine
         self.versions = dict(versions)
+        # Concurrent appends (the service's request threads) share transactions: :mod:`.group_commit`.
+        self._group: GroupCommit[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = GroupCommit(
+            self._insert, name="the audit log")
 
     def append(self, decisions: Iterable[Any], alarms: Iterable[AlarmEvent] = (), *,
                client_request_id: str | None = None) -> None:
-        """Insert one row per :class:`~sameguard.guard.Decision` and the alarm events, in one transaction.
+        """Insert one row per :class:`~sameguard.guard.Decision` and the alarm events, in one transaction;
+        returns once they are committed, raises if they could not be.
+
+        Calls from several threads at once share transactions (group commit, :mod:`.group_commit`): the
+        rows of the calls that arrive while one transaction commits go in the next one together, and a
+        call whose rows a shared transaction could not take (a constraint they violate) is retried alone,
+        so it fails on its own.
 
         ``client_request_id``: the client's own ``X-Request-ID``, recorded beside the server's id.
         """
@@ -83,8 +94,13 @@ class AuditLog:
                 "client_request_id": client_request_id,
             })
         events = [_event_row(e) for e in alarms]
-        if not rows and not events:
-            return
+        if rows or events:
+            self._group.submit((rows, events))
+
+    def _insert(self, groups: Sequence[tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
+        """The rows and events of several :meth:`append` calls, in one transaction."""
+        rows = [row for own, _ in groups for row in own]
+        events = [event for _, own in groups for event in own]
         with self.engine.begin() as conn:
             if rows:
                 conn.execute(insert(audit_log), rows)
