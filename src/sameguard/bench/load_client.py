@@ -16,7 +16,10 @@ request to the last response.
 The child reads its job as JSON on stdin and writes its result as JSON on stdout; it imports nothing
 outside the standard library (and ``uvloop`` if present), so it starts in a fraction of a second::
 
-    python .../load_client.py < job.json      # {"host", "port", "path", "requests": [...], "n", "concurrency"}
+    python .../load_client.py < job.json  # {"host", "port", "requests": [[...]], "n", "concurrency", "timeout"}
+
+``requests[i]`` holds client ``i``'s pre-built requests (one per body, cycled); the result is
+``{"latencies", "errors", "wall"}``.
 
 :func:`time_requests` is the parent's side.
 """

@@ -2,11 +2,13 @@
 
 Part 1 (**service**): the FastAPI app served by uvicorn on ``127.0.0.1`` (one worker, in a
 thread of this process) is sent a bounded number of ``POST /v1/predict`` requests (base64
-float32 bodies, benign test images) by ``concurrency`` client threads, for each service setting
+float32 bodies, benign test images) by ``concurrency`` concurrent clients (the light load generator of
+:mod:`sameguard.bench.load_client` in a child process, or client threads of this process with
+``load_client="httpx"``), for each service setting
 (``off``: the bare victim, no scoring; ``monitor``/``reject``/``misinformation``: the guard
 scores every query with the detector) and batch size. Reported: requests per second, images per
 second, and the p50 / p99 latency of a request as the client sees it (including the audit-log
-write). Rate limits are set out of the way.
+write), and the server's CPU time per request. Rate limits are set out of the way.
 
 Part 2 (**attacks**): the extraction attacks of :mod:`sameguard.attacks` (Knockoff Nets,
 Orekondy et al. 2019; JBDA, Papernot et al. 2017) are run in process through the
