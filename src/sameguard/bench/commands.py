@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_checks import comma_ints
+from .load_client import LOAD_CLIENTS
 
 __all__ = ["add_bench_commands", "bench_service_main", "BENCH_COMMANDS", "worker_counts"]
 
@@ -60,7 +61,7 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("--requests-large", type=int, default=30, help="requests per setting at larger batch sizes (default 30)")
     p.add_argument("--batch-sizes", default="1,64", type=comma_ints, help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default 4)")
-    p.add_argument("--load-client", choices=("raw", "httpx"), default="raw",
+    p.add_argument("--load-client", choices=LOAD_CLIENTS, default="raw",
                    help="the load generator: raw (default), a child process driving --concurrency keep-alive "
                         "connections from one event loop, tens of microseconds a request; httpx, --concurrency "
                         "threads of this process with an httpx client each, about a millisecond a request and the "

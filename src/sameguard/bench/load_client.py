@@ -35,7 +35,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["build_request", "time_requests"]
+__all__ = ["LOAD_CLIENTS", "build_request", "time_requests"]
+
+#: The load generators ``bench-service`` can send with: ``"raw"`` (default), this module; ``"httpx"``, client
+#: threads of the benchmark's own process with an ``httpx.Client`` each (what every figure before the ``raw``
+#: client was measured with).
+LOAD_CLIENTS = ("raw", "httpx")
 
 
 def build_request(host: str, port: int, path: str, headers: Mapping[str, str], body: str | bytes) -> bytes:

@@ -55,6 +55,7 @@ import torch
 
 from .. import __version__
 from ..compilation import DEFAULT_BACKEND
+from .load_client import LOAD_CLIENTS, time_requests
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +154,8 @@ class ServiceBenchResult:
                       f"{keys} API key{'s' if keys != 1 else ''} in process, "
                       f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')}"
                       f"{'' if c.get('gc_freeze', True) else ', start-up objects not frozen for the GC'})", "",
-                      "| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors | full GCs (longest ms) "
-                      "| server CPU ms / request |",
+                      ("| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors | full GCs (longest ms) "
+                       "| server CPU ms / request |"),
                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
                 setting = r.setting if r.workers is None else \
@@ -358,12 +359,6 @@ def _bench_app(setting: str, victim: Any, detector: Any, db_path: Path, images: 
     return app, [app.state.sameguard.keys.create(name)[1] for name in names]
 
 
-#: The load generators ``bench-service`` can send with: ``"raw"`` (default), a child process driving keep-alive
-#: connections from one event loop (:mod:`sameguard.bench.load_client`); ``"httpx"``, client threads of this
-#: process with an ``httpx.Client`` each (what every figure before the ``raw`` client was measured with).
-LOAD_CLIENTS = ("raw", "httpx")
-
-
 def _time_requests(url: str, headers: Sequence[Mapping[str, str]], bodies: Sequence[str], n_requests: int,
                    concurrency: int, load_client: str = "raw") -> tuple[list[float], int, float]:
     """Send ``n_requests`` bodies (cycled) from ``concurrency`` clients, client ``i`` with ``headers[i mod
@@ -371,8 +366,6 @@ def _time_requests(url: str, headers: Sequence[Mapping[str, str]], bodies: Seque
     ``load_client``: one of :data:`LOAD_CLIENTS`."""
     _check_load_client(load_client)
     if load_client == "raw":
-        from .load_client import time_requests
-
         return time_requests(url, headers, bodies, n_requests, concurrency)
     import httpx
 
@@ -427,13 +420,15 @@ def process_tree_cpu_s(pid: int) -> float | None:
         cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15
     if pid not in cpu:
         return None
-    tree, frontier = {pid}, [pid]
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    total, frontier = 0.0, [pid]
     while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree.update(children)
-        frontier += children
-    return sum(cpu[p] for p in tree)
+        p = frontier.pop()
+        total += cpu[p]
+        frontier += children.get(p, [])
+    return total
 
 
 def _check_load_client(client: str) -> None:
