@@ -40,10 +40,12 @@ def test_measure_service_rows(tmp_path):
     assert all(r.p99_ms >= r.p50_ms > 0 and r.images_per_s == pytest.approx(r.requests_per_s * r.batch) for r in rows)
     assert all(r.gc_full is not None and r.gc_full >= 0 for r in rows)  # in process: full collections counted
     assert all(r.cpu_ms_per_request is not None and r.cpu_ms_per_request > 0 for r in rows)  # raw client: server only
+    assert all(r.client_cpu_ms_per_request is not None and r.client_cpu_ms_per_request > 0 for r in rows)
     assert len(lines) == 4
     [threaded] = measure_service(victim, None, images, settings=("off",), batch_sizes=(1,), requests=3, concurrency=2,
                                  workdir=tmp_path, load_client="httpx", echo=lines.append)
     assert (threaded.errors, threaded.cpu_ms_per_request) == (0, None)  # its client threads would count too
+    assert threaded.client_cpu_ms_per_request is None
     with pytest.raises(ValueError, match="positive"):
         measure_service(victim, None, images, settings=("off",), requests=0)
 

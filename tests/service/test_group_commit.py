@@ -6,6 +6,8 @@ import threading
 import time
 import uuid
 
+import pytest
+
 from sameguard.service.group_commit import GroupCommit
 
 
@@ -141,3 +143,17 @@ def test_audit_log_appends_from_many_threads_lose_nothing_and_a_duplicate_fails_
     assert per_client == {"dup": 1, "c0": 19, **{f"c{i}": 20 for i in range(1, 8)}}
     assert log._group.stats["items"] >= 1 + 8 * 20  # every append went through the group commit
 
+
+
+def test_audit_write_benchmark_counts_the_transactions_of_each_kind(tmp_path):
+    from sameguard.bench.audit_write import main, measure
+
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    each = measure(url, 4, 40, group=False)
+    grouped = measure(url, 1, 40, group=True)
+    assert each["transactions"] == 40 and grouped["transactions"] == 40  # one writer: nothing to group
+    assert each["cpu_ms"] > 0 and each["wall_ms"] > 0
+    assert 1 <= measure(url, 8, 80, group=True)["transactions"] <= 80
+    assert main(["--threads", "2", "--appends", "10", "--repeat", "1", "--db", url]) == 0
+    with pytest.raises(SystemExit):
+        main(["--threads", "0"])

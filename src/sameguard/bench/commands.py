@@ -63,9 +63,9 @@ def _add_bench_service_parser(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default 4)")
     p.add_argument("--load-client", choices=LOAD_CLIENTS, default="raw",
                    help="the load generator: raw (default), a child process driving --concurrency keep-alive "
-                        "connections from one event loop, tens of microseconds a request; httpx, --concurrency "
-                        "threads of this process with an httpx client each, about a millisecond a request and the "
-                        "GIL shared with the in-process rows' server (what figures before the raw client used)")
+                        "connections from one event loop (its CPU per request is reported); httpx, --concurrency "
+                        "threads of this process with an httpx client each, sharing the GIL with the in-process "
+                        "rows' server (what figures before the raw client used)")
     p.add_argument("--keys", type=int, default=1,
                    help="API keys the client threads of the in-process rows send with, thread i with key i mod N: "
                         "each key is a client of its own for the rate limits and the per-client alarms (default 1; "

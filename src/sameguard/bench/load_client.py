@@ -1,12 +1,12 @@
 """A light HTTP load generator for ``bench-service``, run in a process of its own.
 
 ``bench-service`` used to send its requests from ``concurrency`` threads of its own process, each with
-an ``httpx.Client``. That client costs about a millisecond of Python per request, and its threads shared
-the GIL with the in-process server and the two cores with the worker processes under test: the load
-generator took a large share of what it was measuring. This one runs in a child process (no GIL shared
+an ``httpx.Client``, a full HTTP client in Python, and its threads shared the GIL with the in-process
+server and the two cores with the worker processes under test: the load generator took a large share of
+what it was measuring. This one runs in a child process (no GIL shared
 with the server) and drives all its connections from one ``asyncio`` loop (``uvloop`` when installed),
 sending pre-built HTTP/1.1 requests on keep-alive connections and reading only the status line, the
-headers it needs and the body: tens of microseconds per request.
+headers it needs and the body (``bench-service`` reports its CPU time per request).
 
 What it measures is what the threaded client measured: per request, the time from sending the request to
 having read the whole response (seconds, ``time.perf_counter``), and the number of requests that did not

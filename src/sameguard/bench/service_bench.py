@@ -113,6 +113,9 @@ class LatencyRow:
     #: worker rows, the server's process tree (Linux ``/proc``). ``None`` where it cannot be measured.
     #: Steadier than requests/s on a shared machine: it does not grow while other processes hold the cores.
     cpu_ms_per_request: float | None = None
+    #: the ``raw`` load generator's own CPU time per timed request in milliseconds (its child process, from the
+    #: resource usage of reaped children); ``None`` with the ``httpx`` client threads or without ``resource``.
+    client_cpu_ms_per_request: float | None = None
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,14 @@ class ServiceBenchResult:
                       f"{c.get('cpus')} CPUs, torch threads {c.get('torch_threads')}"
                       f"{'' if c.get('gc_freeze', True) else ', start-up objects not frozen for the GC'})", "",
                       ("| setting | batch | requests | req/s | images/s | p50 ms | p99 ms | errors | full GCs (longest ms) "
-                       "| server CPU ms / request |"),
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                       "| server CPU ms / request | load client CPU ms / request |"),
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
                 setting = r.setting if r.workers is None else \
                     f"{r.setting}, {server_label(r.engine, r.workers, r.compiled)} (Redis)"
                 lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
                              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {_gc_cell(r)} "
-                             f"| {'-' if r.cpu_ms_per_request is None else f'{r.cpu_ms_per_request:.2f}'} |")
+                             f"| {_ms_cell(r.cpu_ms_per_request)} | {_ms_cell(r.client_cpu_ms_per_request)} |")
             lines.append("")
         if self.attacks:
             fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"
@@ -292,15 +295,16 @@ def measure_service(victim: Any, detector: Any, images: torch.Tensor, *, setting
                     for body in payloads[b][:2]:
                         warm.post("/v1/predict", content=body).raise_for_status()
                 with full_gc_pauses() as pauses:
-                    cpu = time.process_time()
+                    cpu, client_cpu = time.process_time(), _children_cpu_s()
                     latencies, errors, wall = _time_requests(server.url, headers, payloads[b], n_requests, concurrency,
                                                              load_client)
-                    cpu = time.process_time() - cpu
+                    cpu, client_cpu = time.process_time() - cpu, _cpu_delta(client_cpu, _children_cpu_s())
                 row = LatencyRow(setting=setting, batch=b, requests=n_requests, concurrency=concurrency,
                                  seconds=wall, requests_per_s=n_requests / wall, images_per_s=n_requests * b / wall,
                                  p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
                                  errors=errors, gc_full=len(pauses), gc_full_max_ms=max(pauses, default=0.0),
-                                 cpu_ms_per_request=1000 * cpu / n_requests if load_client == "raw" else None)
+                                 cpu_ms_per_request=1000 * cpu / n_requests if load_client == "raw" else None,
+                                 client_cpu_ms_per_request=_per_request_ms(client_cpu, n_requests, load_client))
                 rows.append(row)
                 echo(f"service {setting:<15} batch {b:>3}: {row.requests_per_s:7.1f} req/s, {row.images_per_s:8.1f} img/s, "
                      f"p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}")
@@ -429,6 +433,30 @@ def process_tree_cpu_s(pid: int) -> float | None:
         total += cpu[p]
         frontier += children.get(p, [])
     return total
+
+
+def _children_cpu_s() -> float | None:
+    """User + system CPU seconds of this process's reaped children so far (the ``raw`` load client is one once
+    its run returns); ``None`` without :mod:`resource` (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def _per_request_ms(client_cpu: float | None, requests: int, load_client: str) -> float | None:
+    """The ``raw`` load client's CPU milliseconds per request (``None`` for the ``httpx`` threads)."""
+    return None if client_cpu is None or load_client != "raw" else 1000 * client_cpu / requests
+
+
+def _ms_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _check_load_client(client: str) -> None:
@@ -585,9 +613,9 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
             warm_lat, warm_errors, _ = _time_requests(server_url, headers, bodies, 4 * n * max(2, concurrency // 4),
                                                       min(concurrency, 4 * n))
             warm_ok = len(warm_lat) - warm_errors
-            cpu = process_tree_cpu_s(proc.pid)
+            cpu, client_cpu = process_tree_cpu_s(proc.pid), _children_cpu_s()
             latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency, load_client)
-            cpu_after = process_tree_cpu_s(proc.pid)
+            cpu, client_cpu = _cpu_delta(cpu, process_tree_cpu_s(proc.pid)), _cpu_delta(client_cpu, _children_cpu_s())
         finally:
             _stop(proc)
             deleted = _delete_prefix(state_url, prefix)
@@ -601,7 +629,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                          p50_ms=1000 * statistics.median(latencies), p99_ms=1000 * _percentile(latencies, 99),
                          errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors,
                          engine=engine, compiled=compile,
-                         cpu_ms_per_request=None if cpu is None or cpu_after is None else 1000 * (cpu_after - cpu) / requests)
+                         cpu_ms_per_request=None if cpu is None else 1000 * cpu / requests,
+                         client_cpu_ms_per_request=_per_request_ms(client_cpu, requests, load_client))
         rows.append(row)
         echo(f"{server_label(engine, n, compile)} (Redis, {threads} torch thread(s) each) batch 1: "
              f"{row.requests_per_s:7.1f} req/s, p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "

@@ -60,14 +60,16 @@ class AuditLog:
     Args:
         engine: the database engine (tables created by :func:`~sameguard.service.db.init_db`).
         versions: the model versions stored with every row (``Guard.versions``).
+        group_commit: concurrent :meth:`append` calls share transactions (default); ``False``: a transaction
+            per call (``python -m sameguard.bench.audit_write`` compares the two).
     """
 
-    def __init__(self, engine: Engine, versions: Mapping[str, Any]) -> None:
+    def __init__(self, engine: Engine, versions: Mapping[str, Any], *, group_commit: bool = True) -> None:
         self.engine = engine
         self.versions = dict(versions)
         # Concurrent appends (the service's request threads) share transactions: :mod:`.group_commit`.
-        self._group: GroupCommit[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = GroupCommit(
-            self._insert, name="the audit log")
+        self._group: GroupCommit[tuple[list[dict[str, Any]], list[dict[str, Any]]]] | None = GroupCommit(
+            self._insert, name="the audit log") if group_commit else None
 
     def append(self, decisions: Iterable[Any], alarms: Iterable[AlarmEvent] = (), *,
                client_request_id: str | None = None) -> None:
@@ -95,7 +97,10 @@ class AuditLog:
             })
         events = [_event_row(e) for e in alarms]
         if rows or events:
-            self._group.submit((rows, events))
+            if self._group is None:
+                self._insert([(rows, events)])
+            else:
+                self._group.submit((rows, events))
 
     def _insert(self, groups: Sequence[tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
         """The rows and events of several :meth:`append` calls, in one transaction."""
