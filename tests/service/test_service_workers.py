@@ -151,6 +151,88 @@ def test_workers_get_time_to_load_their_models_before_uvicorns_health_check(monk
         seen.update(kwargs, timeout_worker_healthcheck=timeout_worker_healthcheck)
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    server.run_workers("127.0.0.1", 8123, 2)
+    server.run_workers("127.0.0.1", 8123, 2, reuse_port=False)  # one shared socket: uvicorn.run as is
     assert seen["workers"] == 2 and seen["factory"] is True
     assert seen["timeout_worker_healthcheck"] == server.WORKER_HEALTHCHECK_SECONDS >= 30
+
+
+def test_each_worker_gets_a_listening_socket_of_its_own(monkeypatch):
+    """With reuse_port, uvicorn's supervisor runs (health checks, restarts, signals) with no shared socket,
+    and each worker process it starts is a ReusePortProcess, which binds its own SO_REUSEPORT socket."""
+    from uvicorn.supervisors import multiprocess
+
+    from sameguard.service import server
+
+    if not server.reuse_port_available():
+        pytest.skip("SO_REUSEPORT spreads connections on Linux only")
+    seen = {}
+
+    class FakeSupervisor:
+        def __init__(self, config, sockets):
+            seen.update(config=config, sockets=sockets)
+
+        def run(self):
+            seen["process"] = multiprocess.Process  # the class the supervisor starts its workers with
+
+    monkeypatch.setattr(multiprocess, "Multiprocess", FakeSupervisor)
+    server.run_workers("127.0.0.1", 8123, 2)
+    assert seen["sockets"] == [] and seen["process"] is server.ReusePortProcess
+    config = seen["config"]
+    assert (config.workers, config.port, config.factory) == (2, 8123, True)
+    assert config.timeout_worker_healthcheck == server.WORKER_HEALTHCHECK_SECONDS
+    assert multiprocess.Process is not server.ReusePortProcess  # restored once the supervisor returns
+
+
+def test_reuse_port_sockets_share_a_port_and_both_take_connections():
+    from sameguard.service import server
+
+    if not server.reuse_port_available():
+        pytest.skip("SO_REUSEPORT spreads connections on Linux only")
+    first = server.reuse_port_socket("127.0.0.1", 0)
+    port = first.getsockname()[1]
+    second = server.reuse_port_socket("127.0.0.1", port)
+    clients = []
+    try:
+        with pytest.raises(OSError), socket.socket() as plain:  # a server without SO_REUSEPORT cannot join
+            plain.bind(("127.0.0.1", port))
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(32)]
+        first.setblocking(False)
+        second.setblocking(False)
+        taken = []
+        for listener in (first, second):
+            n = 0
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                n += 1
+            taken.append(n)
+        # The kernel hashed each connection to one of the two: both got some (all 32 on one: p = 2^-31).
+        assert sum(taken) == 32 and min(taken) > 0
+    finally:
+        for s in (*clients, first, second):
+            s.close()
+
+
+def test_serve_workers_choose_their_sockets(monkeypatch):
+    from sameguard.cli import main
+    from sameguard.service import commands, server
+
+    seen = {}
+    monkeypatch.setattr(commands, "_check_store_and_database", lambda settings: None)
+    monkeypatch.setattr(server, "run_workers", lambda *a, **kw: seen.update(kw))
+    environ = dict(os.environ)
+    try:
+        for extra, expected in (([], True), (["--worker-sockets", "shared"], False),
+                                (["--worker-sockets", "reuse-port"], True)):
+            os.environ.pop("SAMEGUARD_WORKER_SOCKETS", None)  # 'serve --workers' hands its settings on in the environment
+            assert main(["serve", "--victim", "v", "--workers", "2", "--state", "redis://127.0.0.1:6379/0", "--port",
+                         str(_free_port()), *extra]) == 0
+            assert seen["reuse_port"] is expected
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    with pytest.raises(SystemExit):
+        main(["serve", "--victim", "v", "--workers", "2", "--worker-sockets", "round-robin"])

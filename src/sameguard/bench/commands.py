@@ -98,6 +98,10 @@ def _add_bench_service_parser(sub: Any) -> None:
                         "--workdir; e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
     p.add_argument("--workers-threads", type=int, default=None,
                    help="torch threads per worker in the --workers rows (default: the CPU cores divided by N)")
+    p.add_argument("--workers-sockets", default="reuse-port", type=_worker_sockets, metavar="KIND,KIND",
+                   help="'serve --worker-sockets' of the --workers rows, one row per value and N: reuse-port (a "
+                        "listening socket per worker, the default) and/or shared (one socket, uvicorn's way); each "
+                        "row says how the load's connections were spread over the workers")
     p.add_argument("--ray-replicas", default=[], type=worker_counts, metavar="N,N",
                    help="also time 'sameguard serve --engine ray --ray-replicas N' (a local Ray instance, one CPU "
                         "reserved per replica, state in --workers-state, keys and audit as --workers-db), one row "
@@ -110,6 +114,16 @@ def _add_bench_service_parser(sub: Any) -> None:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _worker_sockets(text: str) -> tuple[str, ...]:
+    from .service_bench import WORKER_SOCKETS
+
+    kinds = _names(text)
+    bad = [k for k in kinds if k not in WORKER_SOCKETS]
+    if not kinds or bad or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"expected distinct values of {', '.join(WORKER_SOCKETS)}, got {text!r}")
+    return kinds
 
 
 def bench_service_main(args: argparse.Namespace) -> int:
@@ -140,7 +154,8 @@ def bench_service_main(args: argparse.Namespace) -> int:
         attack_epochs=args.attack_epochs, benign=args.benign, knockoff_proxies=_names(args.knockoff_proxy),
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
         workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads,
-        ray_replicas=tuple(args.ray_replicas), workers_compile=args.workers_compile, load_client=args.load_client)
+        ray_replicas=tuple(args.ray_replicas), workers_compile=args.workers_compile, load_client=args.load_client,
+        workers_sockets=args.workers_sockets)
     print(result.markdown(), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

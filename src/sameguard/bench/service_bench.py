@@ -56,6 +56,7 @@ import torch
 from .. import __version__
 from ..compilation import DEFAULT_BACKEND
 from .load_client import LOAD_CLIENTS, time_requests
+from .process_tree import ConnectionSampler, process_tree_cpu_s
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,13 @@ class LatencyRow:
     #: the ``raw`` load generator's own CPU time per timed request in milliseconds (its child process, from the
     #: resource usage of reaped children); ``None`` with the ``httpx`` client threads or without ``resource``.
     client_cpu_ms_per_request: float | None = None
+    #: ``serve --workers N`` rows with ``N > 1``: ``"reuse-port"`` (a listening socket per worker) or ``"shared"``
+    #: (one socket, uvicorn's way), ``serve --worker-sockets``; ``None`` for the other rows.
+    worker_sockets: str | None = None
+    #: ``serve --workers N`` rows: how the timed load's keep-alive connections were spread over the worker
+    #: processes, most first (e.g. ``[9, 7]``; a worker with none is not listed), sampled from ``/proc`` once
+    #: all were open; ``None`` where that could not be read.
+    worker_connections: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,9 @@ class ServiceBenchResult:
                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.latency:
                 setting = r.setting if r.workers is None else \
-                    f"{r.setting}, {server_label(r.engine, r.workers, r.compiled)} (Redis)"
+                    f"{r.setting}, {server_label(r.engine, r.workers, r.compiled, r.worker_sockets)} (Redis" + \
+                    ("" if r.worker_connections is None else
+                     f"; connections per worker {'/'.join(map(str, r.worker_connections)) or '-'}") + ")"
                 lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
                              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {_gc_cell(r)} "
                              f"| {_ms_cell(r.cpu_ms_per_request)} | {_ms_cell(r.client_cpu_ms_per_request)} |")
@@ -404,37 +414,6 @@ def _time_requests(url: str, headers: Sequence[Mapping[str, str]], bodies: Seque
     return latencies, errors[0], time.perf_counter() - start
 
 
-def process_tree_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds so far of process ``pid`` and all its descendants (Linux ``/proc``; ``None``
-    where there is no ``/proc`` or ``pid`` is gone). Processes that already exited are not counted."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
-        except OSError:  # exited meanwhile
-            continue
-        parents[int(entry)] = int(fields[1])  # ppid: field 4 of stat
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15
-    if pid not in cpu:
-        return None
-    children: dict[int, list[int]] = {}
-    for child, parent in parents.items():
-        children.setdefault(parent, []).append(child)
-    total, frontier = 0.0, [pid]
-    while frontier:
-        p = frontier.pop()
-        total += cpu[p]
-        frontier += children.get(p, [])
-    return total
-
-
 def _children_cpu_s() -> float | None:
     """User + system CPU seconds of this process's reaped children so far (the ``raw`` load client is one once
     its run returns); ``None`` without :mod:`resource` (Windows)."""
@@ -501,23 +480,31 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
     return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
 
 
+#: ``serve --worker-sockets`` choices, the default first.
+WORKER_SOCKETS = ("reuse-port", "shared")
+
 #: How a worker row's server is started, per engine (followed by the worker or replica count).
 SERVER_OPTIONS = {"uvicorn": "serve --workers", "ray": "serve --engine ray --ray-replicas"}
 
 
-def server_label(engine: str, n: int, compiled: bool = False) -> str:
+def server_label(engine: str, n: int, compiled: bool = False, worker_sockets: str | None = None) -> str:
     """How a worker row's server was started, for the report."""
-    return f"{SERVER_OPTIONS[engine]} {n}" + (" --compile" if compiled else "")
+    sockets = f" --worker-sockets {worker_sockets}" if worker_sockets not in (None, WORKER_SOCKETS[0]) else ""
+    return f"{SERVER_OPTIONS[engine]} {n}{sockets}" + (" --compile" if compiled else "")
 
 
 def serve_command(victim_dir: str | os.PathLike, detector_dir: str | os.PathLike, *, policy: str, port: int,
-                  workers: int, prefix: str, threads: int, engine: str = "uvicorn", compile: bool = False) -> list[str]:
-    """The argv of ``sameguard serve`` for one worker row: ``workers`` uvicorn workers, or as many Ray Serve
-    replicas (one CPU reserved each, on a local Ray instance) with ``engine="ray"``; rate limits out of the
-    way; no URL with a password in it (those go in the environment). ``compile``: ``serve --compile``."""
+                  workers: int, prefix: str, threads: int, engine: str = "uvicorn", compile: bool = False,
+                  worker_sockets: str = WORKER_SOCKETS[0]) -> list[str]:
+    """The argv of ``sameguard serve`` for one worker row: ``workers`` uvicorn workers (taking connections as
+    ``worker_sockets`` says), or as many Ray Serve replicas (one CPU reserved each, on a local Ray instance)
+    with ``engine="ray"``; rate limits out of the way; no URL with a password in it (those go in the
+    environment). ``compile``: ``serve --compile``."""
     if engine not in SERVER_OPTIONS:
         raise ValueError(f"engine must be one of {sorted(SERVER_OPTIONS)}, got {engine!r}.")
-    scale = ["--workers", str(workers)] if engine == "uvicorn" else \
+    if worker_sockets not in WORKER_SOCKETS:
+        raise ValueError(f"worker_sockets must be one of {list(WORKER_SOCKETS)}, got {worker_sockets!r}.")
+    scale = ["--workers", str(workers), "--worker-sockets", worker_sockets] if engine == "uvicorn" else \
         ["--engine", "ray", "--ray-replicas", str(workers), "--ray-replica-cpus", "1"]
     return [sys.executable, "-m", "sameguard.cli", "serve", "--victim", str(victim_dir), "--detector",
             str(detector_dir), "--policy", policy, "--host", "127.0.0.1", "--port", str(port), *scale,
@@ -540,9 +527,11 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                     requests: int = 200, concurrency: int = 16, torch_threads: int | None = None,
                     policy: str = "monitor", workdir: Path | None = None, startup_timeout: float = 180.0,
                     engine: str = "uvicorn", compile: bool = False, load_client: str = "raw",
+                    worker_sockets: Sequence[str] = WORKER_SOCKETS[:1],
                     echo: Callable[[str], None] = logger.info) -> list[LatencyRow]:
-    """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N``; one row each
-    (``engine="ray"``: ``serve --engine ray --ray-replicas N``, a local Ray instance started by the server).
+    """Time ``sameguard serve --workers N --state REDIS`` (a child process) for each ``N`` and each of
+    ``worker_sockets``; one row each (``engine="ray"``: ``serve --engine ray --ray-replicas N``, a local Ray
+    instance started by the server, one row per ``N``).
 
     Each row starts the real server on a free port of 127.0.0.1 with the saved models, ``policy``
     (``monitor``: every query scored), dynamic batching at ``serve``'s defaults, rate limits out of
@@ -562,6 +551,9 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
             at least the server's own allowance, ``COMPILE_HEALTHCHECK_SECONDS``).
         compile: start the server with ``--compile`` (networks compiled at start-up, before the timing).
         load_client: the load generator of the timed requests, one of :data:`LOAD_CLIENTS`.
+        worker_sockets: ``serve --worker-sockets`` of the uvicorn rows with ``N > 1``, each of
+            :data:`WORKER_SOCKETS` (a row per value). Each uvicorn row reports how the load's connections were
+            spread over the workers (:class:`~sameguard.bench.process_tree.ConnectionSampler`).
     """
     from sqlalchemy import func, select
 
@@ -576,6 +568,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         raise ValueError(f"workers must be positive integers, got {list(workers)!r}.")
     if engine not in SERVER_OPTIONS:
         raise ValueError(f"engine must be one of {sorted(SERVER_OPTIONS)}, got {engine!r}.")
+    if not worker_sockets or any(w not in WORKER_SOCKETS for w in worker_sockets):
+        raise ValueError(f"worker_sockets must be values of {list(WORKER_SOCKETS)}, got {list(worker_sockets)!r}.")
     from ..service.store import open_store, redact_store_url
 
     if not str(state_url).startswith(("redis://", "rediss://")):
@@ -587,7 +581,10 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
     base = Path(tempfile.mkdtemp(prefix="service-bench-workers-", dir=workdir))
     bodies = _payloads(images, 1)
     rows: list[LatencyRow] = []
-    for n in workers:
+    # One row per socket kind for N > 1 uvicorn workers; one worker serves alone, and Ray's proxy holds the
+    # connections of every replica.
+    runs = [(n, w) for n in workers for w in (worker_sockets if engine == "uvicorn" and n > 1 else (None,))]
+    for n, sockets in runs:
         run_id = uuid.uuid4().hex[:10]
         prefix, client_name = f"sgbench:{run_id}:", f"bench-w{n}-{run_id}"
         url = db_url or f"sqlite:///{base / f'audit-{engine}-{n}.db'}"
@@ -598,11 +595,12 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         threads = torch_threads or worker_threads(n)
         log_path = base / f"serve-{engine}-{n}.log"
         cmd = serve_command(victim_dir, detector_dir, policy=policy, port=port, workers=n, prefix=prefix,
-                            threads=threads, engine=engine, compile=compile)
+                            threads=threads, engine=engine, compile=compile,
+                            **({} if sockets is None else {"worker_sockets": sockets}))
         proc = _start_serve_workers(cmd, db_url=url, state_url=state_url, log_path=log_path)
         headers = [{"X-API-Key": token, "content-type": "application/json"}]
         server_url = f"http://127.0.0.1:{port}"
-        warm_ok = 0
+        warm_ok, spread = 0, None
         try:
             wait_until_healthy(server_url, proc,
                                max(startup_timeout, COMPILE_HEALTHCHECK_SECONDS) if compile else startup_timeout,
@@ -614,7 +612,11 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                                                       min(concurrency, 4 * n))
             warm_ok = len(warm_lat) - warm_errors
             cpu, client_cpu = process_tree_cpu_s(proc.pid), _children_cpu_s()
-            latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency, load_client)
+            sampler = ConnectionSampler(proc.pid, port, min(concurrency, requests))
+            with sampler.running():
+                latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency,
+                                                         load_client)
+            spread = sampler.spread if engine == "uvicorn" else None
             cpu, client_cpu = _cpu_delta(cpu, process_tree_cpu_s(proc.pid)), _cpu_delta(client_cpu, _children_cpu_s())
         finally:
             _stop(proc)
@@ -630,12 +632,19 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                          errors=errors, workers=n, audit_rows=audit_rows, answered=warm_ok + requests - errors,
                          engine=engine, compiled=compile,
                          cpu_ms_per_request=None if cpu is None else 1000 * cpu / requests,
-                         client_cpu_ms_per_request=_per_request_ms(client_cpu, requests, load_client))
+                         client_cpu_ms_per_request=_per_request_ms(client_cpu, requests, load_client),
+                         worker_sockets=sockets, worker_connections=spread)
         rows.append(row)
-        echo(f"{server_label(engine, n, compile)} (Redis, {threads} torch thread(s) each) batch 1: "
+        echo(f"{server_label(engine, n, compile, sockets)} (Redis, {threads} torch thread(s) each) batch 1: "
              f"{row.requests_per_s:7.1f} req/s, p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
-             f"{audit_rows}/{row.answered}")
+             f"{audit_rows}/{row.answered}" + ("" if spread is None else f", connections per worker {spread}"))
     return rows
+
+
+def _row_options(row: LatencyRow) -> str:
+    """A worker row's options besides N, for the report's notes."""
+    sockets = f" {row.worker_sockets} sockets" if row.worker_sockets not in (None, WORKER_SOCKETS[0]) else ""
+    return sockets + (" --compile" if row.compiled else "")
 
 
 def _benign_accuracy(guard: Any, images: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> tuple[float, float]:
@@ -737,6 +746,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                       workers: Sequence[int] = (), workers_state: str = DEFAULT_WORKERS_STATE,
                       workers_db: str | None = None, workers_threads: int | None = None,
                       ray_replicas: Sequence[int] = (), workers_compile: bool = False, load_client: str = "raw",
+                      workers_sockets: Sequence[str] = WORKER_SOCKETS[:1],
                       echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
     """Both parts on a Fashion-MNIST victim; returns the rows and a Markdown report.
 
@@ -755,6 +765,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     ``sameguard serve --workers N --state workers_state``, guarded single images, ``concurrency``
     clients, ``requests`` requests); empty (default): none. Without ``victim_dir`` / ``detector_dir``
     the trained models are saved under ``workdir/workers-artifacts`` for the server to load.
+    ``workers_sockets``: ``serve --worker-sockets`` of those rows (a row per value and N).
     ``ray_replicas``: the same rows for ``sameguard serve --engine ray --ray-replicas N``.
     ``workers_compile``: each of those rows a second time with ``serve ... --compile``.
     ``load_client``: the load generator of every timed row, one of :data:`LOAD_CLIENTS`.
@@ -778,6 +789,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
         "workers": list(workers), "ray_replicas": list(ray_replicas), "workers_compile": workers_compile,
+        "workers_sockets": list(workers_sockets),
     })
     with torch.no_grad():
         eval_set = test.subset(eval_idx)
@@ -803,7 +815,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                 rows += measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=counts,
                                         state_url=workers_state, db_url=workers_db, requests=requests,
                                         concurrency=concurrency, torch_threads=workers_threads, workdir=workdir,
-                                        engine=engine, compile=compile, load_client=load_client, echo=echo)
+                                        engine=engine, compile=compile, load_client=load_client,
+                                        worker_sockets=workers_sockets, echo=echo)
             result.latency += rows
             threads = {r.workers: workers_threads or worker_threads(r.workers) for r in rows}
             result.config["workers_threads" if engine == "uvicorn" else "ray_replica_threads"] = threads
@@ -812,8 +825,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                 "rate limits and challenges in Redis under a key prefix of the row, deleted afterwards; torch threads "
                 "each: " + ", ".join(f"N = {n}: {t}" for n, t in threads.items())
                 + "); audit rows found / images answered: "
-                + ", ".join(f"N = {r.workers}{' --compile' if r.compiled else ''}: {r.audit_rows}/{r.answered}"
-                            for r in rows) + ".")
+                + ", ".join(f"N = {r.workers}{_row_options(r)}: {r.audit_rows}/{r.answered}" for r in rows) + ".")
     if attacks:
         train = load_dataset(victim.dataset, "train")
         seeds_set = train.take(150, seed=seed + 1)

@@ -135,6 +135,11 @@ def _add_serve_parser(sub: Any) -> None:
     _state(p)
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default 1); more than 1 needs a shared --state redis://...")
+    p.add_argument("--worker-sockets", default=None, choices=["reuse-port", "shared"],
+                   help="with --workers N: reuse-port (default) gives each worker its own listening socket "
+                        "(SO_REUSEPORT, Linux: the kernel spreads new connections over the workers); shared "
+                        "(uvicorn's way) has all workers accept from one socket, where a burst of keep-alive "
+                        "connections can all land on one worker")
     p.add_argument("--batch-max-size", type=int, default=None,
                    help="dynamic batching: most images of concurrent requests in one forward pass (default 64)")
     p.add_argument("--batch-max-wait-ms", type=float, default=None,
@@ -245,6 +250,7 @@ def serve_main(args: argparse.Namespace) -> int:
         alarm_detectors=_alarm_detectors(args), admin_token_env=args.admin_token_env, **_artifact_settings(args),
         request_rate_per_second=args.request_rate_per_second, request_burst=args.request_burst,
         state_url=args.state_url, state_prefix=args.state_prefix, workers=args.workers,
+        worker_sockets=getattr(args, "worker_sockets", None),
         batch_max_size=args.batch_max_size, batch_max_wait_ms=args.batch_max_wait_ms,
         engine=getattr(args, "engine", None), ray_replicas=getattr(args, "ray_replicas", None),
         ray_max_replicas=getattr(args, "ray_max_replicas", None),
@@ -295,6 +301,7 @@ def _serve_workers(settings: Any, log_level: str) -> int:
          f"(state {redact_store_url(settings.state_url)}, database {redact_url(settings.db_url)}) on "
          f"http://{settings.host}:{settings.port}")
     run_workers(settings.host, settings.port, settings.workers, log_level=log_level,
+                reuse_port=settings.worker_sockets == "reuse-port",
                 healthcheck_s=COMPILE_HEALTHCHECK_SECONDS if settings.compile else WORKER_HEALTHCHECK_SECONDS)
     return 0
 

@@ -6,12 +6,15 @@ import inspect
 import logging
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import uvicorn
+from uvicorn.supervisors import multiprocess
 
 #: Seconds a worker of ``run_workers`` may take to answer uvicorn's health check (it is loading models).
 WORKER_HEALTHCHECK_SECONDS = 60
@@ -20,7 +23,8 @@ COMPILE_HEALTHCHECK_SECONDS = 900
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerThread", "run_server", "run_workers", "wait_until_healthy"]
+__all__ = ["ReusePortProcess", "ServerThread", "reuse_port_available", "reuse_port_socket", "run_server", "run_workers",
+           "wait_until_healthy"]
 
 
 class ServerThread:
@@ -101,10 +105,47 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: s
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
 
 
-def run_workers(host: str, port: int, workers: int, log_level: str = "info", *,
+def reuse_port_available() -> bool:
+    """Whether each worker can have its own listening socket on one port with the kernel spreading new
+    connections over them: ``SO_REUSEPORT`` on Linux (other systems either lack it or hand every
+    connection to one of the sockets)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def reuse_port_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket on ``(host, port)`` with ``SO_REUSEPORT``: every worker binds one, and
+    Linux hashes each new connection to one of them (only sockets of the same user join the group)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ReusePortProcess(multiprocess.Process):
+    """A uvicorn worker process that listens on a socket of its own (:func:`reuse_port_socket`) instead
+    of the one socket uvicorn's supervisor shares among its workers. With a shared socket, the worker
+    that wakes first accepts every connection then waiting: measured with ``bench-service``'s 16
+    keep-alive connections and two workers, one worker held all 16 while the other idled."""
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - a child process
+        super().target([reuse_port_socket(self.config.host, self.config.port, self.config.backlog)])
+
+
+def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, reuse_port: bool = True,
                 healthcheck_s: float = WORKER_HEALTHCHECK_SECONDS) -> None:
-    """Serve with ``workers`` uvicorn worker processes sharing one socket, each building its app with
+    """Serve with ``workers`` uvicorn worker processes, each building its app with
     :func:`~sameguard.service.app.create_app` from the ``SAMEGUARD_*`` environment; until interrupted.
+
+    uvicorn's supervisor starts, watches and restarts the workers. With ``reuse_port`` (and
+    :func:`reuse_port_available`) each worker listens on a socket of its own (:class:`ReusePortProcess`),
+    so the kernel spreads new connections over the workers; otherwise they share one socket, as
+    ``uvicorn --workers N`` does.
 
     The state (rate limits, challenges, revocations, per-client alarms) must be in a shared store
     (``SAMEGUARD_STATE_URL=redis://...``): :class:`~sameguard.service.settings.ServiceSettings`
@@ -117,8 +158,20 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info", *,
         # loaded): on a busy machine that takes longer than uvicorn's 5 s default, and the supervisor
         # would kill and restart loading workers for ever.
         options["timeout_worker_healthcheck"] = healthcheck_s
-    uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
-                log_level=log_level, **options)
+    if reuse_port and not reuse_port_available():
+        logger.warning("SO_REUSEPORT does not spread connections on %s: the %d workers share one socket.",
+                       sys.platform, workers)
+        reuse_port = False
+    if not reuse_port:
+        uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
+                    log_level=log_level, **options)
+        return
+    config = uvicorn.Config("sameguard.service.app:create_app", factory=True, host=host, port=port,
+                            workers=int(workers), log_level=log_level, **options)
+    # uvicorn's supervisor names its process class at each (re)start; ours differs only in the socket
+    # it hands the server, so the supervisor's start, health checks, restarts and signals stay uvicorn's.
+    with mock.patch.object(multiprocess, "Process", ReusePortProcess):
+        multiprocess.Multiprocess(config, sockets=[]).run()
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, *,
