@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from unittest import mock
 
 import uvicorn
 from uvicorn.supervisors import multiprocess
@@ -162,6 +161,10 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, 
         logger.warning("SO_REUSEPORT does not spread connections on %s: the %d workers share one socket.",
                        sys.platform, workers)
         reuse_port = False
+    if reuse_port and "target" in inspect.signature(multiprocess.Multiprocess).parameters:  # an older uvicorn
+        logger.warning("This uvicorn's supervisor takes no worker class of ours: the %d workers share one socket "
+                       "(a socket per worker needs a newer uvicorn).", workers)
+        reuse_port = False
     if not reuse_port:
         uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
                     log_level=log_level, **options)
@@ -170,8 +173,11 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, 
                             workers=int(workers), log_level=log_level, **options)
     # uvicorn's supervisor names its process class at each (re)start; ours differs only in the socket
     # it hands the server, so the supervisor's start, health checks, restarts and signals stay uvicorn's.
-    with mock.patch.object(multiprocess, "Process", ReusePortProcess):
+    uvicorn_process, multiprocess.Process = multiprocess.Process, ReusePortProcess
+    try:
         multiprocess.Multiprocess(config, sockets=[]).run()
+    finally:
+        multiprocess.Process = uvicorn_process
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, *,
