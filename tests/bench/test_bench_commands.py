@@ -36,7 +36,7 @@ def test_bench_service_workers_option():
     for bad, message in (("0", "positive"), ("1,x", "comma-separated"), ("65", "between 1 and 64"), ("2,2", "once")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             worker_counts(bad)
-    assert parser.parse_args(["bench-service"]).workers_sockets == ("reuse-port",)
+    assert parser.parse_args(["bench-service"]).workers_sockets == ("balanced",)
     assert parser.parse_args(["bench-service", "--workers-sockets", "shared,reuse-port"]).workers_sockets == (
         "shared", "reuse-port")
     for bad in ("", "round-robin", "shared,shared"):

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from sameguard.bench.process_tree import ConnectionSampler, established_inodes, process_tree_cpu_s, worker_connections
+from sameguard.bench.process_tree import ConnectionSampler, process_tree_cpu_s, worker_connections
+from sameguard.service.connection_balance import established_inodes
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 
@@ -54,11 +55,11 @@ def test_worker_connections_counts_each_process_of_the_tree():
         sampler = ConnectionSampler(server.pid, port, expected=3, interval=0.02)
         with sampler.running():
             time.sleep(0.3)
-        assert sampler.spread == [2, 1]
+        assert sampler.first == sampler.last == [2, 1]
         missing = ConnectionSampler(server.pid, port, expected=4, interval=0.02)  # never all open: no sample kept
         with missing.running():
             time.sleep(0.1)
-        assert missing.spread is None
+        assert missing.first is None and missing.last is None
         for c in clients:
             c.close()
         deadline = time.monotonic() + 10

@@ -108,8 +108,9 @@ def test_measure_workers_starts_serve_with_redis_and_counts_the_audit(tmp_path, 
     assert row.p99_ms >= row.p50_ms > 0 and row.answered == row.audit_rows >= 160  # every answered image audited
     # The kernel spread the 16 keep-alive connections over both workers (all on one: probability 2^-15);
     # with the one shared socket of uvicorn's own supervisor, one worker often takes them all.
-    assert row.worker_sockets == "reuse-port" and row.worker_connections is not None
+    assert row.worker_sockets == "balanced" and row.worker_connections is not None
     assert len(row.worker_connections) == 2 and sum(row.worker_connections) == 16
+    assert sum(row.worker_connections_last) == 16
     assert "serve --workers 2" in lines[0] and "connections per worker" in lines[0]
     report = ServiceBenchResult(latency=rows).markdown()
     assert "monitor-batched, serve --workers 2 (Redis; connections per worker " in report
@@ -144,16 +145,20 @@ def test_serve_command_per_engine_keeps_urls_off_the_command_line():
     assert "| monitor-batched, serve --workers 2 --compile (Redis) |" in \
         ServiceBenchResult(latency=[LatencyRow(**row, compiled=True)]).markdown()
     # Sockets: a listening socket per worker by default, uvicorn's shared one on request; the spread shown.
-    assert uvicorn[uvicorn.index("--worker-sockets") + 1] == "reuse-port" and "--worker-sockets" not in ray
+    assert uvicorn[uvicorn.index("--worker-sockets") + 1] == "balanced" and "--worker-sockets" not in ray
     shared = serve_command("v", "d", worker_sockets="shared", **common)
     assert shared[shared.index("--worker-sockets") + 1] == "shared"
     with pytest.raises(ValueError, match="worker_sockets"):
         serve_command("v", "d", worker_sockets="round-robin", **common)
-    text = ServiceBenchResult(latency=[LatencyRow(**row, worker_sockets="shared", worker_connections=[16]),
-                                       LatencyRow(**row, worker_sockets="reuse-port", worker_connections=[9, 7])]
-                              ).markdown()
+    text = ServiceBenchResult(latency=[
+        LatencyRow(**row, worker_sockets="shared", worker_connections=[16], worker_connections_last=[16]),
+        LatencyRow(**row, worker_sockets="reuse-port", worker_connections=[9, 7], worker_connections_last=[9, 7]),
+        LatencyRow(**row, worker_sockets="balanced", worker_connections=[10, 6], worker_connections_last=[8, 8])]
+    ).markdown()
     assert "| monitor-batched, serve --workers 2 --worker-sockets shared (Redis; connections per worker 16) |" in text
-    assert "| monitor-batched, serve --workers 2 (Redis; connections per worker 9/7) |" in text
+    assert "| monitor-batched, serve --workers 2 --worker-sockets reuse-port (Redis; connections per worker 9/7) |" \
+        in text
+    assert "| monitor-batched, serve --workers 2 (Redis; connections per worker 10/6, then 8/8) |" in text
 
 
 @pytest.mark.slow  # the child process starts a local Ray instance and a Serve replica: ~30-60 s on 2 cores

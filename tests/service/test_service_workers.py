@@ -151,14 +151,15 @@ def test_workers_get_time_to_load_their_models_before_uvicorns_health_check(monk
         seen.update(kwargs, timeout_worker_healthcheck=timeout_worker_healthcheck)
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    server.run_workers("127.0.0.1", 8123, 2, reuse_port=False)  # one shared socket: uvicorn.run as is
+    server.run_workers("127.0.0.1", 8123, 2, sockets="shared")  # one shared socket: uvicorn.run as is
     assert seen["workers"] == 2 and seen["factory"] is True
     assert seen["timeout_worker_healthcheck"] == server.WORKER_HEALTHCHECK_SECONDS >= 30
 
 
 def test_each_worker_gets_a_listening_socket_of_its_own(monkeypatch):
-    """With reuse_port, uvicorn's supervisor runs (health checks, restarts, signals) with no shared socket,
-    and each worker process it starts is a ReusePortProcess, which binds its own SO_REUSEPORT socket."""
+    """With a socket per worker, uvicorn's supervisor runs (health checks, restarts, signals) with no shared
+    socket, each worker process it starts is a ReusePortProcess, which binds its own SO_REUSEPORT socket,
+    and the workers learn from their environment whether to balance their connections."""
     from uvicorn.supervisors import multiprocess
 
     from sameguard.service import server
@@ -175,8 +176,15 @@ def test_each_worker_gets_a_listening_socket_of_its_own(monkeypatch):
             seen["process"] = multiprocess.Process  # the class the supervisor starts its workers with
 
     monkeypatch.setattr(multiprocess, "Multiprocess", FakeSupervisor)
+    monkeypatch.setenv("SAMEGUARD_WORKER_SOCKETS", "")  # restored after the test, which run_workers sets
+    monkeypatch.delenv("SAMEGUARD_WORKER_SOCKETS")
     server.run_workers("127.0.0.1", 8123, 2)
     assert seen["sockets"] == [] and seen["process"] is server.ReusePortProcess
+    assert os.environ["SAMEGUARD_WORKER_SOCKETS"] == "balanced"
+    server.run_workers("127.0.0.1", 8123, 2, sockets="reuse-port")
+    assert os.environ["SAMEGUARD_WORKER_SOCKETS"] == "reuse-port"
+    with pytest.raises(ValueError, match="sockets"):
+        server.run_workers("127.0.0.1", 8123, 2, sockets="round-robin")
     config = seen["config"]
     assert (config.workers, config.port, config.factory) == (2, 8123, True)
     assert config.timeout_worker_healthcheck == server.WORKER_HEALTHCHECK_SECONDS
@@ -225,12 +233,12 @@ def test_serve_workers_choose_their_sockets(monkeypatch):
     monkeypatch.setattr(server, "run_workers", lambda *a, **kw: seen.update(kw))
     environ = dict(os.environ)
     try:
-        for extra, expected in (([], True), (["--worker-sockets", "shared"], False),
-                                (["--worker-sockets", "reuse-port"], True)):
+        for extra, expected in (([], "balanced"), (["--worker-sockets", "shared"], "shared"),
+                                (["--worker-sockets", "reuse-port"], "reuse-port")):
             os.environ.pop("SAMEGUARD_WORKER_SOCKETS", None)  # 'serve --workers' hands its settings on in the environment
             assert main(["serve", "--victim", "v", "--workers", "2", "--state", "redis://127.0.0.1:6379/0", "--port",
                          str(_free_port()), *extra]) == 0
-            assert seen["reuse_port"] is expected
+            assert seen["sockets"] == expected
     finally:
         os.environ.clear()
         os.environ.update(environ)

@@ -98,10 +98,10 @@ def _add_bench_service_parser(sub: Any) -> None:
                         "--workdir; e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
     p.add_argument("--workers-threads", type=int, default=None,
                    help="torch threads per worker in the --workers rows (default: the CPU cores divided by N)")
-    p.add_argument("--workers-sockets", default="reuse-port", type=_worker_sockets, metavar="KIND,KIND",
-                   help="'serve --worker-sockets' of the --workers rows, one row per value and N: reuse-port (a "
-                        "listening socket per worker, the default) and/or shared (one socket, uvicorn's way); each "
-                        "row says how the load's connections were spread over the workers")
+    p.add_argument("--workers-sockets", default="balanced", type=_worker_sockets, metavar="KIND,KIND",
+                   help="'serve --worker-sockets' of the --workers rows with N > 1, one row per value and N: "
+                        "balanced (the default), reuse-port and/or shared; each row says how the load's "
+                        "connections were spread over the workers")
     p.add_argument("--ray-replicas", default=[], type=worker_counts, metavar="N,N",
                    help="also time 'sameguard serve --engine ray --ray-replicas N' (a local Ray instance, one CPU "
                         "reserved per replica, state in --workers-state, keys and audit as --workers-db), one row "
@@ -117,7 +117,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _worker_sockets(text: str) -> tuple[str, ...]:
-    from .service_bench import WORKER_SOCKETS
+    from ..service.connection_balance import WORKER_SOCKETS
 
     kinds = _names(text)
     bad = [k for k in kinds if k not in WORKER_SOCKETS]

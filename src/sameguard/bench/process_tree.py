@@ -11,11 +11,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["ConnectionSampler", "established_inodes", "process_tree_cpu_s", "worker_connections"]
+from ..service.connection_balance import established_inodes
 
-#: ``st`` of an established connection in ``/proc/net/tcp`` (hexadecimal ``TCP_ESTABLISHED``).
-_ESTABLISHED = "01"
-
+__all__ = ["ConnectionSampler", "process_tree_cpu_s", "worker_connections"]
 
 def _process_table() -> tuple[dict[int, int], dict[int, float]] | None:
     """``(ppid of each pid, its user + system CPU seconds)`` of every process, or ``None`` without ``/proc``."""
@@ -60,25 +58,6 @@ def process_tree_cpu_s(pid: int) -> float | None:
     return sum(cpu[p] for p in _descendants(pid, parents))
 
 
-def established_inodes(port: int) -> set[int]:
-    """Socket inodes of the established TCP connections (IPv4 and IPv6) whose local port is ``port``:
-    the server's ends of its clients' connections."""
-    inodes: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)  # header
-                for line in f:
-                    fields = line.split()
-                    # sl, local_address (ADDR:PORT in hex), rem_address, st, tx:rx, tr:when, retrnsmt, uid,
-                    # timeout, inode
-                    if len(fields) > 9 and fields[3] == _ESTABLISHED and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(int(fields[9]))
-        except OSError:
-            continue
-    return inodes
-
-
 def _socket_inodes(pid: int) -> set[int]:
     """Inodes of the sockets process ``pid`` holds open (empty when it is gone or not readable)."""
     found: set[int] = set()
@@ -103,19 +82,21 @@ def worker_connections(pid: int, port: int) -> list[int] | None:
     table = _process_table()
     if table is None or pid not in table[0]:
         return None
-    open_now = established_inodes(port)
+    open_now = established_inodes(port) or set()
     counts = [len(_socket_inodes(p) & open_now) for p in _descendants(pid, table[0])]
     return sorted((c for c in counts if c), reverse=True)
 
 
 class ConnectionSampler:
-    """Samples :func:`worker_connections` in a thread every ``interval`` seconds while a load runs, and
-    keeps the first sample in which ``expected`` connections (the load's concurrency) are all open:
-    how the load's keep-alive connections were dealt out to the workers."""
+    """Samples :func:`worker_connections` in a thread every ``interval`` seconds while a load runs, keeping
+    the first and the last sample in which ``expected`` connections (the load's concurrency) were all
+    open: how the load's keep-alive connections were dealt out to the workers, and how they stood at the
+    end (where the workers move connections, :mod:`sameguard.service.connection_balance`)."""
 
     def __init__(self, pid: int, port: int, expected: int, interval: float = 0.2) -> None:
         self.pid, self.port, self.expected, self.interval = pid, port, expected, interval
-        self.spread: list[int] | None = None
+        self.first: list[int] | None = None
+        self.last: list[int] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="connection-sampler", daemon=True)
 
@@ -125,8 +106,8 @@ class ConnectionSampler:
             if counts is None:
                 return
             if sum(counts) == self.expected:
-                self.spread = counts
-                return
+                self.first = self.first or counts
+                self.last = counts
 
     @contextmanager
     def running(self) -> Iterator[ConnectionSampler]:
@@ -137,4 +118,3 @@ class ConnectionSampler:
         finally:
             self._stop.set()
             self._thread.join(timeout=5 + self.interval)
-

@@ -20,7 +20,8 @@ the fraction of the attack's queries flagged, and the accuracy benign users stil
 test images (a refused answer counts as wrong).
 
 Part 1b (**workers**, optional): the real server, ``sameguard serve --workers N --state
-redis://...`` in a child process (N uvicorn worker processes sharing one socket, rate limits and
+redis://...`` in a child process (N uvicorn worker processes, each with a listening socket of its own
+unless ``worker_sockets`` says ``shared``; rate limits and
 challenges in Redis under a key prefix of this run, deleted afterwards), is timed the same way with
 guarded (``monitor``, dynamic batching as ``serve`` does) single-image requests, for each N; the
 audit rows are counted afterwards (every answered image must have its row).
@@ -55,6 +56,7 @@ import torch
 
 from .. import __version__
 from ..compilation import DEFAULT_BACKEND
+from ..service.connection_balance import WORKER_SOCKETS
 from .load_client import LOAD_CLIENTS, time_requests
 from .process_tree import ConnectionSampler, process_tree_cpu_s
 
@@ -117,13 +119,15 @@ class LatencyRow:
     #: the ``raw`` load generator's own CPU time per timed request in milliseconds (its child process, from the
     #: resource usage of reaped children); ``None`` with the ``httpx`` client threads or without ``resource``.
     client_cpu_ms_per_request: float | None = None
-    #: ``serve --workers N`` rows with ``N > 1``: ``"reuse-port"`` (a listening socket per worker) or ``"shared"``
-    #: (one socket, uvicorn's way), ``serve --worker-sockets``; ``None`` for the other rows.
+    #: ``serve --workers N`` rows with ``N > 1``: ``serve --worker-sockets``, one of
+    #: :data:`~sameguard.service.connection_balance.WORKER_SOCKETS`; ``None`` for the other rows.
     worker_sockets: str | None = None
     #: ``serve --workers N`` rows: how the timed load's keep-alive connections were spread over the worker
-    #: processes, most first (e.g. ``[9, 7]``; a worker with none is not listed), sampled from ``/proc`` once
-    #: all were open; ``None`` where that could not be read.
+    #: processes, most first (e.g. ``[9, 7]``; a worker with none is not listed), sampled from ``/proc`` while
+    #: all were open: the first such sample and the last (they differ where the workers moved connections);
+    #: ``None`` where that could not be read.
     worker_connections: list[int] | None = None
+    worker_connections_last: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,7 @@ class ServiceBenchResult:
             for r in self.latency:
                 setting = r.setting if r.workers is None else \
                     f"{r.setting}, {server_label(r.engine, r.workers, r.compiled, r.worker_sockets)} (Redis" + \
-                    ("" if r.worker_connections is None else
-                     f"; connections per worker {'/'.join(map(str, r.worker_connections)) or '-'}") + ")"
+                    _spread_text(r) + ")"
                 lines.append(f"| {setting} | {r.batch} | {r.requests} | {r.requests_per_s:.1f} | {r.images_per_s:.1f} "
                              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {_gc_cell(r)} "
                              f"| {_ms_cell(r.cpu_ms_per_request)} | {_ms_cell(r.client_cpu_ms_per_request)} |")
@@ -480,9 +483,6 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
     return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
 
 
-#: ``serve --worker-sockets`` choices, the default first.
-WORKER_SOCKETS = ("reuse-port", "shared")
-
 #: How a worker row's server is started, per engine (followed by the worker or replica count).
 SERVER_OPTIONS = {"uvicorn": "serve --workers", "ray": "serve --engine ray --ray-replicas"}
 
@@ -587,20 +587,21 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
     for n, sockets in runs:
         run_id = uuid.uuid4().hex[:10]
         prefix, client_name = f"sgbench:{run_id}:", f"bench-w{n}-{run_id}"
-        url = db_url or f"sqlite:///{base / f'audit-{engine}-{n}.db'}"
+        row_name = f"{engine}-{n}" + (f"-{sockets}" if sockets else "")
+        url = db_url or f"sqlite:///{base / f'audit-{row_name}.db'}"
         database = make_engine(url)
         init_db(database)
         _, token = KeyStore(database, cache_s=0).create(client_name)
         port = _free_port()
         threads = torch_threads or worker_threads(n)
-        log_path = base / f"serve-{engine}-{n}.log"
+        log_path = base / f"serve-{row_name}.log"
         cmd = serve_command(victim_dir, detector_dir, policy=policy, port=port, workers=n, prefix=prefix,
                             threads=threads, engine=engine, compile=compile,
                             **({} if sockets is None else {"worker_sockets": sockets}))
         proc = _start_serve_workers(cmd, db_url=url, state_url=state_url, log_path=log_path)
         headers = [{"X-API-Key": token, "content-type": "application/json"}]
         server_url = f"http://127.0.0.1:{port}"
-        warm_ok, spread = 0, None
+        warm_ok, spread = 0, (None, None)
         try:
             wait_until_healthy(server_url, proc,
                                max(startup_timeout, COMPILE_HEALTHCHECK_SECONDS) if compile else startup_timeout,
@@ -616,7 +617,8 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
             with sampler.running():
                 latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency,
                                                          load_client)
-            spread = sampler.spread if engine == "uvicorn" else None
+            if engine == "uvicorn":
+                spread = (sampler.first, sampler.last)
             cpu, client_cpu = _cpu_delta(cpu, process_tree_cpu_s(proc.pid)), _cpu_delta(client_cpu, _children_cpu_s())
         finally:
             _stop(proc)
@@ -633,12 +635,21 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
                          engine=engine, compiled=compile,
                          cpu_ms_per_request=None if cpu is None else 1000 * cpu / requests,
                          client_cpu_ms_per_request=_per_request_ms(client_cpu, requests, load_client),
-                         worker_sockets=sockets, worker_connections=spread)
+                         worker_sockets=sockets, worker_connections=spread[0], worker_connections_last=spread[1])
         rows.append(row)
         echo(f"{server_label(engine, n, compile, sockets)} (Redis, {threads} torch thread(s) each) batch 1: "
              f"{row.requests_per_s:7.1f} req/s, p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
-             f"{audit_rows}/{row.answered}" + ("" if spread is None else f", connections per worker {spread}"))
+             f"{audit_rows}/{row.answered}" + _spread_text(row).replace(";", ",", 1))
     return rows
+
+
+def _spread_text(row: LatencyRow) -> str:
+    """``"; connections per worker 10/6, then 8/8"`` (the first and last samples), or nothing."""
+    if row.worker_connections is None:
+        return ""
+    first, last = ("/".join(map(str, c)) or "-" for c in (row.worker_connections, row.worker_connections_last or []))
+    return f"; connections per worker {first}" + (f", then {last}" if row.worker_connections_last not in (
+        None, row.worker_connections) else "")
 
 
 def _row_options(row: LatencyRow) -> str:

@@ -135,11 +135,12 @@ def _add_serve_parser(sub: Any) -> None:
     _state(p)
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default 1); more than 1 needs a shared --state redis://...")
-    p.add_argument("--worker-sockets", default=None, choices=["reuse-port", "shared"],
-                   help="with --workers N: reuse-port (default) gives each worker its own listening socket "
-                        "(SO_REUSEPORT, Linux: the kernel spreads new connections over the workers); shared "
-                        "(uvicorn's way) has all workers accept from one socket, where a burst of keep-alive "
-                        "connections can all land on one worker")
+    p.add_argument("--worker-sockets", default=None, choices=["balanced", "reuse-port", "shared"],
+                   help="with --workers N: balanced (default) gives each worker its own listening socket "
+                        "(SO_REUSEPORT, Linux: the kernel spreads new connections over the workers) and has a "
+                        "worker holding more than its share of the keep-alive connections close a few after "
+                        "their next response; reuse-port, the sockets alone; shared (uvicorn's way) has all "
+                        "workers accept from one socket, where a burst of connections can all land on one worker")
     p.add_argument("--batch-max-size", type=int, default=None,
                    help="dynamic batching: most images of concurrent requests in one forward pass (default 64)")
     p.add_argument("--batch-max-wait-ms", type=float, default=None,
@@ -301,7 +302,7 @@ def _serve_workers(settings: Any, log_level: str) -> int:
          f"(state {redact_store_url(settings.state_url)}, database {redact_url(settings.db_url)}) on "
          f"http://{settings.host}:{settings.port}")
     run_workers(settings.host, settings.port, settings.workers, log_level=log_level,
-                reuse_port=settings.worker_sockets == "reuse-port",
+                sockets=settings.worker_sockets,
                 healthcheck_s=COMPILE_HEALTHCHECK_SECONDS if settings.compile else WORKER_HEALTHCHECK_SECONDS)
     return 0
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from .connection_balance import should_close
 from .metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class ServiceMiddleware:
     * Bodies over ``max_bytes`` are refused with 413, from ``Content-Length`` before anything is
       read, or while streaming (chunked bodies).
     * Metrics: requests by method, route template and status; latency by route.
+    * ``Connection: close`` on a response when this worker's connection balancer asks for it
+      (:func:`~sameguard.service.connection_balance.should_close`; ``serve --workers N`` only).
     """
 
     def __init__(self, app: Any, max_bytes: int, metrics: ServiceMetrics) -> None:
@@ -96,6 +99,8 @@ class ServiceMiddleware:
                 status["code"], status["started"] = int(message["status"]), True
                 message = dict(message)
                 message["headers"] = list(message.get("headers", [])) + extra
+                if should_close():  # this worker holds more than its share of the connections: shed this one
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from typing import Any
 
 import uvicorn
 from uvicorn.supervisors import multiprocess
+
+from . import connection_balance
+from .connection_balance import WORKER_SOCKETS, WORKER_SOCKETS_ENV, ConnectionBalancer
 
 #: Seconds a worker of ``run_workers`` may take to answer uvicorn's health check (it is loading models).
 WORKER_HEALTHCHECK_SECONDS = 60
@@ -128,23 +132,31 @@ def reuse_port_socket(host: str, port: int, backlog: int = 2048) -> socket.socke
 
 class ReusePortProcess(multiprocess.Process):
     """A uvicorn worker process that listens on a socket of its own (:func:`reuse_port_socket`) instead
-    of the one socket uvicorn's supervisor shares among its workers. With a shared socket, the worker
+    of the one socket uvicorn's supervisor shares among its workers, and with ``balanced`` sockets runs a
+    :class:`~sameguard.service.connection_balance.ConnectionBalancer`. With a shared socket, the worker
     that wakes first accepts every connection then waiting: measured with ``bench-service``'s 16
     keep-alive connections and two workers, one worker held all 16 while the other idled."""
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - a child process
-        super().target([reuse_port_socket(self.config.host, self.config.port, self.config.backlog)])
+        listener = reuse_port_socket(self.config.host, self.config.port, self.config.backlog)
+        if os.environ.get(WORKER_SOCKETS_ENV, WORKER_SOCKETS[0]) == "balanced":
+            server = self.server
+            connection_balance.install(ConnectionBalancer(self.config.port, self.config.workers,
+                                                          lambda: len(server.server_state.connections)).start())
+        super().target([listener])
 
 
-def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, reuse_port: bool = True,
+def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, sockets: str = WORKER_SOCKETS[0],
                 healthcheck_s: float = WORKER_HEALTHCHECK_SECONDS) -> None:
     """Serve with ``workers`` uvicorn worker processes, each building its app with
     :func:`~sameguard.service.app.create_app` from the ``SAMEGUARD_*`` environment; until interrupted.
 
-    uvicorn's supervisor starts, watches and restarts the workers. With ``reuse_port`` (and
-    :func:`reuse_port_available`) each worker listens on a socket of its own (:class:`ReusePortProcess`),
-    so the kernel spreads new connections over the workers; otherwise they share one socket, as
-    ``uvicorn --workers N`` does.
+    uvicorn's supervisor starts, watches and restarts the workers. ``sockets`` (one of
+    :data:`WORKER_SOCKETS`): with ``balanced`` or ``reuse-port`` (and :func:`reuse_port_available`) each
+    worker listens on a socket of its own (:class:`ReusePortProcess`), so the kernel spreads new
+    connections over the workers, and with ``balanced`` each worker also sheds the keep-alive connections
+    it holds beyond its share (:mod:`.connection_balance`); with ``shared`` they accept from one socket,
+    as ``uvicorn --workers N`` does.
 
     The state (rate limits, challenges, revocations, per-client alarms) must be in a shared store
     (``SAMEGUARD_STATE_URL=redis://...``): :class:`~sameguard.service.settings.ServiceSettings`
@@ -157,6 +169,9 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, 
         # loaded): on a busy machine that takes longer than uvicorn's 5 s default, and the supervisor
         # would kill and restart loading workers for ever.
         options["timeout_worker_healthcheck"] = healthcheck_s
+    if sockets not in WORKER_SOCKETS:
+        raise ValueError(f"sockets must be one of {list(WORKER_SOCKETS)}, got {sockets!r}.")
+    reuse_port = sockets != "shared"
     if reuse_port and not reuse_port_available():
         logger.warning("SO_REUSEPORT does not spread connections on %s: the %d workers share one socket.",
                        sys.platform, workers)
@@ -169,6 +184,7 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, 
         uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
                     log_level=log_level, **options)
         return
+    os.environ[WORKER_SOCKETS_ENV] = sockets  # the workers inherit it
     config = uvicorn.Config("sameguard.service.app:create_app", factory=True, host=host, port=port,
                             workers=int(workers), log_level=log_level, **options)
     # uvicorn's supervisor names its process class at each (re)start; ours differs only in the socket

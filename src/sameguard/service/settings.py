@@ -66,10 +66,12 @@ class ServiceSettings(BaseModel):
             (shared by every worker and host using it).
         state_prefix: prefix of every Redis key the service writes (default ``sameguard:``).
         workers: worker processes ``sameguard serve`` starts (more than 1 needs a shared ``state_url``).
-        worker_sockets: how ``workers`` processes take connections: ``reuse-port`` (default) gives each
+        worker_sockets: how ``workers`` processes take connections: ``balanced`` (default) gives each
             its own listening socket on the port (``SO_REUSEPORT``: the kernel deals new connections
-            out among them; Linux only, elsewhere ``shared``); ``shared``, uvicorn's way, has every
-            worker accept from one socket, and a burst of connections can all land on one worker.
+            out among them; Linux only, elsewhere ``shared``) and has each worker close, after their next
+            response, the keep-alive connections it holds beyond its share; ``reuse-port`` the sockets
+            alone; ``shared``, uvicorn's way, has every worker accept from one socket, and a burst of
+            connections can all land on one worker.
         engine: what serves the app: ``uvicorn`` (default; ``workers`` processes on one host) or
             ``ray`` (a Ray Serve deployment of ``ray_replicas`` replicas, see :mod:`.ray_engine`).
         ray_replicas: replicas of the Ray Serve deployment (more than 1 needs a shared ``state_url``);
@@ -134,7 +136,7 @@ class ServiceSettings(BaseModel):
     state_url: str = Field("memory://", pattern=r"^(memory://|redis://|rediss://|unix://)", repr=False)
     state_prefix: str = Field("sameguard:", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
     workers: int = Field(1, ge=1, le=64)
-    worker_sockets: Literal["reuse-port", "shared"] = "reuse-port"
+    worker_sockets: Literal["balanced", "reuse-port", "shared"] = "balanced"
     engine: Literal["uvicorn", "ray"] = "uvicorn"
     ray_replicas: int = Field(1, ge=1, le=1024)
     ray_max_replicas: int | None = Field(None, ge=1, le=1024)
