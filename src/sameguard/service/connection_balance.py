@@ -2,8 +2,8 @@
 
 With a listening socket per worker (``SO_REUSEPORT``), the kernel hashes each new connection to one
 worker at random, and a keep-alive connection then stays with that worker for its life: 16
-connections opened together split 8/8 only one time in five, and 10/6 or worse about one time in
-three (binomial). The busier worker's clients queue longer, which is what a tail latency shows.
+connections opened together split 8/8 only one time in five, and 10/6 or worse almost one time in
+two (binomial). The busier worker's clients queue longer, which is what a tail latency shows.
 
 A :class:`ConnectionBalancer` runs in each worker. Every ``interval`` seconds it compares the
 connections its worker holds with its fair share of all the connections established to the port
