@@ -42,6 +42,12 @@ def test_bench_service_workers_option():
     for bad in ("", "round-robin", "shared,shared"):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench-service", "--workers-sockets", bad])
+    assert parser.parse_args(["bench-service"]).workers_policies == ("monitor",)
+    assert parser.parse_args(["bench-service", "--workers-policies", "off,monitor"]).workers_policies == (
+        "off", "monitor")
+    for bad in ("", "block", "off,off"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench-service", "--workers-policies", bad])
 
 
 def test_bench_service_workers_errors(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,10 @@ def _add_bench_service_parser(sub: Any) -> None:
                    help="'serve --worker-sockets' of the --workers rows with N > 1, one row per value and N: "
                         "balanced (the default), reuse-port and/or shared; each row says how the load's "
                         "connections were spread over the workers")
+    p.add_argument("--workers-policies", default="monitor", type=_worker_policies, metavar="POLICY,POLICY",
+                   help="'serve --policy' of the --workers rows, one row per value: monitor (the default: every "
+                        "query scored) and/or off (nothing scored: what the service costs without the detector), "
+                        "reject, misinformation, pow")
     p.add_argument("--ray-replicas", default=[], type=worker_counts, metavar="N,N",
                    help="also time 'sameguard serve --engine ray --ray-replicas N' (a local Ray instance, one CPU "
                         "reserved per replica, state in --workers-state, keys and audit as --workers-db), one row "
@@ -116,14 +120,24 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _distinct(text: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """Comma-separated distinct values of ``allowed`` (an ``argparse`` type)."""
+    kinds = _names(text)
+    if not kinds or any(k not in allowed for k in kinds) or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"expected distinct values of {', '.join(allowed)}, got {text!r}")
+    return kinds
+
+
+def _worker_policies(text: str) -> tuple[str, ...]:
+    from ..service.settings import SERVICE_POLICIES
+
+    return _distinct(text, SERVICE_POLICIES)
+
+
 def _worker_sockets(text: str) -> tuple[str, ...]:
     from ..service.connection_balance import WORKER_SOCKETS
 
-    kinds = _names(text)
-    bad = [k for k in kinds if k not in WORKER_SOCKETS]
-    if not kinds or bad or len(set(kinds)) != len(kinds):
-        raise argparse.ArgumentTypeError(f"expected distinct values of {', '.join(WORKER_SOCKETS)}, got {text!r}")
-    return kinds
+    return _distinct(text, WORKER_SOCKETS)
 
 
 def bench_service_main(args: argparse.Namespace) -> int:
@@ -155,7 +169,7 @@ def bench_service_main(args: argparse.Namespace) -> int:
         target_fpr=args.target_fpr, seed=args.seed, progress=args.progress, workers=tuple(args.workers),
         workers_state=args.workers_state, workers_db=args.workers_db, workers_threads=args.workers_threads,
         ray_replicas=tuple(args.ray_replicas), workers_compile=args.workers_compile, load_client=args.load_client,
-        workers_sockets=args.workers_sockets)
+        workers_sockets=args.workers_sockets, workers_policies=args.workers_policies)
     print(result.markdown(), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -655,7 +655,8 @@ def _spread_text(row: LatencyRow) -> str:
 def _row_options(row: LatencyRow) -> str:
     """A worker row's options besides N, for the report's notes."""
     sockets = f" {row.worker_sockets} sockets" if row.worker_sockets not in (None, WORKER_SOCKETS[0]) else ""
-    return sockets + (" --compile" if row.compiled else "")
+    policy = f" {row.setting}" if row.setting != "monitor-batched" else ""
+    return policy + sockets + (" --compile" if row.compiled else "")
 
 
 def _benign_accuracy(guard: Any, images: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> tuple[float, float]:
@@ -757,7 +758,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                       workers: Sequence[int] = (), workers_state: str = DEFAULT_WORKERS_STATE,
                       workers_db: str | None = None, workers_threads: int | None = None,
                       ray_replicas: Sequence[int] = (), workers_compile: bool = False, load_client: str = "raw",
-                      workers_sockets: Sequence[str] = WORKER_SOCKETS[:1],
+                      workers_sockets: Sequence[str] = WORKER_SOCKETS[:1], workers_policies: Sequence[str] = ("monitor",),
                       echo: Callable[[str], None] = logger.info) -> ServiceBenchResult:
     """Both parts on a Fashion-MNIST victim; returns the rows and a Markdown report.
 
@@ -777,6 +778,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
     clients, ``requests`` requests); empty (default): none. Without ``victim_dir`` / ``detector_dir``
     the trained models are saved under ``workdir/workers-artifacts`` for the server to load.
     ``workers_sockets``: ``serve --worker-sockets`` of those rows (a row per value and N).
+    ``workers_policies``: ``serve --policy`` of those rows (a row per value; ``off`` scores nothing, so that
+    its row against ``monitor``'s says what scoring costs in the workers).
     ``ray_replicas``: the same rows for ``sameguard serve --engine ray --ray-replicas N``.
     ``workers_compile``: each of those rows a second time with ``serve ... --compile``.
     ``load_client``: the load generator of every timed row, one of :data:`LOAD_CLIENTS`.
@@ -800,7 +803,7 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
         "victim_accuracy": None, "budget": budget, "target_fpr": target_fpr, "attack_epochs": attack_epochs,
         "knockoff_proxies": list(knockoff_proxies), "seed": seed, "batch_sizes": list(batch_sizes), "settings": list(settings),
         "workers": list(workers), "ray_replicas": list(ray_replicas), "workers_compile": workers_compile,
-        "workers_sockets": list(workers_sockets),
+        "workers_sockets": list(workers_sockets), "workers_policies": list(workers_policies),
     })
     with torch.no_grad():
         eval_set = test.subset(eval_idx)
@@ -823,11 +826,12 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                 continue
             rows = []
             for compile in (False, True) if workers_compile else (False,):
-                rows += measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=counts,
-                                        state_url=workers_state, db_url=workers_db, requests=requests,
-                                        concurrency=concurrency, torch_threads=workers_threads, workdir=workdir,
-                                        engine=engine, compile=compile, load_client=load_client,
-                                        worker_sockets=workers_sockets, echo=echo)
+                for policy in workers_policies:
+                    rows += measure_workers(v_dir, d_dir, test.images[benign_idx[:256]], workers=counts,
+                                            state_url=workers_state, db_url=workers_db, requests=requests,
+                                            concurrency=concurrency, torch_threads=workers_threads, workdir=workdir,
+                                            engine=engine, compile=compile, load_client=load_client, policy=policy,
+                                            worker_sockets=workers_sockets, echo=echo)
             result.latency += rows
             threads = {r.workers: workers_threads or worker_threads(r.workers) for r in rows}
             result.config["workers_threads" if engine == "uvicorn" else "ray_replica_threads"] = threads
