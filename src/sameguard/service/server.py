@@ -139,7 +139,7 @@ class ReusePortProcess(multiprocess.Process):
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - a child process
         listener = reuse_port_socket(self.config.host, self.config.port, self.config.backlog)
-        if os.environ.get(WORKER_SOCKETS_ENV, WORKER_SOCKETS[0]) == "balanced":
+        if self.config.workers > 1 and os.environ.get(WORKER_SOCKETS_ENV, WORKER_SOCKETS[0]) == "balanced":
             server = self.server
             connection_balance.install(ConnectionBalancer(self.config.port, self.config.workers,
                                                           lambda: len(server.server_state.connections)).start())
