@@ -36,18 +36,16 @@ def test_bench_service_workers_option():
     for bad, message in (("0", "positive"), ("1,x", "comma-separated"), ("65", "between 1 and 64"), ("2,2", "once")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             worker_counts(bad)
-    assert parser.parse_args(["bench-service"]).workers_sockets == ("balanced",)
-    assert parser.parse_args(["bench-service", "--workers-sockets", "shared,reuse-port"]).workers_sockets == (
-        "shared", "reuse-port")
-    for bad in ("", "round-robin", "shared,shared"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["bench-service", "--workers-sockets", bad])
-    assert parser.parse_args(["bench-service"]).workers_policies == ("monitor",)
-    assert parser.parse_args(["bench-service", "--workers-policies", "off,monitor"]).workers_policies == (
-        "off", "monitor")
-    for bad in ("", "block", "off,off"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["bench-service", "--workers-policies", bad])
+    # Comma-separated distinct values of the server's choices, one row each.
+    for option, default, given, bad_values in (
+            ("workers_sockets", ("balanced",), ("shared", "reuse-port"), ("", "round-robin", "shared,shared")),
+            ("workers_policies", ("monitor",), ("off", "monitor"), ("", "block", "off,off"))):
+        flag = "--" + option.replace("_", "-")
+        assert getattr(parser.parse_args(["bench-service"]), option) == default
+        assert getattr(parser.parse_args(["bench-service", flag, ",".join(given)]), option) == given
+        for bad in bad_values:
+            with pytest.raises(SystemExit):
+                parser.parse_args(["bench-service", flag, bad])
 
 
 def test_bench_service_workers_errors(tmp_path):
