@@ -15,6 +15,7 @@ from ..service.connection_balance import established_inodes
 
 __all__ = ["ConnectionSampler", "process_tree_cpu_s", "worker_connections"]
 
+
 def _process_table() -> tuple[dict[int, int], dict[int, float]] | None:
     """``(ppid of each pid, its user + system CPU seconds)`` of every process, or ``None`` without ``/proc``."""
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
