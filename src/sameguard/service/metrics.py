@@ -31,6 +31,9 @@ class ServiceMetrics:
         alarms_cleared: ``sameguard_alarms_cleared_total``, alarms cleared by an operator.
         alarm_refused: ``sameguard_alarm_refused_queries_total``, queries refused because their
             client is alarmed.
+        connections_shed: ``sameguard_connections_shed_total``, responses answered with ``Connection:
+            close`` because this worker held more than its share of the keep-alive connections
+            (:mod:`~sameguard.service.connection_balance`, ``serve --workers N``).
         gc_pauses: ``sameguard_gc_pause_seconds{generation}``, this process's garbage collections and
             how long each stopped every thread (while :meth:`watch_gc` is on: the app's lifetime).
     """
@@ -51,6 +54,8 @@ class ServiceMetrics:
                                       registry=self.registry)
         self.alarm_refused = Counter("sameguard_alarm_refused_queries",
                                      "Queries refused because their client is alarmed", registry=self.registry)
+        self.connections_shed = Counter("sameguard_connections_shed", "Responses that closed their keep-alive "
+                                        "connection to even out the workers' connections", registry=self.registry)
         self.gc_pauses = Histogram("sameguard_gc_pause_seconds", "Garbage collections of this process by generation, "
                                    "and how long each stopped every thread", ["generation"], registry=self.registry,
                                    buckets=GC_PAUSE_BUCKETS)

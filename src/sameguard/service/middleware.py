@@ -101,6 +101,7 @@ class ServiceMiddleware:
                 message["headers"] = list(message.get("headers", [])) + extra
                 if should_close():  # this worker holds more than its share of the connections: shed this one
                     message["headers"].append((b"connection", b"close"))
+                    self.metrics.connections_shed.inc()
             await send(message)
 
         try:
