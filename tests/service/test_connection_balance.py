@@ -68,6 +68,15 @@ def test_the_balancer_looks_in_its_thread_until_stopped():
     assert balancer.closed == 1
 
 
+def test_the_settings_offer_the_same_socket_kinds():
+    from typing import get_args
+
+    from sameguard.service import ServiceSettings
+
+    assert get_args(ServiceSettings.model_fields["worker_sockets"].annotation) == connection_balance.WORKER_SOCKETS
+    assert ServiceSettings().worker_sockets == connection_balance.WORKER_SOCKETS[0] == "balanced"
+
+
 def test_bad_balancer_arguments_are_refused():
     with pytest.raises(ValueError, match="at least 2 workers"):
         ConnectionBalancer(8000, 1, lambda: 0)

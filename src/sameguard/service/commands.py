@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..api import SameguardError
+from .connection_balance import WORKER_SOCKETS
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _add_serve_parser(sub: Any) -> None:
     _state(p)
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default 1); more than 1 needs a shared --state redis://...")
-    p.add_argument("--worker-sockets", default=None, choices=["balanced", "reuse-port", "shared"],
+    p.add_argument("--worker-sockets", default=None, choices=list(WORKER_SOCKETS),
                    help="with --workers N: balanced (default) gives each worker its own listening socket "
                         "(SO_REUSEPORT, Linux: the kernel spreads new connections over the workers) and has a "
                         "worker holding more than its share of the keep-alive connections close a few after "

@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WORKER_SOCKETS", "WORKER_SOCKETS_ENV", "ConnectionBalancer", "established_inodes", "established_on_port", "install", "installed", "should_close", "uninstall"]
+__all__ = ["WORKER_SOCKETS", "WORKER_SOCKETS_ENV", "ConnectionBalancer", "established_inodes", "established_on_port",
+           "install", "installed", "should_close", "uninstall"]
 
 #: ``serve --worker-sockets`` choices, the default first: ``balanced`` (a listening socket per worker, and
 #: each worker sheds the connections it holds beyond its share), ``reuse-port`` (a socket per worker, the
@@ -143,6 +144,7 @@ class ConnectionBalancer:
         return self
 
     def stop(self) -> None:
+        """Stop looking (the budget already set is kept)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 5)
@@ -158,11 +160,13 @@ def install(balancer: ConnectionBalancer) -> None:
 
 
 def uninstall() -> None:
+    """Remove the installed balancer: :func:`should_close` answers ``False`` again."""
     global _installed
     _installed = None
 
 
 def installed() -> ConnectionBalancer | None:
+    """The balancer :func:`should_close` asks, or ``None``."""
     return _installed
 
 
