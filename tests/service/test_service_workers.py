@@ -191,6 +191,45 @@ def test_each_worker_gets_a_listening_socket_of_its_own(monkeypatch):
     assert multiprocess.Process is not server.ReusePortProcess  # restored once the supervisor returns
 
 
+@pytest.mark.parametrize(("kind", "workers", "balanced"), [("balanced", 2, True), ("reuse-port", 2, False),
+                                                         ("balanced", 1, False)])
+def test_a_worker_binds_its_own_socket_and_balances_when_asked(monkeypatch, kind, workers, balanced):
+    """What a worker process does first (in the child, so here with uvicorn's own worker body replaced):
+    bind a listening socket of its own on the port, and with ``balanced`` and several workers install a
+    connection balancer that counts this worker's uvicorn connections."""
+    import uvicorn
+    from uvicorn.supervisors import multiprocess
+
+    from sameguard.service import connection_balance, server
+
+    if not server.reuse_port_available():
+        pytest.skip("SO_REUSEPORT spreads connections on Linux only")
+    seen = {}
+    monkeypatch.setattr(multiprocess.Process, "target", lambda self, sockets=None: seen.update(sockets=sockets))
+    monkeypatch.setenv("SAMEGUARD_WORKER_SOCKETS", kind)
+    port = _free_port()
+    worker = server.ReusePortProcess(uvicorn.Config("sameguard.service.app:create_app", factory=True,
+                                                    host="127.0.0.1", port=port, workers=workers), [])
+    try:
+        worker.target()
+        [listener] = seen["sockets"]
+        assert listener.getsockname() == ("127.0.0.1", port)
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        balancer = connection_balance.installed()
+        assert (balancer is not None) is balanced
+        if balanced:
+            assert (balancer.port, balancer.workers) == (port, 2)
+            assert balancer.excess() == 0  # no connection anywhere yet
+            worker.server.server_state.connections.update({object(), object()})  # uvicorn's own count is read
+            assert balancer._own() == 2
+    finally:
+        if connection_balance.installed() is not None:
+            connection_balance.installed().stop()
+            connection_balance.uninstall()
+        for sock in seen.get("sockets") or []:
+            sock.close()
+
+
 def test_reuse_port_sockets_share_a_port_and_both_take_connections():
     from sameguard.service import server
 

@@ -137,7 +137,7 @@ class ReusePortProcess(multiprocess.Process):
     that wakes first accepts every connection then waiting: measured with ``bench-service``'s 16
     keep-alive connections and two workers, one worker held all 16 while the other idled."""
 
-    def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - a child process
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # in the child process
         listener = reuse_port_socket(self.config.host, self.config.port, self.config.backlog)
         if self.config.workers > 1 and os.environ.get(WORKER_SOCKETS_ENV, WORKER_SOCKETS[0]) == "balanced":
             server = self.server
