@@ -639,24 +639,17 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
         rows.append(row)
         echo(f"{server_label(engine, n, compile, sockets)} (Redis, {threads} torch thread(s) each) batch 1: "
              f"{row.requests_per_s:7.1f} req/s, p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
-             f"{audit_rows}/{row.answered}" + _spread_text(row).replace(";", ",", 1))
+             f"{audit_rows}/{row.answered}" + _spread_text(row, ", "))
     return rows
 
 
-def _spread_text(row: LatencyRow) -> str:
-    """``"; connections per worker 10/6, then 8/8"`` (the first and last samples), or nothing."""
+def _spread_text(row: LatencyRow, sep: str = "; ") -> str:
+    """``"; connections per worker 10/6, then 8/8"`` (the first and last samples, after ``sep``), or nothing."""
     if row.worker_connections is None:
         return ""
     first, last = ("/".join(map(str, c)) or "-" for c in (row.worker_connections, row.worker_connections_last or []))
-    return f"; connections per worker {first}" + (f", then {last}" if row.worker_connections_last not in (
+    return f"{sep}connections per worker {first}" + (f", then {last}" if row.worker_connections_last not in (
         None, row.worker_connections) else "")
-
-
-def _row_options(row: LatencyRow) -> str:
-    """A worker row's options besides N, for the report's notes."""
-    sockets = f" {row.worker_sockets} sockets" if row.worker_sockets not in (None, WORKER_SOCKETS[0]) else ""
-    policy = f" {row.setting}" if row.setting != "monitor-batched" else ""
-    return policy + sockets + (" --compile" if row.compiled else "")
 
 
 def _benign_accuracy(guard: Any, images: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> tuple[float, float]:
@@ -840,7 +833,8 @@ def run_service_bench(*, victim_dir: str | os.PathLike | None = None, detector_d
                 "rate limits and challenges in Redis under a key prefix of the row, deleted afterwards; torch threads "
                 "each: " + ", ".join(f"N = {n}: {t}" for n, t in threads.items())
                 + "); audit rows found / images answered: "
-                + ", ".join(f"N = {r.workers}{_row_options(r)}: {r.audit_rows}/{r.answered}" for r in rows) + ".")
+                + ", ".join(f"{r.setting}, {server_label(r.engine, r.workers, r.compiled, r.worker_sockets)}: "
+                            f"{r.audit_rows}/{r.answered}" for r in rows) + ".")
     if attacks:
         train = load_dataset(victim.dataset, "train")
         seeds_set = train.take(150, seed=seed + 1)

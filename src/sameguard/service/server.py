@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import socket
@@ -161,24 +160,18 @@ def run_workers(host: str, port: int, workers: int, log_level: str = "info", *, 
     The state (rate limits, challenges, revocations, per-client alarms) must be in a shared store
     (``SAMEGUARD_STATE_URL=redis://...``): :class:`~sameguard.service.settings.ServiceSettings`
     refuses more than one worker with the in-memory store. ``healthcheck_s``: how long a starting
-    worker may take to answer uvicorn's health check (uvicorn 0.54 or newer).
+    worker may take to answer uvicorn's health check.
     """
-    options: dict[str, Any] = {}
-    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters:  # uvicorn >= 0.54
-        # A worker answers uvicorn's health check only once its app is built (torch imported, models
-        # loaded): on a busy machine that takes longer than uvicorn's 5 s default, and the supervisor
-        # would kill and restart loading workers for ever.
-        options["timeout_worker_healthcheck"] = healthcheck_s
+    # A worker answers uvicorn's health check only once its app is built (torch imported, models loaded): on
+    # a busy machine that takes longer than uvicorn's 5 s default, and the supervisor would kill and restart
+    # loading workers for ever.
+    options: dict[str, Any] = {"timeout_worker_healthcheck": healthcheck_s}
     if sockets not in WORKER_SOCKETS:
         raise ValueError(f"sockets must be one of {list(WORKER_SOCKETS)}, got {sockets!r}.")
     reuse_port = sockets != "shared"
     if reuse_port and not reuse_port_available():
         logger.warning("SO_REUSEPORT does not spread connections on %s: the %d workers share one socket.",
                        sys.platform, workers)
-        reuse_port = False
-    if reuse_port and "target" in inspect.signature(multiprocess.Multiprocess).parameters:  # an older uvicorn
-        logger.warning("This uvicorn's supervisor takes no worker class of ours: the %d workers share one socket "
-                       "(a socket per worker needs a newer uvicorn).", workers)
         reuse_port = False
     if not reuse_port:
         uvicorn.run("sameguard.service.app:create_app", factory=True, host=host, port=port, workers=int(workers),
