@@ -32,6 +32,7 @@ Benchmarks are not tests: the numbers are measured here and now, on this machine
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -606,20 +607,16 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
             wait_until_healthy(server_url, proc,
                                max(startup_timeout, COMPILE_HEALTHCHECK_SECONDS) if compile else startup_timeout,
                                exit_detail=lambda path=log_path: path.read_text(errors="replace")[-1500:].strip(),
-                               timeout_hint=f" (log: {log_path}; uvicorn older than 0.54 restarts a worker that "
-                                            "misses its 5 s health check while loading).")
+                               timeout_hint=f" (log: {log_path}).")
             # Warm-up: enough concurrent requests that every worker has answered a few.
             warm_lat, warm_errors, _ = _time_requests(server_url, headers, bodies, 4 * n * max(2, concurrency // 4),
                                                       min(concurrency, 4 * n))
             warm_ok = len(warm_lat) - warm_errors
-            cpu, client_cpu = process_tree_cpu_s(proc.pid), _children_cpu_s()
-            sampler = ConnectionSampler(proc.pid, port, min(concurrency, requests))
-            with sampler.running():
-                latencies, errors, wall = _time_requests(server_url, headers, bodies, requests, concurrency,
-                                                         load_client)
-            if engine == "uvicorn":
+            (latencies, errors, wall), cpu, client_cpu, sampler = _timed_server_load(
+                proc.pid, port, functools.partial(_time_requests, server_url, headers, bodies, requests, concurrency,
+                                                  load_client), min(concurrency, requests))
+            if engine == "uvicorn":  # Ray's proxy holds every replica's connections
                 spread = (sampler.first, sampler.last)
-            cpu, client_cpu = _cpu_delta(cpu, process_tree_cpu_s(proc.pid)), _cpu_delta(client_cpu, _children_cpu_s())
         finally:
             _stop(proc)
             deleted = _delete_prefix(state_url, prefix)
@@ -641,6 +638,18 @@ def measure_workers(victim_dir: str | os.PathLike, detector_dir: str | os.PathLi
              f"{row.requests_per_s:7.1f} req/s, p50 {row.p50_ms:6.1f} ms, p99 {row.p99_ms:6.1f} ms, errors {row.errors}, audit rows "
              f"{audit_rows}/{row.answered}" + _spread_text(row, ", "))
     return rows
+
+
+def _timed_server_load(pid: int, port: int, send: Callable[[], tuple[list[float], int, float]], connections: int
+                       ) -> tuple[tuple[list[float], int, float], float | None, float | None, ConnectionSampler]:
+    """Run ``send()`` (the timed requests) against the server process ``pid`` listening on ``port``; returns its
+    result, the CPU seconds of the server's process tree and of this process's reaped children (the ``raw``
+    load client) during it, and the sampler of how the load's ``connections`` were spread over the workers."""
+    cpu, client_cpu = process_tree_cpu_s(pid), _children_cpu_s()
+    sampler = ConnectionSampler(pid, port, connections)
+    with sampler.running():
+        result = send()
+    return result, _cpu_delta(cpu, process_tree_cpu_s(pid)), _cpu_delta(client_cpu, _children_cpu_s()), sampler
 
 
 def _spread_text(row: LatencyRow, sep: str = "; ") -> str:
